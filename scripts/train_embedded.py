@@ -1,0 +1,145 @@
+"""Train the embedded tiny LVLM from scratch on the visual-QA world (CPU, seeded).
+
+    python scripts/train_embedded.py --out src/qig/assets/tiny-lvlm
+
+Recipe (recorded in the model card): AdamW, cosine schedule with warmup,
+batches mixing single-turn questions (loss on the answer) with captions (loss
+on the whole caption: dense supervision of every object's colour, identity
+and position). The finished model is saved in fp16 with its processor; a
+curve of loss and held-out accuracy goes to ``training_log.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from qig import embedded, world
+from qig.evaluate import evaluate_records
+from qig.world import CAPTION_PROMPT
+
+
+def _batch(rng, processor, batch_size: int, caption_frac: float):
+    images, texts = [], []
+    for _ in range(batch_size):
+        if rng.random() < caption_frac:
+            scene = world.sample_scene(rng, "train")
+            q, a = CAPTION_PROMPT, world.caption(scene)
+        else:
+            scene, q, a, _ = world.sample_qa(rng, "train")
+        images.append(world.render(scene, rng))
+        msgs = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
+            {"role": "assistant", "content": a},
+        ]
+        texts.append(processor.apply_chat_template(msgs, tokenize=False))
+    enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
+    ids = enc["input_ids"]
+    # Loss on the assistant reply and its <|im_end|>: tokens after the last
+    # "<|im_start|> assistant \n", up to (not including) the trailing newline.
+    tok = processor.tokenizer
+    start = tok.convert_tokens_to_ids("<|im_start|>")
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    labels = torch.full_like(ids, -100)
+    for b in range(ids.shape[0]):
+        row = ids[b].tolist()
+        s = max(i for i, t in enumerate(row) if t == start) + 3
+        e = max(i for i, t in enumerate(row) if t == end)
+        labels[b, s : e + 1] = ids[b, s : e + 1]
+    enc["labels"] = labels
+    return enc
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=str(embedded.default_model_dir()))
+    ap.add_argument("--steps", type=int, default=3000)
+    ap.add_argument("--batch-size", type=int, default=48)
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--warmup", type=int, default=150)
+    ap.add_argument("--caption-frac", type=float, default=0.35)
+    ap.add_argument("--eval-every", type=int, default=250)
+    ap.add_argument("--eval-n", type=int, default=400)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--max-minutes", type=float, default=85.0, help="stop early (and save) past this")
+    args = ap.parse_args()
+
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(np.random.SeedSequence([args.seed, 99]))
+    processor = embedded.build_processor()
+    model = embedded.build_model(processor.tokenizer, seed=args.seed).float().train()
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    opt = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
+        lr=args.lr,
+        betas=(0.9, 0.98),
+    )
+
+    def lr_at(step: int) -> float:
+        if step < args.warmup:
+            return args.lr * (step + 1) / args.warmup
+        p = (step - args.warmup) / max(1, args.steps - args.warmup)
+        return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
+
+    # Held-out check during training: questions on the calib digit pool (never the eval pool).
+    held = world.generate("train", args.eval_n, seed=10_000 + args.seed)
+    out = Path(args.out)
+    log = {"args": vars(args), "curve": []}
+    t0 = time.time()
+    run_loss = None
+    for step in range(args.steps):
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        batch = _batch(rng, processor, args.batch_size, args.caption_frac)
+        loss = model(**batch).loss
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        run_loss = loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * loss.item()
+        minutes = (time.time() - t0) / 60
+        last = step == args.steps - 1 or minutes > args.max_minutes
+        if step % 25 == 0:
+            print(f"step {step} loss {run_loss:.4f} lr {lr_at(step):.2e} {minutes:.1f} min", flush=True)
+        if (step + 1) % args.eval_every == 0 or last:
+            model.eval()
+            res = evaluate_records(model, processor, held, batch_size=128)
+            model.train()
+            entry = {"step": step + 1, "minutes": round(minutes, 2), "loss": round(run_loss, 4)}
+            entry["held_accuracy"] = res["accuracy"]
+            entry["per_type"] = {k: v["accuracy"] for k, v in res["per_type"].items()}
+            log["curve"].append(entry)
+            print(json.dumps(entry), flush=True)
+            _save(model, processor, out, log)
+        if last:
+            break
+    print(f"done in {(time.time() - t0) / 60:.1f} min -> {out}")
+
+
+def _save(model, processor, out: Path, log: dict) -> None:
+    import shutil
+    import tempfile
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    half = embedded.build_model(processor.tokenizer)
+    half.load_state_dict(model.state_dict())
+    half.to(torch.float16).save_pretrained(tmp)
+    processor.save_pretrained(tmp)
+    (tmp / "training_log.json").write_text(json.dumps(log, indent=1) + "\n")
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+
+
+if __name__ == "__main__":
+    main()

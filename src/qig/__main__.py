@@ -1,0 +1,5 @@
+import sys
+
+from qig.cli import main
+
+sys.exit(main())
