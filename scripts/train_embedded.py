@@ -24,9 +24,21 @@ from qig import embedded, world
 from qig.evaluate import evaluate_records
 from qig.world import CAPTION_PROMPT
 
+KINDS = ["none", *world.SHAPES, *(str(d) for d in range(10))]
+COLOURS = ["none", *world.COLOURS]
+
+
+def _patch_labels(scene) -> tuple[list[int], list[int]]:
+    """Per vision patch (row-major): what object kind and colour it shows (auxiliary targets)."""
+    kind, colour = [0] * world.GRID**2, [0] * world.GRID**2
+    for o in scene.objects:
+        kind[o.row * world.GRID + o.col] = KINDS.index(o.name)
+        colour[o.row * world.GRID + o.col] = COLOURS.index(o.colour)
+    return kind, colour
+
 
 def _batch(rng, processor, batch_size: int, caption_frac: float):
-    images, texts = [], []
+    images, texts, kinds, colours = [], [], [], []
     for _ in range(batch_size):
         if rng.random() < caption_frac:
             scene = world.sample_scene(rng, "train")
@@ -34,6 +46,9 @@ def _batch(rng, processor, batch_size: int, caption_frac: float):
         else:
             scene, q, a, _ = world.sample_qa(rng, "train")
         images.append(world.render(scene, rng))
+        k, c = _patch_labels(scene)
+        kinds.append(k)
+        colours.append(c)
         msgs = [
             {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
             {"role": "assistant", "content": a},
@@ -53,7 +68,7 @@ def _batch(rng, processor, batch_size: int, caption_frac: float):
         e = max(i for i, t in enumerate(row) if t == end)
         labels[b, s : e + 1] = ids[b, s : e + 1]
     enc["labels"] = labels
-    return enc
+    return enc, torch.tensor(kinds), torch.tensor(colours)
 
 
 def main() -> None:
@@ -66,6 +81,8 @@ def main() -> None:
     ap.add_argument("--caption-frac", type=float, default=0.35)
     ap.add_argument("--eval-every", type=int, default=250)
     ap.add_argument("--eval-n", type=int, default=400)
+    ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch auxiliary loss")
+    ap.add_argument("--aux-until", type=float, default=0.7, help="fraction of steps with the auxiliary loss")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-minutes", type=float, default=85.0, help="stop early (and save) past this")
@@ -76,18 +93,33 @@ def main() -> None:
     rng = np.random.default_rng(np.random.SeedSequence([args.seed, 99]))
     processor = embedded.build_processor()
     model = embedded.build_model(processor.tokenizer, seed=args.seed).float().train()
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim < 2]
+    # Auxiliary heads (discarded after training): from each projected vision
+    # token, predict the object kind and colour of its patch. Dense per-patch
+    # supervision teaches the vision tower long before the language loss alone would.
+    hidden = model.config.text_config.hidden_size
+    aux = torch.nn.ModuleDict(
+        {"kind": torch.nn.Linear(hidden, len(KINDS)), "colour": torch.nn.Linear(hidden, len(COLOURS))}
+    )
+    projected = {}
+    model.model.multi_modal_projector.register_forward_hook(lambda _m, _a, out: projected.__setitem__("x", out))
+    params = list(model.named_parameters()) + list(aux.named_parameters())
+    decay = [p for n, p in params if p.ndim >= 2]
+    no_decay = [p for n, p in params if p.ndim < 2]
     opt = torch.optim.AdamW(
         [{"params": decay, "weight_decay": 0.01}, {"params": no_decay, "weight_decay": 0.0}],
         lr=args.lr,
         betas=(0.9, 0.98),
     )
 
+    def progress(step: int) -> float:
+        # Whichever is further along: steps, or wall time against --max-minutes,
+        # so that a run cut by the time limit still ends with an annealed rate.
+        return max(step / args.steps, (time.time() - t0) / 60 / args.max_minutes)
+
     def lr_at(step: int) -> float:
         if step < args.warmup:
             return args.lr * (step + 1) / args.warmup
-        p = (step - args.warmup) / max(1, args.steps - args.warmup)
+        p = (progress(step) - args.warmup / args.steps) / (1 - args.warmup / args.steps)
         return args.lr * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * min(1.0, p))))
 
     # Held-out check during training: questions on the calib digit pool (never the eval pool).
@@ -99,15 +131,20 @@ def main() -> None:
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        batch = _batch(rng, processor, args.batch_size, args.caption_frac)
-        loss = model(**batch).loss
+        batch, kinds, colours = _batch(rng, processor, args.batch_size, args.caption_frac)
+        loss = lm_loss = model(**batch).loss
+        if progress(step) < args.aux_until:
+            x = projected["x"].reshape(len(kinds), -1, hidden)  # [B, 36, H]
+            aux_loss = torch.nn.functional.cross_entropy(aux["kind"](x).flatten(0, 1), kinds.flatten())
+            aux_loss = aux_loss + torch.nn.functional.cross_entropy(aux["colour"](x).flatten(0, 1), colours.flatten())
+            loss = loss + args.aux_weight * aux_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        run_loss = loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * loss.item()
+        run_loss = lm_loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * lm_loss.item()
         minutes = (time.time() - t0) / 60
-        last = step == args.steps - 1 or minutes > args.max_minutes
+        last = step == args.steps - 1 or minutes >= args.max_minutes
         if step % 25 == 0:
             print(f"step {step} loss {run_loss:.4f} lr {lr_at(step):.2e} {minutes:.1f} min", flush=True)
         if (step + 1) % args.eval_every == 0 or last:

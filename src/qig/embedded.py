@@ -139,3 +139,93 @@ def build_model(tokenizer, seed: int = 0):
     model.generation_config.eos_token_id = tokenizer.eos_token_id
     model.generation_config.bos_token_id = None
     return model
+
+
+def decoder_linears(model) -> dict:
+    """The language model's decoder linears of a LLaVA model, by qualified name."""
+    import torch
+
+    layers = model.model.language_model.layers
+    return {
+        f"model.language_model.layers.{i}.{name}": mod
+        for i, layer in enumerate(layers)
+        for name, mod in layer.named_modules()
+        if isinstance(mod, torch.nn.Linear)
+    }
+
+
+def plant_outlier_channels(
+    model,
+    batch: dict,
+    n_hidden: int = 4,
+    n_intermediate: int = 8,
+    ratio: float = 40.0,
+) -> dict:
+    """Give the decoder the activation outlier channels real LLMs have, without changing its function.
+
+    Real LLM/LVLM decoders carry a few hidden channels (well under 1-2% of
+    them) whose activations are tens of times larger than the median channel
+    at the inputs of q/k/v and gate/up, and a few intermediate channels with
+    the same property at the input of down_proj (LLM.int8(), SmoothQuant, AWQ
+    and MBQ all report it). A model trained from scratch in minutes does not
+    grow them, which makes it unrealistically robust to weight quantization.
+
+    This rescaling plants them: for ``n_hidden`` hidden channels (the ones
+    with the largest mean |x| in the residual stream, shared by every layer as
+    in real models) the RMSNorm weight is multiplied by ``alpha_c`` and the
+    following linears' input columns divided by it, so that the channel's
+    mean |x| at the linear inputs becomes ``ratio`` times the median channel's;
+    likewise ``n_intermediate`` intermediate channels through up_proj's rows
+    and down_proj's columns. Exact in real arithmetic (the functions are
+    linear in these weights); float rounding only. Returns the factors.
+    """
+    import torch
+
+    layers = model.model.language_model.layers
+    stats: dict[str, torch.Tensor] = {}
+    hooks = []
+
+    def record(key):
+        def hook(_mod, args):
+            x = args[0].detach().float().abs().reshape(-1, args[0].shape[-1])  # [tokens, C]
+            mask = batch["attention_mask"].reshape(-1).bool()
+            stats[key] = x[mask].mean(0)
+
+        return hook
+
+    for i, layer in enumerate(layers):
+        hooks.append(layer.self_attn.q_proj.register_forward_pre_hook(record(f"{i}.attn")))
+        hooks.append(layer.mlp.gate_proj.register_forward_pre_hook(record(f"{i}.mlp")))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(record(f"{i}.down")))
+        hooks.append(layer.register_forward_pre_hook(record(f"{i}.resid")))
+    with torch.no_grad():
+        model(**batch)
+    for h in hooks:
+        h.remove()
+
+    resid = torch.stack([stats[f"{i}.resid"] for i in range(len(layers))]).mean(0)  # [C]
+    hidden_channels = torch.argsort(resid, descending=True)[:n_hidden]
+    factors = {}
+    with torch.no_grad():
+        for i, layer in enumerate(layers):
+            for key, norm, linears in (
+                (
+                    "attn",
+                    layer.input_layernorm,
+                    [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
+                ),
+                ("mlp", layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj]),
+            ):
+                m = stats[f"{i}.{key}"]
+                alpha = (ratio * m.median() / m[hidden_channels]).clamp(min=1.0)
+                norm.weight[hidden_channels] *= alpha.to(norm.weight.dtype)
+                for lin in linears:
+                    lin.weight[:, hidden_channels] /= alpha.to(lin.weight.dtype)
+                factors[f"{i}.{key}"] = dict(zip(hidden_channels.tolist(), alpha.tolist(), strict=True))
+            m = stats[f"{i}.down"]
+            chans = torch.argsort(m, descending=True)[:n_intermediate]
+            alpha = (ratio * m.median() / m[chans]).clamp(min=1.0)
+            layer.mlp.up_proj.weight[chans, :] *= alpha[:, None].to(layer.mlp.up_proj.weight.dtype)
+            layer.mlp.down_proj.weight[:, chans] /= alpha.to(layer.mlp.down_proj.weight.dtype)
+            factors[f"{i}.down"] = dict(zip(chans.tolist(), alpha.tolist(), strict=True))
+    return factors

@@ -185,13 +185,20 @@ def run_eval(
     image_folder: str | os.PathLike | None = None,
     device: str = "cpu",
     batch_size: int = 64,
+    blank_images: bool = False,
 ) -> dict:
-    """Evaluate a model folder on the world's eval split (or ``data``); see module doc."""
+    """Evaluate a model folder on the world's eval split (or ``data``); see module doc.
+
+    ``blank_images`` replaces every image by an empty background (same noise
+    level), to show how much the answers depend on the image.
+    """
     model, processor = load_model_and_processor(model_dir, device)
     if data is not None:
         records = load_records(data, image_folder, limit)
     else:
         records = world.generate("eval", min(n, limit) if limit else n, seed)
+    if blank_images:
+        records = [(world.blank_image(seed + i), rec) for i, (_, rec) in enumerate(records)]
     reference = None
     if reference_dir is not None:
         reference = load_model_and_processor(reference_dir, device)
@@ -199,6 +206,7 @@ def run_eval(
     report["model"] = str(model_dir) if model_dir is not None else "embedded"
     report["seed"] = seed if data is None else None
     report["reference"] = str(reference_dir) if reference_dir is not None else None
+    report["blank_images"] = blank_images
     return report
 
 

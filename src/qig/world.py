@@ -155,6 +155,11 @@ def render(scene: Scene, rng: np.random.Generator) -> Image.Image:
     return Image.fromarray(np.clip(np.round(canvas), 0, 255).astype(np.uint8), "RGB")
 
 
+def blank_image(seed: int) -> Image.Image:
+    """An image with no object: the background and its noise only."""
+    return render(Scene(()), np.random.default_rng(np.random.SeedSequence([seed, 7])))
+
+
 def _number_word(n: int) -> str:
     return str(n)
 

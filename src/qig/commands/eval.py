@@ -24,6 +24,7 @@ def register(sub) -> argparse.ArgumentParser:
         help="reference model for agreement and KL (default: the embedded FP model when --model is given; "
         "'none' to skip)",
     )
+    p.add_argument("--blank-images", action="store_true", help="replace every image by an empty background")
     p.add_argument("--device", default="cpu")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--json", default=None, help="write the report (with per-question predictions) here")
@@ -52,6 +53,7 @@ def run(args) -> int:
         image_folder=args.image_folder,
         device=args.device,
         batch_size=args.batch_size,
+        blank_images=args.blank_images,
     )
     print(format_table(report))
     if args.json:
