@@ -1,0 +1,249 @@
+"""The public entry point: ``qig.quantize(model, config, calib)``.
+
+    >>> import qig
+    >>> from qig.calib import embedded_calibration
+    >>> from qig.evaluate import load_model_and_processor
+    >>> model, processor = load_model_and_processor()  # doctest: +SKIP
+    >>> calib = embedded_calibration(processor, n_samples=32)  # doctest: +SKIP
+    >>> result = qig.quantize(model, qig.QIGConfig(wbits=3, group_size=128), calib)  # doctest: +SKIP
+    >>> result.save("out/search")  # doctest: +SKIP
+
+The model is quantized in place (fake-quantized weights, same architecture),
+so ``model.save_pretrained`` writes a folder any transformers code can load.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qig.calib import CalibrationSet
+from qig.errors import QigError
+from qig.fileio import atomic_write_bytes, atomic_write_text
+from qig.methods import QuantConfig, make_config
+from qig.pipeline import GroupRecord, run_layerwise
+
+log = logging.getLogger(__name__)
+
+SEARCH_TENSORS = "search.safetensors"
+SEARCH_JSON = "search.json"
+REPORT_JSON = "report.json"
+
+
+@dataclass
+class QuantizationResult:
+    """What a run found: per group the scale, losses and token weights; timings per phase."""
+
+    config: QuantConfig
+    groups: list[GroupRecord]
+    timings: dict[str, float]
+    method_summary: dict = field(default_factory=dict)
+    roles: torch.Tensor | None = None  # [N, T] int8, the calibration tokens' roles
+    applied_from: str | None = None
+
+    def scales(self) -> dict[tuple[int, str], torch.Tensor]:
+        """``{(layer, group): s}``, the form ``quantize(..., scales=...)`` takes."""
+        return {(g.layer, g.group): g.scales for g in self.groups}
+
+    def token_weights(self, layer: int, group: str) -> torch.Tensor | None:
+        """The token weights [N, T] one group's search used (None if not searched)."""
+        for g in self.groups:
+            if (g.layer, g.group) == (layer, group):
+                return g.token_weights
+        raise KeyError(f"no group {group!r} in layer {layer}")
+
+    def to_json(self) -> dict:
+        return {
+            "config": self.config.to_dict(),
+            "applied_from": self.applied_from,
+            "method_summary": self.method_summary,
+            "groups": [
+                {
+                    "layer": g.layer,
+                    "group": g.group,
+                    "ratio": g.ratio,
+                    "loss_before": g.loss_before,
+                    "loss_after": g.loss_after,
+                    "token_weights": g.weight_stats,
+                    "notes": g.notes,
+                    "seconds": g.seconds,
+                }
+                for g in self.groups
+            ],
+        }
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """``search.safetensors`` (scales, token weights, roles) and ``search.json`` in ``folder``."""
+        from safetensors.torch import save
+
+        folder = Path(folder)
+        tensors = {}
+        for g in self.groups:
+            tensors[f"scales.{g.layer}.{g.group}"] = g.scales.contiguous()
+            if g.token_weights is not None:
+                tensors[f"token_weights.{g.layer}.{g.group}"] = g.token_weights.contiguous()
+        if self.roles is not None:
+            tensors["roles"] = self.roles.contiguous()
+        atomic_write_bytes(folder / SEARCH_TENSORS, save(tensors, metadata={"format": "qig-search-1"}))
+        atomic_write_text(folder / SEARCH_JSON, json.dumps(self.to_json(), indent=1) + "\n")
+
+
+def quantize(
+    model: torch.nn.Module,
+    config: QuantConfig,
+    calib: CalibrationSet | None = None,
+    *,
+    device: str | torch.device = "cpu",
+    scales: dict[tuple[int, str], torch.Tensor] | None = None,
+    progress: bool = True,
+) -> QuantizationResult:
+    """Quantize ``model``'s decoder layers in place with ``config``'s method.
+
+    calib: the calibration set (``qig.calib``); RTN and ``scales=`` need none.
+    device: where each decoder layer is computed ("cpu", "cuda", "cuda:1").
+    scales: apply saved scales (``load_scales``) instead of searching.
+
+    >>> result = quantize(model, AWQConfig(wbits=4, group_size=128), calib)  # doctest: +SKIP
+    """
+    if not isinstance(config, QuantConfig):
+        raise QigError(f"config must be a method config such as QIGConfig(...), got {type(config).__name__}")
+    _check_device(device)
+    torch.manual_seed(config.seed)
+    model.eval()
+    out = run_layerwise(model, config, calib, device=device, scales=scales, progress=progress)
+    return QuantizationResult(
+        config=config,
+        groups=out.groups,
+        timings=out.timings,
+        method_summary=out.method_summary,
+        roles=out.roles,
+    )
+
+
+def _check_device(device) -> None:
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError) as exc:
+        raise QigError(f"device {device!r} is not a torch device; use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QigError(f"device {device!r} requested but CUDA is not available here; use --device cpu")
+    if dev.type not in ("cpu", "cuda"):
+        raise QigError(f"device {device!r} is not supported; use cpu, cuda or cuda:N")
+
+
+def load_scales(path: str | os.PathLike) -> tuple[dict[tuple[int, str], torch.Tensor], dict | None]:
+    """Scales from a ``search.safetensors`` (or its folder), and the run's config from ``search.json`` if present."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / SEARCH_TENSORS
+    if not path.is_file():
+        raise QigError(f"scales file {path} does not exist; pass the search.safetensors of an earlier run")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise QigError(f"{path} is not a readable safetensors file: {exc}") from exc
+    scales = {}
+    for key, value in tensors.items():
+        if not key.startswith("scales."):
+            continue
+        _, layer, group = key.split(".", 2)
+        scales[(int(layer), group)] = value
+    if not scales:
+        raise QigError(f"{path} holds no 'scales.<layer>.<group>' tensors; it is not a qig search result")
+    config = None
+    sidecar = path.with_name(SEARCH_JSON)
+    if sidecar.is_file():
+        try:
+            config = json.loads(sidecar.read_text()).get("config")
+        except json.JSONDecodeError as exc:
+            raise QigError(f"{sidecar} is not valid JSON: {exc}") from exc
+    return scales, config
+
+
+def config_from_dict(fields: dict) -> QuantConfig:
+    """Rebuild a config from ``QuantConfig.to_dict()`` output (as saved in search.json)."""
+    fields = dict(fields)
+    name = fields.pop("method", None)
+    if name is None:
+        raise QigError("the saved config has no 'method'")
+    return make_config(name, **fields)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from qig import __version__
+
+    return {
+        "qig": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_output(
+    out: str | os.PathLike,
+    model: torch.nn.Module,
+    processor,
+    result: QuantizationResult,
+    report: dict,
+    overwrite: bool = False,
+) -> Path:
+    """Write the fake-quantized model, the search result and the run report into ``out``, atomically.
+
+    Everything goes to a temporary sibling folder first and is renamed into
+    place; an existing ``out`` is refused unless ``overwrite``.
+    """
+    out = Path(out)
+    if out.exists() and not overwrite:
+        raise QigError(f"output folder {out} already exists; pass --overwrite to replace it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        t = time.perf_counter()
+        model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        result.save(tmp)
+        report = dict(report)
+        report.setdefault("timings", {})["save"] = time.perf_counter() - t
+        atomic_write_text(tmp / REPORT_JSON, json.dumps(report, indent=1, default=str) + "\n")
+        if out.exists():
+            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
+            os.replace(out, trash / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def summary_table(result: QuantizationResult) -> str:
+    """One line per searched group: grid ratio, weighted loss before and after, token-weight mass by role."""
+    lines = [f"{'layer':>5} {'group':<9} {'r':>5} {'loss before':>12} {'loss after':>12} {'gain':>7}  weight mass"]
+    for g in result.groups:
+        if g.loss_before is None:
+            lines.append(f"{g.layer:>5} {g.group:<9} {'':>5} {'(applied)':>12}")
+            continue
+        gain = 100 * (1 - g.loss_after / g.loss_before) if g.loss_before else 0.0
+        mass = " ".join(f"{k[5:]}={v:.2f}" for k, v in g.weight_stats.items() if k.startswith("mass_"))
+        losses = f"{g.loss_before:>12.4g} {g.loss_after:>12.4g}"
+        lines.append(f"{g.layer:>5} {g.group:<9} {g.ratio:>5.2f} {losses} {gain:>6.1f}%  {mass}")
+    lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    return "\n".join(lines)

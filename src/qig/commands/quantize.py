@@ -1,0 +1,216 @@
+"""``qig quantize``: weight-only PTQ of an LVLM with RTN, AWQ, MBQ or QIG.
+
+    qig quantize --method qig --wbits 3 --group-size 128 --output out/qig-w3
+    qig quantize --method awq --calib coco/data.json --image-folder coco --output out/awq
+    qig quantize --recipe recipe.yaml --output out/run      # flags override the recipe
+    qig quantize --scales out/qig-w3/search.safetensors --output out/again
+
+Without ``--calib`` the embedded world's calibration split is used. OUT holds
+the fake-quantized model (``qig eval --model OUT``), ``search.safetensors`` +
+``search.json`` and ``report.json``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import time
+from pathlib import Path
+
+from qig.errors import QigError
+
+log = logging.getLogger(__name__)
+
+METHODS = ("rtn", "awq", "mbq", "qig")
+
+# Recipe keys (YAML) and their flags; the recipe uses the flag names with '_' for '-'.
+_OPTIONS = {
+    "model": None,
+    "method": "qig",
+    "wbits": 4,
+    "group_size": "128",
+    "calib": None,
+    "image_folder": None,
+    "n_samples": 128,
+    "calib_seed": 0,
+    "max_length": 1024,
+    "device": "cpu",
+    "output": None,
+    "scales": None,
+    "seed": 0,
+    "batch_size": 16,
+    "n_grid": 20,
+    "loss": "mae",
+    "grad_batch_size": 4,
+    "baseline": "quantized",
+    "clip": "iqr",
+    "steps": None,
+    "quadrature": None,
+    "compat": False,
+    "overwrite": False,
+}
+
+
+def register(sub) -> argparse.ArgumentParser:
+    p = sub.add_parser("quantize", help="weight-only PTQ with RTN, AWQ, MBQ or QIG; writes a loadable model folder")
+    p.add_argument("--recipe", default=None, help="YAML file whose keys stand for the flags (e.g. wbits: 3)")
+    p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    p.add_argument("--method", choices=METHODS, default=None, help="default qig")
+    p.add_argument("--wbits", type=int, default=None, help="weight bits, 2-8 (default 4)")
+    p.add_argument("--group-size", default=None, help="input channels per scale, or 'channel' (default 128)")
+    p.add_argument("--calib", default=None, help="LLaVA-style JSON/JSONL or text JSONL (default: embedded split)")
+    p.add_argument("--image-folder", default=None, help="images of --calib (default: the file's folder)")
+    p.add_argument("--n-samples", type=int, default=None, help="calibration samples (default 128)")
+    p.add_argument("--calib-seed", type=int, default=None, help="shuffling seed of --calib (default 0)")
+    p.add_argument("--max-length", type=int, default=None, help="token cap per sample (default 1024)")
+    p.add_argument("--device", default=None, help="compute device: cpu, cuda, cuda:N (default cpu)")
+    p.add_argument("--output", default=None, help="output folder (required)")
+    p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output folder")
+    p.add_argument("--scales", default=None, help="apply a saved search.safetensors instead of searching")
+    p.add_argument("--seed", type=int, default=None, help="torch seed of the run (default 0)")
+    p.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default 16)")
+    search = p.add_argument_group("search (awq, mbq, qig)")
+    search.add_argument("--n-grid", type=int, default=None, help="scale candidates (default 20)")
+    search.add_argument("--loss", choices=("mae", "mse"), default=None, help="per-token error (default mae)")
+    search.add_argument("--grad-batch-size", type=int, default=None, help="MBQ: samples per backward (default 4)")
+    search.add_argument("--baseline", choices=("quantized", "zero"), default=None, help="QIG reference x'")
+    search.add_argument("--clip", choices=("iqr", "none"), default=None, help="QIG token-score clipping")
+    search.add_argument("--steps", type=int, default=None, help="QIG quadrature points (default 2; compat 32)")
+    search.add_argument("--quadrature", choices=("gauss-legendre", "riemann"), default=None, help="QIG path rule")
+    search.add_argument(
+        "--compat",
+        action="store_true",
+        default=None,
+        help="QIG: the official code's choices (x'=0, 32-pt Riemann, ...)",
+    )
+    search.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def resolve_options(args) -> dict:
+    """Flags over recipe over defaults; unknown recipe keys are refused."""
+    recipe = {}
+    if args.recipe:
+        recipe = _read_recipe(args.recipe)
+    opts = {}
+    for key, default in _OPTIONS.items():
+        flag = getattr(args, key, None)
+        opts[key] = flag if flag is not None else recipe.get(key, default)
+    return opts
+
+
+def _read_recipe(path: str) -> dict:
+    import yaml
+
+    try:
+        data = yaml.safe_load(Path(path).read_text())
+    except FileNotFoundError as exc:
+        raise QigError(f"recipe {path} does not exist") from exc
+    except yaml.YAMLError as exc:
+        raise QigError(f"recipe {path} is not valid YAML: {exc}") from exc
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise QigError(f"recipe {path} must be a mapping of options (e.g. 'method: qig'), got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(_OPTIONS))
+    if unknown:
+        raise QigError(f"recipe {path} has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_OPTIONS)}")
+    return data
+
+
+def _group_size(value) -> int | None:
+    if value is None or str(value).lower() in ("channel", "per-channel", "none", "0"):
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise QigError(f"--group-size {value!r} must be an integer such as 128, or 'channel'") from None
+
+
+def build_config(opts: dict):
+    from qig.methods import make_config
+
+    name = opts["method"]
+    if name not in METHODS:
+        raise QigError(f"method {name!r} is not supported; use one of: {', '.join(METHODS)}")
+    fields = dict(wbits=opts["wbits"], group_size=_group_size(opts["group_size"]), seed=opts["seed"])
+    fields["batch_size"] = opts["batch_size"]
+    if name != "rtn":
+        fields.update(n_grid=opts["n_grid"], loss=opts["loss"])
+    if name == "mbq":
+        fields["grad_batch_size"] = opts["grad_batch_size"]
+    if name == "qig":
+        if opts["steps"] is not None:
+            fields["steps"] = opts["steps"]
+        if opts["quadrature"] is not None:
+            fields["quadrature"] = opts["quadrature"]
+        if opts["compat"]:
+            # The preset fixes x', clipping and the quadrature; --steps / --quadrature may still override.
+            return make_config("qig", preset="compat", **fields)
+        fields.update(baseline=opts["baseline"], clip=opts["clip"])
+    elif opts["compat"] or opts["steps"] is not None or opts["quadrature"] is not None:
+        raise QigError(f"--compat, --steps and --quadrature are QIG options; method {name} takes none of them")
+    return make_config(name, **fields)
+
+
+def run(args) -> int:
+    import qig
+    from qig.api import config_from_dict, load_scales, summary_table, versions, write_output
+    from qig.calib import embedded_calibration, load_calibration
+    from qig.evaluate import load_model_and_processor
+
+    opts = resolve_options(args)
+    if not opts["output"]:
+        raise QigError("--output is required (the folder to write the quantized model into)")
+    if Path(opts["output"]).exists() and not opts["overwrite"]:
+        raise QigError(f"output folder {opts['output']} already exists; pass --overwrite to replace it")
+    if opts["n_samples"] <= 0:
+        raise QigError(f"--n-samples must be positive, got {opts['n_samples']}")
+    timings: dict[str, float] = {}
+    scales = None
+    if opts["scales"]:
+        scales, saved = load_scales(opts["scales"])
+        if saved is not None and args.wbits is None and args.group_size is None:
+            # The saved run's quantizer, unless the flags say otherwise.
+            config = config_from_dict(saved)
+            log.info("applying %s with the saved run's quantizer %s", opts["scales"], config.spec.label())
+        else:
+            config = build_config(opts)
+    else:
+        config = build_config(opts)
+
+    t = time.perf_counter()
+    model, processor = load_model_and_processor(opts["model"])
+    timings["load"] = time.perf_counter() - t
+
+    calib = None
+    if scales is None and config.name != "rtn":
+        t = time.perf_counter()
+        image_seq_length = getattr(model.config, "image_seq_length", None)
+        kw = dict(n_samples=opts["n_samples"], max_length=opts["max_length"], image_seq_length=image_seq_length)
+        if opts["calib"]:
+            calib = load_calibration(
+                opts["calib"], processor, image_folder=opts["image_folder"], seed=opts["calib_seed"], **kw
+            )
+        else:
+            calib = embedded_calibration(processor, **kw)
+        timings["calibration_data"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    result = qig.quantize(model, config, calib, device=opts["device"], scales=scales, progress=not args.no_progress)
+    timings["quantize"] = time.perf_counter() - t
+    result.applied_from = opts["scales"]
+    timings.update({f"quantize/{k}": v for k, v in result.timings.items()})
+    report = {
+        "config": config.to_dict(),
+        "options": opts,
+        "versions": versions(),
+        "n_calibration_samples": len(calib) if calib is not None else 0,
+        "timings": timings,
+    }
+    out = write_output(opts["output"], model, processor, result, report, overwrite=bool(opts["overwrite"]))
+    print(summary_table(result))
+    print(f"wrote {config.name} {config.spec.label()} model to {out}")
+    return 0

@@ -1,0 +1,40 @@
+"""Weight-only PTQ methods: RTN, and AWQ / MBQ / QIG as one search with three token weightings.
+
+>>> from qig.methods import QIGConfig, method_for
+>>> type(method_for(QIGConfig(wbits=3))).__name__
+'QIG'
+"""
+
+from qig.methods import awq, mbq, qig, rtn  # noqa: F401  (registers the methods)
+from qig.methods.base import GroupContext, Method, TokenWeights, method_for, register
+from qig.methods.config import (
+    CONFIGS,
+    AWQConfig,
+    MBQConfig,
+    QIGConfig,
+    QuantConfig,
+    RTNConfig,
+    SearchConfig,
+    config_class,
+    make_config,
+)
+from qig.methods.search import SearchResult, search_scales
+
+__all__ = [
+    "CONFIGS",
+    "AWQConfig",
+    "GroupContext",
+    "MBQConfig",
+    "Method",
+    "QIGConfig",
+    "QuantConfig",
+    "RTNConfig",
+    "SearchConfig",
+    "SearchResult",
+    "TokenWeights",
+    "config_class",
+    "make_config",
+    "method_for",
+    "register",
+    "search_scales",
+]

@@ -1,0 +1,17 @@
+"""AWQ: the shared search with weight 1 on every real (non-pad) token.
+
+>>> from qig.methods import method_for, AWQConfig
+>>> method_for(AWQConfig(wbits=3)).needs_quantized_stream
+False
+"""
+
+from __future__ import annotations
+
+from qig.methods.base import GroupContext, Method, TokenWeights, register, uniform_weights
+from qig.methods.config import AWQConfig
+
+
+@register(AWQConfig)
+class AWQ(Method):
+    def token_weights(self, ctx: GroupContext) -> TokenWeights:
+        return TokenWeights([uniform_weights(r) for r in ctx.roles], {})

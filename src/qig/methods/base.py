@@ -1,0 +1,115 @@
+"""What a method is: a token-weighting strategy for the shared search, and a registry.
+
+The layer-wise pipeline builds one :class:`GroupContext` per scale group and
+asks the method for token weights; the shared search (``qig.methods.search``)
+does the rest. A method that does not search (RTN) says so.
+
+    >>> from qig.methods import method_for, AWQConfig
+    >>> method_for(AWQConfig(wbits=3)).searches
+    True
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+
+from qig.calib import ANSWER, PAD, VISION
+from qig.errors import QigError
+from qig.methods.config import QuantConfig
+from qig.models import ScaleGroup
+from qig.quant.spec import QuantSpec
+
+# run_block(z [k*b, T, C], chunk index, weight overrides {linear key: W} or None) -> [k*b, T, H]
+BlockFn = Callable[[torch.Tensor, int, dict[str, torch.Tensor] | None], torch.Tensor]
+
+
+@dataclass
+class GroupContext:
+    """Everything a method may look at for one scale group of one layer.
+
+    x / xq: per calibration chunk, the input of the group's linears on the FP
+    stream / the quantized stream ([b, T, C]); xq is None when the method did
+    not ask for the quantized stream. roles: per chunk [b, T] (qig.calib roles).
+    linears: the group's linears by their key inside the block ("" = the block).
+    """
+
+    layer_index: int
+    group: ScaleGroup
+    search_index: int
+    x: list[torch.Tensor]
+    xq: list[torch.Tensor] | None
+    roles: list[torch.Tensor]
+    linears: dict[str, torch.nn.Linear]
+    run_block: BlockFn
+    spec: QuantSpec
+
+
+@dataclass
+class TokenWeights:
+    """Token weights of one group: per chunk [b, T] (pad = 0), and notes for the report."""
+
+    weights: list[torch.Tensor]
+    notes: dict
+
+
+class Method:
+    """Base class: a method weights tokens for the shared scale search.
+
+    searches: False for methods that only quantize (RTN).
+    needs_quantized_stream: the pipeline carries x^q (inputs of the partly quantized model).
+    """
+
+    searches: ClassVar[bool] = True
+    needs_quantized_stream: ClassVar[bool] = False
+
+    def __init__(self, config: QuantConfig) -> None:
+        self.config = config
+
+    def prepare(self, model: torch.nn.Module, family, calib, device: torch.device) -> None:
+        """A pass over the whole model before the layer-wise search (MBQ's gradients); default none."""
+
+    def token_weights(self, ctx: GroupContext) -> TokenWeights:
+        raise NotImplementedError
+
+    def summary(self) -> dict:
+        """Run-level facts for the search result (e.g. MBQ's gradient ratios)."""
+        return {}
+
+
+def real_tokens(roles: torch.Tensor) -> torch.Tensor:
+    """Bool mask of non-pad tokens."""
+    return roles != PAD
+
+
+def uniform_weights(roles: torch.Tensor, only: tuple[int, ...] | None = None) -> torch.Tensor:
+    """1 on every real token (or only on the given roles), 0 elsewhere: [b, T] float32."""
+    mask = real_tokens(roles) if only is None else torch.isin(roles, torch.tensor(only, dtype=roles.dtype))
+    return mask.float()
+
+
+VISION_AND_ANSWER = (VISION, ANSWER)
+
+_REGISTRY: dict[type[QuantConfig], type[Method]] = {}
+
+
+def register(config_type: type[QuantConfig]) -> Callable[[type[Method]], type[Method]]:
+    """Class decorator: ``@register(AWQConfig) class AWQ(Method): ...``."""
+
+    def deco(cls: type[Method]) -> type[Method]:
+        _REGISTRY[config_type] = cls
+        return cls
+
+    return deco
+
+
+def method_for(config: QuantConfig) -> Method:
+    """The method instance for a config, by the config's type."""
+    cls = _REGISTRY.get(type(config))
+    if cls is None:
+        known = ", ".join(t.__name__ for t in _REGISTRY)
+        raise QigError(f"no method is registered for {type(config).__name__}; registered configs: {known}")
+    return cls(config)

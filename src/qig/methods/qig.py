@@ -1,0 +1,169 @@
+"""QIG: token weights from quantization-aware integrated gradients (METHOD.md section 5).
+
+For the group's inspected block f and its quantized twin f_q (weights through
+the production quantizer, unscaled), the attributed function is the
+quantization error F(z) = sum over real tokens t of mean_h |f(z) - f_q(z)|_t.
+Integrated gradients from a reference x' to the input x:
+
+    IG = (x - x') * sum_k w_k dF/dz (x' + a_k (x - x'))      # quadrature (a_k, w_k) on [0, 1]
+
+The K path points go through f and f_q as one batch [K*b, T, C] with one
+backward, and f_q's weights are quantized once per group. Per token,
+q_t = mean_c |IG_tc|, normalised per sample, IQR-clipped over the sample's
+real tokens and normalised again: lambda_t.
+
+Cost choice: Gauss-Legendre with 2 nodes is the default. Its token ranking
+matches the official 32-point Riemann rule at 1/16 of the path points:
+Spearman >= 0.99 on toy blocks (tests/methods/test_qig.py), and >= 0.993 on
+every group of a partly trained embedded model (>= 0.998 where x' = x^q).
+
+    >>> nodes, weights = quadrature("gauss-legendre", 4)
+    >>> round(float(weights.sum()), 6)
+    1.0
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from qig.methods.base import VISION_AND_ANSWER, GroupContext, Method, TokenWeights, real_tokens, register
+from qig.methods.config import QIGConfig
+from qig.quant.spec import fake_quantize
+
+log = logging.getLogger(__name__)
+
+
+def quadrature(kind: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Nodes and weights on [0, 1], both [K] float64.
+
+    "gauss-legendre": exact for polynomials of degree 2K-1. "riemann": the
+    official code's linspace(0, 1, K) with weights 1/K.
+    """
+    if kind == "gauss-legendre":
+        x, w = np.polynomial.legendre.leggauss(steps)
+        return torch.from_numpy((x + 1) / 2), torch.from_numpy(w / 2)
+    if kind == "riemann":
+        return torch.linspace(0, 1, steps, dtype=torch.float64), torch.full((steps,), 1 / steps, dtype=torch.float64)
+    raise ValueError(f"unknown quadrature {kind!r}; use gauss-legendre or riemann")
+
+
+def quantization_error(y: torch.Tensor, y_q: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """F per path point: sum over real tokens of mean_h |y - y_q|. y: [K, b, T, H], real: [b, T] -> [K]."""
+    per_token = (y.float() - y_q.float()).abs().mean(-1)  # [K, b, T]
+    return (per_token * real.to(per_token.dtype)).sum(dim=(1, 2))
+
+
+def integrated_gradients(
+    f: Callable[[torch.Tensor], torch.Tensor],
+    f_q: Callable[[torch.Tensor], torch.Tensor],
+    x: torch.Tensor,
+    x_ref: torch.Tensor,
+    real: torch.Tensor,
+    nodes: torch.Tensor,
+    weights: torch.Tensor,
+) -> torch.Tensor:
+    """IG of F(z) = sum_t mean_h |f(z) - f_q(z)|_t from x_ref to x: [b, T, C].
+
+    f, f_q map [K*b, T, C] -> [K*b, T, H]. All K path points run as one batch.
+    """
+    K, (b, T, C) = nodes.numel(), x.shape
+    a = nodes.to(device=x.device, dtype=x.dtype).view(K, 1, 1, 1)
+    delta = x - x_ref  # [b, T, C]
+    with torch.enable_grad():
+        z = (x_ref.unsqueeze(0) + a * delta.unsqueeze(0)).reshape(K * b, T, C).requires_grad_(True)
+        y, y_q = f(z), f_q(z)  # [K*b, T, H]
+        F = quantization_error(y.view(K, b, T, -1), y_q.view(K, b, T, -1), real)  # [K]
+        total = (F * weights.to(device=F.device, dtype=F.dtype)).sum()
+        (grad,) = torch.autograd.grad(total, z)  # sum_k w_k dF/dz_k, per path point
+    return delta * grad.view(K, b, T, C).sum(0)
+
+
+def token_scores(ig: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """q_t = mean_c |IG_tc|, zero on pad, normalised to sum 1 per sample: [b, T, C] -> [b, T]."""
+    q = ig.float().abs().mean(-1) * real.float()  # [b, T]
+    total = q.sum(-1, keepdim=True)
+    return torch.where(total > 0, q / total.clamp(min=1e-30), torch.zeros_like(q))
+
+
+def iqr_clip(q: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
+    """Clip each sample's scores to [Q1 - 1.5 IQR, Q3 + 1.5 IQR] of its real tokens: [b, T] -> [b, T]."""
+    out = q.clone()
+    for i in range(q.shape[0]):
+        vals = q[i][real[i]]
+        if vals.numel() == 0:
+            continue
+        q1, q3 = torch.quantile(vals, torch.tensor([0.25, 0.75], dtype=vals.dtype, device=vals.device))
+        iqr = q3 - q1
+        out[i] = q[i].clamp(min=float(q1 - 1.5 * iqr), max=float(q3 + 1.5 * iqr))
+    return out * real.float()
+
+
+def lambdas(ig: torch.Tensor, real: torch.Tensor, clip: str = "iqr") -> tuple[torch.Tensor, int]:
+    """Token weights from IG: normalised, clipped, normalised again per sample.
+
+    Returns ([b, T] weights summing to 1 per sample, number of samples that fell
+    back to uniform weights because their attribution was all zero).
+    """
+    q = token_scores(ig, real)
+    if clip == "iqr":
+        q = iqr_clip(q, real)
+    total = q.sum(-1, keepdim=True)  # [b, 1]
+    uniform = real.float() / real.float().sum(-1, keepdim=True).clamp(min=1)
+    dead = (total <= 0).squeeze(-1)
+    lam = torch.where(total > 0, q / total.clamp(min=1e-30), uniform)
+    return lam, int(dead.sum())
+
+
+@register(QIGConfig)
+class QIG(Method):
+    needs_quantized_stream = True
+
+    def __init__(self, config: QIGConfig) -> None:
+        super().__init__(config)
+        self.nodes, self.weights = quadrature(config.quadrature, config.steps)
+
+    def token_weights(self, ctx: GroupContext) -> TokenWeights:
+        cfg: QIGConfig = self.config
+        if ctx.search_index < cfg.uniform_first_groups:
+            # The official code's counter artefact, reproduced only under the compat preset.
+            w = [torch.isin(r, torch.tensor(VISION_AND_ANSWER, dtype=r.dtype)).float() for r in ctx.roles]
+            return TokenWeights(w, {"baseline": "none (uniform vision+answer, compat)", "uniform_fallback": 0})
+        quantized = {k: fake_quantize(lin.weight.data, ctx.spec) for k, lin in ctx.linears.items()}
+        baseline = cfg.baseline
+        if baseline == "quantized" and (
+            ctx.xq is None or all(torch.equal(a, b) for a, b in zip(ctx.x, ctx.xq, strict=True))
+        ):
+            log.info(
+                "layer %d %s: the quantized stream equals the FP stream here; QIG uses x' = 0",
+                ctx.layer_index,
+                ctx.group.name,
+            )
+            baseline = "zero"
+        out, dead = [], 0
+        for i, (x, roles) in enumerate(zip(ctx.x, ctx.roles, strict=True)):
+            x_ref = torch.zeros_like(x) if baseline == "zero" else ctx.xq[i]
+            real = real_tokens(roles)
+            ig = integrated_gradients(
+                lambda z, i=i: ctx.run_block(z, i, None),
+                lambda z, i=i: ctx.run_block(z, i, quantized),
+                x,
+                x_ref,
+                real,
+                self.nodes,
+                self.weights,
+            )  # [b, T, C]
+            lam, n_dead = lambdas(ig, real, cfg.clip)
+            out.append(lam)
+            dead += n_dead
+        if dead:
+            log.warning(
+                "layer %d %s: %d sample(s) had zero attribution; uniform weights used",
+                ctx.layer_index,
+                ctx.group.name,
+                dead,
+            )
+        return TokenWeights(out, {"baseline": baseline, "uniform_fallback": dead})

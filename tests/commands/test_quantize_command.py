@@ -1,0 +1,139 @@
+"""``qig quantize``: outputs, recipes, saved scales, refusals; and the end-to-end flow on the embedded model."""
+
+import json
+import time
+
+import pytest
+import torch
+from _tiny import processor, tiny_llava
+
+from qig.cli import main
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llava(outliers=True).save_pretrained(path)
+    processor().save_pretrained(path)
+    return path
+
+
+def _run(*argv):
+    return main([str(a) for a in argv])
+
+
+def test_quantize_writes_a_loadable_model_and_the_search(model_dir, tmp_path, capsys):
+    out = tmp_path / "qig"
+    rc = _run(
+        "quantize",
+        "--model",
+        model_dir,
+        "--method",
+        "qig",
+        "--wbits",
+        3,
+        "--group-size",
+        32,
+        "--n-samples",
+        4,
+        "--n-grid",
+        5,
+        "--output",
+        out,
+        "--no-progress",
+    )
+    assert rc == 0
+    assert {"config.json", "model.safetensors", "search.safetensors", "search.json", "report.json"} <= {
+        p.name for p in out.iterdir()
+    }
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["method"] == "qig" and report["config"]["wbits"] == 3
+    assert {"load", "calibration_data", "quantize", "save"} <= set(report["timings"])
+    assert "torch" in report["versions"]
+    search = json.loads((out / "search.json").read_text())
+    assert {"loss_before", "loss_after", "token_weights"} <= set(search["groups"][0])
+    assert "loss before" in capsys.readouterr().out
+    from qig.evaluate import load_model_and_processor
+
+    model, _ = load_model_and_processor(out)
+    assert not torch.equal(
+        model.model.language_model.layers[0].mlp.up_proj.weight,
+        tiny_llava(outliers=True).model.language_model.layers[0].mlp.up_proj.weight,
+    )
+
+    # an existing output is refused; --scales re-applies the search without calibration
+    assert _run("quantize", "--model", model_dir, "--method", "rtn", "--output", out) == 2
+    again = tmp_path / "again"
+    assert (
+        _run(
+            "quantize", "--model", model_dir, "--scales", out / "search.safetensors", "--output", again, "--no-progress"
+        )
+        == 0
+    )
+    a = load_model_and_processor(again)[0].state_dict()
+    assert all(torch.equal(v, a[k]) for k, v in model.state_dict().items())
+
+
+def test_recipe_stands_for_flags(model_dir, tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: awq\nwbits: 4\ngroup_size: 32\nn_samples: 2\nn_grid: 3\n")
+    out = tmp_path / "awq"
+    assert (
+        _run("quantize", "--recipe", recipe, "--model", model_dir, "--wbits", 3, "--output", out, "--no-progress") == 0
+    )
+    config = json.loads((out / "report.json").read_text())["config"]
+    assert (config["method"], config["wbits"], config["n_grid"]) == ("awq", 3, 3)  # the flag wins
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "awq", "--wbits", "9"], "weight bits 9"),
+        (["--method", "rtn", "--group-size", "100"], "group_size 100 does not divide"),
+        (["--method", "awq", "--steps", "4"], "QIG options"),
+        (["--method", "qig", "--calib", "/nonexistent.json"], "does not exist"),
+    ],
+    ids=["bits", "group-size", "qig-option-on-awq", "missing-calib"],
+)
+def test_bad_input_is_one_line_error(model_dir, tmp_path, capsys, argv, message):
+    assert _run("quantize", "--model", model_dir, "--output", tmp_path / "o", *argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
+def test_unknown_recipe_key_is_refused(model_dir, tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("method: qig\nbitz: 3\n")
+    assert _run("quantize", "--recipe", recipe, "--output", tmp_path / "o") == 2
+    assert "unknown key(s) bitz" in capsys.readouterr().err
+
+
+def test_weight_only_flow_on_the_embedded_model(tmp_path):
+    from qig.embedded import default_model_dir
+
+    if not (default_model_dir() / "config.json").is_file():
+        pytest.skip(f"the trained embedded model is not in {default_model_dir()} yet")
+    from qig.evaluate import run_eval
+
+    start = time.perf_counter()
+    out = tmp_path / "qig-w3"
+    assert (
+        _run(
+            "quantize",
+            "--method",
+            "qig",
+            "--wbits",
+            3,
+            "--group-size",
+            128,
+            "--n-samples",
+            16,
+            "--output",
+            out,
+            "--no-progress",
+        )
+        == 0
+    )
+    report = run_eval(model_dir=out, limit=32, reference_dir=None)
+    assert report["n"] == 32 and 0 <= report["accuracy"] <= 1
+    assert time.perf_counter() - start < 120

@@ -1,0 +1,44 @@
+"""Model knowledge: family lookup, the GQA rule for v->o, the naming fallback."""
+
+import pytest
+import torch
+from _tiny import tiny_llava
+
+from qig.errors import QigError
+from qig.models import family_for
+
+
+@pytest.mark.parametrize(
+    ("kv_heads", "groups"),
+    [(2, ["attn_in", "mlp_in", "mlp_out"]), (4, ["attn_in", "attn_out", "mlp_in", "mlp_out"])],
+    ids=["gqa-skips-v-o", "mha-has-v-o"],
+)
+def test_llava_groups(kv_heads, groups):
+    model = tiny_llava(layers=1, kv_heads=kv_heads)
+    fam = family_for(model)
+    assert fam.name == "llava"
+    layer = fam.decoder_layers(model)[0]
+    assert [g.name for g in fam.active_groups(layer)] == groups
+
+
+def test_unknown_type_with_llama_names_falls_back():
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    lm = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    fam = family_for(lm)
+    assert fam.layers == "model.layers"
+    assert fam.name.startswith("llama-names")
+
+
+def test_unsupported_model_is_refused():
+    with pytest.raises(QigError, match="not supported"):
+        family_for(torch.nn.Linear(2, 2))
