@@ -1,0 +1,132 @@
+"""Accuracy of FP, RTN, AWQ, MBQ and QIG on the embedded visual-QA benchmark (a benchmark, not a test).
+
+    python benchmarks/accuracy.py                              # W3A16 g128 and W4A16 g128, default eval seed
+    python benchmarks/accuracy.py --settings w3g128 --eval-seeds 1234 7 99 --limit 500
+
+Each method quantizes a fresh copy of the model with the same calibration set
+(the embedded calib split unless --calib), the result is saved to a temporary
+folder and scored by ``qig.evaluate.run_eval`` on each eval seed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+METHODS = ("fp", "rtn", "awq", "mbq", "qig")
+
+
+def parse_setting(text: str) -> tuple[int, int | None]:
+    m = re.fullmatch(r"w(\d)(?:a16)?(?:g(\d+)|-?(channel))?", text.lower())
+    if not m:
+        raise SystemExit(f"setting {text!r} not understood; use e.g. w3g128, w4a16g128, w4channel")
+    return int(m.group(1)), (int(m.group(2)) if m.group(2) else (None if m.group(3) else 128))
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    p.add_argument("--settings", nargs="+", default=["w3g128", "w4g128"], help="weight settings, e.g. w3g128")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--eval-seeds", nargs="+", type=int, default=None, help="eval split seeds (default: 1234)")
+    p.add_argument("--limit", type=int, default=1000, help="questions per eval seed")
+    p.add_argument("--n-samples", type=int, default=128, help="calibration samples")
+    p.add_argument("--calib", default=None, help="calibration JSON/JSONL (default: embedded calib split)")
+    p.add_argument("--image-folder", default=None)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--qig-steps", type=int, default=None, help="QIG quadrature points (default: the config's)")
+    p.add_argument("--json", default=None, help="write all results here")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+
+    import torch
+
+    import qig
+    from qig import world
+    from qig.calib import embedded_calibration, load_calibration
+    from qig.evaluate import load_model_and_processor, run_eval
+    from qig.methods import make_config
+
+    seeds = args.eval_seeds or [world.DEFAULT_EVAL_SEED]
+    model, processor = load_model_and_processor(args.model)
+    fp_state = {k: v.clone() for k, v in model.state_dict().items()}
+    isl = getattr(model.config, "image_seq_length", None)
+    if args.calib:
+        calib = load_calibration(
+            args.calib, processor, args.image_folder, n_samples=args.n_samples, image_seq_length=isl
+        )
+    else:
+        calib = embedded_calibration(processor, n_samples=args.n_samples, image_seq_length=isl)
+
+    results: dict[str, dict[str, dict[int, float]]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for setting in args.settings:
+            wbits, group = parse_setting(setting)
+            for method in args.methods:
+                if method == "fp" and "fp" in {m for r in results.values() for m in r}:
+                    results.setdefault(setting, {})["fp"] = next(r["fp"] for r in results.values() if "fp" in r)
+                    continue
+                model.load_state_dict(fp_state)
+                t = time.perf_counter()
+                if method != "fp":
+                    extra = {"steps": args.qig_steps} if method == "qig" and args.qig_steps else {}
+                    config = make_config(method, wbits=wbits, group_size=group, **extra)
+                    qig.quantize(model, config, calib, device=args.device, progress=False)
+                seconds = time.perf_counter() - t
+                folder = os.path.join(tmp, f"{setting}-{method}")
+                model.save_pretrained(folder)
+                processor.save_pretrained(folder)
+                accs = {}
+                for seed in seeds:
+                    rep = run_eval(model_dir=folder, seed=seed, limit=args.limit, device=args.device)
+                    accs[seed] = rep["accuracy"]
+                results.setdefault(setting, {})[method] = accs
+                print(
+                    f"{setting} {method:<4} quantize {seconds:6.1f}s  "
+                    + "  ".join(f"seed {s}: {100 * a:.1f}%" for s, a in accs.items()),
+                    file=sys.stderr,
+                    flush=True,
+                )
+                del accs
+            torch.manual_seed(0)
+    print(format_table(results, seeds))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(
+                {"eval_seeds": seeds, "limit": args.limit, "n_samples": args.n_samples, "results": results}, f, indent=1
+            )
+    return 0
+
+
+def format_table(results: dict, seeds: list[int]) -> str:
+    cols = [(setting, s) for setting in results for s in seeds]
+    head = f"{'method':<6} " + " ".join(f"{setting + ' s' + str(s):>16}" for setting, s in cols)
+    lines = [head]
+    methods = [m for m in METHODS if any(m in r for r in results.values())]
+    for m in methods:
+        cells = []
+        for setting, s in cols:
+            a = results[setting].get(m, {}).get(s)
+            cells.append(f"{'':>16}" if a is None else f"{100 * a:>15.1f}%")
+        lines.append(f"{m:<6} " + " ".join(cells))
+    for setting in results:
+        r = results[setting]
+        if {"rtn", "awq", "qig"} <= set(r):
+            for s in seeds:
+                lines.append(
+                    f"{setting} seed {s}: AWQ > RTN {'yes' if r['awq'][s] > r['rtn'][s] else 'NO'}, "
+                    f"QIG >= AWQ {'yes' if r['qig'][s] >= r['awq'][s] else 'NO'}"
+                )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,152 @@
+"""Calibration cost of RTN, AWQ, MBQ and QIG: wall time and peak memory, as ratios to AWQ (a benchmark).
+
+    python benchmarks/calibration_time.py                       # W3A16 g128, 128 samples, embedded model
+    python benchmarks/calibration_time.py --repeats 3 --device cuda
+
+Each run is the whole ``qig quantize`` flow (load, calibration data, search,
+quantization, save) in a fresh subprocess, so peak memory is per method: the
+process's peak resident memory (VmHWM) on CPU, ``torch.cuda.max_memory_allocated``
+on CUDA. Methods are run interleaved (rtn, awq, mbq, qig, rtn, ...) so that
+machine load drifts affect them alike; the median over repeats is reported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+METHODS = ("rtn", "awq", "mbq", "qig")
+
+
+def _vm_hwm_mib() -> float | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+def child(args) -> int:
+    """One end-to-end run; prints a JSON line."""
+    import logging
+
+    logging.basicConfig(level=logging.WARNING)
+    import torch
+
+    from qig.cli import main as cli_main
+
+    if args.device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as tmp:
+        argv = [
+            "quantize",
+            "--method",
+            args.child,
+            "--wbits",
+            str(args.wbits),
+            "--group-size",
+            str(args.group_size),
+            "--n-samples",
+            str(args.n_samples),
+            "--device",
+            args.device,
+            "--output",
+            os.path.join(tmp, "out"),
+            "--no-progress",
+        ]
+        if args.model:
+            argv += ["--model", args.model]
+        t = time.perf_counter()
+        with open(os.devnull, "w") as devnull:
+            stdout, sys.stdout = sys.stdout, devnull
+            try:
+                rc = cli_main(argv)
+            finally:
+                sys.stdout = stdout
+        seconds = time.perf_counter() - t
+        report = json.load(open(os.path.join(tmp, "out", "report.json")))
+    peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else _vm_hwm_mib()
+    print(
+        json.dumps({"method": args.child, "rc": rc, "seconds": seconds, "peak_mib": peak, "timings": report["timings"]})
+    )
+    return rc
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--wbits", type=int, default=3)
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--repeats", type=int, default=1, help="interleaved repeats; the median is reported")
+    p.add_argument("--json", default=None, help="write all runs here")
+    p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.child:
+        return child(args)
+
+    runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+    for r in range(args.repeats):
+        for m in args.methods:
+            cmd = [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--child",
+                m,
+                "--wbits",
+                str(args.wbits),
+                "--group-size",
+                str(args.group_size),
+                "--n-samples",
+                str(args.n_samples),
+                "--device",
+                args.device,
+            ]
+            if args.model:
+                cmd += ["--model", args.model]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            if proc.returncode != 0:
+                print(proc.stderr[-3000:], file=sys.stderr)
+                raise SystemExit(f"{m} failed (exit {proc.returncode})")
+            out = json.loads(proc.stdout.strip().splitlines()[-1])
+            runs[m].append(out)
+            print(f"repeat {r} {m}: {out['seconds']:.1f}s, peak {out['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+    print(format_table(runs, args))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(runs, f, indent=1)
+    return 0
+
+
+def format_table(runs: dict[str, list[dict]], args) -> str:
+    med = {m: statistics.median(r["seconds"] for r in rs) for m, rs in runs.items()}
+    mem = {m: statistics.median(r["peak_mib"] for r in rs) for m, rs in runs.items()}
+    search = {m: statistics.median(r["timings"].get("quantize", 0.0) for r in rs) for m, rs in runs.items()}
+    base_t, base_m = med.get("awq"), mem.get("awq")
+    lines = [
+        f"W{args.wbits}A16 g{args.group_size}, {args.n_samples} samples, device {args.device}, "
+        f"median of {args.repeats}",
+        f"{'method':<6} {'end-to-end':>11} {'x AWQ':>6} {'quantize':>9} {'peak MiB':>9} {'x AWQ':>6}",
+    ]
+    for m in runs:
+        rt = f"{med[m] / base_t:>6.2f}" if base_t else f"{'':>6}"
+        rm = f"{mem[m] / base_m:>6.2f}" if base_m else f"{'':>6}"
+        lines.append(f"{m:<6} {med[m]:>10.1f}s {rt} {search[m]:>8.1f}s {mem[m]:>9.0f} {rm}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
