@@ -83,6 +83,12 @@ def main() -> None:
     ap.add_argument("--eval-n", type=int, default=400)
     ap.add_argument("--aux-weight", type=float, default=0.5, help="weight of the per-patch auxiliary loss")
     ap.add_argument("--aux-until", type=float, default=0.7, help="fraction of steps with the auxiliary loss")
+    ap.add_argument(
+        "--sample-mean",
+        action="store_true",
+        help="average the loss per sample, then over samples (questions weigh as much as captions)",
+    )
+    ap.add_argument("--init", default=None, help="start from this checkpoint (a previous stage) instead of scratch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--max-minutes", type=float, default=85.0, help="stop early (and save) past this")
@@ -92,7 +98,12 @@ def main() -> None:
     torch.manual_seed(args.seed)
     rng = np.random.default_rng(np.random.SeedSequence([args.seed, 99]))
     processor = embedded.build_processor()
-    model = embedded.build_model(processor.tokenizer, seed=args.seed).float().train()
+    if args.init:
+        from transformers import LlavaForConditionalGeneration
+
+        model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32).train()
+    else:
+        model = embedded.build_model(processor.tokenizer, seed=args.seed).float().train()
     # Auxiliary heads (discarded after training): from each projected vision
     # token, predict the object kind and colour of its patch. Dense per-patch
     # supervision teaches the vision tower long before the language loss alone would.
@@ -132,7 +143,15 @@ def main() -> None:
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         batch, kinds, colours = _batch(rng, processor, args.batch_size, args.caption_frac)
-        loss = lm_loss = model(**batch).loss
+        if args.sample_mean:
+            labels = batch.pop("labels")
+            logits = model(**batch).logits[:, :-1].float()  # [B, T-1, V]
+            target = labels[:, 1:]
+            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [B, T-1]
+            valid = (target != -100).float()
+            loss = lm_loss = ((ce * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
+        else:
+            loss = lm_loss = model(**batch).loss
         if progress(step) < args.aux_until:
             x = projected["x"].reshape(len(kinds), -1, hidden)  # [B, 36, H]
             aux_loss = torch.nn.functional.cross_entropy(aux["kind"](x).flatten(0, 1), kinds.flatten())
