@@ -1,7 +1,13 @@
-"""Accuracy of FP, RTN, AWQ, MBQ and QIG on the embedded visual-QA benchmark (a benchmark, not a test).
+"""Accuracy of FP, RTN, AWQ, MBQ, QIG and GPTQ on the embedded visual-QA benchmark (a benchmark, not a test).
 
     python benchmarks/accuracy.py                              # W3A16 g128 and W4A16 g128, default eval seed
     python benchmarks/accuracy.py --settings w3g128 --eval-seeds 1234 7 99 --limit 500
+    python benchmarks/accuracy.py --settings w3g128 w2g64 --methods rtn gptq gptq+qig awq+gptq qig+gptq
+
+GPTQ rows: ``gptq`` (plain Hessian), ``gptq+qig`` / ``gptq+mbq`` (Hessian
+weighted by QIG's / MBQ's token weights), ``awq+gptq`` / ``mbq+gptq`` /
+``qig+gptq`` (that scale search, then GPTQ as the quantizer); ``--gptq``
+adds rtn, gptq, gptq+qig, awq+gptq and qig+gptq to the selected rows.
 
 Each method quantizes a fresh copy of the model with the same calibration set
 (the embedded calib split unless --calib), the result is saved to a temporary
@@ -22,6 +28,23 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 METHODS = ("fp", "rtn", "awq", "mbq", "qig")
+GPTQ_ROWS = ("gptq", "gptq+qig", "gptq+mbq", "awq+gptq", "mbq+gptq", "qig+gptq")
+ROWS = METHODS + GPTQ_ROWS
+
+
+def make_row_config(row: str, wbits: int, group: int | None, qig_steps: int | None = None):
+    """The config of a table row: a method name, "gptq+<weights>" or "<search>+gptq"."""
+    from qig.methods import GPTQConfig, make_config
+
+    qig_extra = {"steps": qig_steps} if qig_steps else {}
+    if row.startswith("gptq+"):
+        weights = row.split("+", 1)[1]
+        return GPTQConfig.weighted_by(weights, wbits=wbits, group_size=group, **(qig_extra if weights == "qig" else {}))
+    if row.endswith("+gptq"):
+        search = row.split("+", 1)[0]
+        extra = qig_extra if search == "qig" else {}
+        return make_config(search, wbits=wbits, group_size=group, quantizer="gptq", **extra)
+    return make_config(row, wbits=wbits, group_size=group, **(qig_extra if row == "qig" else {}))
 
 
 def parse_setting(text: str) -> tuple[int, int | None]:
@@ -35,7 +58,8 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     p.add_argument("--settings", nargs="+", default=["w3g128", "w4g128"], help="weight settings, e.g. w3g128")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=ROWS, help="table rows")
+    p.add_argument("--gptq", action="store_true", help="add rtn, gptq, gptq+qig, awq+gptq, qig+gptq to the rows")
     p.add_argument("--eval-seeds", nargs="+", type=int, default=None, help="eval split seeds (default: 1234)")
     p.add_argument("--limit", type=int, default=1000, help="questions per eval seed")
     p.add_argument("--n-samples", type=int, default=128, help="calibration samples")
@@ -45,6 +69,8 @@ def main(argv=None) -> int:
     p.add_argument("--qig-steps", type=int, default=None, help="QIG quadrature points (default: the config's)")
     p.add_argument("--json", default=None, help="write all results here")
     args = p.parse_args(argv)
+    if args.gptq:
+        args.methods += [m for m in ("rtn", "gptq", "gptq+qig", "awq+gptq", "qig+gptq") if m not in args.methods]
     logging.basicConfig(level=logging.WARNING)
 
     import torch
@@ -53,7 +79,6 @@ def main(argv=None) -> int:
     from qig import world
     from qig.calib import embedded_calibration, load_calibration
     from qig.evaluate import load_model_and_processor, run_eval
-    from qig.methods import make_config
 
     seeds = args.eval_seeds or [world.DEFAULT_EVAL_SEED]
     model, processor = load_model_and_processor(args.model)
@@ -77,8 +102,7 @@ def main(argv=None) -> int:
                 model.load_state_dict(fp_state)
                 t = time.perf_counter()
                 if method != "fp":
-                    extra = {"steps": args.qig_steps} if method == "qig" and args.qig_steps else {}
-                    config = make_config(method, wbits=wbits, group_size=group, **extra)
+                    config = make_row_config(method, wbits, group, args.qig_steps)
                     qig.quantize(model, config, calib, device=args.device, progress=False)
                 seconds = time.perf_counter() - t
                 folder = os.path.join(tmp, f"{setting}-{method}")
@@ -90,7 +114,7 @@ def main(argv=None) -> int:
                     accs[seed] = rep["accuracy"]
                 results.setdefault(setting, {})[method] = accs
                 print(
-                    f"{setting} {method:<4} quantize {seconds:6.1f}s  "
+                    f"{setting} {method:<8} quantize {seconds:6.1f}s  "
                     + "  ".join(f"seed {s}: {100 * a:.1f}%" for s, a in accs.items()),
                     file=sys.stderr,
                     flush=True,
@@ -108,15 +132,15 @@ def main(argv=None) -> int:
 
 def format_table(results: dict, seeds: list[int]) -> str:
     cols = [(setting, s) for setting in results for s in seeds]
-    head = f"{'method':<6} " + " ".join(f"{setting + ' s' + str(s):>16}" for setting, s in cols)
+    head = f"{'method':<8} " + " ".join(f"{setting + ' s' + str(s):>16}" for setting, s in cols)
     lines = [head]
-    methods = [m for m in METHODS if any(m in r for r in results.values())]
+    methods = [m for m in ROWS if any(m in r for r in results.values())]
     for m in methods:
         cells = []
         for setting, s in cols:
             a = results[setting].get(m, {}).get(s)
             cells.append(f"{'':>16}" if a is None else f"{100 * a:>15.1f}%")
-        lines.append(f"{m:<6} " + " ".join(cells))
+        lines.append(f"{m:<8} " + " ".join(cells))
     for setting in results:
         r = results[setting]
         if {"rtn", "awq", "qig"} <= set(r):
@@ -124,6 +148,12 @@ def format_table(results: dict, seeds: list[int]) -> str:
                 lines.append(
                     f"{setting} seed {s}: AWQ > RTN {'yes' if r['awq'][s] > r['rtn'][s] else 'NO'}, "
                     f"QIG >= AWQ {'yes' if r['qig'][s] >= r['awq'][s] else 'NO'}"
+                )
+        if {"rtn", "gptq", "gptq+qig"} <= set(r):
+            for s in seeds:
+                lines.append(
+                    f"{setting} seed {s}: GPTQ > RTN {'yes' if r['gptq'][s] > r['rtn'][s] else 'NO'}, "
+                    f"GPTQ+QIG >= GPTQ {'yes' if r['gptq+qig'][s] >= r['gptq'][s] else 'NO'}"
                 )
     return "\n".join(lines)
 

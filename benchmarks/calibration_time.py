@@ -1,7 +1,11 @@
-"""Calibration cost of RTN, AWQ, MBQ and QIG: wall time and peak memory, as ratios to AWQ (a benchmark).
+"""Calibration cost of RTN, AWQ, MBQ, QIG and GPTQ: wall time and peak memory, as ratios to AWQ (a benchmark).
 
     python benchmarks/calibration_time.py                       # W3A16 g128, 128 samples, embedded model
     python benchmarks/calibration_time.py --repeats 3 --device cuda
+    python benchmarks/calibration_time.py --methods awq gptq gptq+qig awq+gptq
+
+Rows with GPTQ also print GPTQ's time per decoder layer (Hessians and the
+column-by-column quantization, from the run's search.json).
 
 Each run is the whole ``qig quantize`` flow (load, calibration data, search,
 quantization, save) in a fresh subprocess, so peak memory is per method: the
@@ -24,6 +28,16 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 METHODS = ("rtn", "awq", "mbq", "qig")
+GPTQ_ROWS = ("gptq", "gptq+qig", "gptq+mbq", "awq+gptq", "mbq+gptq", "qig+gptq")
+
+
+def row_flags(row: str) -> list[str]:
+    """``qig quantize`` flags of a row: a method, "gptq+<token weights>" or "<search>+gptq"."""
+    if row.startswith("gptq+"):
+        return ["--method", "gptq", "--token-weights", row.split("+", 1)[1]]
+    if row.endswith("+gptq"):
+        return ["--method", row.split("+", 1)[0], "--quantizer", "gptq"]
+    return ["--method", row]
 
 
 def _vm_hwm_mib() -> float | None:
@@ -51,8 +65,7 @@ def child(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         argv = [
             "quantize",
-            "--method",
-            args.child,
+            *row_flags(args.child),
             "--wbits",
             str(args.wbits),
             "--group-size",
@@ -76,9 +89,20 @@ def child(args) -> int:
                 sys.stdout = stdout
         seconds = time.perf_counter() - t
         report = json.load(open(os.path.join(tmp, "out", "report.json")))
+        summary = json.load(open(os.path.join(tmp, "out", "search.json")))["method_summary"]
+    gptq_layers = summary.get("gptq", {}).get("seconds_per_layer")
     peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else _vm_hwm_mib()
     print(
-        json.dumps({"method": args.child, "rc": rc, "seconds": seconds, "peak_mib": peak, "timings": report["timings"]})
+        json.dumps(
+            {
+                "method": args.child,
+                "rc": rc,
+                "seconds": seconds,
+                "peak_mib": peak,
+                "timings": report["timings"],
+                "gptq_seconds_per_layer": gptq_layers,
+            }
+        )
     )
     return rc
 
@@ -86,7 +110,7 @@ def child(args) -> int:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS)
+    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + GPTQ_ROWS)
     p.add_argument("--wbits", type=int, default=3)
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--n-samples", type=int, default=128)
@@ -123,7 +147,10 @@ def main(argv=None) -> int:
                 raise SystemExit(f"{m} failed (exit {proc.returncode})")
             out = json.loads(proc.stdout.strip().splitlines()[-1])
             runs[m].append(out)
-            print(f"repeat {r} {m}: {out['seconds']:.1f}s, peak {out['peak_mib']:.0f} MiB", file=sys.stderr, flush=True)
+            per_layer = out.get("gptq_seconds_per_layer")
+            gptq = f", GPTQ {statistics.mean(per_layer):.2f}s/layer" if per_layer else ""
+            line = f"repeat {r} {m}: {out['seconds']:.1f}s, peak {out['peak_mib']:.0f} MiB{gptq}"
+            print(line, file=sys.stderr, flush=True)
     print(format_table(runs, args))
     if args.json:
         with open(args.json, "w") as f:
@@ -139,12 +166,15 @@ def format_table(runs: dict[str, list[dict]], args) -> str:
     lines = [
         f"W{args.wbits}A16 g{args.group_size}, {args.n_samples} samples, device {args.device}, "
         f"median of {args.repeats}",
-        f"{'method':<6} {'end-to-end':>11} {'x AWQ':>6} {'quantize':>9} {'peak MiB':>9} {'x AWQ':>6}",
+        f"{'method':<8} {'end-to-end':>11} {'x AWQ':>6} {'quantize':>9} {'peak MiB':>9} {'x AWQ':>6}"
+        f" {'GPTQ/layer':>11}",
     ]
     for m in runs:
         rt = f"{med[m] / base_t:>6.2f}" if base_t else f"{'':>6}"
         rm = f"{mem[m] / base_m:>6.2f}" if base_m else f"{'':>6}"
-        lines.append(f"{m:<6} {med[m]:>10.1f}s {rt} {search[m]:>8.1f}s {mem[m]:>9.0f} {rm}")
+        per_layer = [statistics.mean(r["gptq_seconds_per_layer"]) for r in runs[m] if r.get("gptq_seconds_per_layer")]
+        gl = f"{statistics.median(per_layer):>10.2f}s" if per_layer else f"{'':>11}"
+        lines.append(f"{m:<8} {med[m]:>10.1f}s {rt} {search[m]:>8.1f}s {mem[m]:>9.0f} {rm} {gl}")
     return "\n".join(lines)
 
 

@@ -18,6 +18,8 @@ _PUBLIC = {
     "AWQConfig": "qig.methods",
     "MBQConfig": "qig.methods",
     "QIGConfig": "qig.methods",
+    "GPTQConfig": "qig.methods",
+    "GPTQSettings": "qig.quant.gptq",
 }
 
 __all__ = sorted(_PUBLIC)

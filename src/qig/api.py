@@ -49,10 +49,13 @@ class QuantizationResult:
     method_summary: dict = field(default_factory=dict)
     roles: torch.Tensor | None = None  # [N, T] int8, the calibration tokens' roles
     applied_from: str | None = None
+    # GPTQ runs: per "layer.linear" the quantizer's scale and zero [out, n_groups], and g_idx [in] under
+    # act-order; the fake-quantized weights are exactly dequantize(quantize_with(W, scale, zero)).
+    quantized: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
     def scales(self) -> dict[tuple[int, str], torch.Tensor]:
-        """``{(layer, group): s}``, the form ``quantize(..., scales=...)`` takes."""
-        return {(g.layer, g.group): g.scales for g in self.groups}
+        """``{(layer, group): s}``, the form ``quantize(..., scales=...)`` takes (searched groups only)."""
+        return {(g.layer, g.group): g.scales for g in self.groups if g.scales is not None}
 
     def token_weights(self, layer: int, group: str) -> torch.Tensor | None:
         """The token weights [N, T] one group's search used (None if not searched)."""
@@ -82,17 +85,21 @@ class QuantizationResult:
         }
 
     def save(self, folder: str | os.PathLike) -> None:
-        """``search.safetensors`` (scales, token weights, roles) and ``search.json`` in ``folder``."""
+        """``search.safetensors`` (scales, token weights, roles, GPTQ's quantizer parameters) and ``search.json``."""
         from safetensors.torch import save
 
         folder = Path(folder)
         tensors = {}
         for g in self.groups:
-            tensors[f"scales.{g.layer}.{g.group}"] = g.scales.contiguous()
+            if g.scales is not None:
+                tensors[f"scales.{g.layer}.{g.group}"] = g.scales.contiguous()
             if g.token_weights is not None:
                 tensors[f"token_weights.{g.layer}.{g.group}"] = g.token_weights.contiguous()
         if self.roles is not None:
             tensors["roles"] = self.roles.contiguous()
+        for linear, params in self.quantized.items():
+            for key, value in params.items():
+                tensors[f"gptq.{linear}.{key}"] = value.contiguous()  # e.g. gptq.0.self_attn.q_proj.scale
         atomic_write_bytes(folder / SEARCH_TENSORS, save(tensors, metadata={"format": "qig-search-1"}))
         atomic_write_text(folder / SEARCH_JSON, json.dumps(self.to_json(), indent=1) + "\n")
 
@@ -126,6 +133,7 @@ def quantize(
         timings=out.timings,
         method_summary=out.method_summary,
         roles=out.roles,
+        quantized=out.quantized,
     )
 
 
@@ -238,12 +246,19 @@ def summary_table(result: QuantizationResult) -> str:
     """One line per searched group: grid ratio, weighted loss before and after, token-weight mass by role."""
     lines = [f"{'layer':>5} {'group':<9} {'r':>5} {'loss before':>12} {'loss after':>12} {'gain':>7}  weight mass"]
     for g in result.groups:
+        mass = " ".join(f"{k[5:]}={v:.2f}" for k, v in g.weight_stats.items() if k.startswith("mass_"))
+        if g.scales is None:
+            lines.append(f"{g.layer:>5} {g.group:<9} {'':>5} {'(token weights for GPTQ)':>33}  {mass}")
+            continue
         if g.loss_before is None:
             lines.append(f"{g.layer:>5} {g.group:<9} {'':>5} {'(applied)':>12}")
             continue
         gain = 100 * (1 - g.loss_after / g.loss_before) if g.loss_before else 0.0
-        mass = " ".join(f"{k[5:]}={v:.2f}" for k, v in g.weight_stats.items() if k.startswith("mass_"))
         losses = f"{g.loss_before:>12.4g} {g.loss_after:>12.4g}"
         lines.append(f"{g.layer:>5} {g.group:<9} {g.ratio:>5.2f} {losses} {gain:>6.1f}%  {mass}")
+    gptq = result.method_summary.get("gptq")
+    if gptq:
+        per_layer = gptq["seconds_per_layer"]
+        lines.append(f"gptq: {len(per_layer)} layers, {sum(per_layer) / max(len(per_layer), 1):.2f}s per layer")
     lines.append("time: " + ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
     return "\n".join(lines)

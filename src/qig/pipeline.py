@@ -7,8 +7,10 @@
    group: the group's input on the FP stream x (and on the quantized stream
    x^q when the method needs it), the method's token weights, the shared
    search, then the fold (a transform that keeps the FP function).
-3. Quantize the layer's linears (RTN with the shared quantizer), then push x
-   through the FP layer and x^q through the quantized one.
+3. Push x through the FP (folded) layer, quantize the layer's linears with
+   the shared quantizer, by RTN or by GPTQ (``config.gptq_settings``; its
+   Hessians from x^q, see :func:`gptq_layer_`), then push x^q through the
+   quantized layer.
 
     >>> result = run_layerwise(model, AWQConfig(wbits=3), calib, device="cpu")  # doctest: +SKIP
 """
@@ -16,6 +18,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import defaultdict
@@ -26,14 +29,15 @@ import torch
 from torch.func import functional_call
 from tqdm.auto import tqdm
 
-from qig.calib import ROLE_NAMES, CalibrationSet
+from qig.calib import PAD, ROLE_NAMES, CalibrationSet
 from qig.errors import QigError
 from qig.methods import GroupContext, QuantConfig, method_for, search_scales
-from qig.methods.config import SearchConfig
+from qig.methods.config import GPTQConfig
 from qig.models import ModelFamily, ScaleGroup, family_for, get_module
 from qig.quant.fold import fold_scales_
+from qig.quant.gptq import GPTQSettings, Hessian, gptq_quantize, normalize_token_weights
 from qig.quant.rtn import rtn_
-from qig.quant.spec import fake_quantize
+from qig.quant.spec import QuantSpec, fake_quantize
 
 log = logging.getLogger(__name__)
 
@@ -63,7 +67,7 @@ class GroupRecord:
 
     layer: int
     group: str
-    scales: torch.Tensor
+    scales: torch.Tensor | None  # None: token weights only (GPTQ with a weighted Hessian), no search
     ratio: float | None = None
     loss_before: float | None = None
     loss_after: float | None = None
@@ -79,6 +83,8 @@ class LayerwiseResult:
     timings: dict[str, float]
     method_summary: dict
     roles: torch.Tensor | None  # [N, T] int8
+    # GPTQ's quantizer parameters per "layer.linear": scale, zero [out, n_groups], g_idx [in] under act-order
+    quantized: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 class _Catcher(torch.nn.Module):
@@ -263,23 +269,34 @@ def run_layerwise(
     """Quantize ``model``'s decoder layers in place; return what the search found.
 
     With ``scales`` (``{(layer, group): s}``) the search is skipped: those scales
-    are folded and the layers quantized, without calibration data.
+    are folded and the layers quantized with RTN, without calibration data.
+    With ``config.gptq_settings`` set the layers are quantized by GPTQ (see
+    :func:`gptq_layer_`) instead of RTN.
     """
     device = torch.device(device)
     family = family_for(model)
     method = method_for(config)
     spec = config.spec
+    gptq = config.gptq_settings
     timings: dict[str, float] = defaultdict(float)
     layers = family.decoder_layers(model)
     for lin_name, lin in ((f"layer 0 {n}", m) for n, m in _layer_linears(layers[0]).items()):
         spec.check(lin.in_features, lin_name)
 
-    if scales is not None or not method.searches:
+    if scales is not None and gptq is not None:
+        raise QigError(
+            f"saved scales are re-applied with round-to-nearest, but {config.name} quantizes with GPTQ, which "
+            "needs calibration data; re-run the search with the GPTQ quantizer, or apply the scales with RTN"
+        )
+    if scales is not None or not (method.searches or gptq is not None):
         return _apply_without_search(model, family, spec, scales or {}, device, progress, timings)
     if calib is None:
         raise QigError(f"{config.name} needs calibration data; pass calib (e.g. qig.calib.embedded_calibration)")
-    assert isinstance(config, SearchConfig)
 
+    per_group = method.searches or method.weights_tokens  # token weights (and a search) group by group
+    keep_xq = method.needs_quantized_stream or gptq is not None
+    # GPTQ's Hessian: with the weights of the group's own method, or plain (every real token 1).
+    weighted_hessian = isinstance(config, GPTQConfig) and method.weights_tokens
     with frozen(model):
         t = time.perf_counter()
         method.prepare(model, family, calib, device)
@@ -290,14 +307,18 @@ def run_layerwise(
         timings["capture"] += time.perf_counter() - t
 
         records: list[GroupRecord] = []
+        quantized: dict[str, dict[str, torch.Tensor]] = {}
+        gptq_seconds: list[float] = []
         search_index = 0
-        n_steps = sum(len(family.active_groups(layer)) for layer in layers)
-        bar = tqdm(total=n_steps, desc=f"{config.name} search", disable=not progress)
+        n_steps = sum(len(family.active_groups(layer)) for layer in layers) if per_group else len(layers)
+        desc = f"{config.name} {'search' if method.searches else 'quantize'}"
+        bar = tqdm(total=n_steps, desc=desc, disable=not progress)
         home = next(layers[0].parameters()).device
         for li, layer in enumerate(layers):
             layer.to(device)
             done: dict[str, torch.Tensor] = {}  # quantized weights of this layer's finished groups
-            for group in family.active_groups(layer):
+            hessian_weights: dict[str, list[torch.Tensor]] = {}  # group -> per chunk [b, T]
+            for group in family.active_groups(layer) if per_group else ():
                 bar.set_postfix_str(f"layer {li} {group.name}")
                 t0 = time.perf_counter()
                 with torch.no_grad():
@@ -320,10 +341,16 @@ def run_layerwise(
                 t1 = time.perf_counter()
                 tw = method.token_weights(ctx)
                 timings["token_weights"] += time.perf_counter() - t1
-                t1 = time.perf_counter()
-                found = search_scales(ctx, tw.weights, config.n_grid, config.loss)
-                timings["search"] += time.perf_counter() - t1
-                fold_scales_(get_module(layer, group.prev), [get_module(layer, p) for p in group.linears], found.scales)
+                if weighted_hessian:
+                    hessian_weights[group.name] = tw.weights
+                found = None
+                if method.searches:
+                    t1 = time.perf_counter()
+                    found = search_scales(ctx, tw.weights, config.n_grid, config.loss)
+                    timings["search"] += time.perf_counter() - t1
+                    fold_scales_(
+                        get_module(layer, group.prev), [get_module(layer, p) for p in group.linears], found.scales
+                    )
                 if method.needs_quantized_stream:
                     for p in group.linears:
                         done[f"{p}.weight"] = fake_quantize(get_module(layer, p).weight.data, spec)
@@ -331,43 +358,191 @@ def run_layerwise(
                     GroupRecord(
                         layer=li,
                         group=group.name,
-                        scales=found.scales.float().cpu(),
-                        ratio=found.ratio,
-                        loss_before=found.loss_before,
-                        loss_after=found.loss_after,
+                        scales=found.scales.float().cpu() if found else None,
+                        ratio=found.ratio if found else None,
+                        loss_before=found.loss_before if found else None,
+                        loss_after=found.loss_after if found else None,
                         token_weights=_pad_rows(tw.weights),
                         weight_stats=_weight_stats(tw.weights, ctx.roles),
                         notes=tw.notes,
                         seconds=time.perf_counter() - t0,
                     )
                 )
-                log.debug(
-                    "layer %d %s: r=%.2f loss %.4g -> %.4g",
-                    li,
-                    group.name,
-                    found.ratio,
-                    found.loss_before,
-                    found.loss_after,
-                )
+                if found:
+                    log.debug(
+                        "layer %d %s: r=%.2f loss %.4g -> %.4g",
+                        li,
+                        group.name,
+                        found.ratio,
+                        found.loss_before,
+                        found.loss_after,
+                    )
                 search_index += 1
                 bar.update(1)
                 del x_in, xq_in, ctx
             t = time.perf_counter()
             with torch.no_grad():
                 for c in chunks:
-                    c.x = layer(c.x, **c.layer_kwargs[li])  # the FP layer (folded: same function)
-                    if not method.needs_quantized_stream:
+                    c.x = layer(c.x, **c.layer_kwargs[li]) if per_group else None  # the FP layer (folded)
+                    if not keep_xq:
                         c.xq = None
+            timings["propagate"] += time.perf_counter() - t
+            if gptq is None:
                 rtn_(_layer_linears(layer), spec)
-                if method.needs_quantized_stream:
+            else:
+                bar.set_postfix_str(f"layer {li} gptq")
+                t = time.perf_counter()
+                results = gptq_layer_(layer, family, chunks, li, spec, gptq, hessian_weights)
+                gptq_seconds.append(time.perf_counter() - t)
+                timings["gptq"] += gptq_seconds[-1]
+                quantized.update({f"{li}.{name}": r for name, r in results.items()})
+                log.debug("layer %d: GPTQ in %.2fs", li, gptq_seconds[-1])
+            t = time.perf_counter()
+            with torch.no_grad():
+                if keep_xq:
                     for c in chunks:
                         c.xq = layer(c.xq, **c.layer_kwargs[li])  # the quantized layer
             timings["propagate"] += time.perf_counter() - t
+            if not per_group:
+                bar.update(1)
             layer.to(home)
         bar.close()
         roles = _pad_rows([c.roles for c in chunks]).to(torch.int8)
         del chunks
-    return LayerwiseResult(groups=records, timings=dict(timings), method_summary=method.summary(), roles=roles)
+    summary = method.summary()
+    if gptq is not None:
+        summary = {**summary, "gptq": {**dataclasses.asdict(gptq), "seconds_per_layer": gptq_seconds}}
+    return LayerwiseResult(
+        groups=records, timings=dict(timings), method_summary=summary, roles=roles, quantized=quantized
+    )
+
+
+def _hessian_source(name: str, groups: list[ScaleGroup]) -> str | None:
+    """The group whose token weights weight linear ``name``'s Hessian.
+
+    Its own group when it is one of a group's linears; otherwise the group whose
+    inspected block holds it (o_proj under GQA, where no v -> o group exists:
+    the attention group, whose block is the whole self-attention); None if none.
+    """
+    for g in groups:
+        if name in g.linears:
+            return g.name
+    holders = [g for g in groups if g.block and name.startswith(g.block + ".")]
+    return max(holders, key=lambda g: len(g.block)).name if holders else None
+
+
+def _sequential_stages(layer: torch.nn.Module, chunk: Chunk, layer_index: int) -> list[list[str]]:
+    """The layer's linears in call order, those called on the same input tensor together ([q, k, v], [o], ...)."""
+    linears = _layer_linears(layer)
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, n=n: calls.append((n, args[0]))) for n, m in linears.items()
+    ]
+    try:
+        with torch.no_grad():
+            layer(chunk.xq, **chunk.layer_kwargs[layer_index])
+    finally:
+        for h in handles:
+            h.remove()
+    names = [n for n, _ in calls]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    never = sorted(set(linears) - set(names))
+    if twice or never:
+        raise QigError(
+            f"layer {layer_index}: GPTQ needs every linear called once per forward; "
+            + (f"called more than once: {', '.join(twice)}; " if twice else "")
+            + (f"never called: {', '.join(never)}" if never else "")
+        )
+    stages: list[list[str]] = []
+    previous = None
+    for n, x in calls:
+        if previous is not None and x is previous:
+            stages[-1].append(n)
+        else:
+            stages.append([n])
+        previous = x
+    return stages
+
+
+def _stage_hessians(
+    layer: torch.nn.Module,
+    first: torch.nn.Linear,
+    chunks: list[Chunk],
+    layer_index: int,
+    sources: set[str | None],
+    weights: dict[str, list[torch.Tensor]],
+) -> dict[str | None, Hessian]:
+    """One Hessian per weight source (None = plain) from the input of ``first``, the layer stopped right there."""
+    hessians = {s: Hessian(first.in_features, chunks[0].xq.device) for s in sources}
+    for i, c in enumerate(chunks):
+        real = c.roles != PAD  # [b, T]
+        try:
+            _raise_input_of(layer, first, c, layer_index)
+        except _Caught as caught:
+            for source, h in hessians.items():
+                h.add(caught.x, real.float() if source is None else weights[source][i], real=real)  # x: [b, T, C]
+    return hessians
+
+
+class _Caught(Exception):
+    """Carries a linear's input out of a forward pass stopped there."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        super().__init__()
+        self.x = x
+
+
+def _raise_input_of(layer: torch.nn.Module, first: torch.nn.Module, chunk: Chunk, layer_index: int) -> None:
+    def hook(_module, args):
+        raise _Caught(args[0])
+
+    handle = first.register_forward_pre_hook(hook)
+    try:
+        layer(chunk.xq, **chunk.layer_kwargs[layer_index])
+    finally:
+        handle.remove()
+    raise QigError(f"layer {layer_index}: a linear GPTQ quantizes was not called by the layer")
+
+
+@torch.no_grad()
+def gptq_layer_(
+    layer: torch.nn.Module,
+    family: ModelFamily,
+    chunks: list[Chunk],
+    layer_index: int,
+    spec: QuantSpec,
+    settings: GPTQSettings,
+    group_weights: dict[str, list[torch.Tensor]],
+) -> dict[str, dict[str, torch.Tensor]]:
+    """GPTQ every linear of ``layer`` in place, sub-layer by sub-layer; return each one's scale / zero / g_idx.
+
+    Which inputs feed the Hessian: those the linear sees at quantization time,
+    the standard sequential GPTQ setting. The layer's scales are already folded;
+    its input is the quantized stream x^q (the layers below quantized); the
+    linears run in call order in stages of those sharing one input ([q, k, v],
+    [o], [gate, up], [down]), and each stage's Hessian is taken with the
+    earlier stages already GPTQ-quantized. Pad tokens never count.
+
+    group_weights: per group name, token weights per chunk [b, T] (pad = 0);
+    a linear whose group is absent (or all, when empty) gets the plain Hessian.
+    """
+    linears = _layer_linears(layer)
+    groups = family.active_groups(layer)
+    normalized = {g: normalize_token_weights(ws) for g, ws in group_weights.items()}
+    results: dict[str, dict[str, torch.Tensor]] = {}
+    for stage in _sequential_stages(layer, chunks[0], layer_index):
+        sources = {n: _hessian_source(n, groups) if group_weights else None for n in stage}
+        sources = {n: s if s in normalized else None for n, s in sources.items()}
+        hessians = _stage_hessians(layer, linears[stage[0]], chunks, layer_index, set(sources.values()), normalized)
+        for n in stage:
+            r = gptq_quantize(linears[n].weight.data, hessians[sources[n]], spec, settings)
+            linears[n].weight.copy_(r.weight)
+            results[n] = {"scale": r.scale.cpu(), "zero": r.zero.cpu()}
+            if r.g_idx is not None:
+                results[n]["g_idx"] = r.g_idx.cpu()
+            if r.dead:
+                log.info("layer %d %s: %d dead input channel(s) in the GPTQ Hessian", layer_index, n, r.dead)
+    return results
 
 
 @torch.no_grad()

@@ -137,3 +137,60 @@ def test_weight_only_flow_on_the_embedded_model(tmp_path):
     report = run_eval(model_dir=out, limit=32, reference_dir=None)
     assert report["n"] == 32 and 0 <= report["accuracy"] <= 1
     assert time.perf_counter() - start < 120
+
+
+@pytest.mark.parametrize(
+    ("argv", "expected"),
+    [
+        (["--method", "gptq", "--act-order", "--damp", "0.05"], {"method": "gptq", "token_weights": None}),
+        (["--method", "gptq", "--token-weights", "qig", "--steps", "2"], {"method": "gptq", "token_weights": "qig"}),
+        (["--method", "gptq", "--token-weights", "mbq"], {"method": "gptq", "token_weights": "mbq"}),
+        (["--method", "awq", "--quantizer", "gptq", "--n-grid", "3"], {"method": "awq", "quantizer": "gptq"}),
+    ],
+    ids=["gptq-act-order", "gptq-qig-hessian", "gptq-mbq-hessian", "awq-then-gptq"],
+)
+def test_gptq_runs_from_the_cli(model_dir, tmp_path, capsys, argv, expected):
+    out = tmp_path / "out"
+    common = ["--model", model_dir, "--wbits", 3, "--group-size", 32, "--n-samples", 4, "--no-progress"]
+    assert _run("quantize", *common, *argv, "--output", out) == 0
+    config = json.loads((out / "report.json").read_text())["config"]
+    assert {k: v["method"] if isinstance(v := config[k], dict) else v for k in expected} == expected
+    if "--act-order" in argv:
+        assert config["gptq"] == {"block_size": 128, "damp": 0.05, "act_order": True}
+    assert "gptq: 2 layers" in capsys.readouterr().out
+    search = json.loads((out / "search.json").read_text())
+    assert len(search["method_summary"]["gptq"]["seconds_per_layer"]) == 2
+    # a GPTQ run is not re-applied from its scales alone
+    if expected["method"] == "awq":
+        again = tmp_path / "again"
+        assert _run("quantize", "--model", model_dir, "--scales", out, "--output", again) == 2
+        assert "needs calibration data" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "rtn", "--quantizer", "gptq"], "for GPTQ alone use --method gptq"),
+        (["--method", "gptq", "--quantizer", "rtn"], "drop --quantizer rtn"),
+        (["--method", "qig", "--act-order"], "--act-order are GPTQ options"),
+        (["--method", "awq", "--damp", "0.1"], "--damp are GPTQ options"),
+        (["--method", "qig", "--token-weights", "qig"], "--token-weights weights GPTQ's Hessian"),
+        (["--method", "gptq", "--steps", "4"], "add --token-weights qig"),
+        (["--method", "gptq", "--damp", "2"], "damp must be a number in (0, 1)"),
+        (["--method", "gptq", "--block-size", "48"], "must divide one another"),
+    ],
+    ids=[
+        "rtn-gptq",
+        "gptq-rtn",
+        "act-order-no-gptq",
+        "damp-no-gptq",
+        "weights-on-search",
+        "qig-option",
+        "damp",
+        "block",
+    ],
+)
+def test_bad_gptq_combinations_are_one_line_errors(model_dir, tmp_path, capsys, argv, message):
+    assert _run("quantize", "--model", model_dir, "--group-size", 32, "--output", tmp_path / "o", *argv) == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()

@@ -1,6 +1,9 @@
-"""``qig quantize``: weight-only PTQ of an LVLM with RTN, AWQ, MBQ or QIG.
+"""``qig quantize``: weight-only PTQ of an LVLM with RTN, AWQ, MBQ, QIG or GPTQ.
 
     qig quantize --method qig --wbits 3 --group-size 128 --output out/qig-w3
+    qig quantize --method gptq --wbits 3 --output out/gptq-w3                   # plain GPTQ
+    qig quantize --method gptq --token-weights qig --wbits 3 --output out/g-q   # QIG-weighted Hessian
+    qig quantize --method awq --quantizer gptq --wbits 3 --output out/awq-gptq  # AWQ's scales, then GPTQ
     qig quantize --method awq --calib coco/data.json --image-folder coco --output out/awq
     qig quantize --recipe recipe.yaml --output out/run      # flags override the recipe
     qig quantize --scales out/qig-w3/search.safetensors --output out/again
@@ -21,7 +24,8 @@ from qig.errors import QigError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rtn", "awq", "mbq", "qig")
+METHODS = ("rtn", "awq", "mbq", "qig", "gptq")
+TOKEN_WEIGHTS = ("uniform", "awq", "mbq", "qig")  # --token-weights of --method gptq
 
 # Recipe keys (YAML) and their flags; the recipe uses the flag names with '_' for '-'.
 _OPTIONS = {
@@ -47,12 +51,17 @@ _OPTIONS = {
     "steps": None,
     "quadrature": None,
     "compat": False,
+    "quantizer": None,
+    "token_weights": None,
+    "block_size": None,
+    "damp": None,
+    "act_order": False,
     "overwrite": False,
 }
 
 
 def register(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("quantize", help="weight-only PTQ with RTN, AWQ, MBQ or QIG; writes a loadable model folder")
+    p = sub.add_parser("quantize", help="weight-only PTQ (RTN, AWQ, MBQ, QIG, GPTQ); writes a loadable model folder")
     p.add_argument("--recipe", default=None, help="YAML file whose keys stand for the flags (e.g. wbits: 3)")
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     p.add_argument("--method", choices=METHODS, default=None, help="default qig")
@@ -69,6 +78,7 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--scales", default=None, help="apply a saved search.safetensors instead of searching")
     p.add_argument("--seed", type=int, default=None, help="torch seed of the run (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default 16)")
+    p.add_argument("--report", action="store_true", help="also write token maps of the search's weights to OUT/report")
     search = p.add_argument_group("search (awq, mbq, qig)")
     search.add_argument("--n-grid", type=int, default=None, help="scale candidates (default 20)")
     search.add_argument("--loss", choices=("mae", "mse"), default=None, help="per-token error (default mae)")
@@ -84,6 +94,14 @@ def register(sub) -> argparse.ArgumentParser:
         help="QIG: the official code's choices (x'=0, 32-pt Riemann, ...)",
     )
     search.add_argument("--no-progress", action="store_true", help="no progress bars")
+    gptq = p.add_argument_group("gptq (--method gptq, or --quantizer gptq after a search)")
+    gptq.add_argument("--quantizer", choices=("rtn", "gptq"), default=None, help="awq/mbq/qig: after the search")
+    gptq.add_argument(
+        "--token-weights", choices=TOKEN_WEIGHTS, default=None, help="gptq: Hessian token weights (default uniform)"
+    )
+    gptq.add_argument("--block-size", type=int, default=None, help="GPTQ columns per lazy update (default 128)")
+    gptq.add_argument("--damp", type=float, default=None, help="GPTQ dampening, relative to mean diag H (default 0.01)")
+    gptq.add_argument("--act-order", action="store_true", default=None, help="GPTQ: columns by decreasing diag H")
     p.set_defaults(func=run)
     return p
 
@@ -135,10 +153,15 @@ def build_config(opts: dict):
     name = opts["method"]
     if name not in METHODS:
         raise QigError(f"method {name!r} is not supported; use one of: {', '.join(METHODS)}")
+    _check_gptq_options(name, opts)
+    if name == "gptq":
+        return _gptq_config(opts)
     fields = dict(wbits=opts["wbits"], group_size=_group_size(opts["group_size"]), seed=opts["seed"])
     fields["batch_size"] = opts["batch_size"]
     if name != "rtn":
         fields.update(n_grid=opts["n_grid"], loss=opts["loss"])
+        if opts["quantizer"] == "gptq":
+            fields.update(quantizer="gptq", gptq=_gptq_settings(opts))
     if name == "mbq":
         fields["grad_batch_size"] = opts["grad_batch_size"]
     if name == "qig":
@@ -155,6 +178,57 @@ def build_config(opts: dict):
     return make_config(name, **fields)
 
 
+_GPTQ_FLAGS = {"block_size": "--block-size", "damp": "--damp", "act_order": "--act-order"}
+
+
+def _check_gptq_options(name: str, opts: dict) -> None:
+    """Refuse GPTQ flags that contradict the method, saying what goes together."""
+    quantizer, weights = opts["quantizer"], opts["token_weights"]
+    if name == "rtn" and quantizer == "gptq":
+        raise QigError("--quantizer gptq follows a scale search (awq, mbq, qig); for GPTQ alone use --method gptq")
+    if name == "gptq" and quantizer == "rtn":
+        raise QigError("--method gptq quantizes with GPTQ; drop --quantizer rtn (or use --method rtn)")
+    given = [flag for key, flag in _GPTQ_FLAGS.items() if opts[key] not in (None, False)]
+    if given and name != "gptq" and quantizer != "gptq":
+        raise QigError(f"{', '.join(given)} are GPTQ options; use them with --method gptq or --quantizer gptq")
+    if weights is not None and name != "gptq":
+        raise QigError(
+            f"--token-weights weights GPTQ's Hessian and goes with --method gptq; method {name} weights its "
+            "search by its own token weights (its --quantizer gptq uses the plain Hessian)"
+        )
+
+
+def _gptq_settings(opts: dict):
+    from qig.quant.gptq import GPTQSettings
+
+    return GPTQSettings(**{key: opts[key] for key in _GPTQ_FLAGS if opts[key] not in (None, False)})
+
+
+def _gptq_config(opts: dict):
+    """``--method gptq [--token-weights awq|mbq|qig]``: the weighting method's config is built from the same flags."""
+    from qig.methods import GPTQConfig
+
+    weights = opts["token_weights"] or "uniform"
+    weighting = None
+    if weights == "uniform":
+        if opts["compat"] or opts["steps"] is not None or opts["quadrature"] is not None:
+            raise QigError(
+                "--compat, --steps and --quadrature are QIG options; with --method gptq add --token-weights qig"
+            )
+    else:
+        inner = {**opts, "method": weights, "quantizer": None, "token_weights": None}
+        inner.update({key: None for key in _GPTQ_FLAGS})
+        weighting = build_config(inner)
+    return GPTQConfig(
+        wbits=opts["wbits"],
+        group_size=_group_size(opts["group_size"]),
+        seed=opts["seed"],
+        batch_size=opts["batch_size"],
+        gptq=_gptq_settings(opts),
+        token_weights=weighting,
+    )
+
+
 def run(args) -> int:
     import qig
     from qig.api import config_from_dict, load_scales, summary_table, versions, write_output
@@ -168,6 +242,12 @@ def run(args) -> int:
         raise QigError(f"output folder {opts['output']} already exists; pass --overwrite to replace it")
     if opts["n_samples"] <= 0:
         raise QigError(f"--n-samples must be positive, got {opts['n_samples']}")
+    if getattr(args, "report", False):
+        from qig.inspect.render import require_matplotlib
+
+        require_matplotlib()
+        if opts["scales"] or opts["method"] == "rtn":
+            raise QigError("--report shows the token weights of a search; rtn and --scales runs have none")
     timings: dict[str, float] = {}
     scales = None
     if opts["scales"]:
@@ -211,6 +291,10 @@ def run(args) -> int:
         "timings": timings,
     }
     out = write_output(opts["output"], model, processor, result, report, overwrite=bool(opts["overwrite"]))
+    if getattr(args, "report", False):
+        from qig.inspect import write_run_report
+
+        write_run_report(result, calib, processor, model.config, out / "report")
     print(summary_table(result))
     print(f"wrote {config.name} {config.spec.label()} model to {out}")
     return 0

@@ -1,15 +1,16 @@
-"""Weight-only PTQ methods: RTN, and AWQ / MBQ / QIG as one search with three token weightings.
+"""Weight-only PTQ methods: RTN, GPTQ, and AWQ / MBQ / QIG as one search with three token weightings.
 
 >>> from qig.methods import QIGConfig, method_for
 >>> type(method_for(QIGConfig(wbits=3))).__name__
 'QIG'
 """
 
-from qig.methods import awq, mbq, qig, rtn  # noqa: F401  (registers the methods)
+from qig.methods import awq, gptq, mbq, qig, rtn  # noqa: F401  (registers the methods)
 from qig.methods.base import GroupContext, Method, TokenWeights, method_for, register
 from qig.methods.config import (
     CONFIGS,
     AWQConfig,
+    GPTQConfig,
     MBQConfig,
     QIGConfig,
     QuantConfig,
@@ -23,6 +24,7 @@ from qig.methods.search import SearchResult, search_scales
 __all__ = [
     "CONFIGS",
     "AWQConfig",
+    "GPTQConfig",
     "GroupContext",
     "MBQConfig",
     "Method",

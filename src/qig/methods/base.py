@@ -59,12 +59,15 @@ class TokenWeights:
 class Method:
     """Base class: a method weights tokens for the shared scale search.
 
-    searches: False for methods that only quantize (RTN).
+    searches: False for methods that only quantize (RTN, GPTQ).
+    weights_tokens: the pipeline asks for token weights per group even without
+    a search (GPTQ with a weighted Hessian); searching methods always are asked.
     needs_quantized_stream: the pipeline carries x^q (inputs of the partly quantized model).
     """
 
     searches: ClassVar[bool] = True
-    needs_quantized_stream: ClassVar[bool] = False
+    weights_tokens: bool = False
+    needs_quantized_stream: bool = False
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config

@@ -5,6 +5,10 @@
 4
 >>> QIGConfig.compat(wbits=3).quadrature
 'riemann'
+>>> AWQConfig(wbits=3, quantizer="gptq").gptq_settings.damp        # AWQ's scales, then GPTQ
+0.01
+>>> GPTQConfig.weighted_by("qig", wbits=3).token_weights.name     # GPTQ with a QIG-weighted Hessian
+'qig'
 """
 
 from __future__ import annotations
@@ -14,12 +18,14 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from qig.errors import QigError
+from qig.quant.gptq import GPTQSettings
 from qig.quant.spec import QuantSpec
 
 LOSSES = ("mae", "mse")
 BASELINES = ("quantized", "zero")
 CLIPS = ("iqr", "none")
 QUADRATURES = ("gauss-legendre", "riemann")
+QUANTIZERS = ("rtn", "gptq")
 
 
 def _choice(field: str, value, allowed: tuple[str, ...]) -> None:
@@ -59,6 +65,11 @@ class QuantConfig:
         """The weight quantizer every step of the method uses."""
         return QuantSpec(bits=self.wbits, group_size=self.group_size, symmetric=False)
 
+    @property
+    def gptq_settings(self) -> GPTQSettings | None:
+        """How the layers are quantized once the method is done: GPTQ's settings, or None for round-to-nearest."""
+        return None
+
     def to_dict(self) -> dict:
         return {"method": self.name, **dataclasses.asdict(self)}
 
@@ -80,15 +91,28 @@ class SearchConfig(QuantConfig):
 
     n_grid: candidates r in {0, 1/n, ..., (n-1)/n}. loss: per-token error, mean
     absolute ("mae") or squared ("mse") over output channels.
+    quantizer: what quantizes the layers after the scales are folded (the
+    search is a transform): "rtn", or "gptq" with the ``gptq`` settings
+    (plain, unweighted Hessian, from the inputs the folded layer sees).
     """
 
     n_grid: int = 20
     loss: str = "mae"
+    quantizer: str = "rtn"
+    gptq: GPTQSettings = GPTQSettings()  # frozen, so a shared default is safe
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive_int("n_grid", self.n_grid)
         _choice("loss", self.loss, LOSSES)
+        _choice("quantizer", self.quantizer, QUANTIZERS)
+        _gptq_settings(self.gptq, self.spec)
+        if self.quantizer == "rtn" and self.gptq != GPTQSettings():
+            raise QigError(f"GPTQ settings {self.gptq} were given but quantizer is 'rtn'; pass quantizer='gptq'")
+
+    @property
+    def gptq_settings(self) -> GPTQSettings | None:
+        return self.gptq if self.quantizer == "gptq" else None
 
 
 @dataclass(frozen=True)
@@ -161,7 +185,77 @@ class QIGConfig(SearchConfig):
         return cls(**fields)
 
 
-CONFIGS: dict[str, type[QuantConfig]] = {c.name: c for c in (RTNConfig, AWQConfig, MBQConfig, QIGConfig)}
+def _gptq_settings(value, spec: QuantSpec) -> None:
+    if not isinstance(value, GPTQSettings):
+        raise QigError(f"gptq must be a GPTQSettings(block_size=..., damp=..., act_order=...), got {value!r}")
+    value.check(spec)
+
+
+@dataclass(frozen=True)
+class GPTQConfig(QuantConfig):
+    """GPTQ (METHOD.md section 7): no scale search; each linear quantized with error compensation.
+
+    gptq: block size, dampening, act-order. token_weights: None for the plain
+    Hessian H = 2 X^T X (every real token weighs 1), or the config of a
+    token-weighting method (``MBQConfig`` / ``QIGConfig``; ``AWQConfig``
+    weighs every token 1, i.e. plain GPTQ) whose per-group token weights
+    turn it into H = 2 X^T diag(w) X (METHOD.md section 5). That config's
+    quantizer (wbits, group_size) must be this one's: its weights measure
+    this quantizer's error. Its search fields (n_grid, loss) are unused.
+
+    >>> GPTQConfig(wbits=3, gptq=GPTQSettings(act_order=True)).gptq_settings.act_order
+    True
+    """
+
+    name: ClassVar[str] = "gptq"
+    gptq: GPTQSettings = GPTQSettings()  # frozen, so a shared default is safe
+    token_weights: SearchConfig | None = None
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        _gptq_settings(self.gptq, self.spec)
+        tw = self.token_weights
+        if tw is None:
+            return
+        if not isinstance(tw, SearchConfig):
+            raise QigError(
+                f"token_weights must be None (plain GPTQ) or a config of awq, mbq or qig, got {type(tw).__name__}"
+            )
+        if tw.spec != self.spec:
+            raise QigError(
+                f"token_weights {tw.name} is set for {tw.spec.label()} but GPTQ quantizes {self.spec.label()}; "
+                "give both the same wbits and group_size (or use GPTQConfig.weighted_by)"
+            )
+        if tw.quantizer != "rtn":
+            raise QigError(
+                f"token_weights {tw.name} only lends its token weights; its quantizer must stay 'rtn', not "
+                f"{tw.quantizer!r} (GPTQ is this config's quantizer)"
+            )
+
+    @property
+    def gptq_settings(self) -> GPTQSettings:
+        return self.gptq
+
+    @classmethod
+    def weighted_by(cls, method: str, wbits: int = 4, group_size: int | None = 128, **fields) -> GPTQConfig:
+        """GPTQ whose Hessian is weighted by ``method``'s token weights ("awq", "mbq" or "qig").
+
+        ``fields`` go to GPTQConfig where it has them (gptq, batch_size, seed), the rest
+        to the weighting method's config (e.g. steps=8 for QIG).
+        """
+        own = {k: fields.pop(k) for k in ("gptq", "batch_size", "seed") if k in fields}
+        if method not in ("awq", "mbq", "qig"):
+            raise QigError(f"token weights {method!r} are not available; use one of: awq, mbq, qig")
+        weighting = make_config(method, wbits=wbits, group_size=group_size, **fields)
+        return cls(wbits=wbits, group_size=group_size, token_weights=weighting, **own)
+
+    def to_dict(self) -> dict:
+        out = super().to_dict()
+        out["token_weights"] = self.token_weights.to_dict() if self.token_weights is not None else None
+        return out
+
+
+CONFIGS: dict[str, type[QuantConfig]] = {c.name: c for c in (RTNConfig, AWQConfig, MBQConfig, QIGConfig, GPTQConfig)}
 
 
 def config_class(name: str) -> type[QuantConfig]:
@@ -181,6 +275,7 @@ def make_config(name: str, **fields) -> QuantConfig:
     32
     """
     cls = config_class(name)
+    fields = _nested(fields)
     preset = fields.pop("preset", None)
     if preset is not None:
         if cls is not QIGConfig or preset != "compat":
@@ -191,3 +286,22 @@ def make_config(name: str, **fields) -> QuantConfig:
     if unknown:
         raise QigError(f"{name} has no option(s) {', '.join(unknown)}; its options: {', '.join(sorted(allowed))}")
     return cls(**fields)
+
+
+def _nested(fields: dict) -> dict:
+    """Rebuild nested settings saved as plain mappings (``to_dict`` output): gptq, token_weights."""
+    fields = dict(fields)
+    gptq = fields.get("gptq")
+    if isinstance(gptq, dict):
+        allowed = {f.name for f in dataclasses.fields(GPTQSettings)}
+        unknown = sorted(set(gptq) - allowed)
+        if unknown:
+            raise QigError(f"gptq has no option(s) {', '.join(unknown)}; its options: {', '.join(sorted(allowed))}")
+        fields["gptq"] = GPTQSettings(**gptq)
+    tw = fields.get("token_weights")
+    if isinstance(tw, dict):
+        tw = dict(tw)
+        if "method" not in tw:
+            raise QigError("token_weights needs a 'method' (awq, mbq or qig)")
+        fields["token_weights"] = make_config(tw.pop("method"), **tw)
+    return fields

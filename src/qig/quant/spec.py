@@ -84,13 +84,28 @@ def quant_params(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.
     return scale.reshape(out_features, -1), zero.reshape(out_features, -1)
 
 
+def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """The rounding step, for given params: ``clamp(round(w / scale) + zero, qmin, qmax)`` as float32.
+
+    Shapes broadcast (e.g. w [G, g] with scale [G, 1], or one column w [out]
+    with scale [out], as GPTQ quantizes). Every quantized value in qig goes
+    through this one expression.
+    """
+    return torch.clamp(torch.round(w.float() / scale) + zero, spec.qmin, spec.qmax)
+
+
+def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Integer codes [out, in] of ``w`` for given per-group scale and zero [out, n_groups] (e.g. GPTQ's)."""
+    wg = _grouped(w.float(), spec)  # [G, g]
+    q = encode(wg, scale.reshape(-1, 1), zero.reshape(-1, 1), spec)
+    dtype = torch.int8 if spec.symmetric else torch.uint8
+    return q.reshape(w.shape).to(dtype)
+
+
 def quantize(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Integer codes [out, in] (int8 storage; uint values for asymmetric), scale and zero [out, n_groups]."""
     scale, zero = quant_params(w, spec)
-    wg = _grouped(w.float(), spec)  # [G, g]
-    q = torch.clamp(torch.round(wg / scale.reshape(-1, 1)) + zero.reshape(-1, 1), spec.qmin, spec.qmax)
-    dtype = torch.int8 if spec.symmetric else torch.uint8
-    return q.reshape(w.shape).to(dtype), scale, zero
+    return quantize_with(w, scale, zero, spec), scale, zero
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
