@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from qig.calib import PAD, ROLE_NAMES, CalibrationSet
 from qig.errors import QigError
 from qig.methods import GroupContext, QuantConfig, method_for, search_scales
-from qig.methods.config import GPTQConfig
+from qig.methods.config import GPTQConfig, SearchConfig
 from qig.models import ModelFamily, ScaleGroup, family_for, get_module
 from qig.quant.fold import fold_scales_
 from qig.quant.gptq import GPTQSettings, Hessian, gptq_quantize, normalize_token_weights
@@ -568,3 +568,85 @@ def _apply_without_search(model, family, spec, scales, device, progress, timings
         layer.to(home)
     timings["quantize"] = time.perf_counter() - t
     return LayerwiseResult(groups=records, timings=dict(timings), method_summary={}, roles=None)
+
+
+@dataclass
+class InspectedGroup:
+    """Token weights of one group under several methods, without any search: method name -> [N, T]."""
+
+    layer: int
+    group: str
+    weights: dict[str, torch.Tensor]
+    notes: dict[str, dict] = field(default_factory=dict)
+
+
+def collect_token_weights(
+    model: torch.nn.Module,
+    configs: list[SearchConfig],
+    calib: CalibrationSet,
+    layers: list[int],
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[list[InspectedGroup], dict[str, dict]]:
+    """Every method's token weights for every group of ``layers``; the model is left untouched.
+
+    The same streams as :func:`run_layerwise`, without search or fold: x^q goes
+    through the RTN-quantized layers below (weights quantized on the side,
+    never written into the model), so it is the stream QIG would see if no
+    scale were found. Layers past the deepest one asked for are not visited.
+    Returns the groups in order and each method's ``summary()`` (MBQ's rho).
+
+        >>> groups, _ = collect_token_weights(model, [QIGConfig(wbits=3)], calib, [0, 5])  # doctest: +SKIP
+    """
+    device = torch.device(device)
+    family = family_for(model)
+    spec = configs[0].spec
+    if any(c.spec != spec for c in configs):
+        raise QigError("every method compared must use the same quantizer; give them the same wbits and group size")
+    methods = [method_for(c) for c in configs]
+    decoder = family.decoder_layers(model)
+    wanted = set(layers)
+    if not wanted or min(wanted) < 0 or max(wanted) >= len(decoder):
+        raise QigError(f"layers {sorted(wanted)} are not all in 0..{len(decoder) - 1}, the model's decoder layers")
+    out: list[InspectedGroup] = []
+    with frozen(model):
+        for m in methods:
+            m.prepare(model, family, calib, device)
+        chunks = capture(model, family, calib, configs[0].batch_size, device)
+        home = next(decoder[0].parameters()).device
+        search_index = 0
+        for li, layer in enumerate(tqdm(decoder[: max(wanted) + 1], desc="token weights", disable=not progress)):
+            layer.to(device)
+            quantized = {f"{n}.weight": fake_quantize(m.weight.data, spec) for n, m in _layer_linears(layer).items()}
+            done: dict[str, torch.Tensor] = {}  # quantized weights of this layer's earlier groups
+            for group in family.active_groups(layer):
+                if li in wanted:
+                    with torch.no_grad():
+                        x_in = _group_inputs(layer, group, [c.x for c in chunks], chunks, li, {})
+                        xq_in = _group_inputs(layer, group, [c.xq for c in chunks], chunks, li, done)
+                    ctx = GroupContext(
+                        layer_index=li,
+                        group=group,
+                        search_index=search_index,
+                        x=x_in,
+                        xq=xq_in,
+                        roles=[c.roles for c in chunks],
+                        linears={_relative(p, group.block): get_module(layer, p) for p in group.linears},
+                        run_block=_block_fn(layer, group, chunks, li),
+                        spec=spec,
+                    )
+                    record = InspectedGroup(layer=li, group=group.name, weights={})
+                    for m in methods:
+                        tw = m.token_weights(ctx)
+                        record.weights[m.config.name] = _pad_rows(tw.weights)
+                        record.notes[m.config.name] = tw.notes
+                    out.append(record)
+                for p in group.linears:
+                    done[f"{p}.weight"] = quantized[f"{p}.weight"]
+                search_index += 1
+            with torch.no_grad():
+                for c in chunks:
+                    c.xq = functional_call(layer, quantized, (c.xq,), c.layer_kwargs[li], strict=False)
+                    c.x = layer(c.x, **c.layer_kwargs[li])
+            layer.to(home)
+    return out, {m.config.name: m.summary() for m in methods}
