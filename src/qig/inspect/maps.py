@@ -98,16 +98,21 @@ class TokenMaps:
         return out
 
     def entropy(self) -> list[dict]:
-        """Per sample: {method: {"layer.group": {"all": H/H_uniform, "vision": ..., "kl_bits": ...}}}."""
+        """Per sample: {method: {"layer.group": {"all": H/H_uniform, "vision": ..., "kl_bits": ..., "*_effective"}}}."""
         out = []
         for i in range(self.n_samples):
             per_method: dict = {}
             real = self.roles[i] != PAD
             vision = self.roles[i] == VISION
             for (method, layer, group), w in self.weights.items():
-                entry = {"all": relative_entropy(w[i], real), "kl_bits": kl_from_uniform_bits(w[i], real)}
+                h = relative_entropy(w[i], real)
+                entry = {"all": h, "all_effective": effective_share(h, int(real.sum()))}
+                entry["kl_bits"] = kl_from_uniform_bits(w[i], real)
                 if bool(vision.any()):
-                    entry["vision"] = relative_entropy(w[i], vision)
+                    h = relative_entropy(w[i], vision)
+                    entry["vision"] = h
+                    entry["vision_effective"] = effective_share(h, int(vision.sum()))
+                    entry["vision_kl_bits"] = kl_from_uniform_bits(w[i], vision)
                 per_method.setdefault(method, {})[f"{layer}.{group}"] = entry
             out.append(per_method)
         return out
@@ -149,7 +154,9 @@ class TokenMaps:
             "shown_layers": self.shown,
             "groups": self.groups,
             "weight_scale": "times uniform: a token's weight / the mean weight of its sample's real tokens",
-            "entropy_scale": "entropy of the weights over the tokens / log(number of tokens); 1 = uniform",
+            "entropy_scale": "all / vision: entropy of the weights over the sample's real / vision tokens divided by "
+            "log(number of tokens), 1 = uniform; *_effective: exp(entropy) / number of tokens, the share of the "
+            "tokens the weight effectively spreads over; *kl_bits: KL(weights || uniform) in bits",
             "shares": self.shares(),
             "spread": self.spread(),
             "samples": samples,
@@ -180,6 +187,11 @@ def relative_entropy(w: torch.Tensor, mask: torch.Tensor) -> float:
     p = vals / total
     h = -float((p[p > 0] * p[p > 0].log()).sum())
     return h / math.log(n)
+
+
+def effective_share(relative_h: float, n: int) -> float:
+    """The fraction of the n tokens the weights effectively spread over: exp(H) / n (1 = uniform)."""
+    return math.exp(relative_h * math.log(n)) / n if n > 1 else 1.0
 
 
 def kl_from_uniform_bits(w: torch.Tensor, mask: torch.Tensor) -> float:

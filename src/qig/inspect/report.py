@@ -77,6 +77,7 @@ def write_report(
         atomic_write_text(tmp / MAPS_JSON, json.dumps(data, indent=1) + "\n")
         atomic_write_bytes(tmp / WEIGHTS, save(maps.tensors(), metadata={"format": "qig-token-maps-1"}))
         atomic_write_text(tmp / INDEX, index_html(maps, data, method, title))
+        _readable(tmp)
         if out.exists():
             trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
             os.replace(out, trash / out.name)
@@ -89,6 +90,13 @@ def write_report(
         raise
     log.info("wrote the token-map report to %s (pictures %.1fs)", out, seconds)
     return out
+
+
+def _readable(folder: Path) -> None:
+    """Temporary files are private (0600); a report is meant to be shared or served: 0755 / 0644."""
+    folder.chmod(0o755)
+    for p in folder.rglob("*"):
+        p.chmod(0o755 if p.is_dir() else 0o644)
 
 
 # ---------------------------------------------------------------- HTML
