@@ -207,7 +207,10 @@ def write_run_report(
     method = result.config.name
     weights = {(method, g.layer, g.group): g.token_weights for g in result.groups if g.token_weights is not None}
     if not weights:
-        raise QigError(f"--report shows the token weights of a search, and this {method} run used none")
+        raise QigError(
+            f"the model is written to {Path(out).parent}, but there is no report: this {method} run weighted no "
+            "tokens (--report needs awq, mbq, qig, or gptq with --token-weights)"
+        )
     n_layers = max(layer for _, layer, _ in weights) + 1
     info = {
         "configs": {method: result.config.to_dict()},
