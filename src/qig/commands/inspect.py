@@ -39,8 +39,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--layers",
         default=None,
-        help="layers to picture, e.g. 0,5,-1 or 'all' (default: first, middle, last); weights are computed for "
-        "every layer up to the deepest",
+        help="layers to picture, e.g. 0,5,-1 or 'all' (default: first, middle, last; a list starting with a "
+        "negative index is written --layers=-1,0); weights are computed for every layer up to the deepest",
     )
     p.add_argument("--wbits", type=int, default=3, help="weight bits of the quantizer QIG attributes (default 3)")
     p.add_argument("--abits", type=int, default=16, help="activation bits; only 16 (weight-only) for now")
