@@ -37,36 +37,47 @@ def _patch_labels(scene) -> tuple[list[int], list[int]]:
     return kind, colour
 
 
-def _batch(rng, processor, batch_size: int, caption_frac: float):
+def _conversation(rng, caption_frac: float, max_turns: int):
+    """One training sample: a caption, or 1..max_turns questions about the same scene."""
+    if rng.random() < caption_frac:
+        scene = world.sample_scene(rng, "train")
+        return scene, [(CAPTION_PROMPT, world.caption(scene))]
+    scene, q, a, _ = world.sample_qa(rng, "train")
+    turns = [(q, a)]
+    for _ in range(int(rng.integers(1, max_turns + 1)) - 1):
+        qa = world.ask(scene, world.QUESTION_TYPES[int(rng.integers(len(world.QUESTION_TYPES)))], rng)
+        if qa is not None and qa[0] not in {t[0] for t in turns}:  # never the same question twice
+            turns.append(qa)
+    return scene, turns
+
+
+def _batch(rng, processor, batch_size: int, caption_frac: float, max_turns: int = 1):
     images, texts, kinds, colours = [], [], [], []
     for _ in range(batch_size):
-        if rng.random() < caption_frac:
-            scene = world.sample_scene(rng, "train")
-            q, a = CAPTION_PROMPT, world.caption(scene)
-        else:
-            scene, q, a, _ = world.sample_qa(rng, "train")
+        scene, turns = _conversation(rng, caption_frac, max_turns)
         images.append(world.render(scene, rng))
         k, c = _patch_labels(scene)
         kinds.append(k)
         colours.append(c)
-        msgs = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]},
-            {"role": "assistant", "content": a},
-        ]
+        msgs = []
+        for j, (q, a) in enumerate(turns):
+            content = [{"type": "image"}, {"type": "text", "text": q}] if j == 0 else [{"type": "text", "text": q}]
+            msgs += [{"role": "user", "content": content}, {"role": "assistant", "content": a}]
         texts.append(processor.apply_chat_template(msgs, tokenize=False))
     enc = processor(text=texts, images=images, return_tensors="pt", padding=True)
     ids = enc["input_ids"]
-    # Loss on the assistant reply and its <|im_end|>: tokens after the last
-    # "<|im_start|> assistant \n", up to (not including) the trailing newline.
+    # Loss on every assistant reply and its <|im_end|>: the tokens after each
+    # "<|im_start|> assistant \n" up to and including the next <|im_end|>.
     tok = processor.tokenizer
-    start = tok.convert_tokens_to_ids("<|im_start|>")
-    end = tok.convert_tokens_to_ids("<|im_end|>")
+    start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
+    assistant = tok.convert_tokens_to_ids("assistant")
     labels = torch.full_like(ids, -100)
     for b in range(ids.shape[0]):
         row = ids[b].tolist()
-        s = max(i for i, t in enumerate(row) if t == start) + 3
-        e = max(i for i, t in enumerate(row) if t == end)
-        labels[b, s : e + 1] = ids[b, s : e + 1]
+        for i in range(len(row) - 2):
+            if row[i] == start and row[i + 1] == assistant:
+                e = row.index(end, i + 3)
+                labels[b, i + 3 : e + 1] = ids[b, i + 3 : e + 1]
     enc["labels"] = labels
     return enc, torch.tensor(kinds), torch.tensor(colours)
 
@@ -88,6 +99,7 @@ def main() -> None:
         action="store_true",
         help="average the loss per sample, then over samples (questions weigh as much as captions)",
     )
+    ap.add_argument("--max-turns", type=int, default=1, help="questions per training conversation (1..N)")
     ap.add_argument("--init", default=None, help="start from this checkpoint (a previous stage) instead of scratch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -142,7 +154,7 @@ def main() -> None:
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        batch, kinds, colours = _batch(rng, processor, args.batch_size, args.caption_frac)
+        batch, kinds, colours = _batch(rng, processor, args.batch_size, args.caption_frac, args.max_turns)
         if args.sample_mean:
             labels = batch.pop("labels")
             logits = model(**batch).logits[:, :-1].float()  # [B, T-1, V]

@@ -172,7 +172,7 @@ def caption(scene: Scene) -> str:
     return f"{_number_word(len(objs))} objects: {body}."
 
 
-def _question(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str] | None:
+def ask(scene: Scene, qtype: str, rng: np.random.Generator) -> tuple[str, str] | None:
     """One (question, answer) of the given type, or None if the scene cannot support it."""
     objs = list(scene.objects)
     shapes = [o for o in objs if o.kind == "shape"]
@@ -232,7 +232,7 @@ def sample_qa(rng: np.random.Generator, split: str, qtype: str | None = None) ->
         qtype = QUESTION_TYPES[int(rng.integers(len(QUESTION_TYPES)))]
     while True:
         scene = sample_scene(rng, split, n_digits=2 if qtype == "sum" else None)
-        qa = _question(scene, qtype, rng)
+        qa = ask(scene, qtype, rng)
         if qa is not None:
             return scene, qa[0], qa[1], qtype
 
