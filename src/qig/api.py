@@ -8,6 +8,10 @@
     >>> result = qig.quantize(model, qig.QIGConfig(wbits=3, group_size=128), calib)  # doctest: +SKIP
     >>> result.save("out/search")  # doctest: +SKIP
 
+GPTQ is a quantizer as well as a method: ``qig.GPTQConfig(wbits=3)`` (plain),
+``qig.GPTQConfig.weighted_by("qig", wbits=3)`` (QIG-weighted Hessian), and
+``qig.QIGConfig(wbits=3, quantizer="gptq")`` (QIG's scale search, then GPTQ).
+
 The model is quantized in place (fake-quantized weights, same architecture),
 so ``model.save_pretrained`` writes a folder any transformers code can load.
 """

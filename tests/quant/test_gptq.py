@@ -59,6 +59,20 @@ def test_output_is_exactly_on_the_quantizers_grid(spec, act_order):
         assert torch.equal(torch.bincount(r.g_idx.long()), torch.full((128 // spec.group_size,), spec.group_size))
 
 
+@pytest.mark.parametrize("act_order", [False, True], ids=["natural-order", "act-order"])
+def test_lazy_block_updates_do_not_change_the_result(act_order):
+    # Block size only batches the updates (the paper's "lazy batch"); the math is the same.
+    X, W = correlated_inputs(512), weight()
+    spec = QuantSpec(bits=3, group_size=64)
+    results = [
+        gptq_quantize(W, hessian(X), spec, GPTQSettings(block_size=b, act_order=act_order)) for b in (16, 64, 128)
+    ]
+    for r in results[1:]:
+        flips = (r.weight - results[0].weight).abs() > 1e-4  # a different code, not float noise in the scale
+        assert float(flips.float().mean()) < 0.01
+        assert abs(r.error - results[0].error) < 0.02 * results[0].error
+
+
 def test_plain_block_order_groups_need_no_index():
     r = gptq_quantize(weight(), hessian(correlated_inputs(256)), SPEC)
     assert r.g_idx is None and r.group_order() is None and r.scale.shape == (32, 4)

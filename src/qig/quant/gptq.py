@@ -13,7 +13,7 @@ The quantizer is ``qig.quant.spec``'s, so the result is exactly what the
 export packs: each group's scale and zero point are the asymmetric min-max of
 that group's (already error-updated) weights, computed when GPTQ reaches the
 group's first column, as the reference implementation does; every value goes
-through ``qig.quant.spec.encode``. With ``act_order`` the columns are
+through ``qig.quant.spec.encode`` and ``decode``. With ``act_order`` the columns are
 processed in order of decreasing Hessian diagonal and groups are formed in
 that order, so the result carries a group index per input column (``g_idx``,
 the compressed-tensors "actorder: group" notion).
@@ -36,7 +36,7 @@ from dataclasses import dataclass
 import torch
 
 from qig.errors import QigError
-from qig.quant.spec import QuantSpec, encode, quant_params
+from qig.quant.spec import QuantSpec, decode, encode, quant_params
 
 
 @dataclass(frozen=True)
@@ -212,7 +212,7 @@ def gptq_quantize(
                 scales.append(scale)
                 zeros.append(zero)
             w = W1[:, i]  # [out]
-            q = (encode(w, scale, zero, spec) - zero) * scale  # the shared rounding, dequantized
+            q = decode(encode(w, scale, zero, spec), scale, zero)  # the shared rounding, dequantized
             Q[:, col] = q
             err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)

@@ -94,6 +94,11 @@ def encode(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: Quant
     return torch.clamp(torch.round(w.float() / scale) + zero, spec.qmin, spec.qmax)
 
 
+def decode(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The dequantization step, for given params: ``(q - zero) * scale`` in float32 (shapes broadcast)."""
+    return (q.float() - zero) * scale
+
+
 def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Integer codes [out, in] of ``w`` for given per-group scale and zero [out, n_groups] (e.g. GPTQ's)."""
     wg = _grouped(w.float(), spec)  # [G, g]
@@ -111,8 +116,7 @@ def quantize(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tens
 def dequantize(q: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """Back to float32 [out, in] from codes and per-group scale/zero."""
     g = spec.group_size or q.shape[-1]
-    qg = q.float().reshape(-1, g)
-    w = (qg - zero.reshape(-1, 1)) * scale.reshape(-1, 1)
+    w = decode(q.reshape(-1, g), scale.reshape(-1, 1), zero.reshape(-1, 1))  # [G, g]
     return w.reshape(q.shape)
 
 
