@@ -169,13 +169,13 @@ def _colourbar(fig, cax):
     return cb
 
 
-def _title(maps: TokenMaps, i: int) -> str:
+def _title(maps: TokenMaps, i: int, width: int = 90) -> str:
     roles, toks = maps.roles[i], maps.tokens[i]
     prompt = " ".join(toks[p] for p in range(roles.numel()) if roles[p] == PROMPT and toks[p] not in ("↵", "␣"))
     answer = " ".join(toks[p] for p in range(roles.numel()) if roles[p] == ANSWER and toks[p] not in ("↵", "␣"))
     kind = maps.meta[i].get("type")
     text = f"{maps.meta[i].get('id', i)}" + (f" ({kind})" if kind else "")
-    return f"{text}\nprompt: {_short(prompt)}\nanswer: {_short(answer)}"
+    return f"{text}\nprompt: {_short(prompt, width)}\nanswer: {_short(answer, width)}"
 
 
 def _short(text: str, n: int = 90) -> str:
@@ -218,7 +218,8 @@ def sample_figure(maps: TokenMaps, i: int, path: str | os.PathLike, method: str 
         head.set_title("image (as the model sees it)", fontsize=8)
     info = fig.add_subplot(gs[0, 1:])
     info.axis("off")
-    rows = [_title(maps, i), "", f"vision share of the weight ({groups[0]}):"]
+    chars = int((width - 2.6) * 72 / (0.6 * 8.5))  # what fits right of the image at 8.5 pt
+    rows = [_title(maps, i, chars), "", f"vision share of the weight ({groups[0]}):"]
     for layer in maps.shown:
         shares = "   ".join(
             f"{m.upper()} {100 * _vision_share(maps, m, layer, groups[0], i):.0f}%" for m in maps.methods
@@ -254,7 +255,7 @@ def sample_figure(maps: TokenMaps, i: int, path: str | os.PathLike, method: str 
     fig.savefig(path)
 
 
-def overview_figure(maps: TokenMaps, path: str | os.PathLike, method: str = "qig", n: int = 4) -> list[int]:
+def overview_figure(maps: TokenMaps, path: str | os.PathLike, method: str = "qig", n: int = 3) -> list[int]:
     """The README picture: a few samples' overlays across depth with coloured tokens, and the shares chart.
 
     Prefers samples whose answer depends on one object (colour / shape / digit /
