@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import tempfile
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -28,6 +27,7 @@ import torch
 
 from qig import embedded, world
 from qig.evaluate import evaluate_records, load_model_and_processor
+from qig.fileio import temp_dir_beside
 from qig.quant import QuantSpec
 from qig.quant.rtn import rtn_
 
@@ -96,7 +96,8 @@ def main() -> None:
         raise SystemExit(f"rescaling changed the function (relative {rel:.2e} > 1e-4)")
 
     out = Path(args.out)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_dir_beside(out)
     model.to(torch.float16).save_pretrained(tmp)
     processor.save_pretrained(tmp)
     stages = training_stages(Path(args.trained))

@@ -22,6 +22,7 @@ import torch
 
 from qig import embedded, world
 from qig.evaluate import evaluate_records
+from qig.fileio import temp_dir_beside
 from qig.world import CAPTION_PROMPT
 
 KINDS = ["none", *world.SHAPES, *(str(d) for d in range(10))]
@@ -195,10 +196,9 @@ def main() -> None:
 
 def _save(model, processor, out: Path, log: dict) -> None:
     import shutil
-    import tempfile
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_beside(out)
     half = embedded.build_model(processor.tokenizer)
     half.load_state_dict(model.state_dict())
     half.to(torch.float16).save_pretrained(tmp)

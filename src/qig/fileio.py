@@ -1,10 +1,29 @@
-"""Atomic file writes: a temporary file in the same folder, then a rename."""
+"""Atomic outputs: write into a temporary sibling, then rename into place.
+
+Temporary files and folders get the permissions an ordinary file or folder
+would (``0o666`` / ``0o777`` less the umask), not ``tempfile``'s private ``0o600``.
+"""
 
 from __future__ import annotations
 
 import os
 import tempfile
 from pathlib import Path
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def temp_dir_beside(path: str | os.PathLike) -> Path:
+    """A new empty folder next to ``path`` (same file system, so ``os.replace`` is atomic)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    tmp.chmod(0o777 & ~_umask())
+    return tmp
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -14,6 +33,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     try:
         with os.fdopen(fd, "wb") as f:
             f.write(data)
+        os.chmod(tmp, 0o666 & ~_umask())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -23,13 +23,14 @@ import io
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 from PIL import Image
+
+from qig.fileio import temp_dir_beside
 
 GRID = 6  # cells per side
 CELL = 8  # pixels per cell (= the embedded model's patch size)
@@ -293,8 +294,7 @@ def write_split(split: str, out_dir: str | os.PathLike, n: int, seed: int, overw
         if not overwrite:
             raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     records = generate(split, n, seed)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         (tmp / "images").mkdir()
         for image, rec in records:
