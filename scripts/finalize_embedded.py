@@ -169,7 +169,7 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
         a = log["args"]
         last = log["curve"][-1]
         lines += [
-            f"### Stage {i + 1}" + (" (initialised from stage 1's checkpoint)" if a.get("init") else ""),
+            f"### Stage {i + 1}" + (" (initialised from the previous stage's checkpoint)" if a.get("init") else ""),
             "",
             f"- {last['step']} steps of batch {a['batch_size']} in {last['minutes']:.0f} minutes, "
             f"torch threads: {a['threads']}, data seed {a['seed']}. The cosine schedule follows whichever of "
@@ -177,11 +177,17 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
             f"- AdamW (betas 0.9/0.98, weight decay 0.01 on matrices), peak lr {a['lr']}, "
             f"{a['warmup']} warmup steps, cosine to 5%, gradient clip 1.0.",
             f"- Each batch: {a['caption_frac']:.0%} captions (loss on the whole caption: dense supervision of every "
-            "object), the rest single-turn questions balanced over the 8 types (loss on the answer + `<|im_end|>`). "
+            "object), the rest questions balanced over the 8 types (loss on the answer + `<|im_end|>`). "
             + (
                 "Loss averaged per sample, then over samples, so a one-word answer weighs as much as a caption."
                 if a.get("sample_mean")
                 else "Loss averaged over all supervised tokens (captions dominate)."
+            )
+            + (
+                f" Question samples hold 1-{a['max_turns']} questions about the same image (never the same question "
+                "twice), every answer supervised."
+                if a.get("max_turns", 1) > 1
+                else ""
             ),
             f"- Auxiliary per-patch loss (weight {a['aux_weight']}, first {a['aux_until']:.0%} of the stage): two "
             "linear heads on the projector's output predict each patch's object kind (none/shape/digit value) and "
@@ -197,10 +203,21 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
         ]
         lines.append("")
     lines += [
-        "Why two stages: a first run with token-averaged loss and no auxiliary heads sat at chance",
-        "(loss 0.75, 25% held-out) for 400 steps; with the auxiliary heads the captions were learned",
-        "(loss 0.28 at step 500) but questions stayed near chance, because captions supplied ~90% of",
-        "the supervised tokens. Stage 2 continues from that checkpoint with per-sample averaging.",
+        "Why three stages: a first run with token-averaged loss and no auxiliary heads sat at chance",
+        "(loss 0.75, 25% held-out) for 400 steps and was stopped. Stage 1 added the auxiliary heads:",
+        "captions were learned (loss 0.28) but questions stayed near chance, because captions supplied",
+        "~90% of the supervised tokens. Stage 2 averaged the loss per sample; stage 3 packed several",
+        "questions per image to get more question supervision per step.",
+        "",
+        "**Status: below target.** The issue's bar is >= 95% FP accuracy; this checkpoint reaches the",
+        "accuracy in the results table below after ~2.2 hours of single-threaded CPU training. It",
+        "describes scenes almost perfectly when asked for a caption (objects, colours, digits and",
+        "positions), so the vision path works; what is still being learned is the content-addressed",
+        "lookup that a question needs (find *the circle*, then say its colour). The held-out curve was",
+        "still rising when the time ran out. Continue with",
+        "`python scripts/train_embedded.py --init src/qig/assets/tiny-lvlm --sample-mean --max-turns 4 ...`",
+        "(on a GPU this recipe runs in minutes), then `scripts/finalize_embedded.py`.",
+        "",
     ]
     lines += [
         "",

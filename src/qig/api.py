@@ -32,7 +32,7 @@ import torch
 
 from qig.calib import CalibrationSet
 from qig.errors import QigError
-from qig.fileio import atomic_write_bytes, atomic_write_text
+from qig.fileio import atomic_write_bytes, atomic_write_text, temp_dir_beside
 from qig.methods import QuantConfig, make_config
 from qig.pipeline import GroupRecord, run_layerwise
 
@@ -222,8 +222,7 @@ def write_output(
     out = Path(out)
     if out.exists() and not overwrite:
         raise QigError(f"output folder {out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         t = time.perf_counter()
         model.save_pretrained(tmp)

@@ -31,6 +31,7 @@ MAX_NEW_TOKENS = 6
 
 def load_model_and_processor(model_dir: str | os.PathLike | None = None, device: str = "cpu", dtype=torch.float32):
     """Load an LVLM and its processor from a local folder (offline); default: the embedded model."""
+    from safetensors import SafetensorError
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
     from qig.embedded import default_model_dir
@@ -54,7 +55,7 @@ def load_model_and_processor(model_dir: str | os.PathLike | None = None, device:
         model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
     except QigError:
         raise
-    except (OSError, ValueError, KeyError, RuntimeError) as exc:
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise QigError(f"could not load the model in {path}: {exc.__class__.__name__}: {exc}") from exc
     return model.to(device).eval(), processor
 

@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from qig.errors import QigError
-from qig.fileio import atomic_write_bytes, atomic_write_text
+from qig.fileio import atomic_write_bytes, atomic_write_text, temp_dir_beside
 from qig.inspect import render
 from qig.inspect.maps import TokenMaps
 
@@ -52,8 +52,7 @@ def write_report(
     out = Path(out)
     if out.exists() and not overwrite:
         raise QigError(f"output folder {out} already exists; pass --overwrite to replace it")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir_beside(out)
     try:
         t = time.perf_counter()
         files = {"overview": None, "shares": SHARES, "variability": VARIABILITY, "samples": []}
