@@ -5,6 +5,7 @@ import numpy as np
 import pytest
 
 from qig import world
+from qig.errors import QigError
 
 
 def _digest(folder):
@@ -76,5 +77,5 @@ def test_unknown_split_and_existing_output_refused(tmp_path):
     with pytest.raises(ValueError, match="unknown split"):
         world.generate("test", 1, 0)
     world.write_split("eval", tmp_path / "x", n=2, seed=0)
-    with pytest.raises(FileExistsError, match="overwrite"):
+    with pytest.raises(QigError, match="overwrite"):
         world.write_split("eval", tmp_path / "x", n=2, seed=0)

@@ -22,8 +22,6 @@ import json
 import logging
 import os
 import platform
-import shutil
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ import torch
 
 from qig.calib import CalibrationSet
 from qig.errors import QigError
-from qig.fileio import atomic_write_bytes, atomic_write_text, temp_dir_beside
+from qig.fileio import atomic_dir, atomic_write_bytes, atomic_write_text
 from qig.methods import QuantConfig, make_config
 from qig.pipeline import GroupRecord, run_layerwise
 
@@ -220,10 +218,7 @@ def write_output(
     place; an existing ``out`` is refused unless ``overwrite``.
     """
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise QigError(f"output folder {out} already exists; pass --overwrite to replace it")
-    tmp = temp_dir_beside(out)
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         t = time.perf_counter()
         model.save_pretrained(tmp)
         if processor is not None:
@@ -232,16 +227,6 @@ def write_output(
         report = dict(report)
         report.setdefault("timings", {})["save"] = time.perf_counter() - t
         atomic_write_text(tmp / REPORT_JSON, json.dumps(report, indent=1, default=str) + "\n")
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 

@@ -235,6 +235,35 @@ def _group_inputs(
     return caught
 
 
+def _group_context(
+    layer: torch.nn.Module,
+    group: ScaleGroup,
+    chunks: list[Chunk],
+    layer_index: int,
+    search_index: int,
+    spec,
+    done: dict[str, torch.Tensor],
+    with_quantized_stream: bool,
+) -> GroupContext:
+    """Everything a method needs to weight one group's tokens: its inputs on both streams, roles, block."""
+    with torch.no_grad():
+        x_in = _group_inputs(layer, group, [c.x for c in chunks], chunks, layer_index, {})
+        xq_in = None
+        if with_quantized_stream:
+            xq_in = _group_inputs(layer, group, [c.xq for c in chunks], chunks, layer_index, done)
+    return GroupContext(
+        layer_index=layer_index,
+        group=group,
+        search_index=search_index,
+        x=x_in,
+        xq=xq_in,
+        roles=[c.roles for c in chunks],
+        linears={_relative(p, group.block): get_module(layer, p) for p in group.linears},
+        run_block=_block_fn(layer, group, chunks, layer_index),
+        spec=spec,
+    )
+
+
 def _layer_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
 
@@ -321,23 +350,8 @@ def run_layerwise(
             for group in family.active_groups(layer) if per_group else ():
                 bar.set_postfix_str(f"layer {li} {group.name}")
                 t0 = time.perf_counter()
-                with torch.no_grad():
-                    x_in = _group_inputs(layer, group, [c.x for c in chunks], chunks, li, {})
-                    xq_in = None
-                    if method.needs_quantized_stream:
-                        xq_in = _group_inputs(layer, group, [c.xq for c in chunks], chunks, li, done)
+                ctx = _group_context(layer, group, chunks, li, search_index, spec, done, method.needs_quantized_stream)
                 timings["group_inputs"] += time.perf_counter() - t0
-                ctx = GroupContext(
-                    layer_index=li,
-                    group=group,
-                    search_index=search_index,
-                    x=x_in,
-                    xq=xq_in,
-                    roles=[c.roles for c in chunks],
-                    linears={_relative(p, group.block): get_module(layer, p) for p in group.linears},
-                    run_block=_block_fn(layer, group, chunks, li),
-                    spec=spec,
-                )
                 t1 = time.perf_counter()
                 tw = method.token_weights(ctx)
                 timings["token_weights"] += time.perf_counter() - t1
@@ -379,7 +393,7 @@ def run_layerwise(
                     )
                 search_index += 1
                 bar.update(1)
-                del x_in, xq_in, ctx
+                del ctx
             t = time.perf_counter()
             with torch.no_grad():
                 for c in chunks:
@@ -621,20 +635,7 @@ def collect_token_weights(
             done: dict[str, torch.Tensor] = {}  # quantized weights of this layer's earlier groups
             for group in family.active_groups(layer):
                 if li in wanted:
-                    with torch.no_grad():
-                        x_in = _group_inputs(layer, group, [c.x for c in chunks], chunks, li, {})
-                        xq_in = _group_inputs(layer, group, [c.xq for c in chunks], chunks, li, done)
-                    ctx = GroupContext(
-                        layer_index=li,
-                        group=group,
-                        search_index=search_index,
-                        x=x_in,
-                        xq=xq_in,
-                        roles=[c.roles for c in chunks],
-                        linears={_relative(p, group.block): get_module(layer, p) for p in group.linears},
-                        run_block=_block_fn(layer, group, chunks, li),
-                        spec=spec,
-                    )
+                    ctx = _group_context(layer, group, chunks, li, search_index, spec, done, True)
                     record = InspectedGroup(layer=li, group=group.name, weights={})
                     for m in methods:
                         tw = m.token_weights(ctx)

@@ -22,7 +22,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import shutil
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -30,7 +29,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from qig.fileio import temp_dir_beside
+from qig.fileio import atomic_dir
 
 GRID = 6  # cells per side
 CELL = 8  # pixels per cell (= the embedded model's patch size)
@@ -287,26 +286,16 @@ def write_split(split: str, out_dir: str | os.PathLike, n: int, seed: int, overw
     """Write a split as ``out_dir/images/*.png`` + ``out_dir/data.json``; returns the JSON path.
 
     Written to a temporary folder first and renamed into place, so a failure
-    leaves nothing half-written.
+    leaves nothing half-written; an existing folder is refused unless ``overwrite``.
     """
     out = Path(out_dir)
-    if out.exists():
-        if not overwrite:
-            raise FileExistsError(f"{out} already exists; pass overwrite=True (--overwrite) to replace it")
     records = generate(split, n, seed)
-    tmp = temp_dir_beside(out)
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         (tmp / "images").mkdir()
         for image, rec in records:
             (tmp / rec["image"]).write_bytes(png_bytes(image))
         data = [rec for _, rec in records]
         (tmp / "data.json").write_text(json.dumps(data, indent=1) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out / "data.json"
 
 

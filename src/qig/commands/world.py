@@ -24,9 +24,6 @@ def run(args) -> int:
     if n <= 0:
         raise QigError(f"--n must be positive, got {n}")
     seed = args.seed if args.seed is not None else (world.DEFAULT_EVAL_SEED if args.split == "eval" else 0)
-    try:
-        path = world.write_split(args.split, args.out, n=n, seed=seed, overwrite=args.overwrite)
-    except FileExistsError as exc:
-        raise QigError(str(exc)) from exc
+    path = world.write_split(args.split, args.out, n=n, seed=seed, overwrite=args.overwrite)
     print(f"wrote {n} {args.split} records to {path}")
     return 0

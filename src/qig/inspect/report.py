@@ -16,15 +16,13 @@ import html
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
 from qig.errors import QigError
-from qig.fileio import atomic_write_bytes, atomic_write_text, temp_dir_beside
+from qig.fileio import atomic_dir, atomic_write_bytes, atomic_write_text
 from qig.inspect import render
 from qig.inspect.maps import TokenMaps
 
@@ -50,10 +48,7 @@ def write_report(
 
     render.require_matplotlib()
     out = Path(out)
-    if out.exists() and not overwrite:
-        raise QigError(f"output folder {out} already exists; pass --overwrite to replace it")
-    tmp = temp_dir_beside(out)
-    try:
+    with atomic_dir(out, overwrite) as tmp:
         t = time.perf_counter()
         files = {"overview": None, "shares": SHARES, "variability": VARIABILITY, "samples": []}
         method = "qig" if "qig" in maps.methods else maps.methods[0]
@@ -77,16 +72,6 @@ def write_report(
         atomic_write_bytes(tmp / WEIGHTS, save(maps.tensors(), metadata={"format": "qig-token-maps-1"}))
         atomic_write_text(tmp / INDEX, index_html(maps, data, method, title))
         _readable(tmp)
-        if out.exists():
-            trash = Path(tempfile.mkdtemp(prefix=f".{out.name}.old.", dir=out.parent))
-            os.replace(out, trash / out.name)
-            os.replace(tmp, out)
-            shutil.rmtree(trash, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     log.info("wrote the token-map report to %s (pictures %.1fs)", out, seconds)
     return out
 
