@@ -2,7 +2,7 @@
 
 >>> from qig.methods.config import QIGConfig
 >>> QIGConfig(wbits=3, group_size=128).steps
-4
+2
 >>> QIGConfig.compat(wbits=3).quadrature
 'riemann'
 >>> AWQConfig(wbits=3, quantizer="gptq").gptq_settings.damp        # AWQ's scales, then GPTQ
