@@ -210,7 +210,7 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
         "questions per image to get more question supervision per step.",
         "",
         "**Status: below target.** The issue's bar is >= 95% FP accuracy; this checkpoint reaches the",
-        "accuracy in the results table below after ~2.2 hours of single-threaded CPU training. It",
+        "accuracy in the results table below after ~1.5 hours of single-threaded CPU training. It",
         "describes scenes almost perfectly when asked for a caption (objects, colours, digits and",
         "positions), so the vision path works; what is still being learned is the content-addressed",
         "lookup that a question needs (find *the circle*, then say its colour). The held-out curve was",
