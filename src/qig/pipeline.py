@@ -328,6 +328,7 @@ def run_layerwise(
     weighted_hessian = isinstance(config, GPTQConfig) and method.weights_tokens
     with frozen(model):
         t = time.perf_counter()
+        method.progress = progress
         method.prepare(model, family, calib, device)
         timings["prepare"] += time.perf_counter() - t
 
@@ -625,6 +626,7 @@ def collect_token_weights(
     out: list[InspectedGroup] = []
     with frozen(model):
         for m in methods:
+            m.progress = progress
             m.prepare(model, family, calib, device)
         chunks = capture(model, family, calib, configs[0].batch_size, device)
         home = next(decoder[0].parameters()).device

@@ -71,6 +71,7 @@ class Method:
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
+        self.progress = True  # the pipeline sets it from its own ``progress`` argument
 
     def prepare(self, model: torch.nn.Module, family, calib, device: torch.device) -> None:
         """A pass over the whole model before the layer-wise search (MBQ's gradients); default none."""

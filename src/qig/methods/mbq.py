@@ -40,7 +40,7 @@ class MBQ(Method):
         self.ratios: dict[str, list[float]] = {}
 
     def prepare(self, model, family, calib, device) -> None:
-        sums = gradient_magnitudes(model, family, calib, device, self.config.grad_batch_size)
+        sums = gradient_magnitudes(model, family, calib, device, self.config.grad_batch_size, self.progress)
         for path, per_layer in sums.items():
             ratios = []
             for layer_index, s in enumerate(per_layer):
@@ -70,7 +70,7 @@ class MBQ(Method):
         return {"rho": self.rho, "gradient_ratio": self.ratios}
 
 
-def gradient_magnitudes(model, family, calib, device, batch_size: int) -> dict[str, list[dict]]:
+def gradient_magnitudes(model, family, calib, device, batch_size: int, progress: bool = True) -> dict[str, list[dict]]:
     """Per sub-layer output path and layer: sums of mean_h |dL/dy| over vision / answer tokens and counts."""
     layers = family.decoder_layers(model)
     paths = sorted({g.sublayer_output for g in family.groups if g.sublayer_output})
@@ -110,7 +110,7 @@ def gradient_magnitudes(model, family, calib, device, batch_size: int) -> dict[s
     model.to(device)
     try:
         with torch.enable_grad():
-            for batch in tqdm(list(calib.batches(batch_size)), desc="MBQ gradients", leave=False):
+            for batch in tqdm(list(calib.batches(batch_size)), desc="MBQ gradients", leave=False, disable=not progress):
                 inputs = {k: v.to(device) for k, v in batch.inputs.items()}
                 roles = batch.roles.to(device)
                 state["roles"] = roles
