@@ -16,6 +16,7 @@ import logging
 import time
 from pathlib import Path
 
+from qig.commands.quantize import parse_group_size
 from qig.errors import QigError
 
 log = logging.getLogger(__name__)
@@ -55,15 +56,6 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
     return p
-
-
-def group_size(value) -> int | None:
-    if value is None or str(value).lower() in ("channel", "per-channel", "none", "0"):
-        return None
-    try:
-        return int(value)
-    except ValueError:
-        raise QigError(f"--group-size {value!r} must be an integer such as 128, or 'channel'") from None
 
 
 def run(args) -> int:
@@ -110,7 +102,7 @@ def run(args) -> int:
         calib,
         layers=args.layers,
         wbits=args.wbits,
-        group_size=group_size(args.group_size),
+        group_size=parse_group_size(args.group_size),
         device=args.device,
         batch_size=args.batch_size,
         meta=meta,

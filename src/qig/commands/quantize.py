@@ -138,7 +138,8 @@ def _read_recipe(path: str) -> dict:
     return data
 
 
-def _group_size(value) -> int | None:
+def parse_group_size(value) -> int | None:
+    """``--group-size``: an integer, or 'channel' (also per-channel/none/0) for one scale per output row."""
     if value is None or str(value).lower() in ("channel", "per-channel", "none", "0"):
         return None
     try:
@@ -156,7 +157,7 @@ def build_config(opts: dict):
     _check_gptq_options(name, opts)
     if name == "gptq":
         return _gptq_config(opts)
-    fields = dict(wbits=opts["wbits"], group_size=_group_size(opts["group_size"]), seed=opts["seed"])
+    fields = dict(wbits=opts["wbits"], group_size=parse_group_size(opts["group_size"]), seed=opts["seed"])
     fields["batch_size"] = opts["batch_size"]
     if name != "rtn":
         fields.update(n_grid=opts["n_grid"], loss=opts["loss"])
@@ -221,7 +222,7 @@ def _gptq_config(opts: dict):
         weighting = build_config(inner)
     return GPTQConfig(
         wbits=opts["wbits"],
-        group_size=_group_size(opts["group_size"]),
+        group_size=parse_group_size(opts["group_size"]),
         seed=opts["seed"],
         batch_size=opts["batch_size"],
         gptq=_gptq_settings(opts),
