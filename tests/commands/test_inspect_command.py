@@ -4,22 +4,8 @@ import json
 import time
 
 import pytest
-from _tiny import processor, tiny_llava
+from _cli import run_cli
 from PIL import Image
-
-from qig.cli import main
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_llava(outliers=True).save_pretrained(path)
-    processor().save_pretrained(path)
-    return path
-
-
-def _run(*argv):
-    return main([str(a) for a in argv])
 
 
 def _check_report(out, n_samples, layers):
@@ -46,15 +32,15 @@ def _check_report(out, n_samples, layers):
 def test_inspect_writes_pictures_html_and_numbers(model_dir, tmp_path, capsys):
     out = tmp_path / "maps"
     argv = ["inspect", "--model", model_dir, "--samples", 2, "--layers", "0,-1", "--group-size", 32]
-    assert _run(*argv, "--output", out, "--no-progress") == 0
+    assert run_cli(*argv, "--output", out, "--no-progress") == 0
     data = _check_report(out, 2, [0, 1])
     assert data["methods"] == ["awq", "mbq", "qig"]
     assert data["shares"]["awq"]["1.mlp_in"]["vision"] == pytest.approx(36 / len(data["samples"][0]["tokens"]), 0.2)
     assert "index.html" in capsys.readouterr().out
     # an existing output is refused unless --overwrite
-    assert _run(*argv, "--output", out, "--no-progress") == 2
+    assert run_cli(*argv, "--output", out, "--no-progress") == 2
     assert "already exists" in capsys.readouterr().err
-    assert _run(*argv, "--output", out, "--no-progress", "--overwrite") == 0
+    assert run_cli(*argv, "--output", out, "--no-progress", "--overwrite") == 0
 
 
 @pytest.mark.parametrize(
@@ -68,7 +54,7 @@ def test_inspect_writes_pictures_html_and_numbers(model_dir, tmp_path, capsys):
     ids=["abits", "layer", "group-size", "samples"],
 )
 def test_bad_input_is_one_line_error(model_dir, tmp_path, capsys, argv, message):
-    assert _run("inspect", "--model", model_dir, "--output", tmp_path / "o", *argv) == 2
+    assert run_cli("inspect", "--model", model_dir, "--output", tmp_path / "o", *argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -76,10 +62,10 @@ def test_bad_input_is_one_line_error(model_dir, tmp_path, capsys, argv, message)
 def test_quantize_report_shows_the_weights_the_run_used(model_dir, tmp_path):
     out = tmp_path / "q"
     argv = ["quantize", "--model", model_dir, "--method", "qig", "--wbits", 3, "--group-size", 32]
-    assert _run(*argv, "--n-samples", 2, "--n-grid", 2, "--output", out, "--report", "--no-progress") == 0
+    assert run_cli(*argv, "--n-samples", 2, "--n-grid", 2, "--output", out, "--report", "--no-progress") == 0
     data = _check_report(out / "report", 2, [0, 1])
     assert data["methods"] == ["qig"]
-    assert _run("quantize", "--model", model_dir, "--method", "rtn", "--output", tmp_path / "r", "--report") == 2
+    assert run_cli("quantize", "--model", model_dir, "--method", "rtn", "--output", tmp_path / "r", "--report") == 2
 
 
 def test_embedded_model_maps_are_not_uniform_and_fast(tmp_path):
@@ -89,7 +75,7 @@ def test_embedded_model_maps_are_not_uniform_and_fast(tmp_path):
         pytest.skip(f"the trained embedded model is not in {default_model_dir()} yet")
     start = time.perf_counter()
     out = tmp_path / "maps"
-    assert _run("inspect", "--samples", 8, "--layers", "0,3,-1", "--output", out, "--no-progress") == 0
+    assert run_cli("inspect", "--samples", 8, "--layers", "0,3,-1", "--output", out, "--no-progress") == 0
     seconds = time.perf_counter() - start
     data = _check_report(out, 8, [0, 3, 5])
     one_region = [s for s in data["samples"] if s["type"] in ("colour", "shape", "digit")]

@@ -5,26 +5,13 @@ import time
 
 import pytest
 import torch
-from _tiny import processor, tiny_llava
-
-from qig.cli import main
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_llava(outliers=True).save_pretrained(path)
-    processor().save_pretrained(path)
-    return path
-
-
-def _run(*argv):
-    return main([str(a) for a in argv])
+from _cli import run_cli
+from _tiny import tiny_llava
 
 
 def test_quantize_writes_a_loadable_model_and_the_search(model_dir, tmp_path, capsys):
     out = tmp_path / "qig"
-    rc = _run(
+    rc = run_cli(
         "quantize",
         "--model",
         model_dir,
@@ -62,10 +49,10 @@ def test_quantize_writes_a_loadable_model_and_the_search(model_dir, tmp_path, ca
     )
 
     # an existing output is refused; --scales re-applies the search without calibration
-    assert _run("quantize", "--model", model_dir, "--method", "rtn", "--output", out) == 2
+    assert run_cli("quantize", "--model", model_dir, "--method", "rtn", "--output", out) == 2
     again = tmp_path / "again"
     assert (
-        _run(
+        run_cli(
             "quantize", "--model", model_dir, "--scales", out / "search.safetensors", "--output", again, "--no-progress"
         )
         == 0
@@ -79,7 +66,8 @@ def test_recipe_stands_for_flags(model_dir, tmp_path):
     recipe.write_text("method: awq\nwbits: 4\ngroup_size: 32\nn_samples: 2\nn_grid: 3\n")
     out = tmp_path / "awq"
     assert (
-        _run("quantize", "--recipe", recipe, "--model", model_dir, "--wbits", 3, "--output", out, "--no-progress") == 0
+        run_cli("quantize", "--recipe", recipe, "--model", model_dir, "--wbits", 3, "--output", out, "--no-progress")
+        == 0
     )
     config = json.loads((out / "report.json").read_text())["config"]
     assert (config["method"], config["wbits"], config["n_grid"]) == ("awq", 3, 3)  # the flag wins
@@ -96,7 +84,7 @@ def test_recipe_stands_for_flags(model_dir, tmp_path):
     ids=["bits", "group-size", "qig-option-on-awq", "missing-calib"],
 )
 def test_bad_input_is_one_line_error(model_dir, tmp_path, capsys, argv, message):
-    assert _run("quantize", "--model", model_dir, "--output", tmp_path / "o", *argv) == 2
+    assert run_cli("quantize", "--model", model_dir, "--output", tmp_path / "o", *argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
 
@@ -104,7 +92,7 @@ def test_bad_input_is_one_line_error(model_dir, tmp_path, capsys, argv, message)
 def test_unknown_recipe_key_is_refused(model_dir, tmp_path, capsys):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: qig\nbitz: 3\n")
-    assert _run("quantize", "--recipe", recipe, "--output", tmp_path / "o") == 2
+    assert run_cli("quantize", "--recipe", recipe, "--output", tmp_path / "o") == 2
     assert "unknown key(s) bitz" in capsys.readouterr().err
 
 
@@ -118,7 +106,7 @@ def test_weight_only_flow_on_the_embedded_model(tmp_path):
     start = time.perf_counter()
     out = tmp_path / "qig-w3"
     assert (
-        _run(
+        run_cli(
             "quantize",
             "--method",
             "qig",
@@ -152,7 +140,7 @@ def test_weight_only_flow_on_the_embedded_model(tmp_path):
 def test_gptq_runs_from_the_cli(model_dir, tmp_path, capsys, argv, expected):
     out = tmp_path / "out"
     common = ["--model", model_dir, "--wbits", 3, "--group-size", 32, "--n-samples", 4, "--no-progress"]
-    assert _run("quantize", *common, *argv, "--output", out) == 0
+    assert run_cli("quantize", *common, *argv, "--output", out) == 0
     config = json.loads((out / "report.json").read_text())["config"]
     assert {k: v["method"] if isinstance(v := config[k], dict) else v for k in expected} == expected
     if "--act-order" in argv:
@@ -163,7 +151,7 @@ def test_gptq_runs_from_the_cli(model_dir, tmp_path, capsys, argv, expected):
     # a GPTQ run is not re-applied from its scales alone
     if expected["method"] == "awq":
         again = tmp_path / "again"
-        assert _run("quantize", "--model", model_dir, "--scales", out, "--output", again) == 2
+        assert run_cli("quantize", "--model", model_dir, "--scales", out, "--output", again) == 2
         assert "needs calibration data" in capsys.readouterr().err
 
 
@@ -191,6 +179,6 @@ def test_gptq_runs_from_the_cli(model_dir, tmp_path, capsys, argv, expected):
     ],
 )
 def test_bad_gptq_combinations_are_one_line_errors(model_dir, tmp_path, capsys, argv, message):
-    assert _run("quantize", "--model", model_dir, "--group-size", 32, "--output", tmp_path / "o", *argv) == 2
+    assert run_cli("quantize", "--model", model_dir, "--group-size", 32, "--output", tmp_path / "o", *argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()

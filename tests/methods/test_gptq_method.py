@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from _tiny import calibration, tiny_llava
+from _tiny import tiny_llava
 
 import qig
 from qig.errors import QigError
@@ -13,22 +13,6 @@ from qig.quant.gptq import GPTQSettings
 from qig.quant.spec import dequantize, quantize_with
 
 SETTING = dict(wbits=3, group_size=32)
-
-
-@pytest.fixture(scope="module")
-def calib():
-    return calibration(8, seed=0)
-
-
-@pytest.fixture(scope="module")
-def held_out():
-    return next(calibration(8, seed=1).batches(8))
-
-
-@pytest.fixture(scope="module")
-def fp_logits(held_out):
-    with torch.no_grad():
-        return tiny_llava(outliers=True)(**held_out.inputs).logits
 
 
 def _run(config, calib, **model_kw):

@@ -1,30 +1,13 @@
 """The methods on a tiny model with outlier channels: error ordering, determinism, token weights."""
 
-import pytest
 import torch
-from _tiny import calibration, tiny_llava
+from _tiny import tiny_llava
 
 import qig
 from qig.calib import ANSWER, PROMPT, VISION
 from qig.methods import AWQConfig, MBQConfig, QIGConfig, RTNConfig
 
 SETTING = dict(wbits=3, group_size=32)
-
-
-@pytest.fixture(scope="module")
-def calib():
-    return calibration(8, seed=0)
-
-
-@pytest.fixture(scope="module")
-def held_out():
-    return next(calibration(8, seed=1).batches(8))
-
-
-@pytest.fixture(scope="module")
-def fp_logits(held_out):
-    with torch.no_grad():
-        return tiny_llava(outliers=True)(**held_out.inputs).logits
 
 
 def _error(config, calib, held_out, fp_logits):
