@@ -63,23 +63,8 @@ def child(args) -> int:
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as tmp:
-        argv = [
-            "quantize",
-            *row_flags(args.child),
-            "--wbits",
-            str(args.wbits),
-            "--group-size",
-            str(args.group_size),
-            "--n-samples",
-            str(args.n_samples),
-            "--device",
-            args.device,
-            "--output",
-            os.path.join(tmp, "out"),
-            "--no-progress",
-        ]
-        if args.model:
-            argv += ["--model", args.model]
+        argv = ["quantize", *row_flags(args.child), *_setting_flags(args)]
+        argv += ["--output", os.path.join(tmp, "out"), "--no-progress"]
         t = time.perf_counter()
         with open(os.devnull, "w") as devnull:
             stdout, sys.stdout = sys.stdout, devnull
@@ -107,6 +92,13 @@ def child(args) -> int:
     return rc
 
 
+def _setting_flags(args) -> list[str]:
+    """The flags shared by the benchmark and the ``qig quantize`` run of each row."""
+    flags = ["--wbits", str(args.wbits), "--group-size", str(args.group_size)]
+    flags += ["--n-samples", str(args.n_samples), "--device", args.device]
+    return flags + (["--model", args.model] if args.model else [])
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
@@ -125,22 +117,7 @@ def main(argv=None) -> int:
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
     for r in range(args.repeats):
         for m in args.methods:
-            cmd = [
-                sys.executable,
-                os.path.abspath(__file__),
-                "--child",
-                m,
-                "--wbits",
-                str(args.wbits),
-                "--group-size",
-                str(args.group_size),
-                "--n-samples",
-                str(args.n_samples),
-                "--device",
-                args.device,
-            ]
-            if args.model:
-                cmd += ["--model", args.model]
+            cmd = [sys.executable, os.path.abspath(__file__), "--child", m, *_setting_flags(args)]
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 print(proc.stderr[-3000:], file=sys.stderr)
