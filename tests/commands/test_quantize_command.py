@@ -182,3 +182,12 @@ def test_bad_gptq_combinations_are_one_line_errors(model_dir, tmp_path, capsys, 
     assert run_cli("quantize", "--model", model_dir, "--group-size", 32, "--output", tmp_path / "o", *argv) == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "o").exists()
+
+
+def test_group_size_not_dividing_the_model_is_refused_before_writing(model_dir, tmp_path, capsys):
+    out = tmp_path / "bad"
+    rc = run_cli("quantize", "--model", model_dir, "--method", "awq", "--group-size", 100, "--output", out)
+    assert rc == 2
+    err = capsys.readouterr().err
+    assert "group_size 100 does not divide in_features" in err and "Traceback" not in err
+    assert not out.exists() and not list(tmp_path.glob(".bad*"))

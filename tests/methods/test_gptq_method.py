@@ -131,3 +131,11 @@ def test_saved_result_holds_gptq_params_and_config_round_trips(calib, tmp_path):
 def test_invalid_combinations_are_refused(make, message):
     with pytest.raises(QigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         make()
+
+
+def test_gptq_block_size_is_checked_only_where_gptq_runs():
+    # A group size GPTQ's default block cannot pair with is still fine for an RTN-quantized search...
+    assert QIGConfig(wbits=3, group_size=96).gptq_settings is None
+    # ...and refused as soon as GPTQ would run with it.
+    with pytest.raises(QigError, match="must divide one another"):
+        QIGConfig(wbits=3, group_size=96, quantizer="gptq")

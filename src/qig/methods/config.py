@@ -106,7 +106,7 @@ class SearchConfig(QuantConfig):
         _positive_int("n_grid", self.n_grid)
         _choice("loss", self.loss, LOSSES)
         _choice("quantizer", self.quantizer, QUANTIZERS)
-        _gptq_settings(self.gptq, self.spec)
+        _gptq_settings(self.gptq, self.spec if self.quantizer == "gptq" else None)
         if self.quantizer == "rtn" and self.gptq != GPTQSettings():
             raise QigError(f"GPTQ settings {self.gptq} were given but quantizer is 'rtn'; pass quantizer='gptq'")
 
@@ -185,10 +185,12 @@ class QIGConfig(SearchConfig):
         return cls(**fields)
 
 
-def _gptq_settings(value, spec: QuantSpec) -> None:
+def _gptq_settings(value, spec: QuantSpec | None) -> None:
+    """Type-check GPTQ settings; with the spec they will run with (None: unused), check the block size too."""
     if not isinstance(value, GPTQSettings):
         raise QigError(f"gptq must be a GPTQSettings(block_size=..., damp=..., act_order=...), got {value!r}")
-    value.check(spec)
+    if spec is not None:
+        value.check(spec)
 
 
 @dataclass(frozen=True)
