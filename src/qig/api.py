@@ -125,7 +125,7 @@ def quantize(
     """
     if not isinstance(config, QuantConfig):
         raise QigError(f"config must be a method config such as QIGConfig(...), got {type(config).__name__}")
-    _check_device(device)
+    check_device(device)
     torch.manual_seed(config.seed)
     model.eval()
     out = run_layerwise(model, config, calib, device=device, scales=scales, progress=progress)
@@ -139,7 +139,8 @@ def quantize(
     )
 
 
-def _check_device(device) -> None:
+def check_device(device) -> None:
+    """Refuse a device torch cannot parse or this machine does not have, saying what to use instead."""
     try:
         dev = torch.device(device)
     except (RuntimeError, TypeError) as exc:

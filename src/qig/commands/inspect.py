@@ -59,7 +59,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from qig.api import _check_device
+    from qig.api import check_device
     from qig.calib import load_calibration
     from qig.evaluate import load_model_and_processor
     from qig.inspect import compute_token_maps, embedded_questions, write_report
@@ -74,7 +74,7 @@ def run(args) -> int:
     if args.image_folder and not args.calib:
         raise QigError("--image-folder goes with --calib (the images of that file)")
     require_matplotlib()
-    _check_device(args.device)
+    check_device(args.device)
     qig_options = {"baseline": args.baseline}
     if args.steps is not None:
         qig_options["steps"] = args.steps
