@@ -26,25 +26,13 @@ import numpy as np
 import torch
 
 from qig import embedded, world
+from qig.calib import embedded_calibration
 from qig.evaluate import evaluate_records, load_model_and_processor
 from qig.fileio import temp_dir_beside
 from qig.quant import QuantSpec
 from qig.quant.rtn import rtn_
 
 RTN_SETTINGS = [("W4A16 g128", QuantSpec(4, 128)), ("W3A16 g128", QuantSpec(3, 128)), ("W2A16 g64", QuantSpec(2, 64))]
-
-
-def calib_batch(processor, n: int = 64):
-    recs = world.generate("calib", n, seed=world.DEFAULT_CALIB_SEED)
-    texts = []
-    for _, rec in recs:
-        msgs = [
-            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": world.CAPTION_PROMPT}]},
-            {"role": "assistant", "content": rec["conversations"][1]["value"]},
-        ]
-        texts.append(processor.apply_chat_template(msgs, tokenize=False))
-    processor.tokenizer.padding_side = "left"
-    return processor(text=texts, images=[im for im, _ in recs], return_tensors="pt", padding=True)
 
 
 def training_stages(trained: Path) -> list[dict]:
@@ -82,7 +70,8 @@ def main() -> None:
     torch.set_num_threads(2)
 
     model, processor = load_model_and_processor(args.trained)
-    batch = calib_batch(processor)
+    # 64 calibration captions, rendered by the same code as a quantization run's calibration data.
+    batch = next(embedded_calibration(processor, n_samples=64).batches(64)).inputs
     with torch.no_grad():
         before = model(**batch).logits
     factors = {}
