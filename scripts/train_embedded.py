@@ -38,24 +38,45 @@ def _patch_labels(scene) -> tuple[list[int], list[int]]:
     return kind, colour
 
 
-def _conversation(rng, caption_frac: float, max_turns: int):
-    """One training sample: a caption, or 1..max_turns questions about the same scene."""
+def _referents(scene, question: str) -> list:
+    """The objects a question is about (targets of the pointer loss); [] for counting and absent objects."""
+    words = question.rstrip("?").split()
+    if question.startswith("what colour is"):
+        return [o for o in scene.objects if o.name == words[-1]]
+    if question.startswith(("what shape is", "which digit is")):
+        kind = "shape" if "shape" in words else "digit"
+        return [o for o in scene.objects if o.colour == words[-1] and o.kind == kind]
+    if "sum" in words:
+        return [o for o in scene.objects if o.kind == "digit"]
+    return [o for o in scene.objects if f" {o.phrase} " in f" {question.rstrip('?')} "]
+
+
+def _conversation(rng, caption_frac: float, max_turns: int, fill_turns: bool = False):
+    """One training sample: a caption, or 1..max_turns questions about the same scene.
+
+    With ``fill_turns`` every conversation asks ``max_turns`` distinct questions
+    when the scene supports that many: more supervised answers per encoded image.
+    """
     if rng.random() < caption_frac:
         scene = world.sample_scene(rng, "train")
         return scene, [(CAPTION_PROMPT, world.caption(scene))]
     scene, q, a, _ = world.sample_qa(rng, "train")
     turns = [(q, a)]
-    for _ in range(int(rng.integers(1, max_turns + 1)) - 1):
+    wanted = max_turns if fill_turns else int(rng.integers(1, max_turns + 1))
+    for _ in range(3 * wanted if fill_turns else wanted - 1):
+        if len(turns) >= wanted:
+            break
         qa = world.ask(scene, world.QUESTION_TYPES[int(rng.integers(len(world.QUESTION_TYPES)))], rng)
         if qa is not None and qa[0] not in {t[0] for t in turns}:  # never the same question twice
             turns.append(qa)
     return scene, turns
 
 
-def _batch(rng, processor, batch_size: int, caption_frac: float, max_turns: int = 1):
-    images, texts, kinds, colours = [], [], [], []
+def _batch(rng, processor, batch_size: int, caption_frac: float, max_turns: int = 1, fill_turns: bool = False):
+    images, texts, kinds, colours, cells = [], [], [], [], []
     for _ in range(batch_size):
-        scene, turns = _conversation(rng, caption_frac, max_turns)
+        scene, turns = _conversation(rng, caption_frac, max_turns, fill_turns)
+        cells.append([[o.row * world.GRID + o.col for o in _referents(scene, q)] for q, _ in turns])
         images.append(world.render(scene, rng))
         k, c = _patch_labels(scene)
         kinds.append(k)
@@ -73,14 +94,28 @@ def _batch(rng, processor, batch_size: int, caption_frac: float, max_turns: int 
     start, end = tok.convert_tokens_to_ids("<|im_start|>"), tok.convert_tokens_to_ids("<|im_end|>")
     assistant = tok.convert_tokens_to_ids("assistant")
     labels = torch.full_like(ids, -100)
+    # Pointer targets: (sample, position predicting an answer, 36-way target distribution over patches).
+    pointer_rows, pointer_pos, pointer_target = [], [], []
     for b in range(ids.shape[0]):
         row = ids[b].tolist()
+        turn = 0
         for i in range(len(row) - 2):
             if row[i] == start and row[i + 1] == assistant:
                 e = row.index(end, i + 3)
                 labels[b, i + 3 : e + 1] = ids[b, i + 3 : e + 1]
+                refs = cells[b][turn] if turn < len(cells[b]) else []
+                if refs and texts[b].count(CAPTION_PROMPT) == 0:
+                    target = torch.zeros(world.GRID**2)
+                    target[refs] = 1.0 / len(refs)
+                    pointer_rows.append(b)
+                    pointer_pos.append(i + 2)
+                    pointer_target.append(target)
+                turn += 1
     enc["labels"] = labels
-    return enc, torch.tensor(kinds), torch.tensor(colours)
+    pointer = (
+        (torch.tensor(pointer_rows), torch.tensor(pointer_pos), torch.stack(pointer_target)) if pointer_rows else None
+    )
+    return enc, torch.tensor(kinds), torch.tensor(colours), pointer
 
 
 def main() -> None:
@@ -101,6 +136,16 @@ def main() -> None:
         help="average the loss per sample, then over samples (questions weigh as much as captions)",
     )
     ap.add_argument("--max-turns", type=int, default=1, help="questions per training conversation (1..N)")
+    ap.add_argument("--fill-turns", action="store_true", help="always ask --max-turns questions when possible")
+    ap.add_argument(
+        "--pointer-weight",
+        type=float,
+        default=0.0,
+        help="weight of the pointer loss: from the position that predicts an answer, a discarded "
+        "query/key head must point at the patch of the object the question is about",
+    )
+    ap.add_argument("--pointer-layer", type=int, default=3, help="decoder layer whose output the pointer reads")
+    ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (about 1.4x faster on AVX512-BF16 CPUs)")
     ap.add_argument("--init", default=None, help="start from this checkpoint (a previous stage) instead of scratch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -122,8 +167,14 @@ def main() -> None:
     # supervision teaches the vision tower long before the language loss alone would.
     hidden = model.config.text_config.hidden_size
     aux = torch.nn.ModuleDict(
-        {"kind": torch.nn.Linear(hidden, len(KINDS)), "colour": torch.nn.Linear(hidden, len(COLOURS))}
+        {
+            "kind": torch.nn.Linear(hidden, len(KINDS)),
+            "colour": torch.nn.Linear(hidden, len(COLOURS)),
+            "query": torch.nn.Linear(hidden, 64),
+            "key": torch.nn.Linear(hidden, 64),
+        }
     )
+    image_token = model.config.image_token_id
     projected = {}
     model.model.multi_modal_projector.register_forward_hook(lambda _m, _a, out: projected.__setitem__("x", out))
     params = list(model.named_parameters()) + list(aux.named_parameters())
@@ -155,18 +206,32 @@ def main() -> None:
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        batch, kinds, colours = _batch(rng, processor, args.batch_size, args.caption_frac, args.max_turns)
-        if args.sample_mean:
-            labels = batch.pop("labels")
-            logits = model(**batch).logits[:, :-1].float()  # [B, T-1, V]
-            target = labels[:, 1:]
-            ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [B, T-1]
-            valid = (target != -100).float()
-            loss = lm_loss = ((ce * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
-        else:
-            loss = lm_loss = model(**batch).loss
+        batch, kinds, colours, pointer = _batch(
+            rng, processor, args.batch_size, args.caption_frac, args.max_turns, args.fill_turns
+        )
+        use_pointer = args.pointer_weight > 0 and pointer is not None
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
+            if args.sample_mean:
+                labels = batch.pop("labels")
+                out_ = model(**batch, output_hidden_states=use_pointer)
+                logits = out_.logits[:, :-1].float()  # [B, T-1, V]
+                target = labels[:, 1:]
+                ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), target, reduction="none")  # [B, T-1]
+                valid = (target != -100).float()
+                loss = lm_loss = ((ce * valid).sum(1) / valid.sum(1).clamp(min=1)).mean()
+            else:
+                out_ = model(**batch, output_hidden_states=use_pointer)
+                loss = lm_loss = out_.loss
+            if use_pointer:
+                h = out_.hidden_states[args.pointer_layer].float()  # [B, T, H]
+                h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)  # unit RMS: the loss cannot grow norms
+                rows, pos, target = pointer
+                vision = h[batch["input_ids"] == image_token].reshape(h.shape[0], -1, hidden)  # [B, 36, H]
+                scores = torch.einsum("nd,npd->np", aux["query"](h[rows, pos]), aux["key"](vision[rows])) / 8.0
+                pointer_loss = -(target * scores.log_softmax(-1)).sum(-1).mean()
+                loss = loss + args.pointer_weight * pointer_loss
         if progress(step) < args.aux_until:
-            x = projected["x"].reshape(len(kinds), -1, hidden)  # [B, 36, H]
+            x = projected["x"].float().reshape(len(kinds), -1, hidden)  # [B, 36, H]
             aux_loss = torch.nn.functional.cross_entropy(aux["kind"](x).flatten(0, 1), kinds.flatten())
             aux_loss = aux_loss + torch.nn.functional.cross_entropy(aux["colour"](x).flatten(0, 1), colours.flatten())
             loss = loss + args.aux_weight * aux_loss
@@ -178,7 +243,8 @@ def main() -> None:
         minutes = (time.time() - t0) / 60
         last = step == args.steps - 1 or minutes >= args.max_minutes
         if step % 25 == 0:
-            print(f"step {step} loss {run_loss:.4f} lr {lr_at(step):.2e} {minutes:.1f} min", flush=True)
+            extra = f" pointer {pointer_loss.item():.3f}" if use_pointer else ""
+            print(f"step {step} loss {run_loss:.4f}{extra} lr {lr_at(step):.2e} {minutes:.1f} min", flush=True)
         if (step + 1) % args.eval_every == 0 or last:
             model.eval()
             res = evaluate_records(model, processor, held, batch_size=128)
