@@ -49,6 +49,7 @@ class ScaleGroup:
     block_output_index: int | None = None
     sublayer_output: str = ""
     needs_matching_shapes: bool = False
+    prev_offset: float = 0.0  # prev is a norm scaling by (prev_offset + weight): Gemma's RMSNorm uses 1 + w
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ class ModelFamily:
     layers: str
     groups: tuple[ScaleGroup, ...]
     keep_fp: tuple[str, ...] = ()
+    adds_between_layers: bool = False
 
     def decoder_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         layers = get_module(model, self.layers)

@@ -20,8 +20,14 @@ from qig.errors import QigError
 
 
 @torch.no_grad()
-def fold_scales_(prev: torch.nn.Module, linears: Sequence[torch.nn.Linear], scales: torch.Tensor) -> None:
-    """Divide ``prev``'s output channels by ``scales`` [C]; multiply the linears' input columns by it."""
+def fold_scales_(
+    prev: torch.nn.Module, linears: Sequence[torch.nn.Linear], scales: torch.Tensor, offset: float = 0.0
+) -> None:
+    """Divide ``prev``'s output channels by ``scales`` [C]; multiply the linears' input columns by it.
+
+    offset: a norm that multiplies by ``offset + weight`` (Gemma's RMSNorm: ``1 + w``) gets
+    ``w' = (offset + w) / s - offset``, so that its factor is divided by ``s``.
+    """
     weight = getattr(prev, "weight", None)
     if weight is None:
         raise QigError(f"cannot fold a scale into {type(prev).__name__}: it has no weight to absorb 1/s")
@@ -29,7 +35,7 @@ def fold_scales_(prev: torch.nn.Module, linears: Sequence[torch.nn.Linear], scal
     if weight.shape[0] != C:
         raise QigError(f"scale of {C} channels does not match the {weight.shape[0]} outputs of {type(prev).__name__}")
     if weight.dim() == 1:  # norm: weight [C]
-        weight.div_(scales.to(weight))
+        weight.add_(offset).div_(scales.to(weight)).sub_(offset)
     else:  # linear: weight [C, in]
         weight.div_(scales.to(weight).view(-1, 1))
     bias = getattr(prev, "bias", None)
