@@ -105,9 +105,27 @@ class CalibrationSet:
                 fill = self.pad_token_id if key == "input_ids" else 0
                 inputs[key] = torch.stack([_pad_to(p[0], T, fill) for p in parts])  # [b, T]
             else:
-                inputs[key] = torch.cat(parts, dim=0)  # images / patches of the batch, in order
+                inputs[key] = _cat_padded(parts)  # images / patches of the batch, in order
         roles = torch.stack([_pad_to(s.roles, T, PAD) for s in samples])  # [b, T]
         return CalibBatch(inputs, roles, [s.id for s in samples])
+
+
+def _cat_padded(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate along dim 0, zero-padding the other dims to the largest (tiles per sample differ).
+
+    Zero padding is what the processors themselves do for a batch: LLaVA-NeXT /
+    OneVision pad the tiles of each image, Idefics3 / SmolVLM the images of each
+    sample (all-zero images are dropped by the model).
+    """
+    shape = [max(p.shape[d] for p in parts) for d in range(1, parts[0].dim())]
+    padded = []
+    for p in parts:
+        if list(p.shape[1:]) != shape:
+            q = p.new_zeros((p.shape[0], *shape))
+            q[tuple(slice(0, n) for n in p.shape)] = p
+            p = q
+        padded.append(p)
+    return torch.cat(padded, dim=0)
 
 
 def _pad_to(x: torch.Tensor, length: int, fill: int) -> torch.Tensor:
@@ -124,13 +142,16 @@ def embedded_calibration(
     seed: int | None = None,
     max_length: int = DEFAULT_MAX_LENGTH,
     image_seq_length: int | None = None,
+    image_token_id: int | None = None,
 ) -> CalibrationSet:
     """The embedded world's calibration split (image captions), rendered by ``processor``."""
     from qig import world
 
     _check_n(n_samples)
     pairs = world.generate("calib", n_samples, world.DEFAULT_CALIB_SEED if seed is None else seed)
-    return from_records(pairs, processor, max_length=max_length, image_seq_length=image_seq_length)
+    return from_records(
+        pairs, processor, max_length=max_length, image_seq_length=image_seq_length, image_token_id=image_token_id
+    )
 
 
 def load_calibration(
@@ -141,6 +162,7 @@ def load_calibration(
     seed: int = 0,
     max_length: int = DEFAULT_MAX_LENGTH,
     image_seq_length: int | None = None,
+    image_token_id: int | None = None,
 ) -> CalibrationSet:
     """Read a LLaVA-style JSON/JSONL (or plain text JSONL), shuffle with ``seed``, keep ``n_samples``.
 
@@ -156,7 +178,9 @@ def load_calibration(
     chosen = [records[i] for i in order[:n_samples]]  # shuffled order, fixed by the seed
     folder = Path(image_folder) if image_folder is not None else path.parent
     pairs = [(_load_images(rec, i, folder, path), rec) for i, rec in chosen]
-    return from_records(pairs, processor, max_length=max_length, image_seq_length=image_seq_length)
+    return from_records(
+        pairs, processor, max_length=max_length, image_seq_length=image_seq_length, image_token_id=image_token_id
+    )
 
 
 def read_records(path: Path) -> list[tuple[int, dict]]:
@@ -242,18 +266,30 @@ def from_records(
     processor,
     max_length: int = DEFAULT_MAX_LENGTH,
     image_seq_length: int | None = None,
+    image_token_id: int | None = None,
 ) -> CalibrationSet:
-    """Render (images, record) pairs; images: a PIL image, a list of them, or None (text)."""
+    """Render (images, record) pairs; images: a PIL image, a list of them, or None (text).
+
+    image_token_id: the token whose positions the model fills with image features
+    (``qig.models.family_for(model).vision_token_id(model, processor)``); default:
+    the processor's image token. They differ for Gemma 3, whose processor calls the
+    begin-of-image marker its image token.
+    """
     tok = getattr(processor, "tokenizer", processor)
     if tok.pad_token_id is None:
         raise QigError("the tokenizer has no pad token; set one (e.g. the eos token) before calibrating")
+    if image_token_id is None:
+        image_token_id = _image_token_id(processor)
     samples = [
-        _render(images, rec, i, processor, max_length, image_seq_length) for i, (images, rec) in enumerate(pairs)
+        _render(images, rec, i, processor, max_length, image_seq_length, image_token_id)
+        for i, (images, rec) in enumerate(pairs)
     ]
     return CalibrationSet(samples, pad_token_id=tok.pad_token_id)
 
 
-def _render(images, rec: dict, i: int, processor, max_length: int, image_seq_length: int | None) -> Sample:
+def _render(
+    images, rec: dict, i: int, processor, max_length: int, image_seq_length: int | None, image_token_id: int | None
+) -> Sample:
     sid = str(rec.get("id", i))
     tok = getattr(processor, "tokenizer", processor)
     if images is not None and not isinstance(images, list | tuple):
@@ -282,7 +318,6 @@ def _render(images, rec: dict, i: int, processor, max_length: int, image_seq_len
     end = eos[0] + 1 if eos else ids.numel()  # the answer includes its end token
     roles = torch.full_like(ids, PROMPT, dtype=torch.int8)
     roles[start:end] = ANSWER
-    image_token_id = _image_token_id(processor)
     n_images = len(images or [])
     if image_token_id is not None:
         roles[ids == image_token_id] = VISION
@@ -339,6 +374,12 @@ def _truncate(
     sample: Sample, max_length: int, image_token_id: int | None, n_images: int, image_seq_length: int | None
 ) -> Sample:
     T = sample.roles.numel()
+    if T > max_length and image_seq_length is None and (sample.roles[max_length:] == VISION).any():
+        raise QigError(
+            f"sample {sample.id}: the length cap {max_length} cuts through its image tokens (it has {T} tokens, "
+            f"the last image token at position {int((sample.roles == VISION).nonzero().max())}); the model needs "
+            "all of an image's tokens: raise the length cap (--max-length) or use smaller images"
+        )
     if T > max_length:
         log.warning("sample %s has %d tokens; keeping the first %d (length cap)", sample.id, T, max_length)
         for k, v in list(sample.inputs.items()):

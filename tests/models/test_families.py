@@ -5,7 +5,7 @@ import torch
 from _tiny import tiny_llava
 
 from qig.errors import QigError
-from qig.models import family_for
+from qig.models import FAMILIES, family_for
 
 
 @pytest.mark.parametrize(
@@ -39,6 +39,32 @@ def test_unknown_type_with_llama_names_falls_back():
     assert fam.name.startswith("llama-names")
 
 
-def test_unsupported_model_is_refused():
-    with pytest.raises(QigError, match="not supported"):
+def test_unsupported_model_gets_the_listing_of_families():
+    with pytest.raises(QigError, match="Linear .model type None. is not supported") as err:
         family_for(torch.nn.Linear(2, 2))
+    message = str(err.value)
+    for fam in FAMILIES:
+        assert f"{fam.name} ({', '.join(fam.classes)})" in message
+    assert "to add a family, append a ModelFamily entry to FAMILIES" in message
+
+
+def test_a_known_type_with_other_layer_names_is_not_forced_into_its_entry():
+    """InternVL2 with a Qwen2 LM (internvl_chat, Llama names): the fallback, not the InternLM2 entry."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    lm = Qwen2ForCausalLM(
+        Qwen2Config(
+            vocab_size=32,
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=2,
+            num_key_value_heads=2,
+        )
+    )
+    chat = torch.nn.Module()
+    chat.language_model = lm
+    chat.config = type("Config", (), {"model_type": "internvl_chat"})()
+    fam = family_for(chat)
+    assert fam.name == "llama-names:internvl_chat"
+    assert fam.layers == "language_model.model.layers"
