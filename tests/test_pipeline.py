@@ -76,3 +76,38 @@ def test_gptq_hessians_see_the_inputs_of_the_final_quantized_model(monkeypatch):
     real = batch.roles != 0
     for x_gptq, x_final in zip(seen, final, strict=True):
         assert torch.allclose(x_gptq[real], x_final[real], atol=1e-5)
+
+
+def test_wa_search_sees_the_inputs_of_the_quantized_model(monkeypatch):
+    """W-A: each layer's x^q is its input in the finished W-A model (weights and activations quantized below)."""
+    from qig import pipeline
+    from qig.pipeline import activation_quantization
+
+    seen = {}
+    search = pipeline.search_scales
+
+    def recording(ctx, weights, *args):
+        found = search(ctx, weights, *args)
+        seen[(ctx.layer_index, ctx.group.name)] = (ctx.x[0].clone(), ctx.xq[0].clone(), found.scales)
+        return found
+
+    monkeypatch.setattr(pipeline, "search_scales", recording)
+    model, calib = tiny_llava(layers=3, outliers=True), calibration(4)
+    qig.quantize(model, AWQConfig(wbits=4, abits=8, group_size=None, n_grid=4), calib, progress=False)
+    spec, n = activation_quantization(model)
+    assert spec.bits == 8 and n == 3 * 7  # q k v o gate up down in each layer
+
+    final = []
+    for layer in family_for(model).decoder_layers(model):
+        # prepend: the input as the linear receives it, before its own activation quantizer
+        layer.self_attn.q_proj.register_forward_pre_hook(lambda _m, a: final.append(a[0]), prepend=True)
+    batch = next(calib.batches(4))
+    with torch.no_grad():
+        model(**batch.inputs)
+    real = batch.roles != 0
+    for li, x_final in enumerate(final):
+        x, xq, s = seen[(li, "attn_in")]
+        # the search saw the group's input before its own fold; the model divides it by s
+        assert torch.allclose((xq / s)[real], x_final[real], rtol=1e-4, atol=1e-5)
+        if li > 0:  # the streams have diverged: x^q is not the FP input
+            assert not torch.allclose(xq[real], x[real], rtol=1e-3, atol=1e-3)

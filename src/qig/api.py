@@ -12,8 +12,31 @@ GPTQ is a quantizer as well as a method: ``qig.GPTQConfig(wbits=3)`` (plain),
 ``qig.GPTQConfig.weighted_by("qig", wbits=3)`` (QIG-weighted Hessian), and
 ``qig.QIGConfig(wbits=3, quantizer="gptq")`` (QIG's scale search, then GPTQ).
 
+Weight-activation modes (``abits`` below 16: W4A8, W8A8, W4A4) with RTN,
+SmoothQuant, AWQ, MBQ or QIG: ``qig.QIGConfig(wbits=4, abits=8, group_size=None)``;
+weights per output channel, symmetric; activations per token, symmetric,
+quantized at run time by quantizers installed on the decoder linears.
+
 The model is quantized in place (fake-quantized weights, same architecture),
 so ``model.save_pretrained`` writes a folder any transformers code can load.
+Its ``config.json`` records the quantization under ``qig_quantization``
+(also ``model.config.qig_quantization`` in memory), the entry that
+``qig.evaluate.load_model_and_processor`` reads to re-install the activation
+quantizers of a W-A model, and that exporters read::
+
+    "qig_quantization": {
+        "format": "fake-quant",          # weights stored dequantized, in the model's dtype
+        "method": "qig",                 # the config's name
+        "wbits": 4,                      # weight bits
+        "group_size": null,              # input channels per weight scale; null: per output channel
+        "weight_symmetric": true,        # symmetric abs-max (W-A) or asymmetric min-max (weight-only)
+        "abits": 8,                      # activation bits; 16: activations not quantized (weight-only)
+        "activations": "per-token symmetric dynamic",   # or "none" when abits is 16
+        "quantized_modules": "decoder linears"          # which linears carry both quantizers
+    }
+
+``search.json`` and ``report.json`` hold the whole config (``abits`` included)
+under ``"config"``.
 """
 
 from __future__ import annotations
@@ -36,6 +59,7 @@ from qig.pipeline import GroupRecord, run_layerwise
 
 log = logging.getLogger(__name__)
 
+CONFIG_KEY = "qig_quantization"  # the model config entry described above
 SEARCH_TENSORS = "search.safetensors"
 SEARCH_JSON = "search.json"
 REPORT_JSON = "report.json"
@@ -129,6 +153,8 @@ def quantize(
     torch.manual_seed(config.seed)
     model.eval()
     out = run_layerwise(model, config, calib, device=device, scales=scales, progress=progress)
+    if getattr(model, "config", None) is not None:
+        setattr(model.config, CONFIG_KEY, quantization_entry(config))
     return QuantizationResult(
         config=config,
         groups=out.groups,
@@ -137,6 +163,25 @@ def quantize(
         roles=out.roles,
         quantized=out.quantized,
     )
+
+
+def quantization_entry(config: QuantConfig) -> dict:
+    """The ``qig_quantization`` entry of a quantized model's config (keys in the module docstring).
+
+    >>> quantization_entry(qig.RTNConfig(wbits=8, abits=8, group_size=None))["activations"]  # doctest: +SKIP
+    'per-token symmetric dynamic'
+    """
+    spec = config.spec
+    return {
+        "format": "fake-quant",
+        "method": config.name,
+        "wbits": spec.bits,
+        "group_size": spec.group_size,
+        "weight_symmetric": spec.symmetric,
+        "abits": config.abits,
+        "activations": "per-token symmetric dynamic" if config.act_spec is not None else "none",
+        "quantized_modules": "decoder linears",
+    }
 
 
 def check_device(device) -> None:

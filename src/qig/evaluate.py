@@ -9,6 +9,11 @@ Greedy generation on the embedded world's eval split (or a LLaVA-style JSON
 file), exact match after lower-casing and trimming. With a reference model it
 also reports answer agreement and the mean KL(reference || model) of the
 next-token distributions at the gold answer's positions (teacher forcing).
+
+A weight-activation model folder (``qig quantize --abits 8``: its config.json
+has a ``qig_quantization`` entry with ``abits`` below 16) is loaded with its
+per-token activation quantizers re-installed on the decoder linears, so it is
+evaluated with activations really quantized at run time.
 """
 
 from __future__ import annotations
@@ -30,7 +35,10 @@ MAX_NEW_TOKENS = 6
 
 
 def load_model_and_processor(model_dir: str | os.PathLike | None = None, device: str = "cpu", dtype=torch.float32):
-    """Load an LVLM and its processor from a local folder (offline); default: the embedded model."""
+    """Load an LVLM and its processor from a local folder (offline); default: the embedded model.
+
+    A W-A quantized folder gets its activation quantizers back (see the module doc).
+    """
     from safetensors import SafetensorError
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
@@ -57,7 +65,41 @@ def load_model_and_processor(model_dir: str | os.PathLike | None = None, device:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise QigError(f"could not load the model in {path}: {exc.__class__.__name__}: {exc}") from exc
+    abits = _saved_abits(config, path)
+    if abits < 16:
+        from qig.pipeline import install_activation_quantizers
+        from qig.quant.spec import activation_spec
+
+        n = install_activation_quantizers(model, activation_spec(abits))
+        log.info("%s: W-A model, activations quantized at run time (per token, %d bits) on %d linears", path, abits, n)
     return model.to(device).eval(), processor
+
+
+def _saved_abits(config: dict, path: Path) -> int:
+    """The activation bits recorded by ``qig quantize`` in config.json (16 when none are recorded)."""
+    from qig.api import CONFIG_KEY
+
+    entry = config.get(CONFIG_KEY)
+    if entry is None:
+        return 16
+    abits = entry.get("abits", 16) if isinstance(entry, dict) else None
+    if not isinstance(abits, int) or isinstance(abits, bool) or not 4 <= abits <= 16:
+        raise QigError(
+            f"{path / 'config.json'}: {CONFIG_KEY}.abits must be an integer from 4 to 16, got {abits!r}; "
+            "re-run qig quantize, or remove the entry to load the weights without activation quantization"
+        )
+    return abits
+
+
+def activation_note(model) -> str | None:
+    """How the model quantizes its activations at run time, in words; None when it does not."""
+    from qig.pipeline import activation_quantization
+
+    found = activation_quantization(model)
+    if found is None:
+        return None
+    spec, n = found
+    return f"activations quantized at run time: per-token symmetric {spec.bits}-bit on {n} decoder linears"
 
 
 def _prompt(processor, question: str, answer: str | None = None) -> str:
@@ -204,6 +246,7 @@ def run_eval(
     if reference_dir is not None:
         reference = load_model_and_processor(reference_dir, device)
     report = evaluate_records(model, processor, records, batch_size, reference)
+    report["activations"] = activation_note(model)
     report["model"] = str(model_dir) if model_dir is not None else "embedded"
     report["seed"] = seed if data is None else None
     report["reference"] = str(reference_dir) if reference_dir is not None else None
@@ -212,7 +255,8 @@ def run_eval(
 
 
 def format_table(report: dict) -> str:
-    lines = [f"{'type':<10} {'n':>5} {'accuracy':>9}"]
+    lines = [report["activations"]] if report.get("activations") else []
+    lines.append(f"{'type':<10} {'n':>5} {'accuracy':>9}")
     for k, v in report["per_type"].items():
         lines.append(f"{k:<10} {v['n']:>5} {100 * v['accuracy']:>8.1f}%")
     lines.append(f"{'overall':<10} {report['n']:>5} {100 * report['accuracy']:>8.1f}%")

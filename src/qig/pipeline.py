@@ -12,6 +12,12 @@
    Hessians from x^q, see :func:`gptq_layer_`), then push x^q through the
    quantized layer.
 
+Weight-activation modes (``config.act_spec`` set) always carry x^q: the
+finished layers run with quantized weights and per-token activation
+quantizers on their linears (installed for good, see
+:func:`install_activation_quantizers`), the finished groups of the current
+layer likewise, and the search scores candidates on x^q against f(x).
+
     >>> result = run_layerwise(model, AWQConfig(wbits=3), calib, device="cpu")  # doctest: +SKIP
 """
 
@@ -34,6 +40,12 @@ from qig.errors import QigError
 from qig.methods import GroupContext, QuantConfig, method_for, search_scales
 from qig.methods.config import GPTQConfig, SearchConfig
 from qig.models import ModelFamily, ScaleGroup, family_for, get_module
+from qig.quant.activation import (
+    activation_spec_of,
+    install_activation_quantizer_,
+    quantized_activations,
+    remove_activation_quantizer_,
+)
 from qig.quant.fold import fold_scales_
 from qig.quant.gptq import GPTQSettings, Hessian, gptq_quantize, normalize_token_weights
 from qig.quant.rtn import rtn_
@@ -244,13 +256,20 @@ def _group_context(
     spec,
     done: dict[str, torch.Tensor],
     with_quantized_stream: bool,
+    act_spec: QuantSpec | None = None,
 ) -> GroupContext:
-    """Everything a method needs to weight one group's tokens: its inputs on both streams, roles, block."""
+    """Everything a method needs to weight one group's tokens: its inputs on both streams, roles, block.
+
+    done: quantized weights of the layer's finished groups ("path.weight"); on x^q
+    they run quantized, with their inputs quantized too in W-A modes (``act_spec``).
+    """
     with torch.no_grad():
         x_in = _group_inputs(layer, group, [c.x for c in chunks], chunks, layer_index, {})
         xq_in = None
         if with_quantized_stream:
-            xq_in = _group_inputs(layer, group, [c.xq for c in chunks], chunks, layer_index, done)
+            finished = [get_module(layer, key.removesuffix(".weight")) for key in done]
+            with quantized_activations(finished, act_spec):
+                xq_in = _group_inputs(layer, group, [c.xq for c in chunks], chunks, layer_index, done)
     return GroupContext(
         layer_index=layer_index,
         group=group,
@@ -261,11 +280,40 @@ def _group_context(
         linears={_relative(p, group.block): get_module(layer, p) for p in group.linears},
         run_block=_block_fn(layer, group, chunks, layer_index),
         spec=spec,
+        act_spec=act_spec,
     )
 
 
 def _layer_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     return {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def _decoder_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
+    """The linears the weight quantizer touches: every linear of every decoder layer the family lists."""
+    return [m for layer in family_for(model).decoder_layers(model) for m in _layer_linears(layer).values()]
+
+
+def install_activation_quantizers(model: torch.nn.Module, act_spec: QuantSpec) -> int:
+    """Quantize the inputs of the decoder linears per token at run time (a W-A model); returns how many.
+
+    >>> install_activation_quantizers(model, activation_spec(8))  # doctest: +SKIP
+    42
+    """
+    linears = _decoder_linears(model)
+    for lin in linears:
+        install_activation_quantizer_(lin, act_spec)
+    return len(linears)
+
+
+def remove_activation_quantizers(model: torch.nn.Module) -> int:
+    """Remove every qig activation quantizer from the model's modules; returns how many were removed."""
+    return sum(remove_activation_quantizer_(m) for m in model.modules())
+
+
+def activation_quantization(model: torch.nn.Module) -> tuple[QuantSpec, int] | None:
+    """The activation quantizer on the model's decoder linears and on how many of them, or None."""
+    specs = [s for s in map(activation_spec_of, _decoder_linears(model)) if s is not None]
+    return (specs[0], len(specs)) if specs else None
 
 
 def _weight_stats(weights: list[torch.Tensor], roles: list[torch.Tensor]) -> dict:
@@ -306,11 +354,17 @@ def run_layerwise(
     family = family_for(model)
     method = method_for(config)
     spec = config.spec
+    act_spec = config.act_spec  # W-A modes: per-token activation quantizer; None: weight-only
     gptq = config.gptq_settings
     timings: dict[str, float] = defaultdict(float)
     layers = family.decoder_layers(model)
     for lin_name, lin in ((f"layer 0 {n}", m) for n, m in _layer_linears(layers[0]).items()):
         spec.check(lin.in_features, lin_name)
+    if activation_quantization(model) is not None:
+        raise QigError(
+            "the model already quantizes its activations (it is a W-A quantized model); quantize a fresh FP "
+            "model (load it again), or call qig.pipeline.remove_activation_quantizers first"
+        )
 
     if scales is not None and gptq is not None:
         raise QigError(
@@ -318,12 +372,13 @@ def run_layerwise(
             "needs calibration data; re-run the search with the GPTQ quantizer, or apply the scales with RTN"
         )
     if scales is not None or not (method.searches or gptq is not None):
-        return _apply_without_search(model, family, spec, scales or {}, device, progress, timings)
+        return _apply_without_search(model, family, spec, act_spec, scales or {}, device, progress, timings)
     if calib is None:
         raise QigError(f"{config.name} needs calibration data; pass calib (e.g. qig.calib.embedded_calibration)")
 
     per_group = method.searches or method.weights_tokens  # token weights (and a search) group by group
-    keep_xq = method.needs_quantized_stream or gptq is not None
+    use_xq = method.needs_quantized_stream or act_spec is not None  # group inputs on x^q too
+    keep_xq = use_xq or gptq is not None
     # GPTQ's Hessian: with the weights of the group's own method, or plain (every real token 1).
     weighted_hessian = isinstance(config, GPTQConfig) and method.weights_tokens
     with frozen(model):
@@ -351,7 +406,7 @@ def run_layerwise(
             for group in family.active_groups(layer) if per_group else ():
                 bar.set_postfix_str(f"layer {li} {group.name}")
                 t0 = time.perf_counter()
-                ctx = _group_context(layer, group, chunks, li, search_index, spec, done, method.needs_quantized_stream)
+                ctx = _group_context(layer, group, chunks, li, search_index, spec, done, use_xq, act_spec)
                 timings["group_inputs"] += time.perf_counter() - t0
                 t1 = time.perf_counter()
                 tw = method.token_weights(ctx)
@@ -361,12 +416,14 @@ def run_layerwise(
                 found = None
                 if method.searches:
                     t1 = time.perf_counter()
-                    found = search_scales(ctx, tw.weights, config.n_grid, config.loss)
+                    found = method.scales(ctx, tw.weights)  # closed form (SmoothQuant), or None: the search
+                    if found is None:
+                        found = search_scales(ctx, tw.weights, config.n_grid, config.loss, config.reference_output)
                     timings["search"] += time.perf_counter() - t1
                     fold_scales_(
                         get_module(layer, group.prev), [get_module(layer, p) for p in group.linears], found.scales
                     )
-                if method.needs_quantized_stream:
+                if use_xq:
                     for p in group.linears:
                         done[f"{p}.weight"] = fake_quantize(get_module(layer, p).weight.data, spec)
                 records.append(
@@ -404,6 +461,9 @@ def run_layerwise(
             timings["propagate"] += time.perf_counter() - t
             if gptq is None:
                 rtn_(_layer_linears(layer), spec)
+                if act_spec is not None:
+                    for lin in _layer_linears(layer).values():
+                        install_activation_quantizer_(lin, act_spec)
             else:
                 bar.set_postfix_str(f"layer {li} gptq")
                 t = time.perf_counter()
@@ -561,7 +621,7 @@ def gptq_layer_(
 
 
 @torch.no_grad()
-def _apply_without_search(model, family, spec, scales, device, progress, timings) -> LayerwiseResult:
+def _apply_without_search(model, family, spec, act_spec, scales, device, progress, timings) -> LayerwiseResult:
     layers = family.decoder_layers(model)
     records = []
     known = {(li, g.name) for li, layer in enumerate(layers) for g in family.active_groups(layer)}
@@ -580,6 +640,9 @@ def _apply_without_search(model, family, spec, scales, device, progress, timings
             fold_scales_(get_module(layer, group.prev), [get_module(layer, p) for p in group.linears], s.to(device))
             records.append(GroupRecord(layer=li, group=group.name, scales=s.float().cpu()))
         rtn_(_layer_linears(layer), spec)
+        if act_spec is not None:
+            for lin in _layer_linears(layer).values():
+                install_activation_quantizer_(lin, act_spec)
         layer.to(home)
     timings["quantize"] = time.perf_counter() - t
     return LayerwiseResult(groups=records, timings=dict(timings), method_summary={}, roles=None)

@@ -191,3 +191,46 @@ def test_group_size_not_dividing_the_model_is_refused_before_writing(model_dir, 
     err = capsys.readouterr().err
     assert "group_size 100 does not divide in_features" in err and "Traceback" not in err
     assert not out.exists() and not list(tmp_path.glob(".bad*"))
+
+
+def test_weight_activation_run_is_evaluated_with_quantized_activations(model_dir, tmp_path, capsys):
+    out = tmp_path / "sq"
+    common = ["--model", model_dir, "--n-samples", 4, "--no-progress", "--output", out]
+    assert run_cli("quantize", "--method", "smoothquant", "--wbits", 4, "--abits", 8, "--alpha", 0.6, *common) == 0
+    assert "wrote smoothquant W4A8 per-channel sym model" in capsys.readouterr().out
+    entry = json.loads((out / "config.json").read_text())["qig_quantization"]
+    assert entry["abits"] == 8 and entry["group_size"] is None and entry["method"] == "smoothquant"
+    config = json.loads((out / "report.json").read_text())["config"]
+    assert (config["abits"], config["alpha"], config["group_size"]) == (8, 0.6, None)
+
+    from qig.evaluate import load_model_and_processor
+    from qig.pipeline import activation_quantization
+
+    model, _ = load_model_and_processor(out)
+    spec, n = activation_quantization(model)
+    assert spec.bits == 8 and n == 2 * 7
+    assert activation_quantization(load_model_and_processor(model_dir)[0]) is None
+
+    assert run_cli("eval", "--model", out, "--limit", 4, "--reference", "none") == 0
+    assert "activations quantized at run time: per-token symmetric 8-bit on 14 decoder linears" in (
+        capsys.readouterr().out
+    )
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--method", "rtn", "--abits", "3"], "abits 3 is not supported; use an integer from 4 to 16"),
+        (["--method", "qig", "--abits", "8", "--group-size", "32"], "group_size 32 is not allowed"),
+        (["--method", "gptq", "--abits", "8"], "GPTQ is weight-only here"),
+        (["--method", "mbq", "--abits", "8", "--quantizer", "gptq"], "quantizer 'gptq' is weight-only"),
+        (["--method", "smoothquant"], "give it abits below 16"),
+        (["--method", "qig", "--abits", "8", "--alpha", "0.5"], "--alpha is a SmoothQuant option"),
+    ],
+    ids=["abits-3", "group-size", "gptq", "mbq-gptq", "smoothquant-a16", "alpha-on-qig"],
+)
+def test_bad_weight_activation_combinations_are_one_line_errors(model_dir, tmp_path, capsys, argv, message):
+    assert run_cli("quantize", "--model", model_dir, "--output", tmp_path / "o", *argv) == 2
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err
+    assert not (tmp_path / "o").exists()

@@ -1,6 +1,8 @@
-"""``qig quantize``: weight-only PTQ of an LVLM with RTN, AWQ, MBQ, QIG or GPTQ.
+"""``qig quantize``: PTQ of an LVLM with RTN, SmoothQuant, AWQ, MBQ, QIG or GPTQ.
 
     qig quantize --method qig --wbits 3 --group-size 128 --output out/qig-w3
+    qig quantize --method qig --wbits 4 --abits 8 --output out/qig-w4a8          # weight-activation W4A8
+    qig quantize --method smoothquant --wbits 8 --abits 8 --alpha 0.5 --output out/sq-w8a8
     qig quantize --method gptq --wbits 3 --output out/gptq-w3                   # plain GPTQ
     qig quantize --method gptq --token-weights qig --wbits 3 --output out/g-q   # QIG-weighted Hessian
     qig quantize --method awq --quantizer gptq --wbits 3 --output out/awq-gptq  # AWQ's scales, then GPTQ
@@ -10,7 +12,9 @@
 
 Without ``--calib`` the embedded world's calibration split is used. OUT holds
 the fake-quantized model (``qig eval --model OUT``), ``search.safetensors`` +
-``search.json`` and ``report.json``.
+``search.json`` and ``report.json``. ``--abits`` below 16 is a weight-activation
+mode: weights per output channel (symmetric; no --group-size), activations per
+token, quantized at run time (``qig eval`` re-installs their quantizers).
 """
 
 from __future__ import annotations
@@ -24,7 +28,7 @@ from qig.errors import QigError
 
 log = logging.getLogger(__name__)
 
-METHODS = ("rtn", "awq", "mbq", "qig", "gptq")
+METHODS = ("rtn", "smoothquant", "awq", "mbq", "qig", "gptq")
 TOKEN_WEIGHTS = ("uniform", "awq", "mbq", "qig")  # --token-weights of --method gptq
 
 # Recipe keys (YAML) and their flags; the recipe uses the flag names with '_' for '-'.
@@ -32,7 +36,8 @@ _OPTIONS = {
     "model": None,
     "method": "qig",
     "wbits": 4,
-    "group_size": "128",
+    "abits": 16,
+    "group_size": None,  # 128 in weight-only modes, per-channel in W-A modes
     "calib": None,
     "image_folder": None,
     "n_samples": 128,
@@ -46,6 +51,7 @@ _OPTIONS = {
     "n_grid": 20,
     "loss": "mae",
     "grad_batch_size": 4,
+    "alpha": None,
     "baseline": "quantized",
     "clip": "iqr",
     "steps": None,
@@ -61,12 +67,22 @@ _OPTIONS = {
 
 
 def register(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("quantize", help="weight-only PTQ (RTN, AWQ, MBQ, QIG, GPTQ); writes a loadable model folder")
+    p = sub.add_parser(
+        "quantize", help="PTQ (RTN, SmoothQuant, AWQ, MBQ, QIG, GPTQ; WxA16 or W-A); writes a loadable model folder"
+    )
     p.add_argument("--recipe", default=None, help="YAML file whose keys stand for the flags (e.g. wbits: 3)")
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     p.add_argument("--method", choices=METHODS, default=None, help="default qig")
     p.add_argument("--wbits", type=int, default=None, help="weight bits, 2-8 (default 4)")
-    p.add_argument("--group-size", default=None, help="input channels per scale, or 'channel' (default 128)")
+    p.add_argument(
+        "--abits",
+        type=int,
+        default=None,
+        help="activation bits, 4-16 (default 16: weight-only); e.g. 8 for W4A8/W8A8: per-token, dynamic",
+    )
+    p.add_argument(
+        "--group-size", default=None, help="input channels per scale, or 'channel' (default 128; W-A: channel)"
+    )
     p.add_argument("--calib", default=None, help="LLaVA-style JSON/JSONL or text JSONL (default: embedded split)")
     p.add_argument("--image-folder", default=None, help="images of --calib (default: the file's folder)")
     p.add_argument("--n-samples", type=int, default=None, help="calibration samples (default 128)")
@@ -83,6 +99,7 @@ def register(sub) -> argparse.ArgumentParser:
     search.add_argument("--n-grid", type=int, default=None, help="scale candidates (default 20)")
     search.add_argument("--loss", choices=("mae", "mse"), default=None, help="per-token error (default mae)")
     search.add_argument("--grad-batch-size", type=int, default=None, help="MBQ: samples per backward (default 4)")
+    search.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.5)")
     search.add_argument("--baseline", choices=("quantized", "zero"), default=None, help="QIG reference x'")
     search.add_argument("--clip", choices=("iqr", "none"), default=None, help="QIG token-score clipping")
     search.add_argument("--steps", type=int, default=None, help="QIG quadrature points (default 2; compat 32)")
@@ -91,7 +108,7 @@ def register(sub) -> argparse.ArgumentParser:
         "--compat",
         action="store_true",
         default=None,
-        help="QIG: the official code's choices (x'=0, 32-pt Riemann, ...)",
+        help="QIG: the official code's choices (x'=0, 32-pt Riemann, ...; W-A: x'=x^q, no clipping, f(x^q))",
     )
     search.add_argument("--no-progress", action="store_true", help="no progress bars")
     gptq = p.add_argument_group("gptq (--method gptq, or --quantizer gptq after a search)")
@@ -138,6 +155,13 @@ def _read_recipe(path: str) -> dict:
     return data
 
 
+def resolve_group_size(opts: dict) -> int | None:
+    """``--group-size`` as given; left out: 128 for weight-only modes, per-channel for W-A modes (abits < 16)."""
+    if opts["group_size"] is None:
+        return 128 if opts["abits"] == 16 else None
+    return parse_group_size(opts["group_size"])
+
+
 def parse_group_size(value) -> int | None:
     """``--group-size``: an integer, or 'channel' (also per-channel/none/0) for one scale per output row."""
     if value is None or str(value).lower() in ("channel", "per-channel", "none", "0"):
@@ -157,9 +181,14 @@ def build_config(opts: dict):
     _check_gptq_options(name, opts)
     if name == "gptq":
         return _gptq_config(opts)
-    fields = dict(wbits=opts["wbits"], group_size=parse_group_size(opts["group_size"]), seed=opts["seed"])
+    fields = dict(wbits=opts["wbits"], abits=opts["abits"], group_size=resolve_group_size(opts), seed=opts["seed"])
     fields["batch_size"] = opts["batch_size"]
-    if name != "rtn":
+    if opts["alpha"] is not None and name != "smoothquant":
+        raise QigError(f"--alpha is a SmoothQuant option; method {name} takes none (use --method smoothquant)")
+    if name == "smoothquant":
+        if opts["alpha"] is not None:
+            fields["alpha"] = opts["alpha"]
+    elif name != "rtn":
         fields.update(n_grid=opts["n_grid"], loss=opts["loss"])
         if opts["quantizer"] == "gptq":
             fields.update(quantizer="gptq", gptq=_gptq_settings(opts))
@@ -222,7 +251,8 @@ def _gptq_config(opts: dict):
         weighting = build_config(inner)
     return GPTQConfig(
         wbits=opts["wbits"],
-        group_size=parse_group_size(opts["group_size"]),
+        abits=opts["abits"],
+        group_size=resolve_group_size(opts),
         seed=opts["seed"],
         batch_size=opts["batch_size"],
         gptq=_gptq_settings(opts),
@@ -253,7 +283,7 @@ def run(args) -> int:
     scales = None
     if opts["scales"]:
         scales, saved = load_scales(opts["scales"])
-        if saved is not None and args.wbits is None and args.group_size is None:
+        if saved is not None and args.wbits is None and args.group_size is None and args.abits is None:
             # The saved run's quantizer, unless the flags say otherwise.
             config = config_from_dict(saved)
             log.info("applying %s with the saved run's quantizer %s", opts["scales"], config.spec.label())
@@ -297,5 +327,5 @@ def run(args) -> int:
 
         write_run_report(result, calib, processor, model.config, out / "report")
     print(summary_table(result))
-    print(f"wrote {config.name} {config.spec.label()} model to {out}")
+    print(f"wrote {config.name} {config.label()} model to {out}")
     return 0

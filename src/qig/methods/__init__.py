@@ -1,11 +1,11 @@
-"""Weight-only PTQ methods: RTN, GPTQ, and AWQ / MBQ / QIG as one search with three token weightings.
+"""PTQ methods: RTN, GPTQ, SmoothQuant, and AWQ / MBQ / QIG as one search with three token weightings.
 
 >>> from qig.methods import QIGConfig, method_for
 >>> type(method_for(QIGConfig(wbits=3))).__name__
 'QIG'
 """
 
-from qig.methods import awq, gptq, mbq, qig, rtn  # noqa: F401  (registers the methods)
+from qig.methods import awq, gptq, mbq, qig, rtn, smoothquant  # noqa: F401  (registers the methods)
 from qig.methods.base import GroupContext, Method, TokenWeights, method_for, register
 from qig.methods.config import (
     CONFIGS,
@@ -16,6 +16,7 @@ from qig.methods.config import (
     QuantConfig,
     RTNConfig,
     SearchConfig,
+    SmoothQuantConfig,
     config_class,
     make_config,
 )
@@ -33,6 +34,7 @@ __all__ = [
     "RTNConfig",
     "SearchConfig",
     "SearchResult",
+    "SmoothQuantConfig",
     "TokenWeights",
     "config_class",
     "make_config",

@@ -21,6 +21,7 @@ from qig.calib import ANSWER, PAD, VISION
 from qig.errors import QigError
 from qig.methods.config import QuantConfig
 from qig.models import ScaleGroup
+from qig.quant.activation import quantized_activations
 from qig.quant.spec import QuantSpec
 
 # run_block(z [k*b, T, C], chunk index, weight overrides {linear key: W} or None) -> [k*b, T, H]
@@ -35,6 +36,8 @@ class GroupContext:
     stream / the quantized stream ([b, T, C]); xq is None when the method did
     not ask for the quantized stream. roles: per chunk [b, T] (qig.calib roles).
     linears: the group's linears by their key inside the block ("" = the block).
+    spec / act_spec: the weight quantizer, and the activation quantizer of W-A
+    modes (None in weight-only modes).
     """
 
     layer_index: int
@@ -46,6 +49,24 @@ class GroupContext:
     linears: dict[str, torch.nn.Linear]
     run_block: BlockFn
     spec: QuantSpec
+    act_spec: QuantSpec | None = None
+
+    @property
+    def search_inputs(self) -> list[torch.Tensor]:
+        """The inputs candidates run on: x in weight-only modes, x^q in W-A modes (METHOD.md section 6)."""
+        if self.act_spec is None:
+            return self.x
+        if self.xq is None:
+            raise QigError(f"layer {self.layer_index} group {self.group.name}: W-A modes need the quantized stream")
+        return self.xq
+
+    def run_quantized(self, z: torch.Tensor, i: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The block with the group's linears quantized: ``weights`` given, inputs per token in W-A modes.
+
+        z: [k*b, T, C] -> [k*b, T, H]. The block's other linears stay as they are.
+        """
+        with quantized_activations(self.linears.values(), self.act_spec):
+            return self.run_block(z, i, weights)
 
 
 @dataclass
@@ -78,6 +99,10 @@ class Method:
 
     def token_weights(self, ctx: GroupContext) -> TokenWeights:
         raise NotImplementedError
+
+    def scales(self, ctx: GroupContext, weights: list[torch.Tensor]):
+        """A closed-form channel scale (a ``SearchResult``) instead of the shared search; None: search."""
+        return None
 
     def summary(self) -> dict:
         """Run-level facts for the search result (e.g. MBQ's gradient ratios)."""

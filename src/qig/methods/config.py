@@ -9,6 +9,8 @@
 0.01
 >>> GPTQConfig.weighted_by("qig", wbits=3).token_weights.name     # GPTQ with a QIG-weighted Hessian
 'qig'
+>>> QIGConfig(wbits=4, abits=8, group_size=None).label()           # weight-activation: W4A8
+'W4A8 per-channel sym'
 """
 
 from __future__ import annotations
@@ -19,13 +21,14 @@ from typing import ClassVar
 
 from qig.errors import QigError
 from qig.quant.gptq import GPTQSettings
-from qig.quant.spec import QuantSpec
+from qig.quant.spec import QuantSpec, activation_spec
 
 LOSSES = ("mae", "mse")
 BASELINES = ("quantized", "zero")
 CLIPS = ("iqr", "none")
 QUADRATURES = ("gauss-legendre", "riemann")
 QUANTIZERS = ("rtn", "gptq")
+REFERENCE_OUTPUTS = ("fp", "quantized")
 
 
 def _choice(field: str, value, allowed: tuple[str, ...]) -> None:
@@ -40,11 +43,15 @@ def _positive_int(field: str, value) -> None:
 
 @dataclass(frozen=True)
 class QuantConfig:
-    """Settings shared by every weight-only method.
+    """Settings shared by every method.
 
     wbits: weight bits (2-8). group_size: input channels per scale (must divide
     every quantized linear's in_features), or None for per-channel.
     batch_size: calibration samples per forward. seed: seeds torch for the run.
+    abits: activation bits; 16 keeps activations in floating point (weight-only,
+    WxA16: grouped asymmetric weights). 4-15 is a weight-activation mode (W4A8,
+    W8A8, W4A4): weights per output channel, symmetric (group_size must be
+    None), activations per token, symmetric, quantized at run time.
     """
 
     name: ClassVar[str] = ""
@@ -53,8 +60,21 @@ class QuantConfig:
     group_size: int | None = 128
     batch_size: int = 16
     seed: int = 0
+    abits: int = 16
 
     def __post_init__(self) -> None:
+        a = self.abits
+        if not isinstance(a, int) or isinstance(a, bool) or not 4 <= a <= 16:
+            raise QigError(
+                f"abits {a!r} is not supported; use an integer from 4 to 16 (8 for W4A8 / W8A8, 4 for W4A4; "
+                "16 keeps activations in floating point: weight-only)"
+            )
+        if a < 16 and self.group_size is not None:
+            raise QigError(
+                f"abits {a} quantizes weights per output channel (symmetric), so group_size {self.group_size!r} "
+                "is not allowed; pass group_size=None (CLI: --group-size channel, or leave it out), "
+                "or abits=16 for grouped weight-only quantization"
+            )
         self.spec  # validates bits and group size  # noqa: B018
         _positive_int("batch_size", self.batch_size)
         if not isinstance(self.seed, int):
@@ -62,8 +82,18 @@ class QuantConfig:
 
     @property
     def spec(self) -> QuantSpec:
-        """The weight quantizer every step of the method uses."""
-        return QuantSpec(bits=self.wbits, group_size=self.group_size, symmetric=False)
+        """The weight quantizer every step of the method uses (symmetric per-channel in W-A modes)."""
+        return QuantSpec(bits=self.wbits, group_size=self.group_size, symmetric=self.abits < 16)
+
+    @property
+    def act_spec(self) -> QuantSpec | None:
+        """The activation quantizer of W-A modes (per token, dynamic); None when activations stay FP (abits 16)."""
+        return activation_spec(self.abits) if self.abits < 16 else None
+
+    def label(self) -> str:
+        """The setting in the usual notation: "W3A16 g128", "W4A8 per-channel sym"."""
+        g = f"g{self.group_size}" if self.group_size else "per-channel"
+        return f"W{self.wbits}A{self.abits} {g}" + (" sym" if self.abits < 16 else "")
 
     @property
     def gptq_settings(self) -> GPTQSettings | None:
@@ -94,18 +124,34 @@ class SearchConfig(QuantConfig):
     quantizer: what quantizes the layers after the scales are folded (the
     search is a transform): "rtn", or "gptq" with the ``gptq`` settings
     (plain, unweighted Hessian, from the inputs the folded layer sees).
+    reference_output: in W-A modes candidates run on the quantized stream x^q
+    and are scored against the FP block's output on the FP input, f(x)
+    ("fp", METHOD.md section 6), or on x^q, f(x^q) ("quantized", the official
+    QIG code's W4A8 choice). Weight-only searches always use f(x).
     """
 
     n_grid: int = 20
     loss: str = "mae"
     quantizer: str = "rtn"
     gptq: GPTQSettings = GPTQSettings()  # frozen, so a shared default is safe
+    reference_output: str = "fp"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _positive_int("n_grid", self.n_grid)
         _choice("loss", self.loss, LOSSES)
         _choice("quantizer", self.quantizer, QUANTIZERS)
+        _choice("reference_output", self.reference_output, REFERENCE_OUTPUTS)
+        if self.reference_output != "fp" and self.abits == 16:
+            raise QigError(
+                "reference_output 'quantized' (scoring against f(x^q)) applies to weight-activation modes; "
+                "pass abits below 16, or keep reference_output='fp'"
+            )
+        if self.quantizer == "gptq" and self.abits < 16:
+            raise QigError(
+                f"quantizer 'gptq' is weight-only here; with abits {self.abits} use quantizer='rtn' "
+                "(W-A weights are rounded per output channel)"
+            )
         _gptq_settings(self.gptq, self.spec if self.quantizer == "gptq" else None)
         if self.quantizer == "rtn" and self.gptq != GPTQSettings():
             raise QigError(f"GPTQ settings {self.gptq} were given but quantizer is 'rtn'; pass quantizer='gptq'")
@@ -175,14 +221,49 @@ class QIGConfig(SearchConfig):
 
     @classmethod
     def compat(cls, **overrides) -> QIGConfig:
-        """The official code's weight-only choices, for a like-for-like comparison.
+        """The official code's choices, for a like-for-like comparison.
 
-        x' = 0 always, 32-point Riemann, MAE loss, the first five group searches
-        with uniform weights over vision and answer tokens.
+        Weight-only (abits 16): x' = 0 always, 32-point Riemann, MAE loss, the
+        first five group searches with uniform weights over vision and answer
+        tokens. W-A (abits < 16, e.g. W4A8): the same, except x' = x^q (the
+        quantized stream), IQR bounds not applied (clip "none") and the search
+        scored against f(x^q) instead of f(x).
+
+        >>> QIGConfig.compat(wbits=4, abits=8, group_size=None).reference_output
+        'quantized'
         """
         fields = dict(baseline="zero", clip="iqr", steps=32, quadrature="riemann", loss="mae", uniform_first_groups=5)
+        if overrides.get("abits", 16) < 16:
+            fields.update(baseline="quantized", clip="none", reference_output="quantized")
         fields.update(overrides)
         return cls(**fields)
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig(QuantConfig):
+    """SmoothQuant (METHOD.md section 6), weight-activation modes only.
+
+    Per scale group, ``s_c = max_t |X_tc|^alpha / max_o |W_oc|^(1 - alpha)``
+    (X: the group's input on the quantized stream; W: its linears stacked),
+    folded like a searched scale; then RTN W-A. No search, no gradients.
+
+    >>> SmoothQuantConfig(wbits=8, abits=8, group_size=None).alpha
+    0.5
+    """
+
+    name: ClassVar[str] = "smoothquant"
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, int | float) or not 0.0 <= a <= 1.0:
+            raise QigError(f"alpha must be a number in [0, 1] (0.5 is SmoothQuant's default), got {a!r}")
+        if self.abits == 16:
+            raise QigError(
+                "smoothquant moves activation outliers into the weights for activation quantization; "
+                "give it abits below 16 (e.g. abits=8 with group_size=None; CLI: --abits 8)"
+            )
 
 
 def _gptq_settings(value, spec: QuantSpec | None) -> None:
@@ -215,6 +296,11 @@ class GPTQConfig(QuantConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.abits < 16:
+            raise QigError(
+                f"GPTQ is weight-only here; abits {self.abits} is not available with it. Use abits=16, or "
+                "rtn, smoothquant, awq, mbq or qig for weight-activation modes"
+            )
         _gptq_settings(self.gptq, self.spec)
         tw = self.token_weights
         if tw is None:
@@ -257,7 +343,9 @@ class GPTQConfig(QuantConfig):
         return out
 
 
-CONFIGS: dict[str, type[QuantConfig]] = {c.name: c for c in (RTNConfig, AWQConfig, MBQConfig, QIGConfig, GPTQConfig)}
+CONFIGS: dict[str, type[QuantConfig]] = {
+    c.name: c for c in (RTNConfig, SmoothQuantConfig, AWQConfig, MBQConfig, QIGConfig, GPTQConfig)
+}
 
 
 def config_class(name: str) -> type[QuantConfig]:

@@ -1,8 +1,10 @@
 """QIG: token weights from quantization-aware integrated gradients (METHOD.md section 5).
 
 For the group's inspected block f and its quantized twin f_q (weights through
-the production quantizer, unscaled), the attributed function is the
-quantization error F(z) = sum over real tokens t of mean_h |f(z) - f_q(z)|_t.
+the production quantizer, unscaled; in W-A modes the group's linears also
+quantize their inputs per token, with a straight-through gradient), the
+attributed function is the quantization error
+F(z) = sum over real tokens t of mean_h |f(z) - f_q(z)|_t.
 Integrated gradients from a reference x' to the input x:
 
     IG = (x - x') * sum_k w_k dF/dz (x' + a_k (x - x'))      # quadrature (a_k, w_k) on [0, 1]
@@ -149,7 +151,7 @@ class QIG(Method):
             real = real_tokens(roles)
             ig = integrated_gradients(
                 lambda z, i=i: ctx.run_block(z, i, None),
-                lambda z, i=i: ctx.run_block(z, i, quantized),
+                lambda z, i=i: ctx.run_quantized(z, i, quantized),
                 x,
                 x_ref,
                 real,

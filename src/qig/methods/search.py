@@ -1,6 +1,9 @@
 """The channel-scale search shared by AWQ, MBQ and QIG (METHOD.md section 4).
 
 Written once; methods differ only in the token weights they pass in.
+Weight-only candidates are ``f_{Q(W*s)/s}(X)`` on the FP stream; W-A
+candidates are ``f_{Q(W*s)}(Q_a(X/s))`` on the quantized stream x^q, both
+scored against the FP block's output on the FP input, f(x).
 
     >>> result = search_scales(ctx, weights, n_grid=20, loss="mae")  # doctest: +SKIP
     >>> result.scales.shape  # doctest: +SKIP
@@ -17,6 +20,7 @@ import torch
 from qig.errors import QigError
 from qig.methods.base import GroupContext, real_tokens
 from qig.quant.fold import scaled_fake_quantize
+from qig.quant.spec import fake_quantize
 
 
 @dataclass
@@ -58,31 +62,61 @@ def token_errors(y_ref: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tenso
     return d.abs().mean(-1) if loss == "mae" else d.square().mean(-1)
 
 
-@torch.no_grad()
-def search_scales(ctx: GroupContext, weights: list[torch.Tensor], n_grid: int = 20, loss: str = "mae") -> SearchResult:
-    """Pick the candidate scale minimising sum_t w_t e_t(s) / sum_t w_t over all chunks.
+def reference_outputs(ctx: GroupContext, reference: str = "fp") -> list[torch.Tensor]:
+    """What candidates are scored against: the FP block on x ("fp"), or on the search inputs ("quantized")."""
+    inputs = ctx.x if reference == "fp" else ctx.search_inputs
+    return [ctx.run_block(x, i, None) for i, x in enumerate(inputs)]  # per chunk [b, T, H]
 
-    weights: per chunk [b, T] (pad tokens must be 0). Ties go to the smaller r.
-    """
+
+@torch.no_grad()
+def score_scales(
+    ctx: GroupContext,
+    weights: list[torch.Tensor],
+    y_ref: list[torch.Tensor],
+    candidates: list[torch.Tensor],
+    loss: str = "mae",
+) -> list[float]:
+    """The loss sum_t w_t e_t(s) / sum_t w_t of each candidate scale [C], over all chunks."""
     den = sum(float(w.double().sum()) for w in weights)
     if not den > 0:
         raise QigError(
             f"layer {ctx.layer_index} group {ctx.group.name}: every token weight is zero; the calibration set "
             "needs tokens of the roles the method weights (e.g. answer tokens for MBQ)"
         )
-    y_ref = [ctx.run_block(x, i, None) for i, x in enumerate(ctx.x)]  # per chunk [b, T, H]
-    m = channel_means(ctx.x, ctx.roles)
-    best: tuple[float, float, torch.Tensor] | None = None
     losses = []
-    for r, s in candidate_scales(m, n_grid):
-        overrides = {k: scaled_fake_quantize(lin.weight, s, ctx.spec) for k, lin in ctx.linears.items()}
+    for s in candidates:
+        if ctx.act_spec is None:  # weight-only: f_{Q(W s)/s}(X)
+            overrides = {k: scaled_fake_quantize(lin.weight, s, ctx.spec) for k, lin in ctx.linears.items()}
+        else:  # W-A: f_{Q(W s)}(Q_a(X / s))
+            overrides = {
+                k: fake_quantize(lin.weight.float() * s.view(1, -1), ctx.spec).to(lin.weight.dtype)
+                for k, lin in ctx.linears.items()
+            }
         num = 0.0
-        for i, x in enumerate(ctx.x):
-            e = token_errors(y_ref[i], ctx.run_block(x, i, overrides), loss)  # [b, T]
+        for i, x in enumerate(ctx.search_inputs):
+            if ctx.act_spec is None:
+                y = ctx.run_block(x, i, overrides)
+            else:
+                y = ctx.run_quantized(x / s.to(x), i, overrides)
+            e = token_errors(y_ref[i], y, loss)  # [b, T]
             num += float((e.double() * weights[i].to(e.device).double()).sum())
-        value = num / den
-        losses.append(value)
-        if best is None or value < best[0]:
-            best = (value, r, s)
-    assert best is not None
-    return SearchResult(scales=best[2], ratio=best[1], loss_before=losses[0], loss_after=best[0], losses=losses)
+        losses.append(num / den)
+    return losses
+
+
+@torch.no_grad()
+def search_scales(
+    ctx: GroupContext, weights: list[torch.Tensor], n_grid: int = 20, loss: str = "mae", reference: str = "fp"
+) -> SearchResult:
+    """Pick the candidate scale minimising sum_t w_t e_t(s) / sum_t w_t over all chunks.
+
+    weights: per chunk [b, T] (pad tokens must be 0). Ties go to the smaller r.
+    reference: see ``SearchConfig.reference_output`` (W-A modes only).
+    """
+    y_ref = reference_outputs(ctx, reference)
+    m = channel_means(ctx.search_inputs, ctx.roles)
+    grid = list(candidate_scales(m, n_grid))
+    losses = score_scales(ctx, weights, y_ref, [s for _, s in grid], loss)
+    best = min(range(len(grid)), key=lambda j: (losses[j], j))  # ties: the smaller r
+    r, s = grid[best]
+    return SearchResult(scales=s, ratio=r, loss_before=losses[0], loss_after=losses[best], losses=losses)

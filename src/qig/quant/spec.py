@@ -2,7 +2,10 @@
 
 METHOD.md section 2. Weight-only modes quantize per output row in groups of
 ``group_size`` consecutive input channels, asymmetric min-max; weight-activation
-modes quantize weights per output channel, symmetric abs-max.
+modes quantize weights per output channel, symmetric abs-max, and activations
+per token, symmetric abs-max, at run time (``dynamic``): for a tensor [tokens, C]
+that is one scale per row, the per-output-channel rule of the weights, so both
+go through the same functions.
 
     >>> import torch
     >>> from qig.quant.spec import QuantSpec, fake_quantize
@@ -23,18 +26,28 @@ from qig.errors import QigError
 
 @dataclass(frozen=True)
 class QuantSpec:
-    """How a weight tensor [out, in] is quantized.
+    """How a tensor [rows, in] is quantized: a weight [out, in], or activations [tokens, C].
 
-    bits: 2..8. group_size: consecutive input channels sharing a scale, or
-    ``None`` for one scale per output channel. symmetric: abs-max with a
-    signed grid (W-A modes) instead of min-max with a zero point.
+    bits: 2..8 for weights, 4..16 for activations. group_size: consecutive
+    input channels sharing a scale, or ``None`` for one scale per row (per
+    output channel; per token for activations). symmetric: abs-max with a
+    signed grid (W-A modes) instead of min-max with a zero point. dynamic:
+    an activation quantizer, its scales computed at run time from the tensor
+    itself; always symmetric and per row (``activation_spec`` builds one).
     """
 
     bits: int = 4
     group_size: int | None = 128
     symmetric: bool = False
+    dynamic: bool = False
 
     def __post_init__(self) -> None:
+        if self.dynamic:
+            if not isinstance(self.bits, int) or not 4 <= self.bits <= 16:
+                raise QigError(f"activation bits {self.bits!r} not supported; use an integer from 4 to 16")
+            if not self.symmetric or self.group_size is not None:
+                raise QigError("activations are quantized per token, symmetric: use symmetric=True, group_size=None")
+            return
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise QigError(f"weight bits {self.bits!r} not supported; use an integer from 2 to 8")
         if self.group_size is not None and (not isinstance(self.group_size, int) or self.group_size <= 0):
@@ -57,8 +70,19 @@ class QuantSpec:
         return 2 ** (self.bits - 1) - 1 if self.symmetric else 2**self.bits - 1
 
     def label(self) -> str:
+        if self.dynamic:
+            return f"A{self.bits} per-token sym dynamic"
         g = f"g{self.group_size}" if self.group_size else "per-channel"
         return f"W{self.bits} {g} {'sym' if self.symmetric else 'asym'}"
+
+
+def activation_spec(bits: int) -> QuantSpec:
+    """The activation quantizer of W-A modes: per token, symmetric abs-max, dynamic.
+
+    >>> activation_spec(8).label()
+    'A8 per-token sym dynamic'
+    """
+    return QuantSpec(bits=bits, group_size=None, symmetric=True, dynamic=True)
 
 
 def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -103,12 +127,15 @@ def quantize_with(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec
     """Integer codes [out, in] of ``w`` for given per-group scale and zero [out, n_groups] (e.g. GPTQ's)."""
     wg = _grouped(w.float(), spec)  # [G, g]
     q = encode(wg, scale.reshape(-1, 1), zero.reshape(-1, 1), spec)
-    dtype = torch.int8 if spec.symmetric else torch.uint8
+    dtype = (torch.int8 if spec.bits <= 8 else torch.int16) if spec.symmetric else torch.uint8
     return q.reshape(w.shape).to(dtype)
 
 
 def quantize(w: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Integer codes [out, in] (int8 storage; uint values for asymmetric), scale and zero [out, n_groups]."""
+    """Integer codes [out, in], scale and zero [out, n_groups].
+
+    Codes are stored as int8 (int16 above 8 bits) for symmetric specs, uint8 for asymmetric ones.
+    """
     scale, zero = quant_params(w, spec)
     return quantize_with(w, scale, zero, spec), scale, zero
 

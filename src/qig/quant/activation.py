@@ -1,0 +1,120 @@
+"""The weight-activation fake-quant linear (METHOD.md section 2): y = Q_w(W) Q_a(x) + b.
+
+Q_w quantizes the weight per output channel, symmetric (``QuantSpec(bits,
+None, symmetric=True)``), once: the linear keeps the dequantized weight, as
+in weight-only modes. Q_a quantizes the input per token, symmetric abs-max,
+at run time (``activation_spec(bits)``): a forward pre-hook on the linear,
+so the model keeps its architecture and its state dict. Both go through
+``qig.quant.spec``'s ``quant_params`` / ``encode`` / ``decode``.
+
+    >>> import torch
+    >>> from qig.quant.activation import activation_spec_of, quantize_linear_
+    >>> from qig.quant.spec import QuantSpec, activation_spec
+    >>> lin = torch.nn.Linear(64, 8)
+    >>> quantize_linear_(lin, QuantSpec(bits=4, group_size=None, symmetric=True), activation_spec(8))
+    >>> activation_spec_of(lin).bits
+    8
+
+Under autograd the activation quantizer passes gradients straight through
+(the straight-through estimator), so QIG can differentiate a W-A block.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+
+import torch
+
+from qig.errors import QigError
+from qig.quant.spec import QuantSpec, decode, encode, fake_quantize, quant_params
+
+
+def fake_quantize_activations(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
+    """Per-token quantize-dequantize of ``x`` [..., C] (one scale per token over its C channels)."""
+    if not spec.dynamic:
+        raise QigError(f"{spec.label()} is a weight quantizer; activations need activation_spec(bits)")
+    rows = x.detach().reshape(-1, x.shape[-1])  # [tokens, C]
+    scale, zero = quant_params(rows, spec)  # [tokens, 1] each
+    xq = decode(encode(rows, scale, zero, spec), scale, zero).reshape(x.shape).to(x.dtype)
+    if x.requires_grad:
+        return x + (xq - x).detach()  # straight-through: value of xq, gradient of x
+    return xq
+
+
+def wa_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    weight_spec: QuantSpec,
+    act_spec: QuantSpec | None,
+) -> torch.Tensor:
+    """The W-A fake-quant linear as a function: ``linear(Q_a(x), Q_w(W), b)``; ``act_spec`` None keeps x.
+
+    x: [..., in]; weight: [out, in] -> [..., out].
+    """
+    xq = x if act_spec is None else fake_quantize_activations(x, act_spec)
+    return torch.nn.functional.linear(xq, fake_quantize(weight, weight_spec), bias)
+
+
+class ActivationQuantizer:
+    """A forward pre-hook quantizing a linear's input per token with ``spec``."""
+
+    def __init__(self, spec: QuantSpec) -> None:
+        if not spec.dynamic:
+            raise QigError(f"{spec.label()} is a weight quantizer; activations need activation_spec(bits)")
+        self.spec = spec
+
+    def __call__(self, _module: torch.nn.Module, args: tuple) -> tuple:
+        return (fake_quantize_activations(args[0], self.spec), *args[1:])
+
+    def __repr__(self) -> str:
+        return f"ActivationQuantizer({self.spec.label()})"
+
+
+def _hook_ids(module: torch.nn.Module) -> list[int]:
+    return [k for k, h in module._forward_pre_hooks.items() if isinstance(h, ActivationQuantizer)]
+
+
+def activation_spec_of(module: torch.nn.Module) -> QuantSpec | None:
+    """The activation quantizer installed on ``module``, or None."""
+    ids = _hook_ids(module)
+    return module._forward_pre_hooks[ids[0]].spec if ids else None
+
+
+def install_activation_quantizer_(linear: torch.nn.Linear, spec: QuantSpec) -> None:
+    """Quantize ``linear``'s input per token at run time from now on (replacing a quantizer already there)."""
+    remove_activation_quantizer_(linear)
+    linear.register_forward_pre_hook(ActivationQuantizer(spec), prepend=True)
+
+
+def remove_activation_quantizer_(module: torch.nn.Module) -> bool:
+    """Remove qig's activation quantizer from ``module``; True if there was one."""
+    ids = _hook_ids(module)
+    for k in ids:
+        del module._forward_pre_hooks[k]
+    return bool(ids)
+
+
+@torch.no_grad()
+def quantize_linear_(linear: torch.nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> None:
+    """Make ``linear`` a W-A fake-quant linear in place: weight fake-quantized, input quantizer installed."""
+    weight_spec.check(linear.in_features)
+    linear.weight.copy_(fake_quantize(linear.weight.data, weight_spec))
+    if act_spec is not None:
+        install_activation_quantizer_(linear, act_spec)
+
+
+@contextlib.contextmanager
+def quantized_activations(linears: Iterable[torch.nn.Module], spec: QuantSpec | None) -> Iterator[None]:
+    """Quantize the inputs of ``linears`` for the duration (nothing when ``spec`` is None)."""
+    if spec is None:
+        yield
+        return
+    hook = ActivationQuantizer(spec)
+    handles = [m.register_forward_pre_hook(hook, prepend=True) for m in linears]
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
