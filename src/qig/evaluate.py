@@ -34,8 +34,16 @@ log = logging.getLogger(__name__)
 MAX_NEW_TOKENS = 6
 
 
-def load_model_and_processor(model_dir: str | os.PathLike | None = None, device: str = "cpu", dtype=torch.float32):
+def load_model_and_processor(
+    model_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+    dtype=torch.float32,
+    trust_remote_code: bool = False,
+):
     """Load an LVLM and its processor from a local folder (offline); default: the embedded model.
+
+    A folder that ships its own modelling code (``auto_map`` in config.json, e.g.
+    InternVL2) is loaded only with ``trust_remote_code=True``.
 
     A W-A quantized folder gets its activation quantizers back (see the module doc).
     """
@@ -58,9 +66,20 @@ def load_model_and_processor(model_dir: str | os.PathLike | None = None, device:
             f"{path} holds a {config.get('model_type', 'unknown')!r} model without a vision tower; "
             "qig needs a vision-language model (e.g. llava, qwen2_vl, idefics3)"
         )
+    auto_map = config.get("auto_map") or {}
+    if auto_map and not trust_remote_code:
+        raise QigError(
+            f"{path} ships its own modelling code ({', '.join(sorted(set(auto_map.values())))}); qig runs it only "
+            "with --trust-remote-code (read that code first), or use an HF-native conversion of the checkpoint"
+        )
+    auto_model = AutoModelForImageTextToText
+    if auto_map and "AutoModelForImageTextToText" not in auto_map:
+        from transformers import AutoModel as auto_model
     try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype=dtype, local_files_only=True)
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        model = auto_model.from_pretrained(
+            path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+        )
     except QigError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:

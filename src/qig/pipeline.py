@@ -64,13 +64,17 @@ class Chunk:
 
     x / xq: [b, T, C] inputs of the current layer on the FP / quantized stream
     (the same tensor until they diverge). layer_kwargs: per layer, the keyword
-    arguments the model passes to it. roles: [b, T].
+    arguments the model passes to it. roles: [b, T]. injections: per layer
+    index, what the model adds to the hidden states after that layer, outside
+    the decoder layers ([b, T, C]; Qwen3-VL's DeepStack features), replayed by
+    :func:`next_input`.
     """
 
     x: torch.Tensor
     xq: torch.Tensor | None
     roles: torch.Tensor
     layer_kwargs: list[dict]
+    injections: dict[int, torch.Tensor] = field(default_factory=dict)
 
 
 @dataclass
@@ -100,20 +104,24 @@ class LayerwiseResult:
 
 
 class _Catcher(torch.nn.Module):
-    """Stands in for a decoder layer during capture: records its call, passes hidden states on."""
+    """Stands in for a decoder layer during capture: records its call, passes hidden states on.
 
-    def __init__(self, index: int, last: bool, sink: dict) -> None:
+    as_tuple: pass them on as ``(hidden_states,)``, for models whose layers return a tuple.
+    """
+
+    def __init__(self, index: int, last: bool, sink: dict, as_tuple: bool = False) -> None:
         super().__init__()
-        self.index, self.last, self.sink = index, last, sink
+        self.index, self.last, self.sink, self.as_tuple = index, last, sink, as_tuple
 
     def forward(self, hidden_states, *args, **kwargs):
         if args:
             raise QigError("decoder layers called with extra positional arguments are not supported yet")
         self.sink.setdefault("hidden", hidden_states)
+        self.sink.setdefault("inputs", []).append(hidden_states)
         self.sink.setdefault("kwargs", []).append(kwargs)
         if self.last:
             raise _StopForward
-        return hidden_states
+        return (hidden_states,) if self.as_tuple else hidden_states
 
 
 @contextlib.contextmanager
@@ -140,7 +148,7 @@ def capture(
     chunks = []
     try:
         for i in range(len(layers)):
-            layers[i] = _Catcher(i, i == len(layers) - 1, {})
+            layers[i] = _Catcher(i, i == len(layers) - 1, {}, family.layer_returns_tuple)
         model.to(device)  # everything but the decoder layers, which are out of the tree now
         for batch in calib.batches(batch_size):
             sink: dict = {}
@@ -155,12 +163,43 @@ def capture(
                 raise QigError("the model never called its first decoder layer; is the family mapping right?")
             kwargs = [_plain_kwargs(kw) for kw in sink["kwargs"]]
             x = sink["hidden"]
-            chunks.append(Chunk(x=x, xq=x, roles=batch.roles.to(device), layer_kwargs=kwargs))
+            injections = _between_layers(sink["inputs"], family)
+            chunks.append(Chunk(x=x, xq=x, roles=batch.roles.to(device), layer_kwargs=kwargs, injections=injections))
     finally:
         model.to(home)
         for i, layer in enumerate(originals):
             layers[i] = layer
     return chunks
+
+
+def _between_layers(inputs: list[torch.Tensor], family: ModelFamily) -> dict[int, torch.Tensor]:
+    """What the model adds to the hidden states between layers l and l+1, seen with identity layers.
+
+    The catchers pass hidden states on unchanged, so layer l+1 receives the very
+    tensor layer l did unless the model changed it in between (DeepStack).
+    """
+    out = {}
+    for i, (a, b) in enumerate(zip(inputs, inputs[1:], strict=False)):
+        if b is a:
+            continue
+        if not family.adds_between_layers:
+            raise QigError(
+                f"the model changes the hidden states between decoder layers {i} and {i + 1}, outside the layers, "
+                f"and the {family.name} family entry does not declare it; set adds_between_layers in its entry "
+                "(qig.models.families) if the change is an addition that does not depend on the hidden states"
+            )
+        out[i] = b - a  # [b, T, C]
+    return out
+
+
+def next_input(layer: torch.nn.Module, h: torch.Tensor, chunk: Chunk, layer_index: int, params=None) -> torch.Tensor:
+    """The next layer's input: ``layer(h)`` (with weight overrides ``params``) plus what the model adds after it."""
+    kwargs = chunk.layer_kwargs[layer_index]
+    out = layer(h, **kwargs) if params is None else functional_call(layer, params, (h,), kwargs, strict=False)
+    if isinstance(out, tuple):  # remote-code layers (InternLM2) return (hidden_states, ...)
+        out = out[0]
+    extra = chunk.injections.get(layer_index)
+    return out if extra is None else out + extra
 
 
 def _plain_kwargs(kwargs: dict) -> dict:
@@ -421,7 +460,10 @@ def run_layerwise(
                         found = search_scales(ctx, tw.weights, config.n_grid, config.loss, config.reference_output)
                     timings["search"] += time.perf_counter() - t1
                     fold_scales_(
-                        get_module(layer, group.prev), [get_module(layer, p) for p in group.linears], found.scales
+                        get_module(layer, group.prev),
+                        [get_module(layer, p) for p in group.linears],
+                        found.scales,
+                        offset=group.prev_offset,
                     )
                 if use_xq:
                     for p in group.linears:
@@ -455,7 +497,7 @@ def run_layerwise(
             t = time.perf_counter()
             with torch.no_grad():
                 for c in chunks:
-                    c.x = layer(c.x, **c.layer_kwargs[li]) if per_group else None  # the FP layer (folded)
+                    c.x = next_input(layer, c.x, c, li) if per_group else None  # the FP layer (folded)
                     if not keep_xq:
                         c.xq = None
             timings["propagate"] += time.perf_counter() - t
@@ -476,7 +518,7 @@ def run_layerwise(
             with torch.no_grad():
                 if keep_xq:
                     for c in chunks:
-                        c.xq = layer(c.xq, **c.layer_kwargs[li])  # the quantized layer
+                        c.xq = next_input(layer, c.xq, c, li)  # the quantized layer
             timings["propagate"] += time.perf_counter() - t
             if not per_group:
                 bar.update(1)
@@ -637,7 +679,8 @@ def _apply_without_search(model, family, spec, act_spec, scales, device, progres
             s = scales.get((li, group.name))
             if s is None:
                 continue
-            fold_scales_(get_module(layer, group.prev), [get_module(layer, p) for p in group.linears], s.to(device))
+            prev, linears = get_module(layer, group.prev), [get_module(layer, p) for p in group.linears]
+            fold_scales_(prev, linears, s.to(device), offset=group.prev_offset)
             records.append(GroupRecord(layer=li, group=group.name, scales=s.float().cpu()))
         rtn_(_layer_linears(layer), spec)
         if act_spec is not None:
@@ -712,7 +755,7 @@ def collect_token_weights(
                 search_index += 1
             with torch.no_grad():
                 for c in chunks:
-                    c.xq = functional_call(layer, quantized, (c.xq,), c.layer_kwargs[li], strict=False)
-                    c.x = layer(c.x, **c.layer_kwargs[li])
+                    c.xq = next_input(layer, c.xq, c, li, quantized)
+                    c.x = next_input(layer, c.x, c, li)
             layer.to(home)
     return out, {m.config.name: m.summary() for m in methods}

@@ -63,6 +63,7 @@ _OPTIONS = {
     "damp": None,
     "act_order": False,
     "overwrite": False,
+    "trust_remote_code": False,
 }
 
 
@@ -72,6 +73,12 @@ def register(sub) -> argparse.ArgumentParser:
     )
     p.add_argument("--recipe", default=None, help="YAML file whose keys stand for the flags (e.g. wbits: 3)")
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        default=None,
+        help="allow a model folder's own Python code to run (e.g. InternVL2); read it first",
+    )
     p.add_argument("--method", choices=METHODS, default=None, help="default qig")
     p.add_argument("--wbits", type=int, default=None, help="weight bits, 2-8 (default 4)")
     p.add_argument(
@@ -265,6 +272,7 @@ def run(args) -> int:
     from qig.api import config_from_dict, load_scales, summary_table, versions, write_output
     from qig.calib import embedded_calibration, load_calibration
     from qig.evaluate import load_model_and_processor
+    from qig.models import family_for
 
     opts = resolve_options(args)
     if not opts["output"]:
@@ -293,14 +301,19 @@ def run(args) -> int:
         config = build_config(opts)
 
     t = time.perf_counter()
-    model, processor = load_model_and_processor(opts["model"])
+    model, processor = load_model_and_processor(opts["model"], trust_remote_code=bool(opts["trust_remote_code"]))
     timings["load"] = time.perf_counter() - t
 
     calib = None
     if scales is None and config.name != "rtn":
         t = time.perf_counter()
-        image_seq_length = getattr(model.config, "image_seq_length", None)
-        kw = dict(n_samples=opts["n_samples"], max_length=opts["max_length"], image_seq_length=image_seq_length)
+        family = family_for(model)
+        kw = dict(
+            n_samples=opts["n_samples"],
+            max_length=opts["max_length"],
+            image_seq_length=family.image_seq_length(model),
+            image_token_id=family.vision_token_id(model, processor),
+        )
         if opts["calib"]:
             calib = load_calibration(
                 opts["calib"], processor, image_folder=opts["image_folder"], seed=opts["calib_seed"], **kw

@@ -70,6 +70,8 @@ class ModelFamily:
     adds_between_layers: the model adds something to the hidden states between
         decoder layers, outside them, that does not depend on them (DeepStack); the
         pipeline captures it and replays it.
+    layer_returns_tuple: a decoder layer returns ``(hidden_states, ...)`` and the model
+        takes element 0 (older remote code); the pipeline's layer stand-ins do the same.
     remote_code: the checkpoints ship their own modelling code (``--trust-remote-code``).
     note: one line for ``qig models``.
     """
@@ -84,6 +86,7 @@ class ModelFamily:
     image_token: str | None = None
     image_tokens_per_image: str | None = None
     adds_between_layers: bool = False
+    layer_returns_tuple: bool = False
     remote_code: bool = False
     note: str = ""
 
@@ -322,8 +325,9 @@ FAMILIES: tuple[ModelFamily, ...] = (
         keep_fp=("vision_model", "mlp1", "language_model.model.tok_embeddings", "language_model.output"),
         image_token_id=None,
         image_token="<IMG_CONTEXT>",
+        layer_returns_tuple=True,  # InternLM2DecoderLayer returns (hidden_states, [attn weights], [cache])
         remote_code=True,
-        note="remote code (--trust-remote-code); fused wqkv, w1/w3/w2",
+        note="InternLM2 LM, fused wqkv and w1/w3/w2; decoder mapping only: no HF processor renders its calibration",
     ),
     # Idefics3 and SmolVLM: SigLIP + pixel-shuffle connector + a Llama-named LM under
     # model.text_model; images are split into tiles plus a global view.
