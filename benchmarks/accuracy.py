@@ -1,8 +1,16 @@
-"""Accuracy of FP, RTN, AWQ, MBQ, QIG and GPTQ on the embedded visual-QA benchmark (a benchmark, not a test).
+"""Accuracy of FP, RTN, SmoothQuant, AWQ, MBQ, QIG and GPTQ on the embedded visual-QA benchmark (not a test).
 
     python benchmarks/accuracy.py                              # W3A16 g128 and W4A16 g128, default eval seed
     python benchmarks/accuracy.py --settings w3g128 --eval-seeds 1234 7 99 --limit 500
     python benchmarks/accuracy.py --settings w3g128 w2g64 --methods rtn gptq gptq+qig awq+gptq qig+gptq
+    python benchmarks/accuracy.py --settings w4a8 w8a8 w4a4 --eval-seeds 1234 1 2   # weight-activation
+
+Weight-activation settings (``w4a8``, ``w8a8``, ``w4a4``: per-channel symmetric
+weights, per-token activations) default to the rows fp, rtn, smoothquant, mbq,
+qig; weight-only settings to fp, rtn, awq, mbq, qig. Rows that do not apply
+to a setting (smoothquant without activation quantization, GPTQ rows with it)
+are skipped with a note. A W-A model is scored as ``qig eval`` scores it:
+reloaded from its folder, with its activation quantizers re-installed.
 
 GPTQ rows: ``gptq`` (plain Hessian), ``gptq+qig`` / ``gptq+mbq`` (Hessian
 weighted by QIG's / MBQ's token weights), ``awq+gptq`` / ``mbq+gptq`` /
@@ -27,12 +35,14 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-METHODS = ("fp", "rtn", "awq", "mbq", "qig")
+METHODS = ("fp", "rtn", "smoothquant", "awq", "mbq", "qig")
 GPTQ_ROWS = ("gptq", "gptq+qig", "gptq+mbq", "awq+gptq", "mbq+gptq", "qig+gptq")
 ROWS = METHODS + GPTQ_ROWS
+WEIGHT_ONLY_ROWS = ("fp", "rtn", "awq", "mbq", "qig")
+WA_ROWS = ("fp", "rtn", "smoothquant", "mbq", "qig")
 
 
-def make_row_config(row: str, wbits: int, group: int | None, qig_steps: int | None = None):
+def make_row_config(row: str, wbits: int, group: int | None, qig_steps: int | None = None, abits: int = 16):
     """The config of a table row: a method name, "gptq+<weights>" or "<search>+gptq"."""
     from qig.methods import GPTQConfig, make_config
 
@@ -44,21 +54,33 @@ def make_row_config(row: str, wbits: int, group: int | None, qig_steps: int | No
         search = row.split("+", 1)[0]
         extra = qig_extra if search == "qig" else {}
         return make_config(search, wbits=wbits, group_size=group, quantizer="gptq", **extra)
-    return make_config(row, wbits=wbits, group_size=group, **(qig_extra if row == "qig" else {}))
+    extra = qig_extra if row == "qig" else {}
+    return make_config(row, wbits=wbits, group_size=group, abits=abits, **extra)
 
 
-def parse_setting(text: str) -> tuple[int, int | None]:
+def parse_setting(text: str) -> tuple[int, int | None, int]:
+    """(wbits, group size, abits) of a setting: w3g128, w4a16g128, w4channel; w4a8, w8a8, w4a4 (per-channel)."""
     m = re.fullmatch(r"w(\d)(?:a16)?(?:g(\d+)|-?(channel))?", text.lower())
-    if not m:
-        raise SystemExit(f"setting {text!r} not understood; use e.g. w3g128, w4a16g128, w4channel")
-    return int(m.group(1)), (int(m.group(2)) if m.group(2) else (None if m.group(3) else 128))
+    if m:
+        return int(m.group(1)), (int(m.group(2)) if m.group(2) else (None if m.group(3) else 128)), 16
+    m = re.fullmatch(r"w(\d)a(\d+)", text.lower())
+    if m and int(m.group(2)) < 16:
+        return int(m.group(1)), None, int(m.group(2))
+    raise SystemExit(f"setting {text!r} not understood; use e.g. w3g128, w4a16g128, w4channel, w4a8, w8a8")
+
+
+def applies(row: str, abits: int) -> bool:
+    """Whether a row exists at this activation width (SmoothQuant needs quantized activations; GPTQ has none)."""
+    if abits == 16:
+        return row != "smoothquant"
+    return row in METHODS
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     p.add_argument("--settings", nargs="+", default=["w3g128", "w4g128"], help="weight settings, e.g. w3g128")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=ROWS, help="table rows")
+    p.add_argument("--methods", nargs="+", default=None, choices=ROWS, help="table rows (default: per setting)")
     p.add_argument("--gptq", action="store_true", help="add rtn, gptq, gptq+qig, awq+gptq, qig+gptq to the rows")
     p.add_argument("--eval-seeds", nargs="+", type=int, default=None, help="eval split seeds (default: 1234)")
     p.add_argument("--limit", type=int, default=1000, help="questions per eval seed")
@@ -70,6 +92,7 @@ def main(argv=None) -> int:
     p.add_argument("--json", default=None, help="write all results here")
     args = p.parse_args(argv)
     if args.gptq:
+        args.methods = args.methods or list(WEIGHT_ONLY_ROWS)
         args.methods += [m for m in ("rtn", "gptq", "gptq+qig", "awq+gptq", "qig+gptq") if m not in args.methods]
     logging.basicConfig(level=logging.WARNING)
 
@@ -77,8 +100,10 @@ def main(argv=None) -> int:
 
     import qig
     from qig import world
+    from qig.api import CONFIG_KEY
     from qig.calib import embedded_calibration, load_calibration
     from qig.evaluate import load_model_and_processor, run_eval
+    from qig.pipeline import remove_activation_quantizers
 
     seeds = args.eval_seeds or [world.DEFAULT_EVAL_SEED]
     model, processor = load_model_and_processor(args.model)
@@ -94,15 +119,21 @@ def main(argv=None) -> int:
     results: dict[str, dict[str, dict[int, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for setting in args.settings:
-            wbits, group = parse_setting(setting)
-            for method in args.methods:
+            wbits, group, abits = parse_setting(setting)
+            for method in args.methods or (WA_ROWS if abits < 16 else WEIGHT_ONLY_ROWS):
+                if not applies(method, abits):
+                    print(f"{setting} {method}: not a row of this setting, skipped", file=sys.stderr)
+                    continue
                 if method == "fp" and "fp" in {m for r in results.values() for m in r}:
                     results.setdefault(setting, {})["fp"] = next(r["fp"] for r in results.values() if "fp" in r)
                     continue
+                remove_activation_quantizers(model)  # the previous row's W-A model
+                if hasattr(model.config, CONFIG_KEY):
+                    delattr(model.config, CONFIG_KEY)  # the FP row saves a plain FP config
                 model.load_state_dict(fp_state)
                 t = time.perf_counter()
                 if method != "fp":
-                    config = make_row_config(method, wbits, group, args.qig_steps)
+                    config = make_row_config(method, wbits, group, args.qig_steps, abits)
                     qig.quantize(model, config, calib, device=args.device, progress=False)
                 seconds = time.perf_counter() - t
                 folder = os.path.join(tmp, f"{setting}-{method}")
@@ -132,7 +163,8 @@ def main(argv=None) -> int:
 
 def format_table(results: dict, seeds: list[int]) -> str:
     cols = [(setting, s) for setting in results for s in seeds]
-    head = f"{'method':<8} " + " ".join(f"{setting + ' s' + str(s):>16}" for setting, s in cols)
+    width = max(len(m) for m in ROWS)
+    head = f"{'method':<{width}} " + " ".join(f"{setting + ' s' + str(s):>16}" for setting, s in cols)
     lines = [head]
     methods = [m for m in ROWS if any(m in r for r in results.values())]
     for m in methods:
@@ -140,9 +172,24 @@ def format_table(results: dict, seeds: list[int]) -> str:
         for setting, s in cols:
             a = results[setting].get(m, {}).get(s)
             cells.append(f"{'':>16}" if a is None else f"{100 * a:>15.1f}%")
-        lines.append(f"{m:<8} " + " ".join(cells))
+        lines.append(f"{m:<{width}} " + " ".join(cells))
     for setting in results:
         r = results[setting]
+        if {"rtn", "mbq", "qig"} <= set(r) and "smoothquant" in r:
+            for s in seeds:
+                lines.append(
+                    f"{setting} seed {s}: QIG >= MBQ {'yes' if r['qig'][s] >= r['mbq'][s] else 'NO'}, "
+                    f"MBQ >= SmoothQuant {'yes' if r['mbq'][s] >= r['smoothquant'][s] else 'NO'}, "
+                    f"MBQ >= RTN {'yes' if r['mbq'][s] >= r['rtn'][s] else 'NO'}"
+                )
+        if "fp" in r and setting.lower().startswith("w8a8"):
+            for s in seeds:
+                worst = min((a[s], m) for m, a in r.items() if m != "fp")
+                gap = 100 * (r["fp"][s] - worst[0])
+                lines.append(
+                    f"{setting} seed {s}: every method within 1 point of FP {'yes' if gap <= 1 else 'NO'} "
+                    f"(largest drop {gap:.1f}, {worst[1]})"
+                )
         if {"rtn", "awq", "qig"} <= set(r):
             for s in seeds:
                 lines.append(

@@ -1,8 +1,14 @@
-"""Calibration cost of RTN, AWQ, MBQ, QIG and GPTQ: wall time and peak memory, as ratios to AWQ (a benchmark).
+"""Calibration cost of RTN, SmoothQuant, AWQ, MBQ, QIG and GPTQ: wall time and peak memory, as ratios (a benchmark).
 
     python benchmarks/calibration_time.py                       # W3A16 g128, 128 samples, embedded model
     python benchmarks/calibration_time.py --repeats 3 --device cuda
     python benchmarks/calibration_time.py --methods awq gptq gptq+qig awq+gptq
+    python benchmarks/calibration_time.py --wbits 4 --abits 8    # W4A8: rtn, smoothquant, mbq, qig
+
+Ratios are to AWQ in weight-only settings and to MBQ in W-A settings (``--base``
+to choose); W-A runs also print QIG's calibration time (the ``quantize`` phase:
+search and quantization, without loading and saving) over MBQ's W-A search
+and over SmoothQuant's.
 
 Rows with GPTQ also print GPTQ's time per decoder layer (Hessians and the
 column-by-column quantization, from the run's search.json).
@@ -27,7 +33,9 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-METHODS = ("rtn", "awq", "mbq", "qig")
+METHODS = ("rtn", "smoothquant", "awq", "mbq", "qig")
+WEIGHT_ONLY_METHODS = ("rtn", "awq", "mbq", "qig")
+WA_METHODS = ("rtn", "smoothquant", "mbq", "qig")
 GPTQ_ROWS = ("gptq", "gptq+qig", "gptq+mbq", "awq+gptq", "mbq+gptq", "qig+gptq")
 
 
@@ -94,7 +102,8 @@ def child(args) -> int:
 
 def _setting_flags(args) -> list[str]:
     """The flags shared by the benchmark and the ``qig quantize`` run of each row."""
-    flags = ["--wbits", str(args.wbits), "--group-size", str(args.group_size)]
+    flags = ["--wbits", str(args.wbits), "--abits", str(args.abits)]
+    flags += ["--group-size", str(args.group_size)] if args.group_size is not None else []
     flags += ["--n-samples", str(args.n_samples), "--device", args.device]
     return flags + (["--model", args.model] if args.model else [])
 
@@ -102,9 +111,11 @@ def _setting_flags(args) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=METHODS + GPTQ_ROWS)
+    p.add_argument("--methods", nargs="+", default=None, choices=METHODS + GPTQ_ROWS, help="default: per --abits")
     p.add_argument("--wbits", type=int, default=3)
-    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--abits", type=int, default=16, help="16: weight-only; e.g. 8 for W4A8 (per-channel weights)")
+    p.add_argument("--group-size", default=None, help="default 128 for weight-only, per-channel for W-A")
+    p.add_argument("--base", default=None, help="the row ratios are taken to (default awq; mbq in W-A settings)")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats; the median is reported")
@@ -113,6 +124,10 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     if args.child:
         return child(args)
+    if args.methods is None:
+        args.methods = list(WA_METHODS if args.abits < 16 else WEIGHT_ONLY_METHODS)
+    if args.base is None:
+        args.base = "mbq" if args.abits < 16 else "awq"
 
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
     for r in range(args.repeats):
@@ -139,19 +154,27 @@ def format_table(runs: dict[str, list[dict]], args) -> str:
     med = {m: statistics.median(r["seconds"] for r in rs) for m, rs in runs.items()}
     mem = {m: statistics.median(r["peak_mib"] for r in rs) for m, rs in runs.items()}
     search = {m: statistics.median(r["timings"].get("quantize", 0.0) for r in rs) for m, rs in runs.items()}
-    base_t, base_m = med.get("awq"), mem.get("awq")
+    base = args.base
+    base_t, base_q, base_m = med.get(base), search.get(base), mem.get(base)
+    x = f"x {base}"
+    group = f"g{args.group_size}" if args.group_size is not None else ("g128" if args.abits == 16 else "per-channel")
+    width = max(8, *(len(m) for m in runs))
     lines = [
-        f"W{args.wbits}A16 g{args.group_size}, {args.n_samples} samples, device {args.device}, "
-        f"median of {args.repeats}",
-        f"{'method':<8} {'end-to-end':>11} {'x AWQ':>6} {'quantize':>9} {'peak MiB':>9} {'x AWQ':>6}"
+        f"W{args.wbits}A{args.abits} {group}, {args.n_samples} samples, device {args.device}, median of {args.repeats}",
+        f"{'method':<{width}} {'end-to-end':>11} {x:>8} {'quantize':>9} {x:>8} {'peak MiB':>9} {x:>8}"
         f" {'GPTQ/layer':>11}",
     ]
     for m in runs:
-        rt = f"{med[m] / base_t:>6.2f}" if base_t else f"{'':>6}"
-        rm = f"{mem[m] / base_m:>6.2f}" if base_m else f"{'':>6}"
+        rt = f"{med[m] / base_t:>8.2f}" if base_t else f"{'':>8}"
+        rq = f"{search[m] / base_q:>8.2f}" if base_q else f"{'':>8}"
+        rm = f"{mem[m] / base_m:>8.2f}" if base_m else f"{'':>8}"
         per_layer = [statistics.mean(r["gptq_seconds_per_layer"]) for r in runs[m] if r.get("gptq_seconds_per_layer")]
         gl = f"{statistics.median(per_layer):>10.2f}s" if per_layer else f"{'':>11}"
-        lines.append(f"{m:<8} {med[m]:>10.1f}s {rt} {search[m]:>8.1f}s {mem[m]:>9.0f} {rm} {gl}")
+        lines.append(f"{m:<{width}} {med[m]:>10.1f}s {rt} {search[m]:>8.1f}s {rq} {mem[m]:>9.0f} {rm} {gl}")
+    if args.abits < 16 and "qig" in search:
+        ratios = [f"{search['qig'] / search[m]:.2f}x {m}" for m in ("mbq", "smoothquant") if search.get(m)]
+        if ratios:
+            lines.append(f"QIG W-A calibration (quantize phase): {', '.join(ratios)} (acceptance: <= 1.5x mbq)")
     return "\n".join(lines)
 
 

@@ -15,6 +15,7 @@ _PUBLIC = {
     "load_scales": "qig.api",
     "QuantizationResult": "qig.api",
     "RTNConfig": "qig.methods",
+    "SmoothQuantConfig": "qig.methods",
     "AWQConfig": "qig.methods",
     "MBQConfig": "qig.methods",
     "QIGConfig": "qig.methods",

@@ -350,8 +350,12 @@ def remove_activation_quantizers(model: torch.nn.Module) -> int:
 
 
 def activation_quantization(model: torch.nn.Module) -> tuple[QuantSpec, int] | None:
-    """The activation quantizer on the model's decoder linears and on how many of them, or None."""
-    specs = [s for s in map(activation_spec_of, _decoder_linears(model)) if s is not None]
+    """The activation quantizer installed in the model and on how many modules, or None.
+
+    Any model works (no family entry needed): every module is looked at, though
+    qig only ever installs them on the decoder linears.
+    """
+    specs = [s for s in map(activation_spec_of, model.modules()) if s is not None]
     return (specs[0], len(specs)) if specs else None
 
 

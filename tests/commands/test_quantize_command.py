@@ -216,6 +216,13 @@ def test_weight_activation_run_is_evaluated_with_quantized_activations(model_dir
         capsys.readouterr().out
     )
 
+    # the saved scales re-apply as a W-A model (the saved run's abits), without calibration data
+    again = tmp_path / "again"
+    assert run_cli("quantize", "--model", model_dir, "--scales", out, "--output", again, "--no-progress") == 0
+    reapplied, _ = load_model_and_processor(again)
+    assert activation_quantization(reapplied)[0].bits == 8
+    assert all(torch.equal(v, reapplied.state_dict()[k]) for k, v in model.state_dict().items())
+
 
 @pytest.mark.parametrize(
     ("argv", "message"),
