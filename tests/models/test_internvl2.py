@@ -182,8 +182,9 @@ def test_folding_random_scales_keeps_the_logits(tok):
         qig.RTNConfig(wbits=4, group_size=32),
         qig.AWQConfig(wbits=4, group_size=32, n_grid=4),
         qig.QIGConfig(wbits=4, group_size=32, n_grid=4),
+        qig.QIGConfig(wbits=4, abits=8, group_size=None, n_grid=4),
     ],
-    ids=["rtn", "awq", "qig"],
+    ids=["rtn", "awq", "qig", "qig-w4a8"],
 )
 def test_quantize_runs_through_the_tuple_returning_layers(tok, config):
     model, calib = toy(tok), calibration(tok)
@@ -193,8 +194,8 @@ def test_quantize_runs_through_the_tuple_returning_layers(tok, config):
         assert {(g.layer, g.group) for g in result.groups} == {
             (i, g) for i in range(2) for g in ("attn_in", "mlp_in", "mlp_out")
         }
-    w2 = model.language_model.model.layers[1].feed_forward.w2.weight.detach().reshape(HIDDEN, -1, 32)
-    assert max(len(torch.unique(row)) for row in w2.reshape(-1, 32)) <= 16
+    w2 = model.language_model.model.layers[1].feed_forward.w2.weight.detach()
+    assert max(len(torch.unique(row)) for row in w2.reshape(-1, config.group_size or INTER)) <= 16
     assert all(torch.equal(v, vision_before[k]) for k, v in model.vision_model.state_dict().items())
     with torch.no_grad():
         assert torch.isfinite(model(**next(calib.batches(3)).inputs).logits).all()

@@ -16,7 +16,7 @@ import qig
 from qig.calib import ANSWER, PAD, VISION, from_records
 from qig.errors import QigError
 from qig.models import family_for, get_module
-from qig.pipeline import capture, next_input
+from qig.pipeline import activation_quantization, capture, next_input
 from qig.quant.fold import fold_scales_
 
 FAMILIES = list(TINY)
@@ -108,6 +108,7 @@ METHODS = {
     "rtn": qig.RTNConfig(wbits=4, group_size=32),
     "awq": qig.AWQConfig(wbits=4, group_size=32, n_grid=4),
     "qig": qig.QIGConfig(wbits=4, group_size=32, n_grid=4),
+    "qig-w4a8": qig.QIGConfig(wbits=4, abits=8, group_size=None, n_grid=4),
 }
 
 
@@ -125,11 +126,17 @@ def test_quantize_end_to_end_and_generate(name, method):
     if method != "rtn":
         searched = {(g.layer, g.group) for g in result.groups if g.scales is not None}
         assert searched == {(i, g.name) for i, layer in enumerate(layers) for g in fam.active_groups(layer)}
+    group = config.group_size or max(m.in_features for m in layers.modules() if isinstance(m, torch.nn.Linear))
     for layer in layers:
         for lin in (m for m in layer.modules() if isinstance(m, torch.nn.Linear)):
-            groups = lin.weight.detach().reshape(lin.out_features, -1, 32)  # [out, n_groups, 32]
-            levels = max(len(torch.unique(row)) for row in groups.reshape(-1, 32)[:64])
-            assert levels <= 16  # 4-bit: at most 16 distinct values per group
+            rows = lin.weight.detach().reshape(-1, min(group, lin.in_features))  # [out * n_groups, group]
+            assert max(len(torch.unique(row)) for row in rows[:64]) <= 16  # 4-bit: at most 16 values per group
+    linears = sum(isinstance(m, torch.nn.Linear) for m in layers.modules())
+    installed = activation_quantization(model)
+    if config.abits < 16:  # W4A8: every decoder linear quantizes its input per token at run time
+        assert installed is not None and installed[0].bits == 8 and installed[1] == linears
+    else:
+        assert installed is None
     for path in fam.keep_fp:
         for k, v in model.get_submodule(path).state_dict().items():
             assert torch.equal(v, kept[f"{path}.{k}"]), f"{path}.{k} changed"
