@@ -177,3 +177,49 @@ def test_an_undeclared_change_between_layers_is_refused():
     undeclared = dataclasses.replace(family_for(model), adds_between_layers=False)
     with pytest.raises(QigError, match="between decoder layers 0 and 1.*does not declare it"):
         capture(model, undeclared, calibration(model, proc), batch_size=2, device=torch.device("cpu"))
+
+
+@pytest.mark.parametrize("name", ["qwen2-vl", "idefics3"], ids=["dynamic-resolution", "tiling"])
+def test_a_length_cap_through_image_tokens_is_refused(name):
+    model, proc = build(name)
+    fam = family_for(model)
+    with pytest.raises(QigError, match="sample two: the length cap 12 cuts through its image tokens"):
+        from_records(records(), proc, max_length=12, image_token_id=fam.vision_token_id(model, proc))
+
+
+@pytest.mark.parametrize("name", ["gemma3", "llava-next"], ids=["fixed-soft-tokens", "anyres-tiling"])
+def test_quantize_command_on_a_saved_family_folder(name, tmp_path):
+    """The CLI path: processor loaded back from the folder, image token and per-image count from the family."""
+    import json
+
+    from _cli import run_cli
+
+    from qig.evaluate import load_model_and_processor
+
+    model, proc = build(name)
+    model.save_pretrained(tmp_path / "model")
+    proc.save_pretrained(tmp_path / "model")
+    (tmp_path / "calib" / "images").mkdir(parents=True)
+    rows = []
+    for i, (images, rec) in enumerate(records()):
+        names = [f"images/{i}-{j}.png" for j in range(len(images))]
+        for im, n in zip(images, names, strict=True):
+            im.save(tmp_path / "calib" / n)
+        rows.append({**rec, "image": names})
+    (tmp_path / "calib" / "data.json").write_text(json.dumps(rows))
+    out = tmp_path / "out"
+    argv = ["quantize", "--model", tmp_path / "model", "--method", "awq", "--wbits", 4, "--group-size", 32]
+    argv += ["--calib", tmp_path / "calib" / "data.json", "--n-samples", 2, "--n-grid", 4, "--output", out]
+    assert run_cli(*argv, "--no-progress") == 0
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_calibration_samples"] == 2
+    from safetensors.torch import load_file
+
+    roles = load_file(out / "search.safetensors")["roles"]
+    inserted = sum(
+        int((s.inputs["input_ids"] == model.config.image_token_id).sum()) for s in calibration(model, proc).samples
+    )
+    assert int((roles == VISION).sum()) == inserted
+    quantized, _ = load_model_and_processor(out)
+    q_proj = family_for(quantized).decoder_layers(quantized)[0].self_attn.q_proj.weight.detach()
+    assert max(len(torch.unique(row)) for row in q_proj.reshape(-1, 32)) <= 16
