@@ -1,0 +1,273 @@
+"""Export a ``qig quantize`` output folder as compressed-tensors or as a plain fake-quant checkpoint.
+
+    >>> from qig.export import export
+    >>> export("out/qig-w4", "out/qig-w4-ct", fmt="compressed-tensors")  # doctest: +SKIP
+
+Everything that can be refused is checked before a file is written: the run's
+setting must be one the format holds, and every decoder linear's saved
+weights must dequantize exactly from the integers that will be stored (see
+``qig.export.params``). The output is written to a temporary sibling folder
+and renamed into place, so a failed export leaves nothing behind.
+
+compressed-tensors output is written by the ``compressed-tensors`` library
+(``apply_quantization_config`` + ``ModelCompressor``): the decoder linears get
+the scheme of ``qig.export.scheme``; the library quantizes the saved weights
+with the recovered scales and zero points (already folded: the search's
+scales live in the weights), packs them, and the packed integers are checked
+against qig's own codes before anything is saved.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qig.errors import QigError
+from qig.export.params import QuantizedWeight, check_storable, from_params, recover
+from qig.export.scheme import Scheme, scheme_for
+from qig.fileio import atomic_dir
+from qig.quant.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("compressed-tensors", "fake-quant")
+RUN_FILES = ("search.json", "search.safetensors", "report.json")  # copied into OUT/qig/ (no loader reads them there)
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+@dataclass
+class Run:
+    """What ``qig quantize`` left in a folder: the saved config, its weight spec and activation bits, GPTQ params."""
+
+    path: Path
+    config: dict
+    spec: QuantSpec
+    abits: int
+    gptq: dict[str, torch.Tensor] = field(default_factory=dict)  # "gptq.<layer>.<linear>.<scale|zero|g_idx>"
+
+
+@dataclass
+class ExportResult:
+    """Where the export went and what it holds (for the CLI's summary and the size benchmark)."""
+
+    path: Path
+    format: str
+    scheme: Scheme | None
+    linears: list[str]
+    ignored: list[str]
+
+
+def read_run(path: str | os.PathLike) -> Run:
+    """The quantize run in ``path``: its config from search.json and GPTQ's saved parameters, validated."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    from qig.methods import make_config
+
+    path = Path(path)
+    if not path.is_dir():
+        raise QigError(f"--input {path} is not a folder; pass the --output folder of 'qig quantize'")
+    cfg_file = path / "config.json"
+    if not cfg_file.is_file():
+        raise QigError(f"{path} has no config.json; pass the --output folder of 'qig quantize'")
+    try:
+        model_config = json.loads(cfg_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise QigError(f"{cfg_file} is not valid JSON: {exc}") from exc
+    if "quantization_config" in model_config:
+        method = model_config["quantization_config"].get("quant_method", "a quantization method")
+        raise QigError(f"{path} is already a {method} checkpoint; export the fake-quant folder 'qig quantize' wrote")
+    sidecar = path / "search.json"
+    if not sidecar.is_file():
+        raise QigError(
+            f"{path} has no search.json, so its quantization setting is unknown; pass the --output folder of "
+            "'qig quantize' (it writes search.json next to the model)"
+        )
+    try:
+        saved = json.loads(sidecar.read_text()).get("config")
+    except json.JSONDecodeError as exc:
+        raise QigError(f"{sidecar} is not valid JSON: {exc}") from exc
+    if not isinstance(saved, dict) or "method" not in saved:
+        raise QigError(f"{sidecar} holds no run config with a 'method'; it was not written by 'qig quantize'")
+    fields = dict(saved)
+    config = make_config(fields.pop("method"), **fields)
+    gptq = {}
+    tensors_file = path / "search.safetensors"
+    if tensors_file.is_file():
+        try:
+            gptq = {k: v for k, v in load_file(tensors_file).items() if k.startswith("gptq.")}
+        except (SafetensorError, OSError) as exc:
+            raise QigError(f"{tensors_file} is not a readable safetensors file: {exc}") from exc
+    return Run(path=path, config=saved, spec=config.spec, abits=int(saved.get("abits", 16)), gptq=gptq)
+
+
+def decoder_linears(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Linear]]:
+    """The linears qig quantizes (every Linear of every decoder layer), by model path: (GPTQ key, module)."""
+    from qig.models import family_for
+
+    family = family_for(model)
+    out = {}
+    for i, layer in enumerate(family.decoder_layers(model)):
+        for name, mod in layer.named_modules():
+            if isinstance(mod, torch.nn.Linear):
+                out[f"{family.layers}.{i}.{name}"] = (f"{i}.{name}", mod)
+    return out
+
+
+def codes(run: Run, model: torch.nn.Module) -> dict[str, QuantizedWeight]:
+    """Per decoder linear (model path) its exact integer codes and parameters; refuses what cannot be exported."""
+    out = {}
+    for path, (key, mod) in decoder_linears(model).items():
+        w = mod.weight.data
+        if f"gptq.{key}.g_idx" in run.gptq:
+            raise QigError(
+                f"{path} was quantized by GPTQ with --act-order, whose groups follow a column permutation "
+                "(g_idx); compressed-tensors no longer stores group act-order, so re-run GPTQ without --act-order "
+                "or export with --format fake-quant"
+            )
+        if f"gptq.{key}.scale" in run.gptq:
+            qw = from_params(w, run.gptq[f"gptq.{key}.scale"], run.gptq[f"gptq.{key}.zero"], run.spec, path)
+        else:
+            qw = recover(w, run.spec, path)
+        out[path] = qw
+    if not out:
+        raise QigError("the model has no decoder linears to export")
+    return out
+
+
+def export(
+    input_dir: str | os.PathLike,
+    output_dir: str | os.PathLike,
+    fmt: str = "compressed-tensors",
+    overwrite: bool = False,
+    dtype: str | None = None,
+) -> ExportResult:
+    """Export the ``qig quantize`` folder ``input_dir`` to ``output_dir`` in format ``fmt`` (see FORMATS).
+
+    dtype: "float32", "float16" or "bfloat16" for the unquantized parts and the
+    activations; None keeps the checkpoint's (qig quantize writes float32).
+    Scales are stored in float32 so the dequantized weights are exact.
+    """
+    if fmt not in FORMATS:
+        raise QigError(f"format {fmt!r} is not supported; use one of: {', '.join(FORMATS)}")
+    if dtype is not None and dtype not in DTYPES:
+        raise QigError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPES)}")
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise QigError(f"output folder {output_dir} already exists; pass --overwrite to replace it")
+    run = read_run(input_dir)
+    scheme = scheme_for(run.spec, run.abits) if fmt == "compressed-tensors" else None
+    if scheme is not None:
+        _require_library()
+    model, processor = _load(run.path)
+    quantized = codes(run, model)
+    if scheme is not None:
+        for path, qw in quantized.items():
+            check_storable(qw, path)
+    if dtype is not None:
+        model.to(DTYPES[dtype])
+    ignored = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized)
+
+    with atomic_dir(output_dir, overwrite) as tmp:
+        if scheme is None:
+            with torch.no_grad():
+                for path, qw in quantized.items():
+                    mod = model.get_submodule(path)
+                    mod.weight.copy_(qw.dequantize(mod.weight.dtype))
+            model.save_pretrained(tmp)
+        else:
+            _write_compressed(model, quantized, scheme, ignored, tmp)
+        processor.save_pretrained(tmp)  # tokenizer, processor config, chat template
+        (tmp / "qig").mkdir()
+        for name in RUN_FILES:
+            if (run.path / name).is_file():
+                shutil.copyfile(run.path / name, tmp / "qig" / name)
+    if scheme is not None:
+        log.info("%s: %s", scheme.format, scheme.serving)
+    return ExportResult(output_dir, fmt, scheme, sorted(quantized), ignored)
+
+
+def _require_library() -> None:
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise QigError(
+            "--format compressed-tensors needs the compressed-tensors library: pip install 'qig[export]'"
+        ) from None
+
+
+def _load(path: Path):
+    from safetensors import SafetensorError
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
+        model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto", local_files_only=True)
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise QigError(f"could not load the model in {path}: {exc.__class__.__name__}: {exc}") from exc
+    return model.eval(), processor
+
+
+@torch.no_grad()
+def _write_compressed(model, quantized: dict[str, QuantizedWeight], scheme: Scheme, ignored: list[str], tmp: Path):
+    """Attach the scheme to the decoder linears, set the recovered parameters, compress, check, save."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+
+    config = QuantizationConfig(
+        config_groups={"group_0": scheme.quantization_scheme(["Linear"])},
+        ignore=ignored,
+        format=scheme.format,
+        quantization_status="frozen",
+    )
+    apply_quantization_config(model, config, show_progress=False)
+    attached = sorted(n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None)
+    if attached != sorted(quantized):
+        extra = sorted(set(attached) ^ set(quantized))[:3]
+        raise QigError(f"the compressed-tensors scheme did not land on exactly the decoder linears (e.g. {extra})")
+    for path, qw in quantized.items():
+        mod = model.get_submodule(path)
+        q, zero = qw.signed()
+        scale = qw.scale.reshape(mod.weight_scale.shape)
+        mod.weight_scale = torch.nn.Parameter(scale.float().contiguous(), requires_grad=False)  # float32: exact
+        if hasattr(mod, "weight_zero_point"):
+            if scheme.weights["symmetric"]:
+                mod.weight_zero_point.zero_()
+            else:
+                mod.weight_zero_point.copy_(zero.reshape(mod.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, scheme.format)
+    compressor.compress_model(model)
+    _check_packed(model, quantized, scheme)
+    model.save_pretrained(tmp)
+    # The library writes the ignore list in the checkpoint's own (saved) module names; transformers matches
+    # the in-memory names when it loads. Both are listed, so both loaders keep these layers in full precision.
+    qconfig = compressor.quantization_config
+    qconfig.ignore = sorted(set(qconfig.ignore or []) | set(ignored))
+    compressor.update_config(tmp)
+    if scheme.format == "pack-quantized" and not scheme.weights["symmetric"]:
+        # transformers + compressed-tensors cannot build packed zero points on the meta device (the tensors
+        # load with the wrong shape), so asymmetric packs are dequantized at load there; vLLM ignores this key.
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["quantization_config"]["dequantize"] = True
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+
+
+def _check_packed(model, quantized: dict[str, QuantizedWeight], scheme: Scheme) -> None:
+    """The integers the library stored must be qig's codes, exactly."""
+    from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+    for path, qw in quantized.items():
+        mod = model.get_submodule(path)
+        q, _ = qw.signed()
+        if scheme.format == "pack-quantized":
+            stored = unpack_from_int32(mod.weight_packed.data, qw.spec.bits, tuple(qw.q.shape))
+        else:
+            stored = mod.weight.data
+        if stored.shape != q.shape or not torch.equal(stored.to(torch.int8), q):
+            raise QigError(f"{path}: compressed-tensors stored other integers than qig's codes; please report this")

@@ -1,0 +1,198 @@
+"""``qig export``: compressed-tensors and fake-quant checkpoints of a quantize run (qig.export.writer)."""
+
+import json
+
+import pytest
+import torch
+from _cli import run_cli
+from _tiny import calibration, processor, tiny_llava
+from safetensors import safe_open
+
+from qig.quant.spec import decode
+
+pytest.importorskip("compressed_tensors")
+
+from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def awq_run(tmp_path_factory):
+    """The embedded model quantized by AWQ at W4A16 g128 (scales folded into the weights)."""
+    out = tmp_path_factory.mktemp("awq") / "w4"
+    code = run_cli("quantize", "--method", "awq", "--wbits", 4, "--group-size", 128, "--n-samples", 8,
+                   "--batch-size", 8, "--n-grid", 5, "--no-progress", "--output", out)  # fmt: skip
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def awq_ct(awq_run):
+    out = awq_run.parent / "w4-ct"
+    assert run_cli("export", "--input", awq_run, "--output", out) == 0
+    return out
+
+
+@pytest.fixture(scope="module")
+def tiny_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny") / "model"
+    tiny_llava(outliers=True).save_pretrained(path)
+    processor().save_pretrained(path)
+    return path
+
+
+def _load(path):
+    from transformers import AutoModelForImageTextToText
+
+    return AutoModelForImageTextToText.from_pretrained(path, dtype=torch.float32).eval()
+
+
+def _logits(model):
+    batch = next(calibration(4, seed=3).batches(4))
+    with torch.no_grad():
+        return model(**batch.inputs).logits
+
+
+def _tensors(path) -> dict[str, torch.Tensor]:
+    with safe_open(path / "model.safetensors", "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+def test_transformers_loads_the_export_with_the_fake_quant_logits(awq_run, awq_ct):
+    fake, export = _load(awq_run), _load(awq_ct)
+    torch.testing.assert_close(_logits(export), _logits(fake), rtol=1e-5, atol=1e-5)
+    # the loaded weights are the fake-quant weights, bit for bit
+    a, b = fake.state_dict(), export.state_dict()
+    assert set(a) == set(b)
+    assert [k for k in a if not torch.equal(a[k], b[k])] == []
+
+
+def test_packed_integers_unpacked_and_dequantized_equal_the_fake_quant_weights(awq_run, awq_ct):
+    fake, packed = _tensors(awq_run), _tensors(awq_ct)
+    linears = sorted(k[: -len(".weight_packed")] for k in packed if k.endswith(".weight_packed"))
+    assert len(linears) == 6 * 7 and all(".layers." in n for n in linears)  # 6 decoder layers x 7 linears
+    for name in linears:
+        shape = tuple(packed[f"{name}.weight_shape"].tolist())
+        scale = packed[f"{name}.weight_scale"]  # [out, n_groups]
+        q = unpack_from_int32(packed[f"{name}.weight_packed"], 4, shape)  # [out, in] int8
+        zero = unpack_from_int32(packed[f"{name}.weight_zero_point"], 4, scale.shape, packed_dim=0)
+        w = decode(q.reshape(-1, 128), scale.reshape(-1, 1), zero.reshape(-1, 1).float()).reshape(shape)
+        assert torch.equal(w.to(fake[f"{name}.weight"].dtype), fake[f"{name}.weight"]), name
+
+
+def test_eval_on_the_export_gives_the_fake_quant_answers(awq_run, awq_ct):
+    from qig.evaluate import run_eval
+
+    fake = run_eval(model_dir=awq_run, limit=40)
+    export = run_eval(model_dir=awq_ct, limit=40)
+    assert export["accuracy"] == fake["accuracy"]
+    assert [r["prediction"] for r in export["predictions"]] == [r["prediction"] for r in fake["predictions"]]
+
+
+def test_config_ignore_list_and_files(awq_run, awq_ct):
+    config = json.loads((awq_ct / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "compressed-tensors" and qc["format"] == "pack-quantized"
+    weights = qc["config_groups"]["group_0"]["weights"]
+    assert (weights["num_bits"], weights["group_size"], weights["strategy"], weights["symmetric"]) == (
+        4,
+        128,
+        "group",
+        False,
+    )
+    assert qc["config_groups"]["group_0"]["input_activations"] is None
+    ignore = set(qc["ignore"])
+    # Every linear outside the decoder layers (vision tower, projector, lm_head) is named twice: as transformers
+    # names it in memory (it matches those when loading) and as the saved checkpoint names it (LLaVA's legacy
+    # layout, which vLLM reads). No decoder linear is ignored.
+    fake = _load(awq_run)
+    kept = [n for n, m in fake.named_modules() if isinstance(m, torch.nn.Linear) and "language_model.layers" not in n]
+    assert any("vision_tower" in n for n in kept) and any("projector" in n for n in kept) and "lm_head" in kept
+    saved = set(_tensors(awq_ct))
+    for name in kept:
+        assert name in ignore, name
+        if type(fake.get_submodule(name)) is not torch.nn.Linear:
+            continue  # e.g. nn.MultiheadAttention's out_proj: the "Linear" target does not match it anyway
+        ckpt = "language_model.lm_head" if name == "lm_head" else name.removeprefix("model.")
+        assert ckpt in ignore and f"{ckpt}.weight" in saved, ckpt
+    assert not any("layers" in n and "vision" not in n for n in ignore)
+    for name in ("chat_template.jinja", "processor_config.json", "tokenizer.json", "qig/search.json"):
+        assert (awq_ct / name).is_file(), name
+    # loaders glob *.safetensors at the top level: only the model may be there
+    assert sorted(p.name for p in awq_ct.glob("*.safetensors")) == ["model.safetensors"]
+
+
+def test_w4_g128_export_is_at_most_030_of_fp16(awq_ct):
+    from qig.export.size import linear_bytes
+
+    stored, fp16 = linear_bytes(awq_ct)
+    assert fp16 == 2 * 6 * (4 * 256 * 256 + 3 * 256 * 768 - 2 * 256 * 128)  # q,o: 256x256; k,v: 128x256; MLP
+    assert stored / fp16 <= 0.30
+
+
+def test_fake_quant_export_is_a_plain_checkpoint_of_the_same_weights(awq_run, tmp_path):
+    out = tmp_path / "fq"
+    assert run_cli("export", "--input", awq_run, "--format", "fake-quant", "--output", out) == 0
+    assert "quantization_config" not in json.loads((out / "config.json").read_text())
+    a, b = _tensors(awq_run), _tensors(out)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+    assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
+
+
+def test_gptq_export_packs_gptq_codes(tiny_dir, tmp_path):
+    run = tmp_path / "gptq"
+    args = ("--model", tiny_dir, "--method", "gptq", "--wbits", 4, "--group-size", 128, "--n-samples", 8)
+    assert run_cli("quantize", *args, "--no-progress", "--output", run) == 0
+    out = tmp_path / "gptq-ct"
+    assert run_cli("export", "--input", run, "--output", out) == 0
+    torch.testing.assert_close(_logits(_load(out)), _logits(_load(run)), rtol=1e-5, atol=1e-5)
+
+
+def _siblings(out):
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def test_act_order_is_refused_before_anything_is_written(tiny_dir, tmp_path, capsys):
+    run = tmp_path / "gptq-ao"
+    args = ("--model", tiny_dir, "--method", "gptq", "--wbits", 4, "--group-size", 128, "--n-samples", 8)
+    assert run_cli("quantize", *args, "--act-order", "--no-progress", "--output", run) == 0
+    out = tmp_path / "ao-ct"
+    assert run_cli("export", "--input", run, "--output", out) == 2
+    assert "act-order" in capsys.readouterr().err
+    assert not out.exists() and _siblings(out) == []
+
+
+def test_a_model_that_is_not_quantized_is_refused(tiny_dir, tmp_path, capsys):
+    fake_run = tmp_path / "fp"
+    fake_run.mkdir()
+    for f in tiny_dir.iterdir():
+        (fake_run / f.name).write_bytes(f.read_bytes())
+    (fake_run / "search.json").write_text(json.dumps({"config": {"method": "rtn", "wbits": 4, "group_size": 128}}))
+    out = tmp_path / "fp-ct"
+    assert run_cli("export", "--input", fake_run, "--output", out) == 2
+    assert "not on a W4 g128 asym grid" in capsys.readouterr().err
+    assert not out.exists() and _siblings(out) == []
+
+
+def test_a_folder_without_search_json_is_refused(tiny_dir, tmp_path, capsys):
+    assert run_cli("export", "--input", tiny_dir, "--output", tmp_path / "x") == 2
+    assert "no search.json" in capsys.readouterr().err
+
+
+def test_a_failed_export_leaves_no_partial_folder(awq_run, tmp_path, monkeypatch):
+    import qig.export.writer as writer
+
+    def fail(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(writer, "_check_packed", fail)
+    out = tmp_path / "broken"
+    with pytest.raises(RuntimeError, match="disk full"):
+        writer.export(awq_run, out)
+    assert not out.exists() and _siblings(out) == []
+
+
+def test_an_existing_output_is_kept_without_overwrite(awq_run, awq_ct, capsys):
+    before = (awq_ct / "config.json").read_text()
+    assert run_cli("export", "--input", awq_run, "--output", awq_ct) == 2
+    assert "--overwrite" in capsys.readouterr().err
+    assert (awq_ct / "config.json").read_text() == before
