@@ -18,7 +18,7 @@ import sys
 from qig.errors import QigError
 
 # Each module has register(subparsers) -> parser, setting ``func(args) -> int``.
-COMMANDS = ("world", "eval", "quantize", "inspect", "export")
+COMMANDS = ("world", "eval", "quantize", "inspect", "models", "export")
 
 
 def build_parser() -> argparse.ArgumentParser:
