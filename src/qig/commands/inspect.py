@@ -64,6 +64,7 @@ def run(args) -> int:
     from qig.evaluate import load_model_and_processor
     from qig.inspect import compute_token_maps, embedded_questions, write_report
     from qig.inspect.render import require_matplotlib
+    from qig.models import family_for
 
     if Path(args.output).exists() and not args.overwrite:
         raise QigError(f"output folder {args.output} already exists; pass --overwrite to replace it")
@@ -81,7 +82,8 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     model, processor = load_model_and_processor(args.model)
-    image_seq_length = getattr(model.config, "image_seq_length", None)
+    family = family_for(model)
+    image_seq_length = family.image_seq_length(model)
     if args.calib:
         calib = load_calibration(
             args.calib,
@@ -91,6 +93,7 @@ def run(args) -> int:
             seed=args.seed,
             max_length=args.max_length,
             image_seq_length=image_seq_length,
+            image_token_id=family.vision_token_id(model, processor),
         )
         meta = None
     else:
