@@ -110,3 +110,32 @@ def test_signed_codes_keep_the_differences():
     assert q.dtype == torch.int8 and int(q.min()) >= -8 and int(q.max()) <= 7
     diff = q.reshape(-1, 128).int() - zero.reshape(-1, 1).int()
     assert torch.equal(diff, (qw.q.reshape(-1, 128) - qw.zero.reshape(-1, 1)).int())
+
+
+@pytest.mark.parametrize(
+    "spec, abits, fmt, serving",
+    [
+        pytest.param(QuantSpec(4, 128), 16, "pack-quantized", "W4A16 with zero points", id="w4a16-g128"),
+        pytest.param(QuantSpec(3, 128), 16, "pack-quantized", "cannot serve", id="w3a16-g128"),
+        pytest.param(QuantSpec(8, None, symmetric=True), 8, "int-quantized", "W8A8 int8", id="w8a8"),
+        pytest.param(QuantSpec(4, None, symmetric=True), 8, "int-quantized", "CPUs only", id="w4a8"),
+        pytest.param(QuantSpec(4, None, symmetric=True), 4, "int-quantized", "no integer W4A4", id="w4a4"),
+    ],
+)
+def test_scheme_of_each_setting(spec, abits, fmt, serving):
+    from qig.export.scheme import scheme_for
+
+    s = scheme_for(spec, abits)
+    assert s.format == fmt and serving in s.serving
+    assert s.weights["num_bits"] == spec.bits and s.weights["symmetric"] == spec.symmetric
+    assert (s.input_activations is None) == (abits == 16)
+    pytest.importorskip("compressed_tensors")
+    scheme = s.quantization_scheme(["Linear"])  # the library accepts it
+    assert scheme.weights.strategy == ("group" if spec.group_size else "channel")
+
+
+def test_activation_bits_the_format_has_no_scheme_for_are_refused():
+    from qig.export.scheme import scheme_for
+
+    with pytest.raises(QigError, match="activation bits 6 cannot be exported"):
+        scheme_for(QuantSpec(4, None, symmetric=True), 6)

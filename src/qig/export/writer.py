@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 
 FORMATS = ("compressed-tensors", "fake-quant")
 RUN_FILES = ("search.json", "search.safetensors", "report.json")  # copied into OUT/qig/ (no loader reads them there)
+QIG_CONFIG_KEY = "qig_quantization"  # qig.api.CONFIG_KEY: the fake-quant model's record of its quantization
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
@@ -172,6 +173,10 @@ def export(
             check_storable(qw, path)
     if dtype is not None:
         model.to(DTYPES[dtype])
+    if scheme is not None and hasattr(model.config, QIG_CONFIG_KEY):
+        # The fake-quant record would make 'qig eval' install its own activation quantizers on top of the
+        # ones compressed-tensors installs at load; quantization_config describes the export instead.
+        delattr(model.config, QIG_CONFIG_KEY)
     ignored = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized)
 
     with atomic_dir(output_dir, overwrite) as tmp:
