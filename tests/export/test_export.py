@@ -196,3 +196,26 @@ def test_an_existing_output_is_kept_without_overwrite(awq_run, awq_ct, capsys):
     assert run_cli("export", "--input", awq_run, "--output", awq_ct) == 2
     assert "--overwrite" in capsys.readouterr().err
     assert (awq_ct / "config.json").read_text() == before
+
+
+def test_quantize_writes_the_export_directly(tiny_dir, tmp_path):
+    out = tmp_path / "direct"
+    args = ("--model", tiny_dir, "--method", "rtn", "--wbits", 4, "--group-size", 128)
+    assert run_cli("quantize", *args, "--format", "compressed-tensors", "--output", out) == 0
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    assert (out / "qig" / "search.json").is_file() and (out / "qig" / "report.json").is_file()
+    assert _siblings(out) == []
+    # the same as quantizing, then exporting
+    run, again = tmp_path / "run", tmp_path / "again"
+    assert run_cli("quantize", *args, "--output", run) == 0
+    assert run_cli("export", "--input", run, "--output", again) == 0
+    a, b = _tensors(out), _tensors(again)
+    assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_quantize_refuses_a_format_that_cannot_hold_the_setting_before_working(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "w4a6"
+    args = ("--model", tiny_dir, "--method", "rtn", "--wbits", 4, "--abits", 6)
+    assert run_cli("quantize", *args, "--format", "compressed-tensors", "--output", out) == 2
+    assert "activation bits 6 cannot be exported" in capsys.readouterr().err
+    assert not out.exists() and _siblings(out) == []

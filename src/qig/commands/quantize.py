@@ -63,6 +63,7 @@ _OPTIONS = {
     "damp": None,
     "act_order": False,
     "overwrite": False,
+    "format": None,
     "trust_remote_code": False,
 }
 
@@ -98,6 +99,12 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="compute device: cpu, cuda, cuda:N (default cpu)")
     p.add_argument("--output", default=None, help="output folder (required)")
     p.add_argument("--overwrite", action="store_true", default=None, help="replace an existing output folder")
+    p.add_argument(
+        "--format",
+        choices=("compressed-tensors", "fake-quant"),
+        default=None,
+        help="write OUTPUT as this export format (qig export; run files in OUTPUT/qig/)",
+    )
     p.add_argument("--scales", default=None, help="apply a saved search.safetensors instead of searching")
     p.add_argument("--seed", type=int, default=None, help="torch seed of the run (default 0)")
     p.add_argument("--batch-size", type=int, default=None, help="calibration samples per forward (default 16)")
@@ -300,6 +307,10 @@ def run(args) -> int:
     else:
         config = build_config(opts)
 
+    if opts["format"]:
+        from qig.export import check_format
+
+        check_format(opts["format"], config.spec, config.abits)  # refuse before any work
     t = time.perf_counter()
     model, processor = load_model_and_processor(opts["model"], trust_remote_code=bool(opts["trust_remote_code"]))
     timings["load"] = time.perf_counter() - t
@@ -334,7 +345,15 @@ def run(args) -> int:
         "n_calibration_samples": len(calib) if calib is not None else 0,
         "timings": timings,
     }
-    out = write_output(opts["output"], model, processor, result, report, overwrite=bool(opts["overwrite"]))
+    if opts["format"]:
+        from qig.export import export_after
+
+        def write(tmp):
+            return write_output(tmp, model, processor, result, report)
+
+        out = export_after(write, opts["output"], opts["format"], overwrite=bool(opts["overwrite"]))
+    else:
+        out = write_output(opts["output"], model, processor, result, report, overwrite=bool(opts["overwrite"]))
     if getattr(args, "report", False):
         from qig.inspect import write_run_report
 

@@ -8,6 +8,6 @@
 serving and loading the result.
 """
 
-from qig.export.writer import FORMATS, ExportResult, export
+from qig.export.writer import FORMATS, ExportResult, check_format, export, export_after
 
-__all__ = ["FORMATS", "ExportResult", "export"]
+__all__ = ["FORMATS", "ExportResult", "check_format", "export", "export_after"]

@@ -198,6 +198,33 @@ def export(
     return ExportResult(output_dir, fmt, scheme, sorted(quantized), ignored)
 
 
+def check_format(fmt: str, spec: QuantSpec, abits: int = 16) -> None:
+    """Refuse, before any work, a format that cannot hold the setting (``qig quantize --format`` calls it)."""
+    if fmt not in FORMATS:
+        raise QigError(f"format {fmt!r} is not supported; use one of: {', '.join(FORMATS)}")
+    if fmt == "compressed-tensors":
+        scheme_for(spec, abits)
+        _require_library()
+
+
+def export_after(write_run, output_dir: str | os.PathLike, fmt: str, overwrite: bool = False) -> Path:
+    """``write_run(folder)`` writes a quantize run into a temporary folder; export it to ``output_dir``, drop it.
+
+    ``qig quantize --format`` uses this: the run's files end up in ``output_dir/qig/``.
+    """
+    from qig.fileio import temp_dir_beside
+
+    output_dir = Path(output_dir)
+    if output_dir.exists() and not overwrite:
+        raise QigError(f"output folder {output_dir} already exists; pass --overwrite to replace it")
+    tmp = temp_dir_beside(output_dir)
+    try:
+        write_run(tmp / "run")
+        return export(tmp / "run", output_dir, fmt, overwrite=overwrite).path
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _require_library() -> None:
     try:
         import compressed_tensors  # noqa: F401
