@@ -216,7 +216,8 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
             f"**Status: below the target** of >= 95% FP accuracy with seeds within 2 points (this checkpoint: "
             f"{_pct(fp_main)} on seed {seeds[0]}, spread {_pct(spread)} across seeds). The held-out curve of the "
             "last stage shows whether more training would help; continue with `python scripts/train_embedded.py "
-            "--init <checkpoint before outlier planting> ...` (same flags as the last stage), then "
+            "--init <checkpoint before outlier planting> ...` (the shipped weights with the factors of "
+            "`outlier_factors.json` undone) (same flags as the last stage), then "
             "`scripts/finalize_embedded.py`."
         )
     lines += [
