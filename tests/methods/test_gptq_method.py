@@ -20,14 +20,7 @@ def _run(config, calib, **model_kw):
     return model, qig.quantize(model, config, calib, progress=False)
 
 
-def _error(model, held_out, fp_logits) -> float:
-    with torch.no_grad():
-        logits = model(**held_out.inputs).logits
-    real = held_out.inputs["attention_mask"].bool()
-    return float((logits - fp_logits)[real].abs().mean())
-
-
-def test_gptq_beats_rtn_and_improves_a_search(calib, held_out, fp_logits):
+def test_gptq_beats_rtn_and_improves_a_search(calib, logit_error):
     err = {}
     for label, config in {
         "rtn": RTNConfig(**SETTING),
@@ -35,7 +28,7 @@ def test_gptq_beats_rtn_and_improves_a_search(calib, held_out, fp_logits):
         "awq": AWQConfig(**SETTING, n_grid=5),
         "awq+gptq": AWQConfig(**SETTING, n_grid=5, quantizer="gptq"),
     }.items():
-        err[label] = _error(_run(config, calib)[0], held_out, fp_logits)
+        err[label] = logit_error(_run(config, calib)[0])
     assert err["gptq"] < err["rtn"]
     assert err["awq+gptq"] < err["awq"]
 

@@ -10,20 +10,8 @@ from qig.methods import AWQConfig, MBQConfig, QIGConfig, RTNConfig
 SETTING = dict(wbits=3, group_size=32)
 
 
-def _error(config, calib, held_out, fp_logits):
-    model = tiny_llava(outliers=True)
-    qig.quantize(model, config, calib, progress=False)
-    with torch.no_grad():
-        logits = model(**held_out.inputs).logits
-    real = held_out.inputs["attention_mask"].bool()
-    return float((logits - fp_logits)[real].abs().mean())
-
-
-def test_search_beats_rtn_on_outlier_channels(calib, held_out, fp_logits):
-    errors = {
-        c.name: _error(c, calib, held_out, fp_logits)
-        for c in (RTNConfig(**SETTING), AWQConfig(**SETTING), QIGConfig(**SETTING))
-    }
+def test_search_beats_rtn_on_outlier_channels(quantized_error):
+    errors = {c.name: quantized_error(c) for c in (RTNConfig(**SETTING), AWQConfig(**SETTING), QIGConfig(**SETTING))}
     assert errors["awq"] <= errors["rtn"]
     assert errors["qig"] <= errors["rtn"]
 

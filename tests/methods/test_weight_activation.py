@@ -21,23 +21,14 @@ from qig.pipeline import activation_quantization
 W4A8 = dict(wbits=4, abits=8, group_size=None)
 
 
-def _error(config, calib, held_out, fp_logits):
-    model = tiny_llava(outliers=True)
-    qig.quantize(model, config, calib, progress=False)
-    with torch.no_grad():
-        logits = model(**held_out.inputs).logits
-    real = held_out.inputs["attention_mask"].bool()
-    return float((logits - fp_logits)[real].abs().mean())
-
-
-def test_every_scaling_method_beats_rtn_at_w4a8(calib, held_out, fp_logits):
+def test_every_scaling_method_beats_rtn_at_w4a8(quantized_error):
     configs = [
         RTNConfig(**W4A8),
         SmoothQuantConfig(**W4A8),
         MBQConfig(**W4A8, grad_batch_size=8, n_grid=10),
         QIGConfig(**W4A8, n_grid=10),
     ]
-    errors = {c.name: _error(c, calib, held_out, fp_logits) for c in configs}
+    errors = {c.name: quantized_error(c) for c in configs}
     for name in ("smoothquant", "mbq", "qig"):
         assert errors[name] < errors["rtn"], errors
 
