@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 from _cli import run_cli
-from _tiny import calibration, processor, tiny_llava
+from _tiny import calibration
 from safetensors import safe_open
 
 from qig.quant.spec import decode
@@ -30,14 +30,6 @@ def awq_ct(awq_run):
     out = awq_run.parent / "w4-ct"
     assert run_cli("export", "--input", awq_run, "--output", out) == 0
     return out
-
-
-@pytest.fixture(scope="module")
-def tiny_dir(tmp_path_factory):
-    path = tmp_path_factory.mktemp("tiny") / "model"
-    tiny_llava(outliers=True).save_pretrained(path)
-    processor().save_pretrained(path)
-    return path
 
 
 def _load(path):
@@ -138,9 +130,9 @@ def test_fake_quant_export_is_a_plain_checkpoint_of_the_same_weights(awq_run, tm
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
 
 
-def test_gptq_export_packs_gptq_codes(tiny_dir, tmp_path):
+def test_gptq_export_packs_gptq_codes(model_dir, tmp_path):
     run = tmp_path / "gptq"
-    args = ("--model", tiny_dir, "--method", "gptq", "--wbits", 4, "--group-size", 128, "--n-samples", 8)
+    args = ("--model", model_dir, "--method", "gptq", "--wbits", 4, "--group-size", 128, "--n-samples", 8)
     assert run_cli("quantize", *args, "--no-progress", "--output", run) == 0
     out = tmp_path / "gptq-ct"
     assert run_cli("export", "--input", run, "--output", out) == 0
@@ -151,9 +143,9 @@ def _siblings(out):
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 
 
-def test_act_order_is_refused_before_anything_is_written(tiny_dir, tmp_path, capsys):
+def test_act_order_is_refused_before_anything_is_written(model_dir, tmp_path, capsys):
     run = tmp_path / "gptq-ao"
-    args = ("--model", tiny_dir, "--method", "gptq", "--wbits", 4, "--group-size", 128, "--n-samples", 8)
+    args = ("--model", model_dir, "--method", "gptq", "--wbits", 4, "--group-size", 128, "--n-samples", 8)
     assert run_cli("quantize", *args, "--act-order", "--no-progress", "--output", run) == 0
     out = tmp_path / "ao-ct"
     assert run_cli("export", "--input", run, "--output", out) == 2
@@ -161,10 +153,10 @@ def test_act_order_is_refused_before_anything_is_written(tiny_dir, tmp_path, cap
     assert not out.exists() and _siblings(out) == []
 
 
-def test_a_model_that_is_not_quantized_is_refused(tiny_dir, tmp_path, capsys):
+def test_a_model_that_is_not_quantized_is_refused(model_dir, tmp_path, capsys):
     fake_run = tmp_path / "fp"
     fake_run.mkdir()
-    for f in tiny_dir.iterdir():
+    for f in model_dir.iterdir():
         (fake_run / f.name).write_bytes(f.read_bytes())
     (fake_run / "search.json").write_text(json.dumps({"config": {"method": "rtn", "wbits": 4, "group_size": 128}}))
     out = tmp_path / "fp-ct"
@@ -173,8 +165,8 @@ def test_a_model_that_is_not_quantized_is_refused(tiny_dir, tmp_path, capsys):
     assert not out.exists() and _siblings(out) == []
 
 
-def test_a_folder_without_search_json_is_refused(tiny_dir, tmp_path, capsys):
-    assert run_cli("export", "--input", tiny_dir, "--output", tmp_path / "x") == 2
+def test_a_folder_without_search_json_is_refused(model_dir, tmp_path, capsys):
+    assert run_cli("export", "--input", model_dir, "--output", tmp_path / "x") == 2
     assert "no search.json" in capsys.readouterr().err
 
 
@@ -198,9 +190,9 @@ def test_an_existing_output_is_kept_without_overwrite(awq_run, awq_ct, capsys):
     assert (awq_ct / "config.json").read_text() == before
 
 
-def test_quantize_writes_the_export_directly(tiny_dir, tmp_path):
+def test_quantize_writes_the_export_directly(model_dir, tmp_path):
     out = tmp_path / "direct"
-    args = ("--model", tiny_dir, "--method", "rtn", "--wbits", 4, "--group-size", 128)
+    args = ("--model", model_dir, "--method", "rtn", "--wbits", 4, "--group-size", 128)
     assert run_cli("quantize", *args, "--format", "compressed-tensors", "--output", out) == 0
     assert json.loads((out / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
     assert (out / "qig" / "search.json").is_file() and (out / "qig" / "report.json").is_file()
@@ -213,9 +205,9 @@ def test_quantize_writes_the_export_directly(tiny_dir, tmp_path):
     assert set(a) == set(b) and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_quantize_refuses_a_format_that_cannot_hold_the_setting_before_working(tiny_dir, tmp_path, capsys):
+def test_quantize_refuses_a_format_that_cannot_hold_the_setting_before_working(model_dir, tmp_path, capsys):
     out = tmp_path / "w4a6"
-    args = ("--model", tiny_dir, "--method", "rtn", "--wbits", 4, "--abits", 6)
+    args = ("--model", model_dir, "--method", "rtn", "--wbits", 4, "--abits", 6)
     assert run_cli("quantize", *args, "--format", "compressed-tensors", "--output", out) == 2
     assert "activation bits 6 cannot be exported" in capsys.readouterr().err
     assert not out.exists() and _siblings(out) == []
