@@ -21,19 +21,17 @@ def test_llava_groups(kv_heads, groups):
     assert [g.name for g in fam.active_groups(layer)] == groups
 
 
-def test_unknown_type_with_llama_names_falls_back():
+def _qwen2_lm():
+    """A one-layer Qwen2 causal LM: Llama-named decoder layers at model.layers."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
-    lm = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=32,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-        )
-    )
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2)
+    config = Qwen2Config(vocab_size=32, num_key_value_heads=2, **sizes)
+    return Qwen2ForCausalLM(config)
+
+
+def test_unknown_type_with_llama_names_falls_back():
+    lm = _qwen2_lm()
     fam = family_for(lm)
     assert fam.layers == "model.layers"
     assert fam.name.startswith("llama-names")
@@ -50,18 +48,7 @@ def test_unsupported_model_gets_the_listing_of_families():
 
 def test_a_known_type_with_other_layer_names_is_not_forced_into_its_entry():
     """InternVL2 with a Qwen2 LM (internvl_chat, Llama names): the fallback, not the InternLM2 entry."""
-    from transformers import Qwen2Config, Qwen2ForCausalLM
-
-    lm = Qwen2ForCausalLM(
-        Qwen2Config(
-            vocab_size=32,
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            num_key_value_heads=2,
-        )
-    )
+    lm = _qwen2_lm()
     chat = torch.nn.Module()
     chat.language_model = lm
     chat.config = type("Config", (), {"model_type": "internvl_chat"})()
