@@ -85,3 +85,18 @@ def calibration(n: int = 8, seed: int = 0):
     from qig.calib import embedded_calibration
 
     return embedded_calibration(processor(), n_samples=n, seed=seed, image_seq_length=36)
+
+
+@torch.no_grad()
+def fold_random_scales_(model, seed: int = 0) -> None:
+    """Fold random per-channel scales (spanning ~e^+-3) into every scale group of every decoder layer."""
+    from qig.models import family_for, get_module
+    from qig.quant.fold import fold_scales_
+
+    fam = family_for(model)
+    g = torch.Generator().manual_seed(seed)
+    for layer in fam.decoder_layers(model):
+        for group in fam.active_groups(layer):
+            lins = [get_module(layer, p) for p in group.linears]
+            s = torch.exp(torch.randn(lins[0].in_features, generator=g))
+            fold_scales_(get_module(layer, group.prev), lins, s, offset=group.prev_offset)
