@@ -29,6 +29,7 @@ from qig import embedded, world
 from qig.calib import embedded_calibration
 from qig.evaluate import evaluate_records, load_model_and_processor
 from qig.fileio import temp_dir_beside
+from qig.models import family_for
 from qig.quant import QuantSpec
 from qig.quant.rtn import rtn_
 
@@ -121,7 +122,7 @@ def main() -> None:
     metrics["rtn"] = {}
     for label, spec in RTN_SETTINGS:
         q, _ = load_model_and_processor(out)
-        rtn_(embedded.decoder_linears(q), spec)
+        rtn_(family_for(q).decoder_linears(q), spec)
         rep = evaluate_records(q, processor, records[s0], reference=(fp, processor))
         metrics["rtn"][label] = {"accuracy": rep["accuracy"], **rep["fidelity"]}
         print(

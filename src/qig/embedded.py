@@ -141,19 +141,6 @@ def build_model(tokenizer, seed: int = 0):
     return model
 
 
-def decoder_linears(model) -> dict:
-    """The language model's decoder linears of a LLaVA model, by qualified name."""
-    import torch
-
-    layers = model.model.language_model.layers
-    return {
-        f"model.language_model.layers.{i}.{name}": mod
-        for i, layer in enumerate(layers)
-        for name, mod in layer.named_modules()
-        if isinstance(mod, torch.nn.Linear)
-    }
-
-
 def plant_outlier_channels(
     model,
     batch: dict,

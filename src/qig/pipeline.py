@@ -329,7 +329,7 @@ def _layer_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
 
 def _decoder_linears(model: torch.nn.Module) -> list[torch.nn.Linear]:
     """The linears the weight quantizer touches: every linear of every decoder layer the family lists."""
-    return [m for layer in family_for(model).decoder_layers(model) for m in _layer_linears(layer).values()]
+    return list(family_for(model).decoder_linears(model).values())
 
 
 def install_activation_quantizers(model: torch.nn.Module, act_spec: QuantSpec) -> int:

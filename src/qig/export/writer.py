@@ -113,12 +113,7 @@ def decoder_linears(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Lin
     from qig.models import family_for
 
     family = family_for(model)
-    out = {}
-    for i, layer in enumerate(family.decoder_layers(model)):
-        for name, mod in layer.named_modules():
-            if isinstance(mod, torch.nn.Linear):
-                out[f"{family.layers}.{i}.{name}"] = (f"{i}.{name}", mod)
-    return out
+    return {path: (path.removeprefix(f"{family.layers}."), mod) for path, mod in family.decoder_linears(model).items()}
 
 
 def codes(run: Run, model: torch.nn.Module) -> dict[str, QuantizedWeight]:

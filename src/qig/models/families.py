@@ -96,6 +96,15 @@ class ModelFamily:
             raise QigError(f"{self.layers} of the {self.name} family is not a ModuleList of decoder layers")
         return layers
 
+    def decoder_linears(self, model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+        """The linears qig quantizes: every Linear of every decoder layer, by path in the model."""
+        return {
+            f"{self.layers}.{i}.{name}": mod
+            for i, layer in enumerate(self.decoder_layers(model))
+            for name, mod in layer.named_modules()
+            if isinstance(mod, torch.nn.Linear)
+        }
+
     def active_groups(self, layer: torch.nn.Module) -> list[ScaleGroup]:
         """The groups that apply to this layer (e.g. without ``v -> o`` under GQA)."""
         out = []
