@@ -17,6 +17,15 @@ weighted by QIG's / MBQ's token weights), ``awq+gptq`` / ``mbq+gptq`` /
 ``qig+gptq`` (that scale search, then GPTQ as the quantizer); ``--gptq``
 adds rtn, gptq, gptq+qig, awq+gptq and qig+gptq to the selected rows.
 
+Row options: ``qig[tokens=vision+answer]``, ``qig[baseline=zero]``,
+``awq[loss=mse]`` ... run that row's config with these fields changed (values
+parsed as JSON where they can be, else taken as text), for ablations side by side.
+
+``--fidelity`` also scores each row against the FP model (answer agreement,
+mean KL of the answer tokens' distributions; what ``qig eval --reference``
+reports) and prints, per searched row, the share of the token weights that
+vision, prompt and answer tokens receive (mean over groups).
+
 Each method quantizes a fresh copy of the model with the same calibration set
 (the embedded calib split unless --calib), the result is saved to a temporary
 folder and scored by ``qig.evaluate.run_eval`` on each eval seed.
@@ -25,6 +34,7 @@ folder and scored by ``qig.evaluate.run_eval`` on each eval seed.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -42,10 +52,30 @@ WEIGHT_ONLY_ROWS = ("fp", "rtn", "awq", "mbq", "qig")
 WA_ROWS = ("fp", "rtn", "smoothquant", "mbq", "qig")
 
 
+def split_row(row: str) -> tuple[str, dict]:
+    """``"qig[tokens=vision+answer,steps=8]"`` -> ("qig", {"tokens": "vision+answer", "steps": 8})."""
+    m = re.fullmatch(r"([a-z+]+)(?:\[(.*)\])?", row)
+    if not m or m.group(1) not in ROWS:
+        raise SystemExit(f"row {row!r} not understood; use one of {', '.join(ROWS)}, optionally with [key=value,...]")
+    options = {}
+    for item in filter(None, (m.group(2) or "").split(",")):
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"row {row!r}: option {item!r} needs key=value")
+        try:
+            options[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            options[key.strip()] = value.strip()
+    return m.group(1), options
+
+
 def make_row_config(row: str, wbits: int, group: int | None, qig_steps: int | None = None, abits: int = 16):
-    """The config of a table row: a method name, "gptq+<weights>" or "<search>+gptq"."""
+    """The config of a table row: a method name, "gptq+<weights>" or "<search>+gptq", optionally "[key=value,...]"."""
     from qig.methods import GPTQConfig, make_config
 
+    row, options = split_row(row)
+    if options:
+        return dataclasses.replace(make_row_config(row, wbits, group, qig_steps, abits), **options)
     qig_extra = {"steps": qig_steps} if qig_steps else {}
     if row.startswith("gptq+"):
         weights = row.split("+", 1)[1]
@@ -71,6 +101,7 @@ def parse_setting(text: str) -> tuple[int, int | None, int]:
 
 def applies(row: str, abits: int) -> bool:
     """Whether a row exists at this activation width (SmoothQuant needs quantized activations; GPTQ has none)."""
+    row = split_row(row)[0]
     if abits == 16:
         return row != "smoothquant"
     return row in METHODS
@@ -80,7 +111,10 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     p.add_argument("--settings", nargs="+", default=["w3g128", "w4g128"], help="weight settings, e.g. w3g128")
-    p.add_argument("--methods", nargs="+", default=None, choices=ROWS, help="table rows (default: per setting)")
+    p.add_argument(
+        "--methods", nargs="+", default=None, help=f"table rows (default: per setting): {', '.join(ROWS)}, or row[k=v]"
+    )
+    p.add_argument("--fidelity", action="store_true", help="also agreement and KL to FP, and token-weight shares")
     p.add_argument("--gptq", action="store_true", help="add rtn, gptq, gptq+qig, awq+gptq, qig+gptq to the rows")
     p.add_argument("--eval-seeds", nargs="+", type=int, default=None, help="eval split seeds (default: 1234)")
     p.add_argument("--limit", type=int, default=1000, help="questions per eval seed")
@@ -91,6 +125,8 @@ def main(argv=None) -> int:
     p.add_argument("--qig-steps", type=int, default=None, help="QIG quadrature points (default: the config's)")
     p.add_argument("--json", default=None, help="write all results here")
     args = p.parse_args(argv)
+    for row in args.methods or []:
+        split_row(row)  # refuse a bad row before any work
     if args.gptq:
         args.methods = args.methods or list(WEIGHT_ONLY_ROWS)
         args.methods += [m for m in ("rtn", "gptq", "gptq+qig", "awq+gptq", "qig+gptq") if m not in args.methods]
@@ -102,6 +138,7 @@ def main(argv=None) -> int:
     from qig import world
     from qig.api import CONFIG_KEY
     from qig.calib import embedded_calibration, load_calibration
+    from qig.embedded import default_model_dir
     from qig.evaluate import load_model_and_processor, run_eval
     from qig.pipeline import remove_activation_quantizers
 
@@ -116,7 +153,10 @@ def main(argv=None) -> int:
     else:
         calib = embedded_calibration(processor, n_samples=args.n_samples, image_seq_length=isl)
 
+    reference = args.model or str(default_model_dir())
     results: dict[str, dict[str, dict[int, float]]] = {}
+    fidelity: dict[str, dict[str, dict[int, dict]]] = {}
+    shares: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for setting in args.settings:
             wbits, group, abits = parse_setting(setting)
@@ -134,15 +174,20 @@ def main(argv=None) -> int:
                 t = time.perf_counter()
                 if method != "fp":
                     config = make_row_config(method, wbits, group, args.qig_steps, abits)
-                    qig.quantize(model, config, calib, device=args.device, progress=False)
+                    result = qig.quantize(model, config, calib, device=args.device, progress=False)
+                    if share := role_shares(result):
+                        shares.setdefault(setting, {})[method] = share
                 seconds = time.perf_counter() - t
-                folder = os.path.join(tmp, f"{setting}-{method}")
+                folder = os.path.join(tmp, f"{setting}-{re.sub(r'[^a-z0-9+.=-]', '_', method)}")
                 model.save_pretrained(folder)
                 processor.save_pretrained(folder)
                 accs = {}
                 for seed in seeds:
-                    rep = run_eval(model_dir=folder, seed=seed, limit=args.limit, device=args.device)
+                    ref = reference if args.fidelity and method != "fp" else None
+                    rep = run_eval(model_dir=folder, seed=seed, limit=args.limit, device=args.device, reference_dir=ref)
                     accs[seed] = rep["accuracy"]
+                    if ref:
+                        fidelity.setdefault(setting, {}).setdefault(method, {})[seed] = rep["fidelity"]
                 results.setdefault(setting, {})[method] = accs
                 print(
                     f"{setting} {method:<8} quantize {seconds:6.1f}s  "
@@ -153,20 +198,44 @@ def main(argv=None) -> int:
                 del accs
             torch.manual_seed(0)
     print(format_table(results, seeds))
+    if fidelity:
+        print()
+        print(format_fidelity(fidelity, shares, seeds))
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(
-                {"eval_seeds": seeds, "limit": args.limit, "n_samples": args.n_samples, "results": results}, f, indent=1
-            )
+            out = {"eval_seeds": seeds, "limit": args.limit, "n_samples": args.n_samples, "results": results}
+            json.dump(out | {"fidelity": fidelity, "token_weight_shares": shares}, f, indent=1)
     return 0
+
+
+def role_shares(result) -> dict[str, float]:
+    """Mean over searched groups of the share of the token weights per role (vision, prompt, answer)."""
+    stats = [g.weight_stats for g in result.groups if g.weight_stats]
+    keys = sorted({k for st in stats for k in st if k.startswith("mass_")})
+    return {k.removeprefix("mass_"): sum(st.get(k, 0.0) for st in stats) / len(stats) for k in keys}
+
+
+def format_fidelity(fidelity: dict, shares: dict, seeds: list[int]) -> str:
+    """Agreement with FP and mean KL to FP per row and seed, then the token-weight shares of each row."""
+    lines = []
+    for setting, rows in fidelity.items():
+        lines.append(f"{setting}: agreement with FP / mean KL to FP")
+        width = max(len(m) for m in rows)
+        lines.append(f"{'method':<{width}} " + " ".join(f"{'seed ' + str(s):>22}" for s in seeds))
+        for m, per_seed in rows.items():
+            cells = [f"{100 * per_seed[s]['agreement']:>8.1f}% / {per_seed[s]['kl']:.5f}" for s in seeds]
+            lines.append(f"{m:<{width}} " + " ".join(f"{c:>22}" for c in cells))
+        for m, share in shares.get(setting, {}).items():
+            lines.append(f"{setting} {m}: token-weight share " + ", ".join(f"{k} {v:.3f}" for k, v in share.items()))
+    return "\n".join(lines)
 
 
 def format_table(results: dict, seeds: list[int]) -> str:
     cols = [(setting, s) for setting in results for s in seeds]
-    width = max(len(m) for m in ROWS)
+    methods = list(dict.fromkeys(m for r in results.values() for m in r))  # row order as run
+    width = max(len(m) for m in methods)
     head = f"{'method':<{width}} " + " ".join(f"{setting + ' s' + str(s):>16}" for setting, s in cols)
     lines = [head]
-    methods = [m for m in ROWS if any(m in r for r in results.values())]
     for m in methods:
         cells = []
         for setting, s in cols:

@@ -48,7 +48,9 @@ def _referents(scene, question: str) -> list:
         return [o for o in scene.objects if o.colour == words[-1] and o.kind == kind]
     if "sum" in words:
         return [o for o in scene.objects if o.kind == "digit"]
-    return [o for o in scene.objects if f" {o.phrase} " in f" {question.rstrip('?')} "]
+    text = f" {question.rstrip('?')} "
+    named = [o for o in scene.objects if f" {o.phrase} " in text]
+    return sorted(named, key=lambda o: text.index(f" {o.phrase} "))  # in the order the question names them
 
 
 def _conversation(rng, caption_frac: float, max_turns: int, fill_turns: bool = False):
@@ -73,10 +75,11 @@ def _conversation(rng, caption_frac: float, max_turns: int, fill_turns: bool = F
 
 
 def _batch(rng, processor, batch_size: int, caption_frac: float, max_turns: int = 1, fill_turns: bool = False):
-    images, texts, kinds, colours, cells = [], [], [], [], []
+    images, texts, kinds, colours, cells, ordered = [], [], [], [], [], []
     for _ in range(batch_size):
         scene, turns = _conversation(rng, caption_frac, max_turns, fill_turns)
         cells.append([[o.row * world.GRID + o.col for o in _referents(scene, q)] for q, _ in turns])
+        ordered.append(["sum" not in q for q, _ in turns])  # relations name two objects in an order
         images.append(world.render(scene, rng))
         k, c = _patch_labels(scene)
         kinds.append(k)
@@ -95,7 +98,9 @@ def _batch(rng, processor, batch_size: int, caption_frac: float, max_turns: int 
     assistant = tok.convert_tokens_to_ids("assistant")
     labels = torch.full_like(ids, -100)
     # Pointer targets: (sample, position predicting an answer, 36-way target distribution over patches).
-    pointer_rows, pointer_pos, pointer_target = [], [], []
+    # Attention targets: the same positions, one patch mask per supervised head: the first
+    # object the question names, and the last (the same one unless it names two).
+    pointer_rows, pointer_pos, pointer_target, attend_target = [], [], [], []
     for b in range(ids.shape[0]):
         row = ids[b].tolist()
         turn = 0
@@ -110,10 +115,17 @@ def _batch(rng, processor, batch_size: int, caption_frac: float, max_turns: int 
                     pointer_rows.append(b)
                     pointer_pos.append(i + 2)
                     pointer_target.append(target)
+                    in_order = ordered[b][turn]
+                    first, last = torch.zeros(world.GRID**2), torch.zeros(world.GRID**2)
+                    first[refs[:1] if in_order else refs] = 1.0
+                    last[refs[-1:] if in_order else refs] = 1.0
+                    attend_target.append(torch.stack([first, last]))
                 turn += 1
     enc["labels"] = labels
     pointer = (
-        (torch.tensor(pointer_rows), torch.tensor(pointer_pos), torch.stack(pointer_target)) if pointer_rows else None
+        (torch.tensor(pointer_rows), torch.tensor(pointer_pos), torch.stack(pointer_target), torch.stack(attend_target))
+        if pointer_rows
+        else None
     )
     return enc, torch.tensor(kinds), torch.tensor(colours), pointer
 
@@ -145,6 +157,16 @@ def main() -> None:
         "query/key head must point at the patch of the object the question is about",
     )
     ap.add_argument("--pointer-layer", type=int, default=3, help="decoder layer whose output the pointer reads")
+    ap.add_argument(
+        "--attend-weight",
+        type=float,
+        default=0.0,
+        help="weight of the attention loss: from the position that predicts an answer, two heads of "
+        "--attend-layer must attend to the patch of the object the question names (first and second "
+        "object for relations)",
+    )
+    ap.add_argument("--attend-layer", type=int, default=3, help="decoder layer (0-based) whose heads are supervised")
+    ap.add_argument("--attend-heads", default="0,2", help="the two supervised query heads (first, second object)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (about 1.4x faster on AVX512-BF16 CPUs)")
     ap.add_argument("--init", default=None, help="start from this checkpoint (a previous stage) instead of scratch")
     ap.add_argument("--seed", type=int, default=0)
@@ -175,6 +197,13 @@ def main() -> None:
         }
     )
     image_token = model.config.image_token_id
+    attention = {}
+    if args.attend_weight > 0:
+        # Eager attention returns the probabilities; the hook keeps the supervised layer's.
+        model.set_attn_implementation("eager")
+        layer = model.model.language_model.layers[args.attend_layer].self_attn
+        layer.register_forward_hook(lambda _m, _a, out: attention.__setitem__("p", out[1]))
+    attend_heads = [int(h) for h in args.attend_heads.split(",")]
     projected = {}
     model.model.multi_modal_projector.register_forward_hook(lambda _m, _a, out: projected.__setitem__("x", out))
     params = list(model.named_parameters()) + list(aux.named_parameters())
@@ -201,6 +230,14 @@ def main() -> None:
     held = world.generate("train", args.eval_n, seed=10_000 + args.seed)
     out = Path(args.out)
     log = {"args": vars(args), "curve": []}
+    if args.init:  # where the previous stage left off, on this stage's held-out set
+        res = evaluate_records(model.eval(), processor, held, batch_size=128)
+        model.train()
+        log["curve"].append(
+            {"step": 0, "minutes": 0.0, "held_accuracy": res["accuracy"]}
+            | {"per_type": {k: v["accuracy"] for k, v in res["per_type"].items()}}
+        )
+        print(json.dumps(log["curve"][-1]), flush=True)
     t0 = time.time()
     run_loss = None
     for step in range(args.steps):
@@ -210,6 +247,7 @@ def main() -> None:
             rng, processor, args.batch_size, args.caption_frac, args.max_turns, args.fill_turns
         )
         use_pointer = args.pointer_weight > 0 and pointer is not None
+        use_attend = args.attend_weight > 0 and pointer is not None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             if args.sample_mean:
                 labels = batch.pop("labels")
@@ -225,11 +263,19 @@ def main() -> None:
             if use_pointer:
                 h = out_.hidden_states[args.pointer_layer].float()  # [B, T, H]
                 h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + 1e-6)  # unit RMS: the loss cannot grow norms
-                rows, pos, target = pointer
+                rows, pos, target, _ = pointer
                 vision = h[batch["input_ids"] == image_token].reshape(h.shape[0], -1, hidden)  # [B, 36, H]
                 scores = torch.einsum("nd,npd->np", aux["query"](h[rows, pos]), aux["key"](vision[rows])) / 8.0
                 pointer_loss = -(target * scores.log_softmax(-1)).sum(-1).mean()
                 loss = loss + args.pointer_weight * pointer_loss
+            if use_attend:
+                rows, pos, _, heads_target = pointer  # heads_target: [N, 2, 36] patch masks
+                probs = attention["p"].float()  # [B, heads, T, T]
+                cols = (batch["input_ids"][rows] == image_token).nonzero()[:, 1].reshape(len(rows), -1)  # [N, 36]
+                p = probs[rows[:, None], torch.tensor(attend_heads)[None, :], pos[:, None]]  # [N, 2, T]
+                p = p.gather(2, cols[:, None, :].expand(-1, 2, -1))  # [N, 2, 36]: attention on each patch
+                attend_loss = -torch.log((p * heads_target).sum(-1) + 1e-4).mean()
+                loss = loss + args.attend_weight * attend_loss
         if progress(step) < args.aux_until:
             x = projected["x"].float().reshape(len(kinds), -1, hidden)  # [B, 36, H]
             aux_loss = torch.nn.functional.cross_entropy(aux["kind"](x).flatten(0, 1), kinds.flatten())
@@ -244,6 +290,7 @@ def main() -> None:
         last = step == args.steps - 1 or minutes >= args.max_minutes
         if step % 25 == 0:
             extra = f" pointer {pointer_loss.item():.3f}" if use_pointer else ""
+            extra += f" attend {attend_loss.item():.3f}" if use_attend else ""
             print(f"step {step} loss {run_loss:.4f}{extra} lr {lr_at(step):.2e} {minutes:.1f} min", flush=True)
         if (step + 1) % args.eval_every == 0 or last:
             model.eval()

@@ -54,3 +54,14 @@ def test_compat_preset_uses_uniform_weights_first(calib):
     assert "uniform" in first.notes["baseline"]
     assert torch.all(first.token_weights[result.roles == PROMPT] == 0)
     assert sixth.notes["baseline"] == "zero"
+
+
+def test_qig_vision_answer_tokens_only(calib):
+    result = qig.quantize(
+        tiny_llava(outliers=True), QIGConfig(**SETTING, tokens="vision+answer"), calib, progress=False
+    )
+    for g in result.groups:
+        w = g.token_weights
+        assert torch.all(w[result.roles == PROMPT] == 0)
+        assert torch.allclose(w.sum(-1), torch.ones(w.shape[0]), atol=1e-5)
+        assert w[result.roles == VISION].sum() > 0 and w[result.roles == ANSWER].sum() > 0

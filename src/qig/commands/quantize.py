@@ -54,6 +54,7 @@ _OPTIONS = {
     "alpha": None,
     "baseline": "quantized",
     "clip": "iqr",
+    "tokens": "all",
     "steps": None,
     "quadrature": None,
     "compat": False,
@@ -116,6 +117,9 @@ def register(sub) -> argparse.ArgumentParser:
     search.add_argument("--alpha", type=float, default=None, help="SmoothQuant migration strength (default 0.5)")
     search.add_argument("--baseline", choices=("quantized", "zero"), default=None, help="QIG reference x'")
     search.add_argument("--clip", choices=("iqr", "none"), default=None, help="QIG token-score clipping")
+    search.add_argument(
+        "--tokens", choices=("all", "vision+answer"), default=None, help="QIG: tokens attributed (default all)"
+    )
     search.add_argument("--steps", type=int, default=None, help="QIG quadrature points (default 2; compat 32)")
     search.add_argument("--quadrature", choices=("gauss-legendre", "riemann"), default=None, help="QIG path rule")
     search.add_argument(
@@ -213,13 +217,22 @@ def build_config(opts: dict):
             fields["steps"] = opts["steps"]
         if opts["quadrature"] is not None:
             fields["quadrature"] = opts["quadrature"]
+        fields["tokens"] = opts["tokens"]
         if opts["compat"]:
             # The preset fixes x', clipping and the quadrature; --steps / --quadrature may still override.
             return make_config("qig", preset="compat", **fields)
         fields.update(baseline=opts["baseline"], clip=opts["clip"])
-    elif opts["compat"] or opts["steps"] is not None or opts["quadrature"] is not None:
-        raise QigError(f"--compat, --steps and --quadrature are QIG options; method {name} takes none of them")
+    elif _qig_flags_given(opts):
+        raise QigError(f"{QIG_FLAGS} are QIG options; method {name} takes none of them")
     return make_config(name, **fields)
+
+
+QIG_FLAGS = "--compat, --steps, --quadrature and --tokens"
+
+
+def _qig_flags_given(opts: dict) -> bool:
+    given = (opts["compat"], opts["steps"] is not None, opts["quadrature"] is not None, opts["tokens"] != "all")
+    return any(given)
 
 
 _GPTQ_FLAGS = {"block_size": "--block-size", "damp": "--damp", "act_order": "--act-order"}
@@ -255,10 +268,8 @@ def _gptq_config(opts: dict):
     weights = opts["token_weights"] or "uniform"
     weighting = None
     if weights == "uniform":
-        if opts["compat"] or opts["steps"] is not None or opts["quadrature"] is not None:
-            raise QigError(
-                "--compat, --steps and --quadrature are QIG options; with --method gptq add --token-weights qig"
-            )
+        if _qig_flags_given(opts):
+            raise QigError(f"{QIG_FLAGS} are QIG options; with --method gptq add --token-weights qig")
     else:
         inner = {**opts, "method": weights, "quantizer": None, "token_weights": None}
         inner.update({key: None for key in _GPTQ_FLAGS})

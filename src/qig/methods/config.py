@@ -26,6 +26,7 @@ from qig.quant.spec import QuantSpec, activation_spec
 LOSSES = ("mae", "mse")
 BASELINES = ("quantized", "zero")
 CLIPS = ("iqr", "none")
+QIG_TOKENS = ("all", "vision+answer")
 QUADRATURES = ("gauss-legendre", "riemann")
 QUANTIZERS = ("rtn", "gptq")
 REFERENCE_OUTPUTS = ("fp", "quantized")
@@ -197,7 +198,9 @@ class QIGConfig(SearchConfig):
     on [0, 1] or the official left-and-right Riemann grid linspace(0, 1, K) with
     weights 1/K. uniform_first_groups: the first N group searches of a run use
     uniform weights over vision and answer tokens (the official code's counter
-    artefact; 0 = off).
+    artefact; 0 = off). tokens: which tokens QIG attributes and weights: every
+    real token ("all", METHOD.md), or only vision and answer tokens
+    ("vision+answer", MBQ's token set: prompt and template tokens weigh 0).
 
     >>> QIGConfig(steps=8, quadrature="gauss-legendre").baseline
     'quantized'
@@ -209,10 +212,12 @@ class QIGConfig(SearchConfig):
     steps: int = 2
     quadrature: str = "gauss-legendre"
     uniform_first_groups: int = 0
+    tokens: str = "all"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         _choice("baseline", self.baseline, BASELINES)
+        _choice("tokens", self.tokens, QIG_TOKENS)
         _choice("clip", self.clip, CLIPS)
         _choice("quadrature", self.quadrature, QUADRATURES)
         _positive_int("steps", self.steps)

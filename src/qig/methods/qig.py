@@ -149,6 +149,8 @@ class QIG(Method):
         for i, (x, roles) in enumerate(zip(ctx.x, ctx.roles, strict=True)):
             x_ref = torch.zeros_like(x) if baseline == "zero" else ctx.xq[i]
             real = real_tokens(roles)
+            if cfg.tokens == "vision+answer":
+                real = real & torch.isin(roles, torch.tensor(VISION_AND_ANSWER, dtype=roles.dtype, device=roles.device))
             ig = integrated_gradients(
                 lambda z, i=i: ctx.run_block(z, i, None),
                 lambda z, i=i: ctx.run_quantized(z, i, quantized),
