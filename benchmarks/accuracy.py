@@ -138,8 +138,7 @@ def main(argv=None) -> int:
     from qig import world
     from qig.api import CONFIG_KEY
     from qig.calib import embedded_calibration, load_calibration
-    from qig.embedded import default_model_dir
-    from qig.evaluate import load_model_and_processor, run_eval
+    from qig.evaluate import ReferenceOutputs, evaluate_records, load_model_and_processor, reference_outputs, run_eval
     from qig.pipeline import remove_activation_quantizers
 
     seeds = args.eval_seeds or [world.DEFAULT_EVAL_SEED]
@@ -153,7 +152,16 @@ def main(argv=None) -> int:
     else:
         calib = embedded_calibration(processor, n_samples=args.n_samples, image_seq_length=isl)
 
-    reference = args.model or str(default_model_dir())
+    records = {s: world.generate("eval", min(args.limit, 1000), s) for s in seeds} if args.fidelity else {}
+    cached: dict[int, ReferenceOutputs] = {}
+
+    def references(seed: int) -> ReferenceOutputs:
+        """The FP model's answers and log-probs on a seed's questions, computed once for every row."""
+        if seed not in cached:
+            fp_model, fp_proc = load_model_and_processor(args.model, args.device)
+            cached[seed] = reference_outputs(fp_model, fp_proc, records[seed])
+        return cached[seed]
+
     results: dict[str, dict[str, dict[int, float]]] = {}
     fidelity: dict[str, dict[str, dict[int, dict]]] = {}
     shares: dict[str, dict[str, dict[str, float]]] = {}
@@ -183,11 +191,14 @@ def main(argv=None) -> int:
                 processor.save_pretrained(folder)
                 accs = {}
                 for seed in seeds:
-                    ref = reference if args.fidelity and method != "fp" else None
-                    rep = run_eval(model_dir=folder, seed=seed, limit=args.limit, device=args.device, reference_dir=ref)
-                    accs[seed] = rep["accuracy"]
-                    if ref:
+                    if args.fidelity and method != "fp":
+                        row_model, row_proc = load_model_and_processor(folder, args.device)  # as qig eval loads it
+                        rep = evaluate_records(row_model, row_proc, records[seed], reference=references(seed))
                         fidelity.setdefault(setting, {}).setdefault(method, {})[seed] = rep["fidelity"]
+                        del row_model
+                    else:
+                        rep = run_eval(model_dir=folder, seed=seed, limit=args.limit, device=args.device)
+                    accs[seed] = rep["accuracy"]
                 results.setdefault(setting, {})[method] = accs
                 print(
                     f"{setting} {method:<8} quantize {seconds:6.1f}s  "

@@ -22,6 +22,7 @@ import json
 import logging
 import os
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -179,8 +180,24 @@ def answer_log_probs(model, processor, records, batch_size: int = 64) -> list[to
     return out
 
 
+@dataclass(frozen=True)
+class ReferenceOutputs:
+    """What fidelity compares against: a reference model's greedy answers and answer-token log-probs."""
+
+    answers: list[str]
+    log_probs: list[torch.Tensor]
+
+
+def reference_outputs(model, processor, records, batch_size: int = 64) -> ReferenceOutputs:
+    """Compute a reference's outputs once, to score several models against it (``evaluate_records``)."""
+    return ReferenceOutputs(
+        generate_answers(model, processor, records, batch_size), answer_log_probs(model, processor, records, batch_size)
+    )
+
+
 def evaluate_records(model, processor, records, batch_size: int = 64, reference=None) -> dict:
-    """Accuracy overall and per question type; fidelity if ``reference=(model, processor)``."""
+    """Accuracy overall and per question type; fidelity if ``reference`` is ``(model, processor)`` or
+    ``ReferenceOutputs`` of the same records."""
     preds = generate_answers(model, processor, records, batch_size)
     per_type: dict[str, list[int]] = defaultdict(list)
     rows = []
@@ -198,11 +215,11 @@ def evaluate_records(model, processor, records, batch_size: int = 64, reference=
         },
     }
     if reference is not None:
-        ref_model, ref_proc = reference
-        ref_preds = generate_answers(ref_model, ref_proc, records, batch_size)
+        if not isinstance(reference, ReferenceOutputs):
+            reference = reference_outputs(*reference, records, batch_size)
+        ref_preds, lp_ref = reference.answers, reference.log_probs
         agree = [normalize_answer(a) == normalize_answer(b) for a, b in zip(preds, ref_preds, strict=True)]
         lp = answer_log_probs(model, processor, records, batch_size)
-        lp_ref = answer_log_probs(ref_model, ref_proc, records, batch_size)
         kls = [(r.exp() * (r - m)).sum(-1).mean().item() for m, r in zip(lp, lp_ref, strict=True)]
         report["fidelity"] = {"agreement": sum(agree) / max(n, 1), "kl": sum(kls) / max(n, 1)}
         for row, rp in zip(rows, ref_preds, strict=True):
