@@ -37,3 +37,22 @@ def test_model_agrees_with_itself():
 
 def test_normalize_answer():
     assert normalize_answer(" Top  Left.") == "top left"
+
+
+def test_cached_reference_scores_like_a_reference_model():
+    import torch
+
+    from qig import world
+    from qig.evaluate import evaluate_records, load_model_and_processor, reference_outputs
+    from qig.quant.rtn import rtn_
+    from qig.quant.spec import QuantSpec
+
+    fp, proc = load_model_and_processor()
+    q, _ = load_model_and_processor()
+    with torch.no_grad():
+        rtn_({n: m for n, m in q.named_modules() if n.endswith("mlp.down_proj")}, QuantSpec(2, 64))
+    records = world.generate("eval", 24, seed=7)
+    direct = evaluate_records(q, proc, records, reference=(fp, proc))["fidelity"]
+    cached = evaluate_records(q, proc, records, reference=reference_outputs(fp, proc, records))["fidelity"]
+    assert direct == cached
+    assert direct["kl"] > 0
