@@ -4,6 +4,7 @@
     python benchmarks/accuracy.py --settings w3g128 --eval-seeds 1234 7 99 --limit 500
     python benchmarks/accuracy.py --settings w3g128 w2g64 --methods rtn gptq gptq+qig awq+gptq qig+gptq
     python benchmarks/accuracy.py --settings w4a8 w8a8 w4a4 --eval-seeds 1234 1 2   # weight-activation
+    python benchmarks/accuracy.py --settings w4a8 --methods mbq qig "qig[tokens=vision+answer]" --fidelity
 
 Weight-activation settings (``w4a8``, ``w8a8``, ``w4a4``: per-channel symmetric
 weights, per-token activations) default to the rows fp, rtn, smoothquant, mbq,
@@ -164,6 +165,7 @@ def main(argv=None) -> int:
 
     results: dict[str, dict[str, dict[int, float]]] = {}
     fidelity: dict[str, dict[str, dict[int, dict]]] = {}
+    correct: dict[str, dict[str, dict[int, list[int]]]] = {}  # per question: 1 if right
     shares: dict[str, dict[str, dict[str, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for setting in args.settings:
@@ -199,6 +201,9 @@ def main(argv=None) -> int:
                     else:
                         rep = run_eval(model_dir=folder, seed=seed, limit=args.limit, device=args.device)
                     accs[seed] = rep["accuracy"]
+                    correct.setdefault(setting, {}).setdefault(method, {})[seed] = [
+                        r["correct"] for r in rep["predictions"]
+                    ]
                 results.setdefault(setting, {})[method] = accs
                 print(
                     f"{setting} {method:<8} quantize {seconds:6.1f}s  "
@@ -209,13 +214,15 @@ def main(argv=None) -> int:
                 del accs
             torch.manual_seed(0)
     print(format_table(results, seeds))
+    print()
+    print(format_paired(correct, seeds))
     if fidelity:
         print()
         print(format_fidelity(fidelity, shares, seeds))
     if args.json:
         with open(args.json, "w") as f:
             out = {"eval_seeds": seeds, "limit": args.limit, "n_samples": args.n_samples, "results": results}
-            json.dump(out | {"fidelity": fidelity, "token_weight_shares": shares}, f, indent=1)
+            json.dump(out | {"fidelity": fidelity, "token_weight_shares": shares, "correct": correct}, f, indent=1)
     return 0
 
 
@@ -238,6 +245,38 @@ def format_fidelity(fidelity: dict, shares: dict, seeds: list[int]) -> str:
             lines.append(f"{m:<{width}} " + " ".join(f"{c:>22}" for c in cells))
         for m, share in shares.get(setting, {}).items():
             lines.append(f"{setting} {m}: token-weight share " + ", ".join(f"{k} {v:.3f}" for k, v in share.items()))
+    return "\n".join(lines)
+
+
+PAIRS = [
+    ("qig", "mbq"),
+    ("mbq", "smoothquant"),
+    ("mbq", "rtn"),
+    ("awq", "rtn"),
+    ("qig", "awq"),
+    ("gptq", "rtn"),
+    ("gptq+qig", "gptq"),
+]
+
+
+def paired_difference(a: list[int], b: list[int]) -> tuple[float, float]:
+    """Accuracy difference a - b on the same questions and its standard error (points)."""
+    import statistics
+
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    return 100 * sum(d) / len(d), 100 * statistics.pstdev(d) / len(d) ** 0.5
+
+
+def format_paired(correct: dict, seeds: list[int]) -> str:
+    """Paired differences for the orderings the issues ask about: same questions, so noise is the SE shown."""
+    lines = ["paired accuracy differences on the same questions (points, +- one standard error):"]
+    for setting, rows in correct.items():
+        variants = [(r, split_row(r)[0]) for r in rows if "[" in r]  # an ablation against its plain row
+        for a, b in PAIRS + variants:
+            if a in rows and b in rows:
+                cells = [(s, *paired_difference(rows[a][s], rows[b][s])) for s in seeds]
+                text = "  ".join(f"seed {s} {d:+.1f} +- {se:.1f}" for s, d, se in cells)
+                lines.append(f"{setting} {a} - {b}: {text}")
     return "\n".join(lines)
 
 

@@ -67,8 +67,9 @@ def main() -> None:
     ap.add_argument("--no-outliers", action="store_true", help="ship the trained weights unchanged")
     ap.add_argument("--n", type=int, default=1000, help="questions per eval seed")
     ap.add_argument("--seeds", default="1234,1,2,3")
+    ap.add_argument("--threads", type=int, default=2, help="torch threads")
     args = ap.parse_args()
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
 
     model, processor = load_model_and_processor(args.trained)
     # 64 calibration captions, rendered by the same code as a quantization run's calibration data.
