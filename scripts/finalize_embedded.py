@@ -164,7 +164,8 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
             "",
             f"- {last['step']} steps of batch {a['batch_size']} in {last['minutes']:.0f} minutes, "
             f"torch threads: {a['threads']}, data seed {a['seed']}. The cosine schedule follows whichever of "
-            f"--steps ({a['steps']}) or --max-minutes ({a['max_minutes']}) is further along.",
+            f"--steps ({a['steps']}) or --max-minutes ({a['max_minutes']}) is further along."
+            + (f" The run was {log['stopped']}." if log.get("stopped") else ""),
             f"- AdamW (betas 0.9/0.98, weight decay 0.01 on matrices), peak lr {a['lr']}, "
             f"{a['warmup']} warmup steps, cosine to 5%, gradient clip 1.0.",
             f"- Each batch: {a['caption_frac']:.0%} captions (loss on the whole caption: dense supervision of every "
@@ -207,6 +208,16 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
                     "attention mass on that patch. This supervises the model's own lookup heads."
                 ]
                 if a.get("attend_weight")
+                else []
+            ),
+            *(
+                [
+                    f"- Routing loss (weight {a['route_weight']}): from the same positions, query heads "
+                    f"{a['route_heads']} of decoder layer {a['route_layer']} (0-based) must attend to the question's "
+                    "key words, the ones the lookup needs (the colour in 'what shape is red?', the name in 'what "
+                    "colour is the circle?', each object's words in a relation): loss -log of that attention mass."
+                ]
+                if a.get("route_weight")
                 else []
             ),
             *(["- bfloat16 autocast (weights and optimizer state in float32)."] if a.get("bf16") else []),

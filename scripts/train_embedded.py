@@ -53,6 +53,23 @@ def _referents(scene, question: str) -> list:
     return sorted(named, key=lambda o: text.index(f" {o.phrase} "))  # in the order the question names them
 
 
+def _key_words(question: str) -> tuple[list[int], list[int]] | None:
+    """Indices of the words a question looks objects up by: (first object's, second object's), or None.
+
+    "what shape is red?" -> the colour; "what colour is the circle?" -> the name; relations -> each
+    phrase; "is there a red circle?", "where is the red circle?" -> the phrase; counting, sums -> None.
+    """
+    words = question.rstrip("?").split()
+    n = len(words)
+    if question.startswith(("what shape is", "which digit is", "what colour is")):
+        return [n - 1], [n - 1]
+    if " left of " in question or " above " in question:
+        return [2, 3], [n - 2, n - 1]
+    if question.startswith(("is there a", "where is")):
+        return [n - 2, n - 1], [n - 2, n - 1]
+    return None
+
+
 def _conversation(rng, caption_frac: float, max_turns: int, fill_turns: bool = False):
     """One training sample: a caption, or 1..max_turns questions about the same scene.
 
@@ -75,11 +92,12 @@ def _conversation(rng, caption_frac: float, max_turns: int, fill_turns: bool = F
 
 
 def _batch(rng, processor, batch_size: int, caption_frac: float, max_turns: int = 1, fill_turns: bool = False):
-    images, texts, kinds, colours, cells, ordered = [], [], [], [], [], []
+    images, texts, kinds, colours, cells, ordered, keys = [], [], [], [], [], [], []
     for _ in range(batch_size):
         scene, turns = _conversation(rng, caption_frac, max_turns, fill_turns)
         cells.append([[o.row * world.GRID + o.col for o in _referents(scene, q)] for q, _ in turns])
         ordered.append(["sum" not in q for q, _ in turns])  # relations name two objects in an order
+        keys.append([_key_words(q) for q, _ in turns])
         images.append(world.render(scene, rng))
         k, c = _patch_labels(scene)
         kinds.append(k)
@@ -101,6 +119,9 @@ def _batch(rng, processor, batch_size: int, caption_frac: float, max_turns: int 
     # Attention targets: the same positions, one patch mask per supervised head: the first
     # object the question names, and the last (the same one unless it names two).
     pointer_rows, pointer_pos, pointer_target, attend_target = [], [], [], []
+    # Routing targets: from the same positions, two heads must attend to the question's key words.
+    newline = tok.convert_tokens_to_ids("\n")
+    route_rows, route_pos, route_target = [], [], []
     for b in range(ids.shape[0]):
         row = ids[b].tolist()
         turn = 0
@@ -109,6 +130,17 @@ def _batch(rng, processor, batch_size: int, caption_frac: float, max_turns: int 
                 e = row.index(end, i + 3)
                 labels[b, i + 3 : e + 1] = ids[b, i + 3 : e + 1]
                 refs = cells[b][turn] if turn < len(cells[b]) else []
+                key = keys[b][turn] if turn < len(keys[b]) and texts[b].count(CAPTION_PROMPT) == 0 else None
+                if key is not None:
+                    q_end = i - 3  # the "?" before <|im_end|> \n <|im_start|>
+                    q_start = max(j for j in range(q_end) if row[j] == newline) + 1
+                    target = torch.zeros(len(row))
+                    first, second = target.clone(), target.clone()
+                    first[[q_start + k for k in key[0]]] = 1.0
+                    second[[q_start + k for k in key[1]]] = 1.0
+                    route_rows.append(b)
+                    route_pos.append(i + 2)
+                    route_target.append(torch.stack([first, second]))
                 if refs and texts[b].count(CAPTION_PROMPT) == 0:
                     target = torch.zeros(world.GRID**2)
                     target[refs] = 1.0 / len(refs)
@@ -127,7 +159,8 @@ def _batch(rng, processor, batch_size: int, caption_frac: float, max_turns: int 
         if pointer_rows
         else None
     )
-    return enc, torch.tensor(kinds), torch.tensor(colours), pointer
+    route = (torch.tensor(route_rows), torch.tensor(route_pos), torch.stack(route_target)) if route_rows else None
+    return enc, torch.tensor(kinds), torch.tensor(colours), pointer, route
 
 
 def main() -> None:
@@ -167,6 +200,15 @@ def main() -> None:
     )
     ap.add_argument("--attend-layer", type=int, default=3, help="decoder layer (0-based) whose heads are supervised")
     ap.add_argument("--attend-heads", default="0,2", help="the two supervised query heads (first, second object)")
+    ap.add_argument(
+        "--route-weight",
+        type=float,
+        default=0.0,
+        help="weight of the routing loss: from the position that predicts an answer, two heads of "
+        "--route-layer must attend to the question's key words (the colour in 'what shape is red?')",
+    )
+    ap.add_argument("--route-layer", type=int, default=2, help="decoder layer (0-based) of the routing heads")
+    ap.add_argument("--route-heads", default="2,3", help="the two routing query heads (first, second object)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (about 1.4x faster on AVX512-BF16 CPUs)")
     ap.add_argument("--init", default=None, help="start from this checkpoint (a previous stage) instead of scratch")
     ap.add_argument("--seed", type=int, default=0)
@@ -204,6 +246,11 @@ def main() -> None:
         layer = model.model.language_model.layers[args.attend_layer].self_attn
         layer.register_forward_hook(lambda _m, _a, out: attention.__setitem__("p", out[1]))
     attend_heads = [int(h) for h in args.attend_heads.split(",")]
+    route_heads = [int(h) for h in args.route_heads.split(",")]
+    if args.route_weight > 0:
+        model.set_attn_implementation("eager")
+        layer = model.model.language_model.layers[args.route_layer].self_attn
+        layer.register_forward_hook(lambda _m, _a, out: attention.__setitem__("route", out[1]))
     projected = {}
     model.model.multi_modal_projector.register_forward_hook(lambda _m, _a, out: projected.__setitem__("x", out))
     params = list(model.named_parameters()) + list(aux.named_parameters())
@@ -243,11 +290,12 @@ def main() -> None:
     for step in range(args.steps):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        batch, kinds, colours, pointer = _batch(
+        batch, kinds, colours, pointer, route = _batch(
             rng, processor, args.batch_size, args.caption_frac, args.max_turns, args.fill_turns
         )
         use_pointer = args.pointer_weight > 0 and pointer is not None
         use_attend = args.attend_weight > 0 and pointer is not None
+        use_route = args.route_weight > 0 and route is not None
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.bf16):
             if args.sample_mean:
                 labels = batch.pop("labels")
@@ -276,6 +324,12 @@ def main() -> None:
                 p = p.gather(2, cols[:, None, :].expand(-1, 2, -1))  # [N, 2, 36]: attention on each patch
                 attend_loss = -torch.log((p * heads_target).sum(-1) + 1e-4).mean()
                 loss = loss + args.attend_weight * attend_loss
+            if use_route:
+                rows, pos, target = route  # target: [N, 2, T] masks over the question's key words
+                probs = attention["route"].float()  # [B, heads, T, T]
+                p = probs[rows[:, None], torch.tensor(route_heads)[None, :], pos[:, None]]  # [N, 2, T]
+                route_loss = -torch.log((p * target).sum(-1) + 1e-4).mean()
+                loss = loss + args.route_weight * route_loss
         if progress(step) < args.aux_until:
             x = projected["x"].float().reshape(len(kinds), -1, hidden)  # [B, 36, H]
             aux_loss = torch.nn.functional.cross_entropy(aux["kind"](x).flatten(0, 1), kinds.flatten())
@@ -291,6 +345,7 @@ def main() -> None:
         if step % 25 == 0:
             extra = f" pointer {pointer_loss.item():.3f}" if use_pointer else ""
             extra += f" attend {attend_loss.item():.3f}" if use_attend else ""
+            extra += f" route {route_loss.item():.3f}" if use_route else ""
             print(f"step {step} loss {run_loss:.4f}{extra} lr {lr_at(step):.2e} {minutes:.1f} min", flush=True)
         if (step + 1) % args.eval_every == 0 or last:
             model.eval()
