@@ -155,6 +155,10 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
         "",
         "## Training recipe (`scripts/train_embedded.py`, seeded, reproducible)",
         "",
+        f"{len(stages)} stages, {sum(log['curve'][-1]['minutes'] for log in stages):.0f} minutes of training in all "
+        "on 2 CPU cores, each stage initialised from the previous one; every stage's command line is in "
+        "`training_log.json` (`args`).",
+        "",
     ]
     for i, log in enumerate(stages):
         a = log["args"]
@@ -262,9 +266,16 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
                 "After stage 4, nearly every wrong answer to a lookup question named another object of the",
                 "same scene (shape: 49 of 49 errors; digit: 24 of 27): the lookup still picked the wrong object.",
                 "The model's own heads already did the lookup (layer 4, heads 0-1: ~58% of their attention on",
-                "the right patch). Stage 5 supervised those heads' attention directly.",
+                "the right patch). Stage 5 supervised those heads' attention directly. Relation lookups",
+                "learned to separate (head 0 on the first object: 0.90 of its attention; head 1 on the second),",
+                "but on shape questions ('what shape is red?') both heads still spread their attention evenly",
+                "over the scene's shapes (0.51 on the right one): the lookup ignored the colour. The colour was",
+                "there on both sides (linear probes: 100% from the patch keys, 89% from the answer position),",
+                "so stage 6 added the routing loss on an earlier layer, which makes two heads read the question's",
+                "key word into the answer position. Within 600 steps the lookup heads put 0.97 of their attention",
+                "on the right shape, and held-out shape accuracy went from 46% to 98%.",
             ]
-            if len(stages) >= 5
+            if len(stages) >= 6
             else []
         ),
         "",
