@@ -62,8 +62,8 @@ def main() -> None:
     ap.add_argument("--trained", required=True)
     ap.add_argument("--out", default=str(embedded.default_model_dir()))
     ap.add_argument("--ratio", type=float, default=40.0, help="outlier channel magnitude / median channel")
-    ap.add_argument("--n-hidden", type=int, default=4)
-    ap.add_argument("--n-intermediate", type=int, default=8)
+    ap.add_argument("--n-hidden", type=int, default=8, help="outlier channels in the residual stream")
+    ap.add_argument("--n-intermediate", type=int, default=16, help="outlier channels in each MLP's intermediate")
     ap.add_argument("--no-outliers", action="store_true", help="ship the trained weights unchanged")
     ap.add_argument("--n", type=int, default=1000, help="questions per eval seed")
     ap.add_argument("--seeds", default="1234,1,2,3")
@@ -100,6 +100,7 @@ def main() -> None:
 
     seeds = [int(s) for s in args.seeds.split(",")]
     metrics = {"logit_change_from_outlier_planting": rel, "outliers": not args.no_outliers, "ratio": args.ratio}
+    metrics |= {"n_hidden": args.n_hidden, "n_intermediate": args.n_intermediate}
     fp, _ = load_model_and_processor(out)
     t0 = time.time()
     records = {s: world.generate("eval", args.n, s) for s in seeds}
