@@ -163,6 +163,34 @@ def _batch(rng, processor, batch_size: int, caption_frac: float, max_turns: int 
     return enc, torch.tensor(kinds), torch.tensor(colours), pointer, route
 
 
+def _keep_attention(model, layer_index: int, store: dict, key: str) -> None:
+    """Keep decoder layer ``layer_index``'s attention probabilities in ``store[key]`` at every forward.
+
+    Eager attention is the implementation that returns them.
+    """
+    model.set_attn_implementation("eager")
+    layer = model.model.language_model.layers[layer_index].self_attn
+    layer.register_forward_hook(lambda _m, _a, out: store.__setitem__(key, out[1]))
+
+
+def _attention_mass_loss(probs, rows, pos, heads, target, cols=None) -> torch.Tensor:
+    """-log of the attention mass that two heads put on their targets, from the positions (rows, pos).
+
+    probs: [B, heads, T, T]; target: [N, 2, T] masks, or [N, 2, C] over the key columns ``cols`` [N, C].
+    """
+    p = probs.float()[rows[:, None], torch.tensor(heads)[None, :], pos[:, None]]  # [N, 2, T]
+    if cols is not None:
+        p = p.gather(2, cols[:, None, :].expand(-1, p.shape[1], -1))  # [N, 2, C]
+    return -torch.log((p * target).sum(-1) + 1e-4).mean()
+
+
+def _add_head_loss_args(ap, name: str, help: str, layer: int, heads: str, heads_help: str) -> None:
+    """--NAME-weight, --NAME-layer, --NAME-heads: a loss on two attention heads of one decoder layer."""
+    ap.add_argument(f"--{name}-weight", type=float, default=0.0, help=help)
+    ap.add_argument(f"--{name}-layer", type=int, default=layer, help="decoder layer (0-based) of the supervised heads")
+    ap.add_argument(f"--{name}-heads", default=heads, help=heads_help)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=str(embedded.default_model_dir()))
@@ -190,25 +218,25 @@ def main() -> None:
         "query/key head must point at the patch of the object the question is about",
     )
     ap.add_argument("--pointer-layer", type=int, default=3, help="decoder layer whose output the pointer reads")
-    ap.add_argument(
-        "--attend-weight",
-        type=float,
-        default=0.0,
-        help="weight of the attention loss: from the position that predicts an answer, two heads of "
+    _add_head_loss_args(
+        ap,
+        "attend",
+        "weight of the attention loss: from the position that predicts an answer, two heads of "
         "--attend-layer must attend to the patch of the object the question names (first and second "
         "object for relations)",
+        3,
+        "0,2",
+        "the two supervised query heads (first, second object)",
     )
-    ap.add_argument("--attend-layer", type=int, default=3, help="decoder layer (0-based) whose heads are supervised")
-    ap.add_argument("--attend-heads", default="0,2", help="the two supervised query heads (first, second object)")
-    ap.add_argument(
-        "--route-weight",
-        type=float,
-        default=0.0,
-        help="weight of the routing loss: from the position that predicts an answer, two heads of "
+    _add_head_loss_args(
+        ap,
+        "route",
+        "weight of the routing loss: from the position that predicts an answer, two heads of "
         "--route-layer must attend to the question's key words (the colour in 'what shape is red?')",
+        2,
+        "2,3",
+        "the two routing query heads (first, second object)",
     )
-    ap.add_argument("--route-layer", type=int, default=2, help="decoder layer (0-based) of the routing heads")
-    ap.add_argument("--route-heads", default="2,3", help="the two routing query heads (first, second object)")
     ap.add_argument("--bf16", action="store_true", help="bfloat16 autocast (about 1.4x faster on AVX512-BF16 CPUs)")
     ap.add_argument("--init", default=None, help="start from this checkpoint (a previous stage) instead of scratch")
     ap.add_argument("--seed", type=int, default=0)
@@ -239,18 +267,12 @@ def main() -> None:
         }
     )
     image_token = model.config.image_token_id
-    attention = {}
-    if args.attend_weight > 0:
-        # Eager attention returns the probabilities; the hook keeps the supervised layer's.
-        model.set_attn_implementation("eager")
-        layer = model.model.language_model.layers[args.attend_layer].self_attn
-        layer.register_forward_hook(lambda _m, _a, out: attention.__setitem__("p", out[1]))
+    attention: dict[str, torch.Tensor] = {}  # supervised layers' attention probabilities, per forward
+    for name in ("attend", "route"):
+        if getattr(args, f"{name}_weight") > 0:
+            _keep_attention(model, getattr(args, f"{name}_layer"), attention, name)
     attend_heads = [int(h) for h in args.attend_heads.split(",")]
     route_heads = [int(h) for h in args.route_heads.split(",")]
-    if args.route_weight > 0:
-        model.set_attn_implementation("eager")
-        layer = model.model.language_model.layers[args.route_layer].self_attn
-        layer.register_forward_hook(lambda _m, _a, out: attention.__setitem__("route", out[1]))
     projected = {}
     model.model.multi_modal_projector.register_forward_hook(lambda _m, _a, out: projected.__setitem__("x", out))
     params = list(model.named_parameters()) + list(aux.named_parameters())
@@ -318,17 +340,12 @@ def main() -> None:
                 loss = loss + args.pointer_weight * pointer_loss
             if use_attend:
                 rows, pos, _, heads_target = pointer  # heads_target: [N, 2, 36] patch masks
-                probs = attention["p"].float()  # [B, heads, T, T]
                 cols = (batch["input_ids"][rows] == image_token).nonzero()[:, 1].reshape(len(rows), -1)  # [N, 36]
-                p = probs[rows[:, None], torch.tensor(attend_heads)[None, :], pos[:, None]]  # [N, 2, T]
-                p = p.gather(2, cols[:, None, :].expand(-1, 2, -1))  # [N, 2, 36]: attention on each patch
-                attend_loss = -torch.log((p * heads_target).sum(-1) + 1e-4).mean()
+                attend_loss = _attention_mass_loss(attention["attend"], rows, pos, attend_heads, heads_target, cols)
                 loss = loss + args.attend_weight * attend_loss
             if use_route:
                 rows, pos, target = route  # target: [N, 2, T] masks over the question's key words
-                probs = attention["route"].float()  # [B, heads, T, T]
-                p = probs[rows[:, None], torch.tensor(route_heads)[None, :], pos[:, None]]  # [N, 2, T]
-                route_loss = -torch.log((p * target).sum(-1) + 1e-4).mean()
+                route_loss = _attention_mass_loss(attention["route"], rows, pos, route_heads, target)
                 loss = loss + args.route_weight * route_loss
         if progress(step) < args.aux_until:
             x = projected["x"].float().reshape(len(kinds), -1, hidden)  # [B, 36, H]
