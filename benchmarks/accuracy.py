@@ -139,7 +139,7 @@ def main(argv=None) -> int:
     from qig import world
     from qig.api import CONFIG_KEY
     from qig.calib import embedded_calibration, load_calibration
-    from qig.evaluate import ReferenceOutputs, evaluate_records, load_model_and_processor, reference_outputs, run_eval
+    from qig.evaluate import ReferenceOutputs, eval_split, load_model_and_processor, reference_outputs, run_eval
     from qig.pipeline import remove_activation_quantizers
 
     seeds = args.eval_seeds or [world.DEFAULT_EVAL_SEED]
@@ -153,14 +153,13 @@ def main(argv=None) -> int:
     else:
         calib = embedded_calibration(processor, n_samples=args.n_samples, image_seq_length=isl)
 
-    records = {s: world.generate("eval", min(args.limit, 1000), s) for s in seeds} if args.fidelity else {}
     cached: dict[int, ReferenceOutputs] = {}
 
     def references(seed: int) -> ReferenceOutputs:
         """The FP model's answers and log-probs on a seed's questions, computed once for every row."""
         if seed not in cached:
             fp_model, fp_proc = load_model_and_processor(args.model, args.device)
-            cached[seed] = reference_outputs(fp_model, fp_proc, records[seed])
+            cached[seed] = reference_outputs(fp_model, fp_proc, eval_split(seed, args.limit))
         return cached[seed]
 
     results: dict[str, dict[str, dict[int, float]]] = {}
@@ -193,13 +192,10 @@ def main(argv=None) -> int:
                 processor.save_pretrained(folder)
                 accs = {}
                 for seed in seeds:
-                    if args.fidelity and method != "fp":
-                        row_model, row_proc = load_model_and_processor(folder, args.device)  # as qig eval loads it
-                        rep = evaluate_records(row_model, row_proc, records[seed], reference=references(seed))
+                    ref = references(seed) if args.fidelity and method != "fp" else None
+                    rep = run_eval(model_dir=folder, seed=seed, limit=args.limit, device=args.device, reference=ref)
+                    if ref is not None:
                         fidelity.setdefault(setting, {}).setdefault(method, {})[seed] = rep["fidelity"]
-                        del row_model
-                    else:
-                        rep = run_eval(model_dir=folder, seed=seed, limit=args.limit, device=args.device)
                     accs[seed] = rep["accuracy"]
                     correct.setdefault(setting, {}).setdefault(method, {})[seed] = [
                         r["correct"] for r in rep["predictions"]

@@ -254,6 +254,11 @@ def load_records(path: str | os.PathLike, image_folder: str | os.PathLike | None
     return out
 
 
+def eval_split(seed: int = world.DEFAULT_EVAL_SEED, limit: int | None = None, n: int = 1000):
+    """The world's eval questions ``run_eval`` scores: ``n`` of them, or ``limit`` if fewer."""
+    return world.generate("eval", min(n, limit) if limit else n, seed)
+
+
 def run_eval(
     model_dir: str | os.PathLike | None = None,
     seed: int = world.DEFAULT_EVAL_SEED,
@@ -265,20 +270,22 @@ def run_eval(
     device: str = "cpu",
     batch_size: int = 64,
     blank_images: bool = False,
+    reference: ReferenceOutputs | None = None,
 ) -> dict:
     """Evaluate a model folder on the world's eval split (or ``data``); see module doc.
 
     ``blank_images`` replaces every image by an empty background (same noise
-    level), to show how much the answers depend on the image.
+    level), to show how much the answers depend on the image. ``reference``:
+    a reference's outputs on the same questions, computed once
+    (``reference_outputs``), instead of ``reference_dir``.
     """
     model, processor = load_model_and_processor(model_dir, device)
     if data is not None:
         records = load_records(data, image_folder, limit)
     else:
-        records = world.generate("eval", min(n, limit) if limit else n, seed)
+        records = eval_split(seed, limit, n)
     if blank_images:
         records = [(world.blank_image(seed + i), rec) for i, (_, rec) in enumerate(records)]
-    reference = None
     if reference_dir is not None:
         reference = load_model_and_processor(reference_dir, device)
     report = evaluate_records(model, processor, records, batch_size, reference)
