@@ -114,10 +114,16 @@ def real_tokens(roles: torch.Tensor) -> torch.Tensor:
     return roles != PAD
 
 
+def token_mask(roles: torch.Tensor, only: tuple[int, ...] | None = None) -> torch.Tensor:
+    """Bool mask of every real token, or only of the given roles: [b, T]."""
+    if only is None:
+        return real_tokens(roles)
+    return torch.isin(roles, torch.tensor(only, dtype=roles.dtype, device=roles.device))
+
+
 def uniform_weights(roles: torch.Tensor, only: tuple[int, ...] | None = None) -> torch.Tensor:
     """1 on every real token (or only on the given roles), 0 elsewhere: [b, T] float32."""
-    mask = real_tokens(roles) if only is None else torch.isin(roles, torch.tensor(only, dtype=roles.dtype))
-    return mask.float()
+    return token_mask(roles, only).float()
 
 
 VISION_AND_ANSWER = (VISION, ANSWER)

@@ -32,7 +32,15 @@ from collections.abc import Callable
 import numpy as np
 import torch
 
-from qig.methods.base import VISION_AND_ANSWER, GroupContext, Method, TokenWeights, real_tokens, register
+from qig.methods.base import (
+    VISION_AND_ANSWER,
+    GroupContext,
+    Method,
+    TokenWeights,
+    register,
+    token_mask,
+    uniform_weights,
+)
 from qig.methods.config import QIGConfig
 from qig.quant.spec import fake_quantize
 
@@ -132,7 +140,7 @@ class QIG(Method):
         cfg: QIGConfig = self.config
         if ctx.search_index < cfg.uniform_first_groups:
             # The official code's counter artefact, reproduced only under the compat preset.
-            w = [torch.isin(r, torch.tensor(VISION_AND_ANSWER, dtype=r.dtype)).float() for r in ctx.roles]
+            w = [uniform_weights(r, VISION_AND_ANSWER) for r in ctx.roles]
             return TokenWeights(w, {"baseline": "none (uniform vision+answer, compat)", "uniform_fallback": 0})
         quantized = {k: fake_quantize(lin.weight.data, ctx.spec) for k, lin in ctx.linears.items()}
         baseline = cfg.baseline
@@ -148,9 +156,7 @@ class QIG(Method):
         out, dead = [], 0
         for i, (x, roles) in enumerate(zip(ctx.x, ctx.roles, strict=True)):
             x_ref = torch.zeros_like(x) if baseline == "zero" else ctx.xq[i]
-            real = real_tokens(roles)
-            if cfg.tokens == "vision+answer":
-                real = real & torch.isin(roles, torch.tensor(VISION_AND_ANSWER, dtype=roles.dtype, device=roles.device))
+            real = token_mask(roles, VISION_AND_ANSWER if cfg.tokens == "vision+answer" else None)
             ig = integrated_gradients(
                 lambda z, i=i: ctx.run_block(z, i, None),
                 lambda z, i=i: ctx.run_quantized(z, i, quantized),
