@@ -80,9 +80,10 @@ def test_recipe_stands_for_flags(model_dir, tmp_path):
         (["--method", "rtn", "--group-size", "100"], "group_size 100 does not divide"),
         (["--method", "awq", "--steps", "4"], "QIG options"),
         (["--method", "mbq", "--tokens", "vision+answer"], "QIG options"),
+        (["--method", "mbq", "--tokens", "all"], "QIG options"),
         (["--method", "qig", "--calib", "/nonexistent.json"], "does not exist"),
     ],
-    ids=["bits", "group-size", "qig-option-on-awq", "tokens-on-mbq", "missing-calib"],
+    ids=["bits", "group-size", "qig-option-on-awq", "tokens-on-mbq", "default-tokens-on-mbq", "missing-calib"],
 )
 def test_bad_input_is_one_line_error(model_dir, tmp_path, capsys, argv, message):
     assert run_cli("quantize", "--model", model_dir, "--output", tmp_path / "o", *argv) == 2

@@ -54,7 +54,7 @@ _OPTIONS = {
     "alpha": None,
     "baseline": "quantized",
     "clip": "iqr",
-    "tokens": "all",
+    "tokens": None,  # QIG default: all
     "steps": None,
     "quadrature": None,
     "compat": False,
@@ -217,7 +217,8 @@ def build_config(opts: dict):
             fields["steps"] = opts["steps"]
         if opts["quadrature"] is not None:
             fields["quadrature"] = opts["quadrature"]
-        fields["tokens"] = opts["tokens"]
+        if opts["tokens"] is not None:
+            fields["tokens"] = opts["tokens"]
         if opts["compat"]:
             # The preset fixes x', clipping and the quadrature; --steps / --quadrature may still override.
             return make_config("qig", preset="compat", **fields)
@@ -231,7 +232,7 @@ QIG_FLAGS = "--compat, --steps, --quadrature and --tokens"
 
 
 def _qig_flags_given(opts: dict) -> bool:
-    given = (opts["compat"], opts["steps"] is not None, opts["quadrature"] is not None, opts["tokens"] != "all")
+    given = (opts["compat"], opts["steps"] is not None, opts["quadrature"] is not None, opts["tokens"] is not None)
     return any(given)
 
 
