@@ -32,14 +32,9 @@ from qig.world import CAPTION_PROMPT
 
 KINDS = ["none", *world.SHAPES, *(str(d) for d in range(10))]
 COLOURS = ["none", *world.COLOURS]
-# Per patch (row-major): its row and column, scaled to [-1, 1] (targets of the grid loss).
-GRID_TARGET = (
-    torch.stack(torch.meshgrid(torch.arange(world.GRID), torch.arange(world.GRID), indexing="ij"), -1)
-    .reshape(1, -1, 2)
-    .float()
-    .div((world.GRID - 1) / 2)
-    .sub(1)
-)
+# Per patch (row-major, as in _patch_labels): its row and column, scaled to [-1, 1] (targets of the grid loss).
+_CELLS = torch.arange(world.GRID**2)
+GRID_TARGET = torch.stack([_CELLS // world.GRID, _CELLS % world.GRID], -1).float() / ((world.GRID - 1) / 2) - 1
 
 
 def _patch_labels(scene) -> tuple[list[int], list[int]]:
@@ -226,8 +221,8 @@ def main() -> None:
         "--grid-weight",
         type=float,
         default=0.5,
-        help="weight of the grid loss (whole run): from each projected vision token, two linear heads "
-        "regress its patch's row and column, so that positions are linear in what the lookup heads copy",
+        help="weight of the grid loss (whole run): from each projected vision token, a linear head "
+        "regresses its patch's row and column, so that positions are linear in what the lookup heads copy",
     )
     ap.add_argument("--max-turns", type=int, default=6, help="questions per training conversation (1..N)")
     ap.add_argument(
@@ -385,8 +380,11 @@ def main() -> None:
             aux_loss = aux_loss + torch.nn.functional.cross_entropy(aux["colour"](x).flatten(0, 1), colours.flatten())
             loss = loss + args.aux_weight * aux_loss
         if args.grid_weight > 0:
+            # Its own view of the projected tokens: sharing the auxiliary loss's view changes the float
+            # summation order of the gradients, and the shipped run would no longer repeat bit for bit.
             x = projected["x"].float().reshape(len(kinds), -1, hidden)  # [B, 36, H]
-            grid_loss = torch.nn.functional.mse_loss(aux["grid"](x), GRID_TARGET.expand(len(kinds), -1, -1))
+            grid = aux["grid"](x)
+            grid_loss = torch.nn.functional.mse_loss(grid, GRID_TARGET.expand_as(grid))
             loss = loss + args.grid_weight * grid_loss
         opt.zero_grad(set_to_none=True)
         loss.backward()
