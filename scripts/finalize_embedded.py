@@ -156,6 +156,7 @@ def _pct(x: float) -> str:
 def model_card(metrics: dict, stages: list[dict], args) -> str:
     fp = metrics["fp"]
     seeds = list(fp)
+    staged = len(stages) > 1  # several runs, each initialised from the previous one
     lines = [
         "# tiny-lvlm: the embedded default model of qig",
         "",
@@ -175,7 +176,7 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
                 "",
                 f"    {_command(stages[0]['args'])}",
             ]
-            if len(stages) == 1
+            if not staged
             else [
                 f"{len(stages)} stages, {sum(log['curve'][-1]['minutes'] for log in stages):.0f} minutes of training "
                 "in all on 2 CPU cores, each stage initialised from the previous one; every stage's command line is "
@@ -184,7 +185,7 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
         ),
         "",
     ]
-    unit = "stage" if len(stages) > 1 else "run"
+    unit = "stage" if staged else "run"
     for i, log in enumerate(stages):
         a = log["args"]
         last = log["curve"][-1]
@@ -195,7 +196,7 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
                     + (" (initialised from the previous stage's checkpoint)" if a.get("init") else ""),
                     "",
                 ]
-                if len(stages) > 1
+                if staged
                 else []
             ),
             f"- {last['step']} steps of batch {a['batch_size']} in {last['minutes']:.0f} minutes, "
@@ -330,7 +331,7 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
                 f"{_pct(fp[seeds[0]]['per_type']['position'])}; it was not repeated without the grid loss, so "
                 "how much of that the grid loss gives is not measured.",
             ]
-            if len(stages) == 1 and "relation" in fp[seeds[0]]["per_type"]
+            if not staged and "relation" in fp[seeds[0]]["per_type"]
             else []
         ),
         "",
