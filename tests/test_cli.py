@@ -22,6 +22,13 @@ def test_eval_missing_folder(tmp_path, capsys):
     assert "Traceback" not in err and err.count("\n") == 1
 
 
+def test_eval_model_is_a_file(tmp_path, capsys):
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    code, _, err = _run(capsys, "eval", "--model", str(tmp_path / "model.safetensors"), "--limit", "2")
+    assert code == 2
+    assert err.startswith("error: ") and "is a file, not a folder" in err and err.count("\n") == 1
+
+
 def test_eval_not_an_lvlm(tmp_path, capsys):
     (tmp_path / "config.json").write_text(json.dumps({"model_type": "qwen2", "hidden_size": 8}))
     code, _, err = _run(capsys, "eval", "--model", str(tmp_path), "--limit", "2")

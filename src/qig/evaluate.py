@@ -55,7 +55,8 @@ def load_model_and_processor(
 
     path = Path(model_dir) if model_dir is not None else default_model_dir()
     if not path.is_dir():
-        raise QigError(f"model folder {path} does not exist; pass --model with a folder written by save_pretrained")
+        problem = "is a file, not a folder" if path.exists() else "does not exist"
+        raise QigError(f"model folder {path} {problem}; pass --model with a folder written by save_pretrained")
     if not (path / "config.json").is_file():
         raise QigError(f"{path} has no config.json; it is not a transformers model folder")
     try:
