@@ -136,9 +136,9 @@ def main(argv=None) -> int:
     import torch
 
     import qig
-    from qig import world
     from qig.api import CONFIG_KEY
     from qig.calib import embedded_calibration, load_calibration
+    from qig.embedded import world
     from qig.evaluate import ReferenceOutputs, eval_split, load_model_and_processor, reference_outputs, run_eval
     from qig.pipeline import remove_activation_quantizers
 

@@ -25,8 +25,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qig import embedded, world
+from qig import embedded
 from qig.calib import embedded_calibration
+from qig.embedded import world
 from qig.evaluate import evaluate_records, load_model_and_processor
 from qig.fileio import temp_dir_beside
 from qig.models import family_for
@@ -165,7 +166,7 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
         "projector, Qwen2 decoder (6 layers, hidden 256, intermediate 768, 4 query heads,",
         "2 KV heads = grouped-query attention, the shape of LLaVA-OneVision). Word-level",
         "tokenizer over the world's vocabulary, ChatML chat template, fp16 weights.",
-        "Trained from scratch on qig's visual-QA world (`qig.world`) on 2 CPU cores.",
+        "Trained from scratch on qig's visual-QA world (`qig.embedded.world`) on 2 CPU cores.",
         "",
         "## Training recipe (`scripts/train_embedded.py`, seeded, reproducible)",
         "",

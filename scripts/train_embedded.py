@@ -25,10 +25,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from qig import embedded, world
+from qig import embedded
+from qig.embedded import world
+from qig.embedded.world import CAPTION_PROMPT
 from qig.evaluate import evaluate_records
 from qig.fileio import temp_dir_beside
-from qig.world import CAPTION_PROMPT
 
 KINDS = ["none", *world.SHAPES, *(str(d) for d in range(10))]
 COLOURS = ["none", *world.COLOURS]

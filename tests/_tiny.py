@@ -24,8 +24,7 @@ def tiny_llava(seed: int = 0, layers: int = 2, kv_heads: int = 2, hidden: int = 
     """
     from transformers import LlavaConfig, LlavaForConditionalGeneration, Qwen2Config, SiglipVisionConfig
 
-    from qig import world
-    from qig.embedded import IMAGE_TOKEN
+    from qig.embedded import IMAGE_TOKEN, world
 
     tok = processor().tokenizer
     torch.manual_seed(seed)

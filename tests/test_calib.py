@@ -5,8 +5,8 @@ import json
 import pytest
 from _tiny import processor
 
-from qig import world
 from qig.calib import ANSWER, PAD, PROMPT, VISION, embedded_calibration, load_calibration
+from qig.embedded import world
 from qig.errors import QigError
 
 

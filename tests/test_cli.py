@@ -71,7 +71,7 @@ def test_eval_writes_json(tmp_path, capsys):
 
 
 def test_world_writes_and_refuses_existing(tmp_path, capsys):
-    code, stdout, _ = _run(capsys, "world", "calib", "--out", str(tmp_path / "c"), "--n", "3")
+    code, stdout, _ = _run(capsys, "world", "calib", "--output", str(tmp_path / "c"), "--n", "3")
     assert code == 0 and (tmp_path / "c" / "data.json").is_file()
-    code, _, err = _run(capsys, "world", "calib", "--out", str(tmp_path / "c"), "--n", "3")
+    code, _, err = _run(capsys, "world", "calib", "--output", str(tmp_path / "c"), "--n", "3")
     assert code == 2 and "--overwrite" in err

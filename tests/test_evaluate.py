@@ -42,7 +42,7 @@ def test_normalize_answer():
 def test_cached_reference_scores_like_a_reference_model():
     import torch
 
-    from qig import world
+    from qig.embedded import world
     from qig.evaluate import evaluate_records, load_model_and_processor, reference_outputs
     from qig.quant.rtn import rtn_
     from qig.quant.spec import QuantSpec

@@ -145,7 +145,7 @@ def embedded_calibration(
     image_token_id: int | None = None,
 ) -> CalibrationSet:
     """The embedded world's calibration split (image captions), rendered by ``processor``."""
-    from qig import world
+    from qig.embedded import world
 
     _check_n(n_samples)
     pairs = world.generate("calib", n_samples, world.DEFAULT_CALIB_SEED if seed is None else seed)

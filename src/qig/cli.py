@@ -1,7 +1,7 @@
 """The ``qig`` command line: one subcommand per module in ``qig.commands``.
 
     qig eval --limit 200
-    qig world eval --out data/eval --n 1000 --seed 7
+    qig world eval --output data/eval --n 1000 --seed 7
 
 Bad input prints one line (``error: ...``) and exits with 2; ``--debug``
 shows the traceback.

@@ -27,7 +27,7 @@ from pathlib import Path
 
 import torch
 
-from qig import world
+from qig.embedded import world
 from qig.errors import QigError
 
 log = logging.getLogger(__name__)

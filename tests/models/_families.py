@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from qig import world
+from qig.embedded import world
 
 HIDDEN = 64
 LAYERS = 2

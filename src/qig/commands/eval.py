@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from qig import world
+from qig.embedded import world
 from qig.errors import QigError
 from qig.fileio import atomic_write_text
 

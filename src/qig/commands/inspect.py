@@ -62,9 +62,9 @@ def run(args) -> int:
     from qig.api import check_device
     from qig.calib import load_calibration
     from qig.evaluate import load_model_and_processor
-    from qig.inspect import compute_token_maps, embedded_questions, write_report
-    from qig.inspect.render import require_matplotlib
     from qig.models import family_for
+    from qig.tokenmaps import compute_token_maps, embedded_questions, write_report
+    from qig.tokenmaps.render import require_matplotlib
 
     if Path(args.output).exists() and not args.overwrite:
         raise QigError(f"output folder {args.output} already exists; pass --overwrite to replace it")

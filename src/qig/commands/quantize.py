@@ -301,7 +301,7 @@ def run(args) -> int:
     if opts["n_samples"] <= 0:
         raise QigError(f"--n-samples must be positive, got {opts['n_samples']}")
     if getattr(args, "report", False):
-        from qig.inspect.render import require_matplotlib
+        from qig.tokenmaps.render import require_matplotlib
 
         require_matplotlib()
         if opts["scales"] or opts["method"] == "rtn":
@@ -367,7 +367,7 @@ def run(args) -> int:
     else:
         out = write_output(opts["output"], model, processor, result, report, overwrite=bool(opts["overwrite"]))
     if getattr(args, "report", False):
-        from qig.inspect import write_run_report
+        from qig.tokenmaps import write_run_report
 
         write_run_report(result, calib, processor, model.config, out / "report")
     print(summary_table(result))

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from qig import world
+from qig.embedded import world
 from qig.errors import QigError
 
 

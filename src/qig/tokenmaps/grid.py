@@ -6,7 +6,7 @@ tokens laid out on the patch grid ``[rows, cols]``. LLaVA's single-image grid
 is built in; a family with tiling or dynamic resolution adds its own mapping
 with :func:`register_grid`. Anything else is refused with the reason.
 
-    >>> from qig.inspect.grid import image_tokens
+    >>> from qig.tokenmaps.grid import image_tokens
     >>> [t.grid for t in image_tokens(model.config, processor, sample.inputs, sample.roles)]  # doctest: +SKIP
     [PatchGrid(rows=6, cols=6, height=48, width=48)]
 """
@@ -71,7 +71,7 @@ def image_tokens(config, processor, inputs: dict[str, torch.Tensor], roles: torc
     if mapping is None:
         raise QigError(
             f"qig inspect cannot place the vision tokens of model type {model_type!r} on their image yet; "
-            f"supported: {', '.join(sorted(_MAPPINGS))} (a family adds one with qig.inspect.grid.register_grid)"
+            f"supported: {', '.join(sorted(_MAPPINGS))} (a family adds one with qig.tokenmaps.grid.register_grid)"
         )
     return mapping(config, processor, inputs, roles)
 

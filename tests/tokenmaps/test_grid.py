@@ -8,7 +8,7 @@ from _tiny import calibration, tiny_llava
 
 from qig.calib import VISION
 from qig.errors import QigError
-from qig.inspect.grid import image_tokens
+from qig.tokenmaps.grid import image_tokens
 
 
 @pytest.fixture(scope="module")

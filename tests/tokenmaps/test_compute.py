@@ -6,8 +6,8 @@ from _tiny import calibration, processor, tiny_llava
 
 import qig
 from qig.errors import QigError
-from qig.inspect import compute_token_maps, resolve_layers
 from qig.methods import QIGConfig
+from qig.tokenmaps import compute_token_maps, resolve_layers
 
 
 def test_resolve_layers():

@@ -8,7 +8,7 @@ the decoder's linears losing at least 5 points at W3 g128 and less at W4 g128.
 import pytest
 import torch
 
-from qig import world
+from qig.embedded import world
 from qig.evaluate import evaluate_records, load_model_and_processor
 from qig.models import family_for
 from qig.quant import QuantSpec

@@ -6,7 +6,7 @@ written into the model. The quantized stream x^q that QIG uses as its
 reference goes through the RTN-quantized layers below (no scales), which is
 exactly what a QIG run sees at its first group and a close stand-in deeper.
 
-    >>> from qig.inspect import compute_token_maps
+    >>> from qig.tokenmaps import compute_token_maps
     >>> maps = compute_token_maps(model, processor, calib, layers=[0, 3, -1], wbits=3)  # doctest: +SKIP
     >>> sorted(maps.methods)  # doctest: +SKIP
     ['awq', 'mbq', 'qig']
@@ -20,10 +20,10 @@ import torch
 
 from qig.calib import CalibrationSet
 from qig.errors import QigError
-from qig.inspect.maps import TokenMaps, from_calibration
 from qig.methods import AWQConfig, MBQConfig, QIGConfig
 from qig.models import family_for
 from qig.pipeline import collect_token_weights
+from qig.tokenmaps.maps import TokenMaps, from_calibration
 
 
 def resolve_layers(spec: str | list[int] | None, n_layers: int) -> list[int]:
@@ -109,8 +109,8 @@ def embedded_questions(
     kind "qa": questions whose answers mostly depend on one object (what colour
     is the circle?); "captions": the calibration split's image captions.
     """
-    from qig import world
     from qig.calib import from_records
+    from qig.embedded import world
 
     if kind not in ("qa", "captions"):
         raise QigError(f"embedded data {kind!r} is not known; use qa or captions")

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from qig.calib import ANSWER, PAD, PROMPT, VISION
-from qig.inspect.maps import TokenMaps, kl_from_uniform_bits, relative_entropy, relative_to_uniform
+from qig.tokenmaps.maps import TokenMaps, kl_from_uniform_bits, relative_entropy, relative_to_uniform
 
 
 def test_entropy_is_one_for_uniform_and_zero_for_one_token():

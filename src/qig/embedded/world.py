@@ -11,7 +11,7 @@ shows digits the model never saw.
 Splits are written as PNG files plus a LLaVA/ShareGPT4V style JSON list, the
 format users hand us for real calibration data::
 
-    >>> from qig.world import write_split
+    >>> from qig.embedded.world import write_split
     >>> write_split("eval", "/tmp/world-eval", n=16, seed=1234)  # doctest: +SKIP
 
 Everything is a pure function of the seed: same seed, same bytes.

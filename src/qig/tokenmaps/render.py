@@ -4,12 +4,12 @@ matplotlib is an optional extra (``pip install 'qig[plot]'``), imported only
 here and only when a picture is drawn; figures are built with the
 object-oriented API (no pyplot, no global backend change).
 
-Colours: a token's weight times uniform (see :mod:`qig.inspect.maps`) on a
+Colours: a token's weight times uniform (see :mod:`qig.tokenmaps.maps`) on a
 log scale, blue below AWQ's uniform weight, red above, clipped at
 x1/4 and x4. Overlays keep the scene visible: near-uniform patches are only
 lightly tinted.
 
-    >>> from qig.inspect.render import sample_figure
+    >>> from qig.tokenmaps.render import sample_figure
     >>> sample_figure(maps, 0, "sample-0.png")  # doctest: +SKIP
 """
 
@@ -22,7 +22,7 @@ import torch
 
 from qig.calib import ANSWER, PAD, PROMPT, VISION
 from qig.errors import QigError
-from qig.inspect.maps import ROLES, TokenMaps
+from qig.tokenmaps.maps import ROLES, TokenMaps
 
 LOG2_RANGE = 2.0  # colours saturate at x1/4 and x4
 CMAP = "RdBu_r"

@@ -2,7 +2,8 @@
 
 import torch
 
-from qig import embedded, world
+from qig import embedded
+from qig.embedded import world
 from qig.evaluate import load_model_and_processor
 
 

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from qig.errors import QigError
-from qig.inspect import render
+from qig.tokenmaps import render
 
 
 def test_overlay_is_the_upscaled_image_with_one_cell_per_token():

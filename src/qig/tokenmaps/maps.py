@@ -27,7 +27,7 @@ import torch
 
 from qig.calib import ANSWER, PAD, PROMPT, ROLE_NAMES, VISION, CalibrationSet
 from qig.errors import QigError
-from qig.inspect.grid import ImageTokens, image_tokens
+from qig.tokenmaps.grid import ImageTokens, image_tokens
 
 log = logging.getLogger(__name__)
 

@@ -5,7 +5,7 @@ is either complete or absent; an existing folder is refused unless
 ``overwrite``. ``index.html`` references the pictures relatively and loads
 nothing from the network: the folder can be copied and opened offline.
 
-    >>> from qig.inspect import write_report
+    >>> from qig.tokenmaps import write_report
     >>> write_report(maps, "out/inspect")  # doctest: +SKIP
     PosixPath('out/inspect')
 """
@@ -23,8 +23,8 @@ import numpy as np
 
 from qig.errors import QigError
 from qig.fileio import atomic_dir, atomic_write_bytes, atomic_write_text
-from qig.inspect import render
-from qig.inspect.maps import TokenMaps
+from qig.tokenmaps import render
+from qig.tokenmaps.maps import TokenMaps
 
 log = logging.getLogger(__name__)
 
@@ -183,8 +183,8 @@ def write_run_report(
     result: a :class:`qig.api.QuantizationResult` of a search; calib: its calibration set.
     Pictures for the first ``n_pictures`` samples and ``layers`` (default: first, middle, last).
     """
-    from qig.inspect.compute import resolve_layers
-    from qig.inspect.maps import from_calibration
+    from qig.tokenmaps.compute import resolve_layers
+    from qig.tokenmaps.maps import from_calibration
 
     if calib is None:
         raise QigError("--report needs the run's calibration data; a run without a search (rtn, --scales) has none")

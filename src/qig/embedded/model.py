@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from qig import world
+from qig.embedded import world
 
 IMAGE_TOKEN = "<image>"
 SPECIAL_TOKENS = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", IMAGE_TOKEN]
@@ -56,7 +56,7 @@ VISION = dict(
 
 def default_model_dir() -> Path:
     """Folder of the shipped, trained embedded checkpoint."""
-    return Path(__file__).resolve().parent / "assets" / "tiny-lvlm"
+    return Path(__file__).resolve().parent.parent / "assets" / "tiny-lvlm"
 
 
 def build_tokenizer():

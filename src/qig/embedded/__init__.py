@@ -1,0 +1,28 @@
+"""The embedded default: a toy visual-QA world and the tiny LVLM trained on it.
+
+``qig.embedded.world`` draws the scenes, questions and captions;
+``qig.embedded.model`` builds the tiny LLaVA and locates the shipped,
+trained checkpoint, the default ``--model`` of every command.
+
+    >>> from qig.embedded import default_model_dir
+    >>> (default_model_dir() / "config.json").is_file()
+    True
+"""
+
+from qig.embedded.model import (
+    IMAGE_TOKEN,
+    build_model,
+    build_processor,
+    build_tokenizer,
+    default_model_dir,
+    plant_outlier_channels,
+)
+
+__all__ = [
+    "IMAGE_TOKEN",
+    "build_model",
+    "build_processor",
+    "build_tokenizer",
+    "default_model_dir",
+    "plant_outlier_channels",
+]
