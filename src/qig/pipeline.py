@@ -38,7 +38,7 @@ from tqdm.auto import tqdm
 from qig.calib import PAD, ROLE_NAMES, CalibrationSet
 from qig.errors import QigError
 from qig.methods import GroupContext, QuantConfig, method_for, search_scales
-from qig.methods.config import GPTQConfig, SearchConfig
+from qig.methods import GPTQConfig, SearchConfig
 from qig.models import ModelFamily, ScaleGroup, family_for, get_module
 from qig.quant.activation import (
     activation_spec_of,
@@ -414,12 +414,12 @@ def run_layerwise(
             f"saved scales are re-applied with round-to-nearest, but {config.name} quantizes with GPTQ, which "
             "needs calibration data; re-run the search with the GPTQ quantizer, or apply the scales with RTN"
         )
-    if scales is not None or not (method.searches or gptq is not None):
+    if scales is not None or not (method.finds_scales or gptq is not None):
         return _apply_without_search(model, family, spec, act_spec, scales or {}, device, progress, timings)
     if calib is None:
         raise QigError(f"{config.name} needs calibration data; pass calib (e.g. qig.calib.embedded_calibration)")
 
-    per_group = method.searches or method.weights_tokens  # token weights (and a search) group by group
+    per_group = method.finds_scales or method.weights_tokens  # token weights (and a search) group by group
     use_xq = method.needs_quantized_stream or act_spec is not None  # group inputs on x^q too
     keep_xq = use_xq or gptq is not None
     # GPTQ's Hessian: with the weights of the group's own method, or plain (every real token 1).
@@ -439,7 +439,7 @@ def run_layerwise(
         gptq_seconds: list[float] = []
         search_index = 0
         n_steps = sum(len(family.active_groups(layer)) for layer in layers) if per_group else len(layers)
-        desc = f"{config.name} {'search' if method.searches else 'quantize'}"
+        desc = f"{config.name} {'search' if method.finds_scales else 'quantize'}"
         bar = tqdm(total=n_steps, desc=desc, disable=not progress)
         home = next(layers[0].parameters()).device
         for li, layer in enumerate(layers):
@@ -457,7 +457,7 @@ def run_layerwise(
                 if weighted_hessian:
                     hessian_weights[group.name] = tw.weights
                 found = None
-                if method.searches:
+                if method.finds_scales:
                     t1 = time.perf_counter()
                     found = method.scales(ctx, tw.weights)  # closed form (SmoothQuant), or None: the search
                     if found is None:

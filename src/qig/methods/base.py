@@ -5,7 +5,7 @@ asks the method for token weights; the shared search (``qig.methods.search``)
 does the rest. A method that does not search (RTN) says so.
 
     >>> from qig.methods import method_for, AWQConfig
-    >>> method_for(AWQConfig(wbits=3)).searches
+    >>> method_for(AWQConfig(wbits=3)).finds_scales
     True
 """
 
@@ -80,13 +80,14 @@ class TokenWeights:
 class Method:
     """Base class: a method weights tokens for the shared scale search.
 
-    searches: False for methods that only quantize (RTN, GPTQ).
+    finds_scales: whether the method produces channel scales to fold (a search, or
+    SmoothQuant's closed form); False for methods that only quantize (RTN, GPTQ).
     weights_tokens: the pipeline asks for token weights per group even without
     a search (GPTQ with a weighted Hessian); searching methods always are asked.
     needs_quantized_stream: the pipeline carries x^q (inputs of the partly quantized model).
     """
 
-    searches: ClassVar[bool] = True
+    finds_scales: ClassVar[bool] = True
     weights_tokens: bool = False
     needs_quantized_stream: bool = False
 

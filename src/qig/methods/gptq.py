@@ -10,7 +10,7 @@ config with ``quantizer="gptq"`` too).
 
     >>> from qig.methods import GPTQConfig, method_for
     >>> m = method_for(GPTQConfig.weighted_by("qig", wbits=3))
-    >>> m.searches, m.weights_tokens, m.needs_quantized_stream
+    >>> m.finds_scales, m.weights_tokens, m.needs_quantized_stream
     (False, True, True)
 """
 
@@ -22,7 +22,7 @@ from qig.methods.config import GPTQConfig
 
 @register(GPTQConfig)
 class GPTQ(Method):
-    searches = False
+    finds_scales = False
 
     def __init__(self, config: GPTQConfig) -> None:
         super().__init__(config)

@@ -12,7 +12,7 @@ Nothing but these running sums is kept between batches.
 the ratio is floored at its median so no layer silences its vision tokens).
 
     >>> from qig.methods import method_for, MBQConfig
-    >>> method_for(MBQConfig(wbits=3)).searches
+    >>> method_for(MBQConfig(wbits=3)).finds_scales
     True
 """
 

@@ -1,7 +1,7 @@
 """RTN: round-to-nearest with the shared quantizer; no calibration, no search.
 
 >>> from qig.methods import method_for, RTNConfig
->>> method_for(RTNConfig(wbits=4)).searches
+>>> method_for(RTNConfig(wbits=4)).finds_scales
 False
 """
 
@@ -13,4 +13,4 @@ from qig.methods.config import RTNConfig
 
 @register(RTNConfig)
 class RTN(Method):
-    searches = False
+    finds_scales = False

@@ -10,7 +10,7 @@ like a searched scale. The loss of s = 1 and of the chosen s is reported with
 uniform token weights, as AWQ would score them; it does not choose anything.
 
     >>> from qig.methods import method_for, SmoothQuantConfig
-    >>> method_for(SmoothQuantConfig(wbits=8, abits=8, group_size=None)).searches
+    >>> method_for(SmoothQuantConfig(wbits=8, abits=8, group_size=None)).finds_scales
     True
 """
 
