@@ -37,8 +37,7 @@ from tqdm.auto import tqdm
 
 from qig.calib import PAD, ROLE_NAMES, CalibrationSet
 from qig.errors import QigError
-from qig.methods import GroupContext, QuantConfig, method_for, search_scales
-from qig.methods import GPTQConfig, SearchConfig
+from qig.methods import GPTQConfig, GroupContext, QuantConfig, SearchConfig, method_for, search_scales
 from qig.models import ModelFamily, ScaleGroup, family_for, get_module
 from qig.quant.activation import (
     activation_spec_of,
