@@ -1,7 +1,6 @@
 """``qig quantize``: outputs, recipes, saved scales, refusals; and the end-to-end flow on the embedded model."""
 
 import json
-import time
 
 import pytest
 import torch
@@ -11,25 +10,8 @@ from _tiny import tiny_llava
 
 def test_quantize_writes_a_loadable_model_and_the_search(model_dir, tmp_path, capsys):
     out = tmp_path / "qig"
-    rc = run_cli(
-        "quantize",
-        "--model",
-        model_dir,
-        "--method",
-        "qig",
-        "--wbits",
-        3,
-        "--group-size",
-        32,
-        "--n-samples",
-        4,
-        "--n-grid",
-        5,
-        "--output",
-        out,
-        "--no-progress",
-    )
-    assert rc == 0
+    argv = ["--model", model_dir, "--method", "qig", "--wbits", 3, "--group-size", 32, "--n-samples", 4, "--n-grid", 5]
+    assert run_cli("quantize", *argv, "--output", out, "--no-progress") == 0
     assert {"config.json", "model.safetensors", "search.safetensors", "search.json", "report.json"} <= {
         p.name for p in out.iterdir()
     }
@@ -51,12 +33,8 @@ def test_quantize_writes_a_loadable_model_and_the_search(model_dir, tmp_path, ca
     # an existing output is refused; --scales re-applies the search without calibration
     assert run_cli("quantize", "--model", model_dir, "--method", "rtn", "--output", out) == 2
     again = tmp_path / "again"
-    assert (
-        run_cli(
-            "quantize", "--model", model_dir, "--scales", out / "search.safetensors", "--output", again, "--no-progress"
-        )
-        == 0
-    )
+    argv = ["--model", model_dir, "--scales", out / "search.safetensors", "--output", again, "--no-progress"]
+    assert run_cli("quantize", *argv) == 0
     a = load_model_and_processor(again)[0].state_dict()
     assert all(torch.equal(v, a[k]) for k, v in model.state_dict().items())
 
@@ -65,10 +43,8 @@ def test_recipe_stands_for_flags(model_dir, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: awq\nwbits: 4\ngroup_size: 32\nn_samples: 2\nn_grid: 3\n")
     out = tmp_path / "awq"
-    assert (
-        run_cli("quantize", "--recipe", recipe, "--model", model_dir, "--wbits", 3, "--output", out, "--no-progress")
-        == 0
-    )
+    argv = ["--recipe", recipe, "--model", model_dir, "--wbits", 3, "--output", out, "--no-progress"]
+    assert run_cli("quantize", *argv) == 0
     config = json.loads((out / "report.json").read_text())["config"]
     assert (config["method"], config["wbits"], config["n_grid"]) == ("awq", 3, 3)  # the flag wins
 
@@ -78,9 +54,9 @@ def test_recipe_stands_for_flags(model_dir, tmp_path):
     [
         (["--method", "awq", "--wbits", "9"], "weight bits 9"),
         (["--method", "rtn", "--group-size", "100"], "group_size 100 does not divide"),
-        (["--method", "awq", "--steps", "4"], "QIG options"),
-        (["--method", "mbq", "--tokens", "vision+answer"], "QIG options"),
-        (["--method", "mbq", "--tokens", "all"], "QIG options"),
+        (["--method", "awq", "--steps", "4"], "awq has no option --steps (qig takes --steps)"),
+        (["--method", "mbq", "--tokens", "vision+answer"], "mbq has no option --tokens"),
+        (["--method", "mbq", "--tokens", "all"], "mbq has no option --tokens"),
         (["--method", "qig", "--calib", "/nonexistent.json"], "does not exist"),
     ],
     ids=["bits", "group-size", "qig-option-on-awq", "tokens-on-mbq", "default-tokens-on-mbq", "missing-calib"],
@@ -105,28 +81,11 @@ def test_weight_only_flow_on_the_embedded_model(tmp_path):
         pytest.skip(f"the trained embedded model is not in {default_model_dir()} yet")
     from qig.evaluate import run_eval
 
-    start = time.perf_counter()
     out = tmp_path / "qig-w3"
-    assert (
-        run_cli(
-            "quantize",
-            "--method",
-            "qig",
-            "--wbits",
-            3,
-            "--group-size",
-            128,
-            "--n-samples",
-            16,
-            "--output",
-            out,
-            "--no-progress",
-        )
-        == 0
-    )
+    argv = ["--method", "qig", "--wbits", 3, "--group-size", 128, "--n-samples", 16, "--output", out, "--no-progress"]
+    assert run_cli("quantize", *argv) == 0
     report = run_eval(model_dir=out, limit=32, reference_dir=None)
     assert report["n"] == 32 and 0 <= report["accuracy"] <= 1
-    assert time.perf_counter() - start < 120
 
 
 @pytest.mark.parametrize(
@@ -160,13 +119,15 @@ def test_gptq_runs_from_the_cli(model_dir, tmp_path, capsys, argv, expected):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--method", "rtn", "--quantizer", "gptq"], "for GPTQ alone use --method gptq"),
-        (["--method", "gptq", "--quantizer", "rtn"], "drop --quantizer rtn"),
-        (["--method", "qig", "--act-order"], "--act-order are GPTQ options"),
-        (["--method", "awq", "--damp", "0.1"], "--damp are GPTQ options"),
-        (["--method", "qig", "--token-weights", "qig"], "--token-weights weights GPTQ's Hessian"),
-        (["--method", "gptq", "--steps", "4"], "add --token-weights qig"),
+        (["--method", "rtn", "--quantizer", "gptq"], "rtn has no option --quantizer (awq, mbq, qig take --quantizer)"),
+        (["--method", "gptq", "--quantizer", "rtn"], "gptq has no option --quantizer"),
+        (["--method", "qig", "--act-order"], "quantizer is 'rtn'; pass quantizer='gptq' (CLI: --quantizer gptq)"),
+        (["--method", "awq", "--damp", "0.1"], "quantizer is 'rtn'; pass quantizer='gptq' (CLI: --quantizer gptq)"),
+        (["--method", "qig", "--token-weights", "qig"], "qig has no option --token-weights (gptq takes --token-weights)"),
+        (["--method", "gptq", "--steps", "4"], "add --token-weights qig to use qig's options"),
         (["--method", "gptq", "--damp", "2"], "damp must be a number in (0, 1)"),
+        (["--method", "gptq", "--damp", "0"], "damp must be a number in (0, 1)"),
+        (["--method", "gptq", "--block-size", "0"], "block_size must be a positive integer"),
         (["--method", "gptq", "--block-size", "48"], "must divide one another"),
     ],
     ids=[
@@ -177,6 +138,8 @@ def test_gptq_runs_from_the_cli(model_dir, tmp_path, capsys, argv, expected):
         "weights-on-search",
         "qig-option",
         "damp",
+        "damp-zero",
+        "block-zero",
         "block",
     ],
 )
@@ -234,7 +197,7 @@ def test_weight_activation_run_is_evaluated_with_quantized_activations(model_dir
         (["--method", "gptq", "--abits", "8"], "GPTQ is weight-only here"),
         (["--method", "mbq", "--abits", "8", "--quantizer", "gptq"], "quantizer 'gptq' is weight-only"),
         (["--method", "smoothquant"], "give it abits below 16"),
-        (["--method", "qig", "--abits", "8", "--alpha", "0.5"], "--alpha is a SmoothQuant option"),
+        (["--method", "qig", "--abits", "8", "--alpha", "0.5"], "qig has no option --alpha (smoothquant takes --alpha)"),
     ],
     ids=["abits-3", "group-size", "gptq", "mbq-gptq", "smoothquant-a16", "alpha-on-qig"],
 )

@@ -8,7 +8,8 @@ import qig
 from qig.errors import QigError
 from qig.methods import AWQConfig, GPTQConfig, QIGConfig, RTNConfig, make_config
 from qig.models import family_for
-from qig.pipeline import _hessian_source, _sequential_stages, capture
+from qig.pipeline import capture
+from qig.pipeline.gptq import hessian_source, sequential_stages
 from qig.quant.gptq import GPTQSettings
 from qig.quant.spec import dequantize, quantize_with
 
@@ -71,7 +72,7 @@ def test_hessians_come_in_call_order_stages(calib):
     fam = family_for(model)
     chunk = capture(model, fam, calib, 8, torch.device("cpu"))[0]
     layer = fam.decoder_layers(model)[0]
-    stages = _sequential_stages(layer, chunk, 0)
+    stages = sequential_stages(layer, chunk, 0)
     assert stages == [
         ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"],
         ["self_attn.o_proj"],
@@ -79,8 +80,8 @@ def test_hessians_come_in_call_order_stages(calib):
         ["mlp.down_proj"],
     ]
     groups = fam.active_groups(layer)
-    assert _hessian_source("self_attn.o_proj", groups) == "attn_in"  # the attention block's weights
-    assert _hessian_source("mlp.down_proj", groups) == "mlp_out"
+    assert hessian_source("self_attn.o_proj", groups) == "attn_in"  # the attention block's weights
+    assert hessian_source("mlp.down_proj", groups) == "mlp_out"
 
 
 def test_saved_result_holds_gptq_params_and_config_round_trips(calib, tmp_path):
@@ -90,7 +91,7 @@ def test_saved_result_holds_gptq_params_and_config_round_trips(calib, tmp_path):
     from safetensors.torch import load_file
 
     tensors = load_file(tmp_path / "search.safetensors")
-    assert "gptq.0.self_attn.q_proj.scale" in tensors and "gptq.1.mlp.down_proj.g_idx" in tensors
+    assert "quantized.0.self_attn.q_proj.scale" in tensors and "quantized.1.mlp.down_proj.g_idx" in tensors
     assert qig.api.config_from_dict(config.to_dict()) == config
     awq_gptq = AWQConfig(**SETTING, quantizer="gptq", gptq=GPTQSettings(block_size=64))
     assert qig.api.config_from_dict(awq_gptq.to_dict()) == awq_gptq
@@ -104,7 +105,7 @@ def test_saved_result_holds_gptq_params_and_config_round_trips(calib, tmp_path):
         (lambda: AWQConfig(quantizer="gptqq"), "quantizer 'gptqq' is not supported; use one of: rtn, gptq"),
         (lambda: AWQConfig(gptq=GPTQSettings(damp=0.1)), "quantizer is 'rtn'; pass quantizer='gptq'"),
         (lambda: GPTQConfig(wbits=3, token_weights=QIGConfig(wbits=4)), "give both the same wbits and group_size"),
-        (lambda: GPTQConfig(token_weights=RTNConfig()), "None (plain GPTQ) or a config of awq, mbq or qig"),
+        (lambda: GPTQConfig(token_weights=RTNConfig()), "the config of one of awq, mbq, qig; None: the plain Hessian"),
         (lambda: GPTQConfig(token_weights=AWQConfig(quantizer="gptq")), "its quantizer must stay 'rtn'"),
         (lambda: GPTQConfig(group_size=64, gptq=GPTQSettings(block_size=96)), "must divide one another"),
         (lambda: GPTQConfig.weighted_by("rtn"), "use one of: awq, mbq, qig"),

@@ -16,7 +16,7 @@ from qig.methods import (
     make_config,
 )
 from qig.methods.smoothquant import smoothing_scales
-from qig.pipeline import activation_quantization
+from qig.quant.activation import activation_quantization
 
 W4A8 = dict(wbits=4, abits=8, group_size=None)
 
@@ -107,7 +107,7 @@ def test_reference_output_changes_what_the_search_scores_against(calib):
         (lambda: GPTQConfig(wbits=4, abits=8, group_size=None), "GPTQ is weight-only here"),
         (lambda: AWQConfig(**W4A8, quantizer="gptq"), "quantizer 'gptq' is weight-only"),
         (lambda: SmoothQuantConfig(wbits=4), "give it abits below 16"),
-        (lambda: SmoothQuantConfig(**W4A8, alpha=1.5), "alpha must be a number in"),
+        (lambda: SmoothQuantConfig(**W4A8, alpha=1.5), r"alpha 1.5 is not supported; use a number in \[0.0, 1.0\]"),
         (lambda: MBQConfig(wbits=3, reference_output="quantized"), "applies to weight-activation modes"),
     ],
     ids=[

@@ -7,8 +7,22 @@ False
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from qig.methods.base import GroupContext, Method, TokenWeights, register, uniform_weights
-from qig.methods.config import AWQConfig
+from qig.methods.config import SearchConfig
+
+
+@dataclass(frozen=True)
+class AWQConfig(SearchConfig):
+    """AWQ: every real token weighs 1.
+
+    >>> AWQConfig(wbits=3).loss
+    'mae'
+    """
+
+    name: ClassVar[str] = "awq"
 
 
 @register(AWQConfig)

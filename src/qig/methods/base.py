@@ -19,7 +19,7 @@ import torch
 
 from qig.calib import ANSWER, PAD, VISION
 from qig.errors import QigError
-from qig.methods.config import QuantConfig
+from qig.methods.config import CONFIGS, QuantConfig
 from qig.models import ScaleGroup
 from qig.quant.activation import quantized_activations
 from qig.quant.spec import QuantSpec
@@ -133,10 +133,18 @@ _REGISTRY: dict[type[QuantConfig], type[Method]] = {}
 
 
 def register(config_type: type[QuantConfig]) -> Callable[[type[Method]], type[Method]]:
-    """Class decorator: ``@register(AWQConfig) class AWQ(Method): ...``."""
+    """Class decorator: ``@register(AWQConfig) class AWQ(Method): ...``; the config's ``name`` joins the CLI.
+
+    Registering a method is all it takes to make it a ``qig quantize --method``
+    choice, a recipe ``method``, and (for a ``SearchConfig``) a token weighting
+    GPTQ may borrow.
+    """
+    if not config_type.name:
+        raise QigError(f"{config_type.__name__} needs a class attribute name = '...' to be registered")
 
     def deco(cls: type[Method]) -> type[Method]:
         _REGISTRY[config_type] = cls
+        CONFIGS[config_type.name] = config_type
         return cls
 
     return deco

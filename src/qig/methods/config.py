@@ -1,6 +1,14 @@
-"""One frozen, validated configuration dataclass per method.
+"""What every method config shares, the registry of configs, and building one from named options.
 
->>> from qig.methods.config import QIGConfig
+Each method's own config lives beside its implementation (``qig.methods.qig``
+holds ``QIGConfig`` and ``QIG``) and registers itself with
+``qig.methods.base.register``; every list of methods (CLI choices, recipes,
+``qig.__all__``, which methods may lend token weights) is read from
+:data:`CONFIGS`. Fields are declared with :func:`qig.options.option`: their
+types and ranges are checked by one validator, and ``qig quantize`` derives a
+flag from each.
+
+>>> from qig.methods import QIGConfig, AWQConfig, GPTQConfig
 >>> QIGConfig(wbits=3, group_size=128).steps
 2
 >>> QIGConfig.compat(wbits=3).quadrature
@@ -11,35 +19,24 @@
 'qig'
 >>> QIGConfig(wbits=4, abits=8, group_size=None).label()           # weight-activation: W4A8
 'W4A8 per-channel sym'
+>>> config_from_options("awq", {"wbits": 3, "baseline": "zero"})  # doctest: +ELLIPSIS
+Traceback (most recent call last):
+...
+qig.errors.QigError: awq has no option --baseline (qig takes --baseline); awq's options: --abits, --act-order, ...
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import Any, ClassVar, Literal
 
 from qig.errors import QigError
+from qig.options import FlatOption, Kind, check_fields, flat_options, kinds, nest, option
 from qig.quant.gptq import GPTQSettings
 from qig.quant.spec import QuantSpec, activation_spec
 
-LOSSES = ("mae", "mse")
-BASELINES = ("quantized", "zero")
-CLIPS = ("iqr", "none")
-QIG_TOKENS = ("all", "vision+answer")
-QUADRATURES = ("gauss-legendre", "riemann")
-QUANTIZERS = ("rtn", "gptq")
-REFERENCE_OUTPUTS = ("fp", "quantized")
-
-
-def _choice(field: str, value, allowed: tuple[str, ...]) -> None:
-    if value not in allowed:
-        raise QigError(f"{field} {value!r} is not supported; use one of: {', '.join(allowed)}")
-
-
-def _positive_int(field: str, value) -> None:
-    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-        raise QigError(f"{field} must be a positive integer, got {value!r}")
+WEIGHT_ONLY_ABITS = 16
 
 
 @dataclass(frozen=True)
@@ -56,45 +53,46 @@ class QuantConfig:
     """
 
     name: ClassVar[str] = ""
+    presets: ClassVar[tuple[str, ...]] = ()  # classmethods returning a config, e.g. QIGConfig.compat
 
-    wbits: int = 4
-    group_size: int | None = 128
-    batch_size: int = 16
-    seed: int = 0
-    abits: int = 16
+    wbits: int = option(4, "weight bits, 2-8")
+    group_size: int | None = option(
+        128, "input channels per weight scale, or 'channel' (W-A modes: per channel, the default there)", min=1
+    )
+    batch_size: int = option(16, "calibration samples per forward", min=1)
+    seed: int = option(0, "torch seed of the run")
+    abits: int = option(
+        WEIGHT_ONLY_ABITS,
+        "activation bits, 4-16; e.g. 8 for W4A8/W8A8: per-token, dynamic (16: weight-only)",
+        min=4,
+        max=16,
+        hint="8 for W4A8 / W8A8, 4 for W4A4; 16 keeps activations in floating point: weight-only",
+    )
 
     def __post_init__(self) -> None:
-        a = self.abits
-        if not isinstance(a, int) or isinstance(a, bool) or not 4 <= a <= 16:
+        check_fields(self)
+        if self.abits < WEIGHT_ONLY_ABITS and self.group_size is not None:
             raise QigError(
-                f"abits {a!r} is not supported; use an integer from 4 to 16 (8 for W4A8 / W8A8, 4 for W4A4; "
-                "16 keeps activations in floating point: weight-only)"
-            )
-        if a < 16 and self.group_size is not None:
-            raise QigError(
-                f"abits {a} quantizes weights per output channel (symmetric), so group_size {self.group_size!r} "
-                "is not allowed; pass group_size=None (CLI: --group-size channel, or leave it out), "
-                "or abits=16 for grouped weight-only quantization"
+                f"abits {self.abits} quantizes weights per output channel (symmetric), so group_size "
+                f"{self.group_size!r} is not allowed; pass group_size=None (CLI: --group-size channel, or leave it "
+                "out), or abits=16 for grouped weight-only quantization"
             )
         self.spec  # validates bits and group size  # noqa: B018
-        _positive_int("batch_size", self.batch_size)
-        if not isinstance(self.seed, int):
-            raise QigError(f"seed must be an integer, got {self.seed!r}")
 
     @property
     def spec(self) -> QuantSpec:
         """The weight quantizer every step of the method uses (symmetric per-channel in W-A modes)."""
-        return QuantSpec(bits=self.wbits, group_size=self.group_size, symmetric=self.abits < 16)
+        return QuantSpec(bits=self.wbits, group_size=self.group_size, symmetric=self.abits < WEIGHT_ONLY_ABITS)
 
     @property
     def act_spec(self) -> QuantSpec | None:
         """The activation quantizer of W-A modes (per token, dynamic); None when activations stay FP (abits 16)."""
-        return activation_spec(self.abits) if self.abits < 16 else None
+        return activation_spec(self.abits) if self.abits < WEIGHT_ONLY_ABITS else None
 
     def label(self) -> str:
         """The setting in the usual notation: "W3A16 g128", "W4A8 per-channel sym"."""
         g = f"g{self.group_size}" if self.group_size else "per-channel"
-        return f"W{self.wbits}A{self.abits} {g}" + (" sym" if self.abits < 16 else "")
+        return f"W{self.wbits}A{self.abits} {g}" + (" sym" if self.abits < WEIGHT_ONLY_ABITS else "")
 
     @property
     def gptq_settings(self) -> GPTQSettings | None:
@@ -102,23 +100,20 @@ class QuantConfig:
         return None
 
     def to_dict(self) -> dict:
-        return {"method": self.name, **dataclasses.asdict(self)}
+        out = {"method": self.name}
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            out[f.name] = value.to_dict() if isinstance(value, QuantConfig) else _plain(value)
+        return out
 
 
-@dataclass(frozen=True)
-class RTNConfig(QuantConfig):
-    """Round-to-nearest: no calibration, no search.
-
-    >>> RTNConfig(wbits=4, group_size=128).name
-    'rtn'
-    """
-
-    name: ClassVar[str] = "rtn"
+def _plain(value):
+    return dataclasses.asdict(value) if dataclasses.is_dataclass(value) else value
 
 
 @dataclass(frozen=True)
 class SearchConfig(QuantConfig):
-    """The shared channel-scale search (METHOD.md section 4).
+    """The shared channel-scale search (METHOD.md section 4); its subclasses differ in token weights.
 
     n_grid: candidates r in {0, 1/n, ..., (n-1)/n}. loss: per-token error, mean
     absolute ("mae") or squared ("mse") over output channels.
@@ -131,226 +126,42 @@ class SearchConfig(QuantConfig):
     QIG code's W4A8 choice). Weight-only searches always use f(x).
     """
 
-    n_grid: int = 20
-    loss: str = "mae"
-    quantizer: str = "rtn"
-    gptq: GPTQSettings = GPTQSettings()  # frozen, so a shared default is safe
-    reference_output: str = "fp"
+    n_grid: int = option(20, "scale candidates of the search", min=1)
+    loss: Literal["mae", "mse"] = option("mae", "per-token error of the search")
+    quantizer: Literal["rtn", "gptq"] = option("rtn", "what quantizes the layers after the search")
+    gptq: GPTQSettings = option(GPTQSettings(), "GPTQ's settings (quantizer gptq)")  # frozen: a shared default
+    reference_output: Literal["fp", "quantized"] = option(
+        "fp", "W-A modes: score candidates against f(x) or f(x^q) (the official QIG code)"
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        _positive_int("n_grid", self.n_grid)
-        _choice("loss", self.loss, LOSSES)
-        _choice("quantizer", self.quantizer, QUANTIZERS)
-        _choice("reference_output", self.reference_output, REFERENCE_OUTPUTS)
-        if self.reference_output != "fp" and self.abits == 16:
+        if self.reference_output != "fp" and self.abits == WEIGHT_ONLY_ABITS:
             raise QigError(
                 "reference_output 'quantized' (scoring against f(x^q)) applies to weight-activation modes; "
                 "pass abits below 16, or keep reference_output='fp'"
             )
-        if self.quantizer == "gptq" and self.abits < 16:
+        if self.quantizer == "gptq" and self.abits < WEIGHT_ONLY_ABITS:
             raise QigError(
                 f"quantizer 'gptq' is weight-only here; with abits {self.abits} use quantizer='rtn' "
                 "(W-A weights are rounded per output channel)"
             )
-        _gptq_settings(self.gptq, self.spec if self.quantizer == "gptq" else None)
-        if self.quantizer == "rtn" and self.gptq != GPTQSettings():
-            raise QigError(f"GPTQ settings {self.gptq} were given but quantizer is 'rtn'; pass quantizer='gptq'")
+        if self.quantizer == "gptq":
+            self.gptq.check(self.spec)
+        elif self.gptq != GPTQSettings():
+            raise QigError(
+                f"GPTQ settings {self.gptq} were given but quantizer is 'rtn'; pass quantizer='gptq' "
+                "(CLI: --quantizer gptq)"
+            )
 
     @property
     def gptq_settings(self) -> GPTQSettings | None:
         return self.gptq if self.quantizer == "gptq" else None
 
 
-@dataclass(frozen=True)
-class AWQConfig(SearchConfig):
-    """AWQ: every real token weighs 1.
+# ---------------------------------------------------------------- the registry
 
-    >>> AWQConfig(wbits=3).loss
-    'mae'
-    """
-
-    name: ClassVar[str] = "awq"
-
-
-@dataclass(frozen=True)
-class MBQConfig(SearchConfig):
-    """MBQ: answer tokens weigh 1, vision tokens rho_l (gradient ratio), the rest 0.
-
-    grad_batch_size: samples per backward pass of the gradient pre-pass.
-    """
-
-    name: ClassVar[str] = "mbq"
-    grad_batch_size: int = 4
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _positive_int("grad_batch_size", self.grad_batch_size)
-
-
-@dataclass(frozen=True)
-class QIGConfig(SearchConfig):
-    """QIG: tokens weighted by quantization-aware integrated gradients (METHOD.md section 5).
-
-    baseline: reference input x' = the quantized stream ("quantized", falls back
-    to zero where it equals x) or always zero ("zero"). clip: IQR clipping of the
-    token scores ("iqr") or none. steps / quadrature: K points of Gauss-Legendre
-    on [0, 1] or the official left-and-right Riemann grid linspace(0, 1, K) with
-    weights 1/K. uniform_first_groups: the first N group searches of a run use
-    uniform weights over vision and answer tokens (the official code's counter
-    artefact; 0 = off). tokens: which tokens QIG attributes and weights: every
-    real token ("all", METHOD.md), or only vision and answer tokens
-    ("vision+answer", MBQ's token set: prompt and template tokens weigh 0).
-
-    >>> QIGConfig(steps=8, quadrature="gauss-legendre").baseline
-    'quantized'
-    """
-
-    name: ClassVar[str] = "qig"
-    baseline: str = "quantized"
-    clip: str = "iqr"
-    steps: int = 2
-    quadrature: str = "gauss-legendre"
-    uniform_first_groups: int = 0
-    tokens: str = "all"
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        _choice("baseline", self.baseline, BASELINES)
-        _choice("tokens", self.tokens, QIG_TOKENS)
-        _choice("clip", self.clip, CLIPS)
-        _choice("quadrature", self.quadrature, QUADRATURES)
-        _positive_int("steps", self.steps)
-        if not isinstance(self.uniform_first_groups, int) or self.uniform_first_groups < 0:
-            raise QigError(f"uniform_first_groups must be an integer >= 0, got {self.uniform_first_groups!r}")
-
-    @classmethod
-    def compat(cls, **overrides) -> QIGConfig:
-        """The official code's choices, for a like-for-like comparison.
-
-        Weight-only (abits 16): x' = 0 always, 32-point Riemann, MAE loss, the
-        first five group searches with uniform weights over vision and answer
-        tokens. W-A (abits < 16, e.g. W4A8): the same, except x' = x^q (the
-        quantized stream), IQR bounds not applied (clip "none") and the search
-        scored against f(x^q) instead of f(x).
-
-        >>> QIGConfig.compat(wbits=4, abits=8, group_size=None).reference_output
-        'quantized'
-        """
-        fields = dict(baseline="zero", clip="iqr", steps=32, quadrature="riemann", loss="mae", uniform_first_groups=5)
-        if overrides.get("abits", 16) < 16:
-            fields.update(baseline="quantized", clip="none", reference_output="quantized")
-        fields.update(overrides)
-        return cls(**fields)
-
-
-@dataclass(frozen=True)
-class SmoothQuantConfig(QuantConfig):
-    """SmoothQuant (METHOD.md section 6), weight-activation modes only.
-
-    Per scale group, ``s_c = max_t |X_tc|^alpha / max_o |W_oc|^(1 - alpha)``
-    (X: the group's input on the quantized stream; W: its linears stacked),
-    folded like a searched scale; then RTN W-A. No search, no gradients.
-
-    >>> SmoothQuantConfig(wbits=8, abits=8, group_size=None).alpha
-    0.5
-    """
-
-    name: ClassVar[str] = "smoothquant"
-    alpha: float = 0.5
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        a = self.alpha
-        if isinstance(a, bool) or not isinstance(a, int | float) or not 0.0 <= a <= 1.0:
-            raise QigError(f"alpha must be a number in [0, 1] (0.5 is SmoothQuant's default), got {a!r}")
-        if self.abits == 16:
-            raise QigError(
-                "smoothquant moves activation outliers into the weights for activation quantization; "
-                "give it abits below 16 (e.g. abits=8 with group_size=None; CLI: --abits 8)"
-            )
-
-
-def _gptq_settings(value, spec: QuantSpec | None) -> None:
-    """Type-check GPTQ settings; with the spec they will run with (None: unused), check the block size too."""
-    if not isinstance(value, GPTQSettings):
-        raise QigError(f"gptq must be a GPTQSettings(block_size=..., damp=..., act_order=...), got {value!r}")
-    if spec is not None:
-        value.check(spec)
-
-
-@dataclass(frozen=True)
-class GPTQConfig(QuantConfig):
-    """GPTQ (METHOD.md section 7): no scale search; each linear quantized with error compensation.
-
-    gptq: block size, dampening, act-order. token_weights: None for the plain
-    Hessian H = 2 X^T X (every real token weighs 1), or the config of a
-    token-weighting method (``MBQConfig`` / ``QIGConfig``; ``AWQConfig``
-    weighs every token 1, i.e. plain GPTQ) whose per-group token weights
-    turn it into H = 2 X^T diag(w) X (METHOD.md section 5). That config's
-    quantizer (wbits, group_size) must be this one's: its weights measure
-    this quantizer's error. Its search fields (n_grid, loss) are unused.
-
-    >>> GPTQConfig(wbits=3, gptq=GPTQSettings(act_order=True)).gptq_settings.act_order
-    True
-    """
-
-    name: ClassVar[str] = "gptq"
-    gptq: GPTQSettings = GPTQSettings()  # frozen, so a shared default is safe
-    token_weights: SearchConfig | None = None
-
-    def __post_init__(self) -> None:
-        super().__post_init__()
-        if self.abits < 16:
-            raise QigError(
-                f"GPTQ is weight-only here; abits {self.abits} is not available with it. Use abits=16, or "
-                "rtn, smoothquant, awq, mbq or qig for weight-activation modes"
-            )
-        _gptq_settings(self.gptq, self.spec)
-        tw = self.token_weights
-        if tw is None:
-            return
-        if not isinstance(tw, SearchConfig):
-            raise QigError(
-                f"token_weights must be None (plain GPTQ) or a config of awq, mbq or qig, got {type(tw).__name__}"
-            )
-        if tw.spec != self.spec:
-            raise QigError(
-                f"token_weights {tw.name} is set for {tw.spec.label()} but GPTQ quantizes {self.spec.label()}; "
-                "give both the same wbits and group_size (or use GPTQConfig.weighted_by)"
-            )
-        if tw.quantizer != "rtn":
-            raise QigError(
-                f"token_weights {tw.name} only lends its token weights; its quantizer must stay 'rtn', not "
-                f"{tw.quantizer!r} (GPTQ is this config's quantizer)"
-            )
-
-    @property
-    def gptq_settings(self) -> GPTQSettings:
-        return self.gptq
-
-    @classmethod
-    def weighted_by(cls, method: str, wbits: int = 4, group_size: int | None = 128, **fields) -> GPTQConfig:
-        """GPTQ whose Hessian is weighted by ``method``'s token weights ("awq", "mbq" or "qig").
-
-        ``fields`` go to GPTQConfig where it has them (gptq, batch_size, seed), the rest
-        to the weighting method's config (e.g. steps=8 for QIG).
-        """
-        own = {k: fields.pop(k) for k in ("gptq", "batch_size", "seed") if k in fields}
-        if method not in ("awq", "mbq", "qig"):
-            raise QigError(f"token weights {method!r} are not available; use one of: awq, mbq, qig")
-        weighting = make_config(method, wbits=wbits, group_size=group_size, **fields)
-        return cls(wbits=wbits, group_size=group_size, token_weights=weighting, **own)
-
-    def to_dict(self) -> dict:
-        out = super().to_dict()
-        out["token_weights"] = self.token_weights.to_dict() if self.token_weights is not None else None
-        return out
-
-
-CONFIGS: dict[str, type[QuantConfig]] = {
-    c.name: c for c in (RTNConfig, SmoothQuantConfig, AWQConfig, MBQConfig, QIGConfig, GPTQConfig)
-}
+CONFIGS: dict[str, type[QuantConfig]] = {}  # filled by qig.methods.base.register, in import order
 
 
 def config_class(name: str) -> type[QuantConfig]:
@@ -359,6 +170,16 @@ def config_class(name: str) -> type[QuantConfig]:
         return CONFIGS[name]
     except KeyError:
         raise QigError(f"unknown method {name!r}; use one of: {', '.join(CONFIGS)}") from None
+
+
+def token_weighting_names() -> tuple[str, ...]:
+    """The methods whose token weights another method may borrow (GPTQ's Hessian): the searches."""
+    return tuple(n for n, c in CONFIGS.items() if issubclass(c, SearchConfig))
+
+
+def preset_names() -> tuple[str, ...]:
+    """Every preset some registered config offers (``compat``)."""
+    return tuple(dict.fromkeys(p for c in CONFIGS.values() for p in c.presets))
 
 
 def make_config(name: str, **fields) -> QuantConfig:
@@ -370,12 +191,13 @@ def make_config(name: str, **fields) -> QuantConfig:
     32
     """
     cls = config_class(name)
-    fields = _nested(fields)
+    fields = _nested(cls, fields)
     preset = fields.pop("preset", None)
     if preset is not None:
-        if cls is not QIGConfig or preset != "compat":
-            raise QigError(f"preset {preset!r} is not available for {name}; the only preset is 'compat' (qig)")
-        return QIGConfig.compat(**fields)
+        if preset not in cls.presets:
+            offered = ", ".join(f"{p} ({n})" for n, c in CONFIGS.items() for p in c.presets) or "none"
+            raise QigError(f"preset {preset!r} is not available for {name}; presets: {offered}")
+        return getattr(cls, preset)(**fields)
     allowed = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(fields) - allowed)
     if unknown:
@@ -383,20 +205,144 @@ def make_config(name: str, **fields) -> QuantConfig:
     return cls(**fields)
 
 
-def _nested(fields: dict) -> dict:
+def _nested(cls: type[QuantConfig], fields: dict) -> dict:
     """Rebuild nested settings saved as plain mappings (``to_dict`` output): gptq, token_weights."""
     fields = dict(fields)
-    gptq = fields.get("gptq")
-    if isinstance(gptq, dict):
-        allowed = {f.name for f in dataclasses.fields(GPTQSettings)}
-        unknown = sorted(set(gptq) - allowed)
-        if unknown:
-            raise QigError(f"gptq has no option(s) {', '.join(unknown)}; its options: {', '.join(sorted(allowed))}")
-        fields["gptq"] = GPTQSettings(**gptq)
-    tw = fields.get("token_weights")
-    if isinstance(tw, dict):
-        tw = dict(tw)
-        if "method" not in tw:
-            raise QigError("token_weights needs a 'method' (awq, mbq or qig)")
-        fields["token_weights"] = make_config(tw.pop("method"), **tw)
+    for f in dataclasses.fields(cls):
+        value, kind = fields.get(f.name), kinds(cls)[f.name]
+        if not isinstance(value, dict) or kind.base is None:
+            continue
+        if issubclass(kind.base, QuantConfig):
+            inner = dict(value)
+            if "method" not in inner:
+                raise QigError(f"{f.name} needs a 'method' (one of: {', '.join(token_weighting_names())})")
+            fields[f.name] = make_config(inner.pop("method"), **inner)
+        elif dataclasses.is_dataclass(kind.base):
+            allowed = {g.name for g in dataclasses.fields(kind.base)}
+            unknown = sorted(set(value) - allowed)
+            if unknown:
+                raise QigError(
+                    f"{f.name} has no option(s) {', '.join(unknown)}; its options: {', '.join(sorted(allowed))}"
+                )
+            fields[f.name] = kind.base(**value)
     return fields
+
+
+# ---------------------------------------------------------------- from named options (CLI flags, recipe keys)
+
+
+def _holds_config(kind: Kind) -> bool:
+    return kind.base is not None and issubclass(kind.base, QuantConfig)
+
+
+def options_of(cls: type[QuantConfig]) -> dict[str, FlatOption]:
+    """A method's settable options by key: its fields, nested settings flattened (``damp`` for ``gptq.damp``).
+
+    A field holding another method's config (GPTQ's ``token_weights``) is one
+    option whose value is that method's name; its fields come from the same options.
+    """
+    return flat_options(cls)
+
+
+def all_options() -> dict[str, FlatOption]:
+    """Every option of every registered method (the first declaration of a key wins; they agree)."""
+    out: dict[str, FlatOption] = {}
+    for cls in CONFIGS.values():
+        for key, opt in options_of(cls).items():
+            out.setdefault(key, opt)
+    return out
+
+
+def methods_with(key: str) -> list[str]:
+    """The registered methods that take option ``key``."""
+    return [n for n, c in CONFIGS.items() if key in options_of(c) or key in c.presets]
+
+
+def default_group_size(abits: int) -> int | None:
+    """``group_size`` when none is given: the field's default (128) weight-only; per channel in W-A modes."""
+    default = next(f.default for f in dataclasses.fields(QuantConfig) if f.name == "group_size")
+    return default if abits == WEIGHT_ONLY_ABITS else None
+
+
+def config_from_options(method: str, given: dict[str, Any]) -> QuantConfig:
+    """The config of ``method`` from the options actually given (flags, recipe keys), by option key.
+
+    Nothing is filled in that was not given, except ``group_size`` in W-A
+    modes (:func:`default_group_size`); an option the method does not take is
+    refused with the list of those it does. A preset (``compat: True``) starts
+    from the preset and the other options override it. ``token_weights`` (GPTQ)
+    names the method whose token weights weight the Hessian; that method's own
+    options (e.g. ``steps`` for qig) are given alongside.
+
+    >>> config_from_options("qig", {"compat": True, "baseline": "quantized"}).baseline
+    'quantized'
+    >>> config_from_options("gptq", {"wbits": 3, "token_weights": "qig", "steps": 4}).token_weights.steps
+    4
+    """
+    cls = config_class(method)
+    given = dict(given)
+    presets = [p for p in preset_names() if _preset_wanted(p, given.pop(p, False))]
+    own = options_of(cls)
+    inner, inner_field = _borrowed_config(cls, own, given, presets)
+    unknown = [k for k in given if k not in own]
+    if unknown:
+        raise QigError(_no_such_options(method, unknown, own))
+    if "group_size" not in given:
+        given["group_size"] = default_group_size(given.get("abits", WEIGHT_ONLY_ABITS))
+    fields = nest(cls, given)
+    if inner_field is not None:
+        fields[inner_field] = inner
+    return _with_presets(cls, method, presets, fields)
+
+
+def _preset_wanted(name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise QigError(f"{name} {value!r} is not supported; use true or false")
+    return value
+
+
+def _with_presets(cls: type[QuantConfig], method: str, presets: list[str], fields: dict) -> QuantConfig:
+    for p in presets:
+        if p not in cls.presets:
+            raise QigError(f"--{p} is a preset of {', '.join(methods_with(p))}; method {method} has none")
+    if len(presets) > 1:
+        raise QigError(f"give one preset at most, not {', '.join(presets)}")
+    return getattr(cls, presets[0])(**fields) if presets else cls(**fields)
+
+
+def _borrowed_config(cls, own: dict[str, FlatOption], given: dict, presets: list[str]):
+    """GPTQ's ``token_weights``: build the named method's config from its options in ``given`` (removed there)."""
+    field = next((k for k, o in own.items() if _holds_config(o.kind)), None)
+    if field is None or field not in given:
+        return None, field
+    name = given.pop(field)
+    if name in (None, "uniform"):
+        return None, field
+    allowed = token_weighting_names()
+    if name not in allowed:
+        raise QigError(f"token weights {name!r} are not available; use one of: uniform, {', '.join(allowed)}")
+    inner_cls = config_class(name)
+    inner_keys = set(options_of(inner_cls)) - set(own)
+    fields = {k: given.pop(k) for k in list(given) if k in inner_keys}
+    fields.update({k: given[k] for k in ("wbits", "group_size") if k in given})  # the quantizer it weighs for
+    inner_presets = [p for p in presets if p in inner_cls.presets]
+    for p in inner_presets:
+        presets.remove(p)
+    return _with_presets(inner_cls, name, inner_presets, nest(inner_cls, fields)), field
+
+
+def _no_such_options(method: str, unknown: list[str], own: dict[str, FlatOption]) -> str:
+    """One line: what the method lacks, who has it, and every option the method does take."""
+    flag = lambda k: "--" + k.replace("_", "-")  # noqa: E731
+    takers = [(flag(k), methods_with(k)) for k in unknown]
+    where = "; ".join(f"{', '.join(h)} take{'s' if len(h) == 1 else ''} {f}" for f, h in takers if h)
+    borrow = next((k for k, o in own.items() if _holds_config(o.kind)), None)
+    lenders = [h[0] for _, h in takers if h and h[0] in token_weighting_names()]
+    if borrow is not None and lenders:
+        where += f"; with --method {method}, add {flag(borrow)} {lenders[0]} to use {lenders[0]}'s options"
+    listing = ", ".join(sorted([o.flag for o in own.values()] + [flag(p) for p in config_class(method).presets]))
+    return (
+        f"{method} has no option {', '.join(flag(k) for k in unknown)}"
+        + (f" ({where})" if where else "")
+        + f"; {method}'s options: {listing}"
+    )

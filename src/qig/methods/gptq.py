@@ -16,8 +16,82 @@ config with ``quantizer="gptq"`` too).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
+from qig.errors import QigError
 from qig.methods.base import GroupContext, Method, TokenWeights, method_for, register
-from qig.methods.config import GPTQConfig
+from qig.methods.config import WEIGHT_ONLY_ABITS, QuantConfig, SearchConfig, make_config, token_weighting_names
+from qig.options import option
+from qig.quant.gptq import GPTQSettings
+
+
+@dataclass(frozen=True)
+class GPTQConfig(QuantConfig):
+    """GPTQ (METHOD.md section 7): no scale search; each linear quantized with error compensation.
+
+    gptq: block size, dampening, act-order. token_weights: None for the plain
+    Hessian H = 2 X^T X (every real token weighs 1), or the config of a
+    token-weighting method (``MBQConfig`` / ``QIGConfig``; ``AWQConfig``
+    weighs every token 1, i.e. plain GPTQ) whose per-group token weights
+    turn it into H = 2 X^T diag(w) X (METHOD.md section 5). That config's
+    quantizer (wbits, group_size) must be this one's: its weights measure
+    this quantizer's error. Its search fields (n_grid, loss) are unused.
+
+    >>> GPTQConfig(wbits=3, gptq=GPTQSettings(act_order=True)).gptq_settings.act_order
+    True
+    """
+
+    name: ClassVar[str] = "gptq"
+    gptq: GPTQSettings = option(GPTQSettings(), "GPTQ's settings")  # frozen, so a shared default is safe
+    token_weights: SearchConfig | None = option(
+        None,
+        "GPTQ: the method whose token weights weight the Hessian (default uniform)",
+        hint=lambda: f"the config of one of {', '.join(token_weighting_names())}; None: the plain Hessian",
+    )
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.abits < WEIGHT_ONLY_ABITS:
+            raise QigError(
+                f"GPTQ is weight-only here; abits {self.abits} is not available with it. Use abits=16, or "
+                "rtn, smoothquant, awq, mbq or qig for weight-activation modes"
+            )
+        self.gptq.check(self.spec)
+        tw = self.token_weights
+        if tw is None:
+            return
+        if tw.spec != self.spec:
+            raise QigError(
+                f"token_weights {tw.name} is set for {tw.spec.label()} but GPTQ quantizes {self.spec.label()}; "
+                "give both the same wbits and group_size (or use GPTQConfig.weighted_by)"
+            )
+        if tw.quantizer != "rtn":
+            raise QigError(
+                f"token_weights {tw.name} only lends its token weights; its quantizer must stay 'rtn', not "
+                f"{tw.quantizer!r} (GPTQ is this config's quantizer)"
+            )
+
+    @property
+    def gptq_settings(self) -> GPTQSettings:
+        return self.gptq
+
+    @classmethod
+    def weighted_by(cls, method: str, wbits: int = 4, group_size: int | None = 128, **fields) -> GPTQConfig:
+        """GPTQ whose Hessian is weighted by ``method``'s token weights (a search method: awq, mbq, qig).
+
+        ``fields`` go to GPTQConfig where it has them (gptq, batch_size, seed), the rest
+        to the weighting method's config (e.g. steps=8 for QIG).
+
+        >>> GPTQConfig.weighted_by("mbq", wbits=3).token_weights.name
+        'mbq'
+        """
+        own = {k: fields.pop(k) for k in ("gptq", "batch_size", "seed") if k in fields}
+        allowed = token_weighting_names()
+        if method not in allowed:
+            raise QigError(f"token weights {method!r} are not available; use one of: {', '.join(allowed)}")
+        weighting = make_config(method, wbits=wbits, group_size=group_size, **fields)
+        return cls(wbits=wbits, group_size=group_size, token_weights=weighting, **own)
 
 
 @register(GPTQConfig)

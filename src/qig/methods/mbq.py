@@ -19,6 +19,8 @@ the ratio is floored at its median so no layer silences its vision tokens).
 from __future__ import annotations
 
 import logging
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from tqdm.auto import tqdm
@@ -26,10 +28,25 @@ from tqdm.auto import tqdm
 from qig.calib import ANSWER, VISION
 from qig.errors import QigError
 from qig.methods.base import GroupContext, Method, TokenWeights, register
-from qig.methods.config import MBQConfig
+from qig.methods.config import SearchConfig
 from qig.models import get_module
+from qig.options import option
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class MBQConfig(SearchConfig):
+    """MBQ: answer tokens weigh 1, vision tokens rho_l (gradient ratio), the rest 0.
+
+    grad_batch_size: samples per backward pass of the gradient pre-pass.
+
+    >>> MBQConfig(wbits=3).grad_batch_size
+    4
+    """
+
+    name: ClassVar[str] = "mbq"
+    grad_batch_size: int = option(4, "MBQ: samples per backward of the gradient pre-pass", min=1)
 
 
 @register(MBQConfig)

@@ -28,6 +28,8 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
+from typing import ClassVar, Literal
 
 import numpy as np
 import torch
@@ -41,10 +43,62 @@ from qig.methods.base import (
     token_mask,
     uniform_weights,
 )
-from qig.methods.config import QIGConfig
+from qig.methods.config import WEIGHT_ONLY_ABITS, SearchConfig
+from qig.options import option
 from qig.quant.spec import fake_quantize
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class QIGConfig(SearchConfig):
+    """QIG: tokens weighted by quantization-aware integrated gradients (METHOD.md section 5).
+
+    baseline: reference input x' = the quantized stream ("quantized", falls back
+    to zero where it equals x) or always zero ("zero"). clip: IQR clipping of the
+    token scores ("iqr") or none. steps / quadrature: K points of Gauss-Legendre
+    on [0, 1] or the official left-and-right Riemann grid linspace(0, 1, K) with
+    weights 1/K. uniform_first_groups: the first N group searches of a run use
+    uniform weights over vision and answer tokens (the official code's counter
+    artefact; 0 = off). tokens: which tokens QIG attributes and weights: every
+    real token ("all", METHOD.md), or only vision and answer tokens
+    ("vision+answer", MBQ's token set: prompt and template tokens weigh 0).
+
+    >>> QIGConfig(steps=8, quadrature="gauss-legendre").baseline
+    'quantized'
+    """
+
+    name: ClassVar[str] = "qig"
+    presets: ClassVar[tuple[str, ...]] = ("compat",)
+    baseline: Literal["quantized", "zero"] = option("quantized", "QIG: reference input x' (x^q, or zero)")
+    clip: Literal["iqr", "none"] = option("iqr", "QIG: token-score clipping")
+    steps: int = option(2, "QIG: quadrature points (compat: 32)", min=1)
+    quadrature: Literal["gauss-legendre", "riemann"] = option("gauss-legendre", "QIG: path rule (compat: riemann)")
+    uniform_first_groups: int = option(
+        0, "QIG: the first N group searches weigh vision+answer tokens uniformly (the official code; compat: 5)", min=0
+    )
+    tokens: Literal["all", "vision+answer"] = option("all", "QIG: tokens attributed and weighted")
+
+    @classmethod
+    def compat(cls, **overrides) -> QIGConfig:
+        """The official QIG code's choices (x'=0, 32-point Riemann, ...; W-A: x'=x^q, no clipping, f(x^q)).
+
+        Weight-only (abits 16): x' = 0 always, 32-point Riemann, MAE loss, the
+        first five group searches with uniform weights over vision and answer
+        tokens. W-A (abits < 16, e.g. W4A8): the same, except x' = x^q (the
+        quantized stream), IQR bounds not applied (clip "none") and the search
+        scored against f(x^q) instead of f(x). ``overrides`` win over the preset.
+
+        >>> QIGConfig.compat(wbits=4, abits=8, group_size=None).reference_output
+        'quantized'
+        >>> QIGConfig.compat(wbits=3, clip="none").clip
+        'none'
+        """
+        fields = dict(baseline="zero", clip="iqr", steps=32, quadrature="riemann", loss="mae", uniform_first_groups=5)
+        if overrides.get("abits", WEIGHT_ONLY_ABITS) < WEIGHT_ONLY_ABITS:
+            fields.update(baseline="quantized", clip="none", reference_output="quantized")
+        fields.update(overrides)
+        return cls(**fields)
 
 
 def quadrature(kind: str, steps: int) -> tuple[torch.Tensor, torch.Tensor]:

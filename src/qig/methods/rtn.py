@@ -7,8 +7,22 @@ False
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 from qig.methods.base import Method, register
-from qig.methods.config import RTNConfig
+from qig.methods.config import QuantConfig
+
+
+@dataclass(frozen=True)
+class RTNConfig(QuantConfig):
+    """Round-to-nearest: no calibration, no search.
+
+    >>> RTNConfig(wbits=4, group_size=128).name
+    'rtn'
+    """
+
+    name: ClassVar[str] = "rtn"
 
 
 @register(RTNConfig)

@@ -16,13 +16,42 @@ uniform token weights, as AWQ would score them; it does not choose anything.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 
+from qig.errors import QigError
 from qig.methods.base import GroupContext, Method, TokenWeights, real_tokens, register, uniform_weights
-from qig.methods.config import SmoothQuantConfig
+from qig.methods.config import WEIGHT_ONLY_ABITS, QuantConfig
 from qig.methods.search import SearchResult, reference_outputs, score_scales
+from qig.options import option
 
 EPS = 1e-5
+
+
+@dataclass(frozen=True)
+class SmoothQuantConfig(QuantConfig):
+    """SmoothQuant (METHOD.md section 6), weight-activation modes only.
+
+    Per scale group, ``s_c = max_t |X_tc|^alpha / max_o |W_oc|^(1 - alpha)``
+    (X: the group's input on the quantized stream; W: its linears stacked),
+    folded like a searched scale; then RTN W-A. No search, no gradients.
+
+    >>> SmoothQuantConfig(wbits=8, abits=8, group_size=None).alpha
+    0.5
+    """
+
+    name: ClassVar[str] = "smoothquant"
+    alpha: float = option(0.5, "SmoothQuant: migration strength", min=0.0, max=1.0, hint="0.5 is SmoothQuant's default")
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.abits == WEIGHT_ONLY_ABITS:
+            raise QigError(
+                "smoothquant moves activation outliers into the weights for activation quantization; "
+                "give it abits below 16 (e.g. abits=8 with group_size=None; CLI: --abits 8)"
+            )
 
 
 def channel_max(xs: list[torch.Tensor], roles: list[torch.Tensor]) -> torch.Tensor:
