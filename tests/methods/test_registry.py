@@ -43,7 +43,8 @@ def toy_method():
 
 
 def test_a_registered_method_runs_through_the_api(toy_method, calib):
-    result = qig.quantize(tiny_llava(outliers=True), toy_method(wbits=3, group_size=32, n_grid=4), calib, progress=False)
+    config = toy_method(wbits=3, group_size=32, n_grid=4)
+    result = qig.quantize(tiny_llava(outliers=True), config, calib, progress=False)
     assert result.groups and all(g.scales is not None and g.notes == {"emphasis": 4.0} for g in result.groups)
     assert "answer-heavy" in token_weighting_names()  # a search: GPTQ may borrow its weights
 
@@ -55,7 +56,8 @@ def test_a_registered_method_runs_through_the_cli(toy_method, model_dir, tmp_pat
     config = json.loads((out / "report.json").read_text())["config"]
     assert (config["method"], config["emphasis"], config["n_grid"]) == ("answer-heavy", 2.5, 3)
     # its option is refused for the other methods, naming who takes it
-    assert run_cli("quantize", "--model", model_dir, "--method", "awq", "--emphasis", 2, "--output", tmp_path / "o") == 2
+    argv = ["--model", model_dir, "--method", "awq", "--emphasis", 2, "--output", tmp_path / "o"]
+    assert run_cli("quantize", *argv) == 2
     assert "awq has no option --emphasis (answer-heavy takes --emphasis)" in capsys.readouterr().err
     # GPTQ borrows its token weights, its options given alongside
     out = tmp_path / "gptq"
