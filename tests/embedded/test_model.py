@@ -50,3 +50,24 @@ def test_tokenizer_round_trips_world_text():
         for turn in rec["conversations"]:
             ids = tok(turn["value"]).input_ids
             assert tok.unk_token_id not in ids, turn["value"]
+
+
+def test_planting_outlier_channels_keeps_the_function_and_plants_the_ratio():
+    from qig.calib import embedded_calibration
+
+    model, processor = load_model_and_processor()
+    batch = next(embedded_calibration(processor, n_samples=8).batches(8)).inputs
+    with torch.no_grad():
+        before = model(**batch).logits
+    factors = embedded.plant_outlier_channels(model, batch, n_hidden=4, n_intermediate=8, ratio=50.0)
+    assert {k.split(".", 1)[1] for k in factors} == {"attn_in", "mlp_in", "mlp_out"}  # the family's scale groups
+    captured = {}
+    q_proj = model.model.language_model.layers[0].self_attn.q_proj
+    handle = q_proj.register_forward_pre_hook(lambda _m, args: captured.setdefault("x", args[0]))
+    with torch.no_grad():
+        after = model(**batch).logits
+    handle.remove()
+    assert ((after - before).norm() / before.norm()).item() < 1e-5
+    m = captured["x"].abs().reshape(-1, captured["x"].shape[-1])[batch["attention_mask"].reshape(-1).bool()].mean(0)
+    planted = [int(c) for c, alpha in factors["0.attn_in"].items() if alpha > 1.0]
+    assert planted and all(m[c] >= 0.99 * 50.0 * m.median() for c in planted)

@@ -157,62 +157,58 @@ def plant_outlier_channels(
     and MBQ all report it). A model trained from scratch in minutes does not
     grow them, which makes it unrealistically robust to weight quantization.
 
-    This rescaling plants them: for ``n_hidden`` hidden channels (the ones
-    with the largest mean |x| in the residual stream, shared by every layer as
-    in real models) the RMSNorm weight is multiplied by ``alpha_c`` and the
-    following linears' input columns divided by it, so that the channel's
-    mean |x| at the linear inputs becomes ``ratio`` times the median channel's;
-    likewise ``n_intermediate`` intermediate channels through up_proj's rows
-    and down_proj's columns. Exact in real arithmetic (the functions are
-    linear in these weights); float rounding only. Returns the factors.
+    This rescaling plants them through the model's own scale groups (the
+    family map) and the same fold a search uses (``fold_scales_`` with
+    ``s = 1 / alpha``): for ``n_hidden`` hidden channels (the ones with the
+    largest mean |x| in the residual stream, shared by every layer as in real
+    models) each group behind a norm gets its norm weight multiplied by
+    ``alpha_c`` and its linears' input columns divided by it, so that the
+    channel's mean |x| at the linear inputs becomes ``ratio`` times the median
+    channel's; a group behind a linear (up -> down) does the same for its own
+    ``n_intermediate`` largest channels. Exact in real arithmetic (the folds
+    keep the function); float rounding only. Returns the factors by
+    ``"layer.group"``.
     """
     import torch
 
-    layers = model.model.language_model.layers
-    stats: dict[str, torch.Tensor] = {}
-    hooks = []
+    from qig.models import family_for, get_module
+    from qig.quant.fold import fold_scales_
+
+    family = family_for(model)
+    layers = family.decoder_layers(model)
+    mask = batch["attention_mask"].reshape(-1).bool()
+    stats: dict[tuple[int, str], torch.Tensor] = {}  # (layer, group or "resid") -> mean |x| per channel [C]
 
     def record(key):
         def hook(_mod, args):
             x = args[0].detach().float().abs().reshape(-1, args[0].shape[-1])  # [tokens, C]
-            mask = batch["attention_mask"].reshape(-1).bool()
             stats[key] = x[mask].mean(0)
 
         return hook
 
+    hooks = []
     for i, layer in enumerate(layers):
-        hooks.append(layer.self_attn.q_proj.register_forward_pre_hook(record(f"{i}.attn")))
-        hooks.append(layer.mlp.gate_proj.register_forward_pre_hook(record(f"{i}.mlp")))
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(record(f"{i}.down")))
-        hooks.append(layer.register_forward_pre_hook(record(f"{i}.resid")))
-    with torch.no_grad():
-        model(**batch)
-    for h in hooks:
-        h.remove()
+        hooks.append(layer.register_forward_pre_hook(record((i, "resid"))))
+        for g in family.active_groups(layer):
+            hooks.append(get_module(layer, g.linears[0]).register_forward_pre_hook(record((i, g.name))))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
 
-    resid = torch.stack([stats[f"{i}.resid"] for i in range(len(layers))]).mean(0)  # [C]
+    resid = torch.stack([stats[(i, "resid")] for i in range(len(layers))]).mean(0)  # [C]
     hidden_channels = torch.argsort(resid, descending=True)[:n_hidden]
     factors = {}
-    with torch.no_grad():
-        for i, layer in enumerate(layers):
-            for key, norm, linears in (
-                (
-                    "attn",
-                    layer.input_layernorm,
-                    [layer.self_attn.q_proj, layer.self_attn.k_proj, layer.self_attn.v_proj],
-                ),
-                ("mlp", layer.post_attention_layernorm, [layer.mlp.gate_proj, layer.mlp.up_proj]),
-            ):
-                m = stats[f"{i}.{key}"]
-                alpha = (ratio * m.median() / m[hidden_channels]).clamp(min=1.0)
-                norm.weight[hidden_channels] *= alpha.to(norm.weight.dtype)
-                for lin in linears:
-                    lin.weight[:, hidden_channels] /= alpha.to(lin.weight.dtype)
-                factors[f"{i}.{key}"] = dict(zip(hidden_channels.tolist(), alpha.tolist(), strict=True))
-            m = stats[f"{i}.down"]
-            chans = torch.argsort(m, descending=True)[:n_intermediate]
-            alpha = (ratio * m.median() / m[chans]).clamp(min=1.0)
-            layer.mlp.up_proj.weight[chans, :] *= alpha[:, None].to(layer.mlp.up_proj.weight.dtype)
-            layer.mlp.down_proj.weight[:, chans] /= alpha.to(layer.mlp.down_proj.weight.dtype)
-            factors[f"{i}.down"] = dict(zip(chans.tolist(), alpha.tolist(), strict=True))
+    for i, layer in enumerate(layers):
+        for g in family.active_groups(layer):
+            m, prev = stats[(i, g.name)], get_module(layer, g.prev)
+            behind_norm = prev.weight.dim() == 1
+            chans = hidden_channels if behind_norm else torch.argsort(m, descending=True)[:n_intermediate]
+            alpha = (ratio * m.median() / m[chans]).clamp(min=1.0)  # [n]
+            s = torch.ones_like(m)
+            s[chans] = 1.0 / alpha
+            fold_scales_(prev, [get_module(layer, p) for p in g.linears], s, offset=g.prev_offset)
+            factors[f"{i}.{g.name}"] = dict(zip(chans.tolist(), alpha.tolist(), strict=True))
     return factors
