@@ -4,7 +4,7 @@ import json
 
 from _cli import run_cli
 
-from qig.commands.quantize import METHODS
+from qig.methods import CONFIGS
 from qig.models import FAMILIES
 
 
@@ -24,5 +24,5 @@ def test_json_rows_name_methods_and_modes(capsys):
     rows = json.loads(capsys.readouterr().out)
     assert [r["family"] for r in rows[:-1]] == [fam.name for fam in FAMILIES]
     for r in rows:
-        assert r["methods"] == list(METHODS)
+        assert r["methods"] == list(CONFIGS)
         assert r["modes"][0] == "W-only"

@@ -4,8 +4,7 @@
     qig models --json
 
 Every family runs every method of ``qig quantize`` through the same layer-wise
-pipeline, weight-only (WxA16) and, where this qig has them, weight-activation
-modes (``--abits``). A model no entry matches but whose decoder layers follow
+pipeline, weight-only (WxA16) and weight-activation modes (``--abits``). A model no entry matches but whose decoder layers follow
 the Llama naming convention is handled by the fallback; anything else is
 refused with this listing.
 """
@@ -13,7 +12,6 @@ refused with this listing.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 
 
@@ -26,20 +24,17 @@ def register(sub) -> argparse.ArgumentParser:
 
 def listing() -> list[dict]:
     """One row per family: name, classes, model types, methods, modes, notes."""
-    from qig.commands.quantize import METHODS
-    from qig.methods import QIGConfig
+    from qig.methods import CONFIGS
     from qig.models import FAMILIES
     from qig.models.families import _FALLBACK_LAYER_PATHS
 
-    modes = ["W-only"]
-    if "abits" in {f.name for f in dataclasses.fields(QIGConfig)}:
-        modes.append("W-A")
+    modes = ["W-only", "W-A"]
     rows = [
         {
             "family": fam.name,
             "classes": list(fam.classes),
             "model_types": list(fam.model_types),
-            "methods": list(METHODS),
+            "methods": list(CONFIGS),
             "modes": modes,
             "remote_code": fam.remote_code,
             "note": fam.note,
@@ -51,7 +46,7 @@ def listing() -> list[dict]:
             "family": "llama-names (fallback)",
             "classes": ["any model with Llama-named decoder layers"],
             "model_types": [],
-            "methods": list(METHODS),
+            "methods": list(CONFIGS),
             "modes": modes,
             "remote_code": False,
             "note": "layers at " + ", ".join(_FALLBACK_LAYER_PATHS),
