@@ -4,9 +4,10 @@
     qig models --json
 
 Every family runs every method of ``qig quantize`` through the same layer-wise
-pipeline, weight-only (WxA16) and weight-activation modes (``--abits``). A model no entry matches but whose decoder layers follow
-the Llama naming convention is handled by the fallback; anything else is
-refused with this listing.
+pipeline, weight-only (WxA16) and weight-activation modes (``--abits``). A
+model no entry matches but whose decoder layers follow the Llama naming
+convention is handled by the fallback; anything else is refused with this
+listing.
 """
 
 from __future__ import annotations
