@@ -5,6 +5,7 @@
 'llava'
 """
 
-from qig.models.families import FAMILIES, ModelFamily, ScaleGroup, family_for, get_module
+from qig.models.families import FAMILIES, family_for
+from qig.models.family import ModelFamily, ScaleGroup, get_module
 
 __all__ = ["FAMILIES", "ModelFamily", "ScaleGroup", "family_for", "get_module"]

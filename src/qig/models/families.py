@@ -16,144 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from dataclasses import dataclass
 
 import torch
 
 from qig.errors import QigError
+from qig.models.family import ModelFamily, ScaleGroup, has_names
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ScaleGroup:
-    """One scale group of a decoder layer; every path is relative to the layer.
-
-    prev: the op before the linears (a norm, or a linear whose rows are scaled).
-    linears: the linears sharing the group's input (their columns are scaled).
-    block: the inspected block; its input is the linears' input.
-    block_takes_layer_kwargs: the block is called like the layer calls it, with the
-        layer's keyword arguments (attention: position embeddings, mask).
-    block_output_index: index of the hidden states when the block returns a tuple.
-    sublayer_output: the linear whose output is the sub-layer's contribution to the
-        residual stream (MBQ measures its gradients there: o_proj / down_proj).
-    needs_matching_shapes: skip the group unless prev's and the first linear's
-        weights have the same shape (``v -> o`` exists only without GQA, because
-        with grouped KV heads one v channel feeds several o columns).
-    """
-
-    name: str
-    prev: str
-    linears: tuple[str, ...]
-    block: str
-    block_takes_layer_kwargs: bool = False
-    block_output_index: int | None = None
-    sublayer_output: str = ""
-    needs_matching_shapes: bool = False
-    prev_offset: float = 0.0  # prev is a norm scaling by (prev_offset + weight): Gemma's RMSNorm uses 1 + w
-
-
-@dataclass(frozen=True)
-class ModelFamily:
-    """Where things are in one architecture family; paths are from the top-level model.
-
-    model_types: ``config.model_type`` values this entry serves.
-    classes: the transformers model classes it serves (for ``qig models`` and errors).
-    layers: the ModuleList of decoder layers to quantize.
-    keep_fp: top-level parts that stay in full precision (vision tower, projector,
-        embeddings, lm_head): documentation, and a check in the tests.
-    image_token_id: the config attribute holding the id of the placeholder token
-        whose positions the model fills with image features (calibration's vision role).
-    image_token: the placeholder's text, for models whose config has no id for it.
-    image_tokens_per_image: config attribute with the fixed number of image tokens
-        per image, when the family has one (no tiling, no dynamic resolution).
-    adds_between_layers: the model adds something to the hidden states between
-        decoder layers, outside them, that does not depend on them (DeepStack); the
-        pipeline captures it and replays it.
-    layer_returns_tuple: a decoder layer returns ``(hidden_states, ...)`` and the model
-        takes element 0 (older remote code); the pipeline's layer stand-ins do the same.
-    remote_code: the checkpoints ship their own modelling code (``--trust-remote-code``).
-    note: one line for ``qig models``.
-    """
-
-    name: str
-    model_types: tuple[str, ...]
-    layers: str
-    groups: tuple[ScaleGroup, ...]
-    keep_fp: tuple[str, ...] = ()
-    classes: tuple[str, ...] = ()
-    image_token_id: str | None = "image_token_id"
-    image_token: str | None = None
-    image_tokens_per_image: str | None = None
-    adds_between_layers: bool = False
-    layer_returns_tuple: bool = False
-    remote_code: bool = False
-    note: str = ""
-
-    def decoder_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
-        layers = get_module(model, self.layers)
-        if not isinstance(layers, torch.nn.ModuleList):
-            raise QigError(f"{self.layers} of the {self.name} family is not a ModuleList of decoder layers")
-        return layers
-
-    def decoder_linears(self, model: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-        """The linears qig quantizes: every Linear of every decoder layer, by path in the model."""
-        return {
-            f"{self.layers}.{i}.{name}": mod
-            for i, layer in enumerate(self.decoder_layers(model))
-            for name, mod in layer.named_modules()
-            if isinstance(mod, torch.nn.Linear)
-        }
-
-    def active_groups(self, layer: torch.nn.Module) -> list[ScaleGroup]:
-        """The groups that apply to this layer (e.g. without ``v -> o`` under GQA)."""
-        out = []
-        for g in self.groups:
-            if g.needs_matching_shapes:
-                prev, first = get_module(layer, g.prev), get_module(layer, g.linears[0])
-                if prev.weight.shape != first.weight.shape:
-                    continue
-            out.append(g)
-        return out
-
-    def matches(self, model: torch.nn.Module) -> bool:
-        """The model's type is one of ours and its first decoder layer has every module our groups name."""
-        if getattr(getattr(model, "config", None), "model_type", None) not in self.model_types:
-            return False
-        try:
-            layers = model.get_submodule(self.layers)
-        except AttributeError:
-            return False
-        return isinstance(layers, torch.nn.ModuleList) and len(layers) > 0 and _has_names(layers[0], self.groups)
-
-    def vision_token_id(self, model: torch.nn.Module, processor=None) -> int | None:
-        """Id of the token whose positions get image features: from the config, else the tokenizer."""
-        config = getattr(model, "config", None)
-        if self.image_token_id is not None:
-            value = getattr(config, self.image_token_id, None)
-            if value is not None:
-                return int(value)
-        if self.image_token is not None and processor is not None:
-            tok = getattr(processor, "tokenizer", processor)
-            tid = tok.convert_tokens_to_ids(self.image_token)
-            if tid is not None and tid != tok.unk_token_id:
-                return int(tid)
-        return None
-
-    def image_seq_length(self, model: torch.nn.Module) -> int | None:
-        """Image tokens per image when the family fixes it, else None (tiling, dynamic resolution)."""
-        if self.image_tokens_per_image is None:
-            return None
-        value = getattr(getattr(model, "config", None), self.image_tokens_per_image, None)
-        return int(value) if value is not None else None
-
-
-def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
-    """``root.a.b.c`` for ``path='a.b.c'``, with an error naming what is missing."""
-    try:
-        return root.get_submodule(path)
-    except AttributeError as exc:
-        raise QigError(f"{type(root).__name__} has no submodule {path!r}; is the model family mapping right?") from exc
 
 
 # The Llama naming convention, shared by Llama, Qwen2, Mistral and the LMs of
@@ -402,7 +271,7 @@ def family_for(model: torch.nn.Module) -> ModelFamily:
             layers = model.get_submodule(path)
         except AttributeError:
             continue
-        if isinstance(layers, torch.nn.ModuleList) and len(layers) and _has_names(layers[0], LLAMA_GROUPS):
+        if isinstance(layers, torch.nn.ModuleList) and len(layers) and has_names(layers[0], LLAMA_GROUPS):
             log.info("model type %r has no family entry; using the Llama naming convention at %s", model_type, path)
             return ModelFamily(
                 name=f"llama-names:{model_type}",
@@ -420,8 +289,3 @@ def family_for(model: torch.nn.Module) -> ModelFamily:
 
 
 _GENERIC_IMAGE_TOKEN = "<image>"  # the fallback's guess when the config names no image token id
-
-
-def _has_names(layer: torch.nn.Module, groups: tuple[ScaleGroup, ...]) -> bool:
-    names = {n for n, _ in layer.named_modules()}
-    return all(p in names for g in groups for p in (g.prev, *g.linears, g.block))
