@@ -139,6 +139,27 @@ def test_gptq_export_packs_gptq_codes(model_dir, tmp_path):
     torch.testing.assert_close(_logits(_load(out)), _logits(_load(run)), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("kept", ["none", "old-gptq-prefix"], ids=["no-parameters-kept", "old-gptq-prefix"])
+def test_folders_of_an_older_qig_export_the_same(awq_run, awq_ct, tmp_path, kept):
+    """Without kept parameters the grid is read back from the weights; the old gptq. names are still read."""
+    from safetensors.torch import load_file, save_file
+
+    old = tmp_path / "old"
+    old.mkdir()
+    for f in awq_run.iterdir():
+        if f.is_file():
+            (old / f.name).write_bytes(f.read_bytes())
+    tensors = load_file(awq_run / "search.safetensors")
+    assert any(k.startswith("quantized.") for k in tensors)
+    renamed = {k.replace("quantized.", "gptq.", 1): v for k, v in tensors.items()}
+    if kept == "none":
+        renamed = {k: v for k, v in tensors.items() if not k.startswith("quantized.")}
+    save_file(renamed, old / "search.safetensors")
+    out = tmp_path / "old-ct"
+    assert run_cli("export", "--input", old, "--output", out) == 0
+    assert (out / "model.safetensors").read_bytes() == (awq_ct / "model.safetensors").read_bytes()
+
+
 def _siblings(out):
     return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
 

@@ -12,6 +12,7 @@ from qig.pipeline import capture
 from qig.pipeline.gptq import hessian_source, sequential_stages
 from qig.quant.gptq import GPTQSettings
 from qig.quant.spec import dequantize, quantize_with
+from qig.runs import config_from_dict
 
 SETTING = dict(wbits=3, group_size=32)
 
@@ -92,9 +93,9 @@ def test_saved_result_holds_gptq_params_and_config_round_trips(calib, tmp_path):
 
     tensors = load_file(tmp_path / "search.safetensors")
     assert "quantized.0.self_attn.q_proj.scale" in tensors and "quantized.1.mlp.down_proj.g_idx" in tensors
-    assert qig.api.config_from_dict(config.to_dict()) == config
+    assert config_from_dict(config.to_dict()) == config
     awq_gptq = AWQConfig(**SETTING, quantizer="gptq", gptq=GPTQSettings(block_size=64))
-    assert qig.api.config_from_dict(awq_gptq.to_dict()) == awq_gptq
+    assert config_from_dict(awq_gptq.to_dict()) == awq_gptq
     with pytest.raises(QigError, match="needs calibration data"):
         qig.quantize(tiny_llava(), awq_gptq, scales={(0, "attn_in"): torch.ones(128)}, progress=False)
 

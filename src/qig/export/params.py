@@ -1,17 +1,18 @@
-"""The integers behind fake-quantized weights, recovered exactly (the export's first step).
+"""The integers behind fake-quantized weights, exactly (the export's first step).
 
 ``qig quantize`` saves fake-quantized weights ``w_hat = decode(q, scale, zero)``
-(``qig.quant.spec``); GPTQ runs also save GPTQ's ``scale`` and ``zero`` per group.
-The export needs the integer codes ``q`` and parameters that reproduce every
-saved value bit for bit:
+(``qig.quant.spec``) and keeps every quantizer's ``scale`` and ``zero`` per
+group (RTN's and GPTQ's, ``qig.quant.stored``). The export needs the integer
+codes ``q`` and parameters that reproduce every saved value bit for bit:
 
-- with saved parameters (GPTQ): ``q = encode(w_hat, scale, zero)`` with the
-  shared quantizer;
-- without (RTN after any scale search): the grid is read back from the
-  weights. Min-max RTN puts each group's smallest weight on code 0 and its
-  largest on code ``qmax`` (or ``qmax - 1`` when the top value rounds down), so
-  the span ``n`` of codes is found by trying ``n = qmax, qmax - 1, ...`` until
-  every ``(w - min) / ((max - min) / n)`` is an integer. The scale is then the
+- from the stored parameters (:func:`from_params`): ``q = encode(w_hat, scale,
+  zero)`` with the shared quantizer;
+- a fallback for folders that kept none, written by an older qig or another
+  tool (:func:`recover`): the grid is read back from the weights. Min-max RTN
+  puts each group's smallest weight on code 0 and its largest on code
+  ``qmax`` (or ``qmax - 1`` when the top value rounds down), so the span ``n``
+  of codes is found by trying ``n = qmax, qmax - 1, ...`` until every
+  ``(w - min) / ((max - min) / n)`` is an integer. The scale is then the
   float32 value inside the interval of scales that reproduce every weight,
   verified by decoding.
 
@@ -19,11 +20,13 @@ Either way the result is checked: ``decode(q, scale, zero)`` cast to the
 weight's dtype must equal the saved weight exactly, or the export refuses.
 
     >>> import torch
-    >>> from qig.quant.spec import QuantSpec, fake_quantize
+    >>> from qig.quant.spec import QuantSpec, dequantize, quantize
     >>> spec = QuantSpec(bits=4, group_size=128)
-    >>> w_hat = fake_quantize(torch.randn(8, 256), spec)
-    >>> qw = recover(w_hat, spec, "demo")
-    >>> torch.equal(qw.dequantize(w_hat.dtype), w_hat)
+    >>> q, scale, zero = quantize(torch.randn(8, 256), spec)
+    >>> w_hat = dequantize(q, scale, zero, spec)
+    >>> torch.equal(from_params(w_hat, scale, zero, spec, "demo").q, q.to(torch.int16))
+    True
+    >>> torch.equal(recover(w_hat, spec, "demo").dequantize(w_hat.dtype), w_hat)
     True
 """
 
@@ -68,13 +71,13 @@ class QuantizedWeight:
 
 
 def from_params(w_hat: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, name: str):
-    """Codes of ``w_hat`` [out, in] for saved per-group ``scale``/``zero`` [out, n_groups] (GPTQ's), checked exactly."""
+    """Codes of ``w_hat`` [out, in] for stored per-group ``scale``/``zero`` [out, n_groups], checked exactly."""
     g = spec.group_size or w_hat.shape[1]
     spec.check(w_hat.shape[1], name)
     s, z = scale.float().reshape(-1, 1), zero.float().reshape(-1, 1)
     q = encode(w_hat.reshape(-1, g), s, z, spec).to(torch.int16)  # [G, g]
     qw = QuantizedWeight(q.reshape(w_hat.shape), s.reshape(scale.shape), z.reshape(zero.shape), spec)
-    _check_exact(qw, w_hat, name, "the saved GPTQ scales and zero points")
+    _check_exact(qw, w_hat, name, "the stored scales and zero points")
     return qw
 
 

@@ -9,12 +9,18 @@ weights must dequantize exactly from the integers that will be stored (see
 ``qig.export.params``). The output is written to a temporary sibling folder
 and renamed into place, so a failed export leaves nothing behind.
 
+The integers come from the quantizer parameters the run kept
+(``search.safetensors``, ``qig.quant.stored``): every qig quantizer, RTN and
+GPTQ, stores each linear's scale and zero point. Folders without them
+(written by an older qig, or by another tool) fall back to reading the grid
+back from the weights (``qig.export.params.recover``).
+
 compressed-tensors output is written by the ``compressed-tensors`` library
 (``apply_quantization_config`` + ``ModelCompressor``): the decoder linears get
 the scheme of ``qig.export.scheme``; the library quantizes the saved weights
-with the recovered scales and zero points (already folded: the search's
-scales live in the weights), packs them, and the packed integers are checked
-against qig's own codes before anything is saved.
+with those scales and zero points (already folded: the search's scales live
+in the weights), packs them, and the packed integers are checked against
+qig's own codes before anything is saved.
 """
 
 from __future__ import annotations
@@ -32,25 +38,27 @@ from qig.errors import QigError
 from qig.export.params import QuantizedWeight, check_storable, from_params, recover
 from qig.export.scheme import Scheme, scheme_for
 from qig.fileio import atomic_dir
+from qig.loading import load_model_and_processor
+from qig.quant import stored
 from qig.quant.spec import QuantSpec
+from qig.runs import CONFIG_KEY, RUN_FILES, RUN_SUBDIR, SEARCH_TENSORS, config_from_dict, read_search_config, run_file
 
 log = logging.getLogger(__name__)
 
 FORMATS = ("compressed-tensors", "fake-quant")
-RUN_FILES = ("search.json", "search.safetensors", "report.json")  # copied into OUT/qig/ (no loader reads them there)
-QIG_CONFIG_KEY = "qig_quantization"  # qig.api.CONFIG_KEY: the fake-quant model's record of its quantization
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
 class Run:
-    """What ``qig quantize`` left in a folder: the saved config, its weight spec and activation bits, GPTQ params."""
+    """What ``qig quantize`` left in a folder: the saved config, its weight spec and activation bits, the quantizer
+    parameters per ``"<layer>.<linear>"`` (``{scale, zero[, g_idx]}``; empty for folders that kept none)."""
 
     path: Path
     config: dict
     spec: QuantSpec
     abits: int
-    gptq: dict[str, torch.Tensor] = field(default_factory=dict)  # "gptq.<layer>.<linear>.<scale|zero|g_idx>"
+    quantized: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -65,11 +73,9 @@ class ExportResult:
 
 
 def read_run(path: str | os.PathLike) -> Run:
-    """The quantize run in ``path``: its config from search.json and GPTQ's saved parameters, validated."""
+    """The quantize run in ``path``: its config from search.json and the stored quantizer parameters, validated."""
     from safetensors import SafetensorError
     from safetensors.torch import load_file
-
-    from qig.methods import make_config
 
     path = Path(path)
     if not path.is_dir():
@@ -84,32 +90,26 @@ def read_run(path: str | os.PathLike) -> Run:
     if "quantization_config" in model_config:
         method = model_config["quantization_config"].get("quant_method", "a quantization method")
         raise QigError(f"{path} is already a {method} checkpoint; export the fake-quant folder 'qig quantize' wrote")
-    sidecar = path / "search.json"
-    if not sidecar.is_file():
+    saved = read_search_config(path)
+    if saved is None:
         raise QigError(
             f"{path} has no search.json, so its quantization setting is unknown; pass the --output folder of "
             "'qig quantize' (it writes search.json next to the model)"
         )
-    try:
-        saved = json.loads(sidecar.read_text()).get("config")
-    except json.JSONDecodeError as exc:
-        raise QigError(f"{sidecar} is not valid JSON: {exc}") from exc
-    if not isinstance(saved, dict) or "method" not in saved:
-        raise QigError(f"{sidecar} holds no run config with a 'method'; it was not written by 'qig quantize'")
-    fields = dict(saved)
-    config = make_config(fields.pop("method"), **fields)
-    gptq = {}
-    tensors_file = path / "search.safetensors"
-    if tensors_file.is_file():
+    config = config_from_dict(saved)
+    quantized = {}
+    tensors_file = run_file(path, SEARCH_TENSORS)
+    if tensors_file is not None:
         try:
-            gptq = {k: v for k, v in load_file(tensors_file).items() if k.startswith("gptq.")}
+            quantized = stored.from_tensors(load_file(tensors_file))
         except (SafetensorError, OSError) as exc:
             raise QigError(f"{tensors_file} is not a readable safetensors file: {exc}") from exc
-    return Run(path=path, config=saved, spec=config.spec, abits=int(saved.get("abits", 16)), gptq=gptq)
+    abits = int(saved.get("abits", 16))
+    return Run(path=path, config=saved, spec=config.spec, abits=abits, quantized=quantized)
 
 
 def decoder_linears(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Linear]]:
-    """The linears qig quantizes (every Linear of every decoder layer), by model path: (GPTQ key, module)."""
+    """The linears qig quantizes (every Linear of every decoder layer), by model path: (stored key, module)."""
     from qig.models import family_for
 
     family = family_for(model)
@@ -118,22 +118,29 @@ def decoder_linears(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Lin
 
 def codes(run: Run, model: torch.nn.Module) -> dict[str, QuantizedWeight]:
     """Per decoder linear (model path) its exact integer codes and parameters; refuses what cannot be exported."""
+    linears = decoder_linears(model)
+    if not linears:
+        raise QigError("the model has no decoder linears to export")
+    if not run.quantized:
+        log.info(
+            "%s keeps no quantizer parameters (an older qig wrote it); reading the grid from the weights", run.path
+        )
+        return {path: recover(mod.weight.data, run.spec, path) for path, (_, mod) in linears.items()}
     out = {}
-    for path, (key, mod) in decoder_linears(model).items():
-        w = mod.weight.data
-        if f"gptq.{key}.g_idx" in run.gptq:
+    for path, (key, mod) in linears.items():
+        params = run.quantized.get(key)
+        if params is None or not {"scale", "zero"} <= params.keys():
+            raise QigError(
+                f"{run.path / 'search.safetensors'} keeps quantizer parameters, but none (scale and zero) for {path} "
+                f"(key {stored.PREFIX}{key}); export the unchanged folder 'qig quantize' wrote"
+            )
+        if "g_idx" in params:
             raise QigError(
                 f"{path} was quantized by GPTQ with --act-order, whose groups follow a column permutation "
                 "(g_idx); compressed-tensors no longer stores group act-order, so re-run GPTQ without --act-order "
                 "or export with --format fake-quant"
             )
-        if f"gptq.{key}.scale" in run.gptq:
-            qw = from_params(w, run.gptq[f"gptq.{key}.scale"], run.gptq[f"gptq.{key}.zero"], run.spec, path)
-        else:
-            qw = recover(w, run.spec, path)
-        out[path] = qw
-    if not out:
-        raise QigError("the model has no decoder linears to export")
+        out[path] = from_params(mod.weight.data, params["scale"], params["zero"], run.spec, path)
     return out
 
 
@@ -161,17 +168,17 @@ def export(
     scheme = scheme_for(run.spec, run.abits) if fmt == "compressed-tensors" else None
     if scheme is not None:
         _require_library()
-    model, processor = _load(run.path)
+    model, processor = load_model_and_processor(run.path, dtype="auto", activation_quantizers=False)
     quantized = codes(run, model)
     if scheme is not None:
         for path, qw in quantized.items():
             check_storable(qw, path)
     if dtype is not None:
         model.to(DTYPES[dtype])
-    if scheme is not None and hasattr(model.config, QIG_CONFIG_KEY):
+    if scheme is not None and hasattr(model.config, CONFIG_KEY):
         # The fake-quant record would make 'qig eval' install its own activation quantizers on top of the
         # ones compressed-tensors installs at load; quantization_config describes the export instead.
-        delattr(model.config, QIG_CONFIG_KEY)
+        delattr(model.config, CONFIG_KEY)
     ignored = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized)
 
     with atomic_dir(output_dir, overwrite) as tmp:
@@ -184,10 +191,11 @@ def export(
         else:
             _write_compressed(model, quantized, scheme, ignored, tmp)
         processor.save_pretrained(tmp)  # tokenizer, processor config, chat template
-        (tmp / "qig").mkdir()
+        (tmp / RUN_SUBDIR).mkdir()
         for name in RUN_FILES:
-            if (run.path / name).is_file():
-                shutil.copyfile(run.path / name, tmp / "qig" / name)
+            source = run_file(run.path, name)
+            if source is not None:
+                shutil.copyfile(source, tmp / RUN_SUBDIR / name)
     if scheme is not None:
         log.info("%s: %s", scheme.format, scheme.serving)
     return ExportResult(output_dir, fmt, scheme, sorted(quantized), ignored)
@@ -229,21 +237,9 @@ def _require_library() -> None:
         ) from None
 
 
-def _load(path: Path):
-    from safetensors import SafetensorError
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True)
-        model = AutoModelForImageTextToText.from_pretrained(path, dtype="auto", local_files_only=True)
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise QigError(f"could not load the model in {path}: {exc.__class__.__name__}: {exc}") from exc
-    return model.eval(), processor
-
-
 @torch.no_grad()
 def _write_compressed(model, quantized: dict[str, QuantizedWeight], scheme: Scheme, ignored: list[str], tmp: Path):
-    """Attach the scheme to the decoder linears, set the recovered parameters, compress, check, save."""
+    """Attach the scheme to the decoder linears, set the stored parameters, compress, check, save."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
 

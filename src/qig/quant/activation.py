@@ -17,6 +17,11 @@ so the model keeps its architecture and its state dict. Both go through
 
 Under autograd the activation quantizer passes gradients straight through
 (the straight-through estimator), so QIG can differentiate a W-A block.
+
+A W-A model carries these quantizers on its decoder linears for good
+(:func:`install_activation_quantizers`, given the linears; which ones is the
+caller's model knowledge); :func:`activation_quantization` finds them on any
+model.
 """
 
 from __future__ import annotations
@@ -94,6 +99,47 @@ def remove_activation_quantizer_(module: torch.nn.Module) -> bool:
     for k in ids:
         del module._forward_pre_hooks[k]
     return bool(ids)
+
+
+def install_activation_quantizers(linears: Iterable[torch.nn.Linear], spec: QuantSpec) -> int:
+    """Quantize the inputs of ``linears`` per token at run time from now on (a W-A model); returns how many.
+
+    >>> import torch
+    >>> from qig.quant.spec import activation_spec
+    >>> install_activation_quantizers([torch.nn.Linear(8, 4), torch.nn.Linear(4, 2)], activation_spec(8))
+    2
+    """
+    n = 0
+    for lin in linears:
+        install_activation_quantizer_(lin, spec)
+        n += 1
+    return n
+
+
+def remove_activation_quantizers(model: torch.nn.Module) -> int:
+    """Remove every qig activation quantizer from ``model``'s modules; returns how many were removed."""
+    return sum(remove_activation_quantizer_(m) for m in model.modules())
+
+
+def activation_quantization(model: torch.nn.Module) -> tuple[QuantSpec, int] | None:
+    """The activation quantizer installed in ``model`` and on how many modules, or None.
+
+    Any model works: every module is looked at, though qig only ever installs
+    them on the decoder linears.
+
+    >>> import torch
+    >>> from qig.quant.spec import activation_spec
+    >>> model = torch.nn.Sequential(torch.nn.Linear(8, 4), torch.nn.Linear(4, 2))
+    >>> activation_quantization(model) is None
+    True
+    >>> install_activation_quantizers(list(model), activation_spec(8))
+    2
+    >>> spec, n = activation_quantization(model)
+    >>> (spec.bits, n)
+    (8, 2)
+    """
+    specs = [s for s in map(activation_spec_of, model.modules()) if s is not None]
+    return (specs[0], len(specs)) if specs else None
 
 
 @torch.no_grad()

@@ -1,0 +1,156 @@
+"""GPTQ of a whole decoder layer, sub-layer by sub-layer (the staging around ``qig.quant.gptq``).
+
+The linears run in call order in stages of those sharing one input ([q, k, v],
+[o], [gate, up], [down]); each stage's Hessians come from its input on the
+quantized stream x^q with the earlier stages already GPTQ-quantized. A token-
+weighted Hessian (QIG-weighted GPTQ) takes each linear's weights from the
+group it belongs to, or whose inspected block holds it.
+
+    >>> params = gptq_layer_(layer, family, chunks, 0, spec, GPTQSettings(), {})  # doctest: +SKIP
+    >>> sorted(params["self_attn.q_proj"])  # doctest: +SKIP
+    ['scale', 'zero']
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from qig.calib import PAD
+from qig.errors import QigError
+from qig.models import ModelFamily, ScaleGroup
+from qig.pipeline.capture import Chunk
+from qig.pipeline.groups import layer_linears
+from qig.quant.gptq import GPTQSettings, Hessian, gptq_quantize, normalize_token_weights
+from qig.quant.spec import QuantSpec
+
+log = logging.getLogger(__name__)
+
+
+def hessian_source(name: str, groups: list[ScaleGroup]) -> str | None:
+    """The group whose token weights weight linear ``name``'s Hessian.
+
+    Its own group when it is one of a group's linears; otherwise the group whose
+    inspected block holds it (o_proj under GQA, where no v -> o group exists:
+    the attention group, whose block is the whole self-attention); None if none.
+    """
+    for g in groups:
+        if name in g.linears:
+            return g.name
+    holders = [g for g in groups if g.block and name.startswith(g.block + ".")]
+    return max(holders, key=lambda g: len(g.block)).name if holders else None
+
+
+def sequential_stages(layer: torch.nn.Module, chunk: Chunk, layer_index: int) -> list[list[str]]:
+    """The layer's linears in call order, those called on the same input tensor together ([q, k, v], [o], ...)."""
+    linears = layer_linears(layer)
+    calls: list[tuple[str, torch.Tensor]] = []
+    handles = [
+        m.register_forward_pre_hook(lambda _m, args, n=n: calls.append((n, args[0]))) for n, m in linears.items()
+    ]
+    try:
+        with torch.no_grad():
+            layer(chunk.xq, **chunk.layer_kwargs[layer_index])
+    finally:
+        for h in handles:
+            h.remove()
+    names = [n for n, _ in calls]
+    twice = sorted({n for n in names if names.count(n) > 1})
+    never = sorted(set(linears) - set(names))
+    if twice or never:
+        raise QigError(
+            f"layer {layer_index}: GPTQ needs every linear called once per forward; "
+            + (f"called more than once: {', '.join(twice)}; " if twice else "")
+            + (f"never called: {', '.join(never)}" if never else "")
+        )
+    stages: list[list[str]] = []
+    previous = None
+    for n, x in calls:
+        if previous is not None and x is previous:
+            stages[-1].append(n)
+        else:
+            stages.append([n])
+        previous = x
+    return stages
+
+
+def _stage_hessians(
+    layer: torch.nn.Module,
+    first: torch.nn.Linear,
+    chunks: list[Chunk],
+    layer_index: int,
+    sources: set[str | None],
+    weights: dict[str, list[torch.Tensor]],
+) -> dict[str | None, Hessian]:
+    """One Hessian per weight source (None = plain) from the input of ``first``, the layer stopped right there."""
+    hessians = {s: Hessian(first.in_features, chunks[0].xq.device) for s in sources}
+    for i, c in enumerate(chunks):
+        real = c.roles != PAD  # [b, T]
+        try:
+            _raise_input_of(layer, first, c, layer_index)
+        except _Caught as caught:
+            for source, h in hessians.items():
+                h.add(caught.x, real.float() if source is None else weights[source][i], real=real)  # x: [b, T, C]
+    return hessians
+
+
+class _Caught(Exception):
+    """Carries a linear's input out of a forward pass stopped there."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        super().__init__()
+        self.x = x
+
+
+def _raise_input_of(layer: torch.nn.Module, first: torch.nn.Module, chunk: Chunk, layer_index: int) -> None:
+    def hook(_module, args):
+        raise _Caught(args[0])
+
+    handle = first.register_forward_pre_hook(hook)
+    try:
+        layer(chunk.xq, **chunk.layer_kwargs[layer_index])
+    finally:
+        handle.remove()
+    raise QigError(f"layer {layer_index}: a linear GPTQ quantizes was not called by the layer")
+
+
+@torch.no_grad()
+def gptq_layer_(
+    layer: torch.nn.Module,
+    family: ModelFamily,
+    chunks: list[Chunk],
+    layer_index: int,
+    spec: QuantSpec,
+    settings: GPTQSettings,
+    group_weights: dict[str, list[torch.Tensor]],
+) -> dict[str, dict[str, torch.Tensor]]:
+    """GPTQ every linear of ``layer`` in place, sub-layer by sub-layer; return each one's scale / zero / g_idx.
+
+    Which inputs feed the Hessian: those the linear sees at quantization time,
+    the standard sequential GPTQ setting. The layer's scales are already folded;
+    its input is the quantized stream x^q (the layers below quantized); the
+    linears run in call order in stages of those sharing one input ([q, k, v],
+    [o], [gate, up], [down]), and each stage's Hessian is taken with the
+    earlier stages already GPTQ-quantized. Pad tokens never count.
+
+    group_weights: per group name, token weights per chunk [b, T] (pad = 0);
+    a linear whose group is absent (or all, when empty) gets the plain Hessian.
+    """
+    linears = layer_linears(layer)
+    groups = family.active_groups(layer)
+    normalized = {g: normalize_token_weights(ws) for g, ws in group_weights.items()}
+    results: dict[str, dict[str, torch.Tensor]] = {}
+    for stage in sequential_stages(layer, chunks[0], layer_index):
+        sources = {n: hessian_source(n, groups) if group_weights else None for n in stage}
+        sources = {n: s if s in normalized else None for n, s in sources.items()}
+        hessians = _stage_hessians(layer, linears[stage[0]], chunks, layer_index, set(sources.values()), normalized)
+        for n in stage:
+            r = gptq_quantize(linears[n].weight.data, hessians[sources[n]], spec, settings)
+            linears[n].weight.copy_(r.weight)
+            results[n] = {"scale": r.scale.cpu(), "zero": r.zero.cpu()}
+            if r.g_idx is not None:
+                results[n]["g_idx"] = r.g_idx.cpu()
+            if r.dead:
+                log.info("layer %d %s: %d dead input channel(s) in the GPTQ Hessian", layer_index, n, r.dead)
+    return results

@@ -1,0 +1,170 @@
+"""The pipeline's entry points: :func:`run_layerwise` (search or apply) and :func:`collect_token_weights`.
+
+Each turns its arguments into a :class:`~qig.pipeline.loop.Mode` of the one
+layer loop, captures the calibration inputs when the mode needs streams, and
+runs the loop.
+
+    >>> result = run_layerwise(model, AWQConfig(wbits=3), calib, device="cpu")  # doctest: +SKIP
+    >>> groups, summaries = collect_token_weights(model, [QIGConfig(wbits=3)], calib, [0, 5])  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+
+from qig.calib import CalibrationSet
+from qig.errors import QigError
+from qig.methods import GPTQConfig, Method, QuantConfig, SearchConfig, method_for
+from qig.models import ModelFamily, family_for
+from qig.pipeline.capture import capture
+from qig.pipeline.groups import layer_linears
+from qig.pipeline.loop import Mode, frozen, layer_loop
+from qig.pipeline.result import InspectedGroup, QuantizationResult
+from qig.pipeline.timing import Timer
+from qig.quant.activation import activation_quantization
+
+
+def run_layerwise(
+    model: torch.nn.Module,
+    config: QuantConfig,
+    calib: CalibrationSet | None,
+    device: str | torch.device = "cpu",
+    scales: dict[tuple[int, str], torch.Tensor] | None = None,
+    progress: bool = True,
+) -> QuantizationResult:
+    """Quantize ``model``'s decoder layers in place; return what the search found and the quantized state.
+
+    With ``scales`` (``{(layer, group): s}``) the search is skipped: those scales
+    are folded and the layers quantized with RTN, without calibration data.
+    With ``config.gptq_settings`` set the layers are quantized by GPTQ (see
+    :func:`~qig.pipeline.gptq.gptq_layer_`) instead of RTN.
+
+        >>> result = run_layerwise(model, AWQConfig(wbits=3), calib, device="cpu")  # doctest: +SKIP
+    """
+    device = torch.device(device)
+    family = family_for(model)
+    method = method_for(config)
+    _refuse(model, family, config, scales)
+    timer = Timer()
+    if scales is not None or not (method.finds_scales or config.gptq_settings is not None):
+        mode = _apply_mode(model, family, config, scales or {})
+        with frozen(model):
+            out = layer_loop(model, family, mode, None, device, timer, progress)
+        return QuantizationResult(config=config, groups=out.records, timings=timer.totals, quantized=out.quantized)
+    if calib is None:
+        raise QigError(f"{config.name} needs calibration data; pass calib (e.g. qig.calib.calibration_for)")
+    mode = _search_mode(config, method)
+    with frozen(model):
+        with timer("prepare"):
+            method.progress = progress
+            method.prepare(model, family, calib, device)
+        with timer("capture"):
+            streams = mode.streams(capture(model, family, calib, config.batch_size, device))
+        out = layer_loop(model, family, mode, streams, device, timer, progress)
+        roles = streams.roles()
+        del streams
+    summary = method.summary()
+    if mode.gptq is not None:
+        summary = {**summary, "gptq": {**dataclasses.asdict(mode.gptq), "seconds_per_layer": out.gptq_seconds}}
+    return QuantizationResult(
+        config=config,
+        groups=out.records,
+        timings=timer.totals,
+        method_summary=summary,
+        roles=roles,
+        quantized=out.quantized,
+    )
+
+
+def _refuse(model: torch.nn.Module, family: ModelFamily, config: QuantConfig, scales) -> None:
+    """Refuse a group size the linears do not take, a model already W-A quantized, saved scales under GPTQ."""
+    for name, lin in layer_linears(family.decoder_layers(model)[0]).items():
+        config.spec.check(lin.in_features, f"layer 0 {name}")
+    if activation_quantization(model) is not None:
+        raise QigError(
+            "the model already quantizes its activations (it is a W-A quantized model); quantize a fresh FP "
+            "model (load it again), or call qig.quant.activation.remove_activation_quantizers first"
+        )
+    if scales is not None and config.gptq_settings is not None:
+        raise QigError(
+            f"saved scales are re-applied with round-to-nearest, but {config.name} quantizes with GPTQ, which "
+            "needs calibration data; re-run the search with the GPTQ quantizer, or apply the scales with RTN"
+        )
+
+
+def _apply_mode(model, family: ModelFamily, config: QuantConfig, scales: dict[tuple[int, str], torch.Tensor]) -> Mode:
+    """Saved scales folded, then RTN: no calibration, no streams (also plain RTN, with no scales)."""
+    layers = family.decoder_layers(model)
+    known = {(li, g.name) for li, layer in enumerate(layers) for g in family.active_groups(layer)}
+    unknown = set(scales) - known
+    if unknown:
+        names = ", ".join(f"layer {li} {g}" for li, g in sorted(unknown))
+        raise QigError(f"saved scales name groups this model does not have: {names}")
+    return Mode(label="quantize", spec=config.spec, act_spec=config.act_spec, saved=scales, phase="quantize")
+
+
+def _search_mode(config: QuantConfig, method: Method) -> Mode:
+    """The calibrated run: token weights (and a search) group by group, then RTN or GPTQ."""
+    gptq = config.gptq_settings
+    per_group = method.finds_scales or method.weights_tokens  # token weights (and a search) group by group
+    use_xq = method.needs_quantized_stream or config.act_spec is not None  # group inputs on x^q too
+    return Mode(
+        label=f"{config.name} {'search' if method.finds_scales else 'quantize'}",
+        spec=config.spec,
+        act_spec=config.act_spec,
+        methods=(method,) if per_group else (),
+        search=method.finds_scales,
+        quantizer="rtn" if gptq is None else "gptq",
+        gptq=gptq,
+        # GPTQ's Hessian: with the weights of the group's own method, or plain (every real token 1).
+        weighted_hessian=isinstance(config, GPTQConfig) and method.weights_tokens,
+        quantized_inputs=use_xq and per_group,
+    )
+
+
+def collect_token_weights(
+    model: torch.nn.Module,
+    configs: list[SearchConfig],
+    calib: CalibrationSet,
+    layers: list[int],
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[list[InspectedGroup], dict[str, dict]]:
+    """Every method's token weights for every group of ``layers``; the model is left untouched.
+
+    The same streams as :func:`run_layerwise`, without search or fold: x^q goes
+    through the RTN-quantized layers below (weights quantized on the side,
+    never written into the model), so it is the stream QIG would see if no
+    scale were found. Layers past the deepest one asked for are not visited.
+    Returns the groups in order and each method's ``summary()`` (MBQ's rho).
+
+        >>> groups, _ = collect_token_weights(model, [QIGConfig(wbits=3)], calib, [0, 5])  # doctest: +SKIP
+    """
+    device = torch.device(device)
+    family = family_for(model)
+    spec = configs[0].spec
+    if any(c.spec != spec for c in configs):
+        raise QigError("every method compared must use the same quantizer; give them the same wbits and group size")
+    methods = tuple(method_for(c) for c in configs)
+    n_layers = len(family.decoder_layers(model))
+    wanted = frozenset(layers)
+    if not wanted or min(wanted) < 0 or max(wanted) >= n_layers:
+        raise QigError(f"layers {sorted(wanted)} are not all in 0..{n_layers - 1}, the model's decoder layers")
+    mode = Mode(
+        label="token weights",
+        spec=spec,
+        methods=methods,
+        quantizer="side",
+        quantized_inputs=True,
+        looked_at=wanted,
+        depth=max(wanted) + 1,
+    )
+    with frozen(model):
+        for m in methods:
+            m.progress = progress
+            m.prepare(model, family, calib, device)
+        streams = mode.streams(capture(model, family, calib, configs[0].batch_size, device))
+        out = layer_loop(model, family, mode, streams, device, Timer(), progress)
+    return out.records, {m.config.name: m.summary() for m in methods}
