@@ -6,17 +6,22 @@
     python benchmarks/accuracy.py --settings w4a8 w8a8 w4a4 --eval-seeds 1234 1 2   # weight-activation
     python benchmarks/accuracy.py --settings w4a8 --methods mbq qig "qig[tokens=vision+answer]" --fidelity
 
-Weight-activation settings (``w4a8``, ``w8a8``, ``w4a4``: per-channel symmetric
-weights, per-token activations) default to the rows fp, rtn, smoothquant, mbq,
-qig; weight-only settings to fp, rtn, awq, mbq, qig. Rows that do not apply
-to a setting (smoothquant without activation quantization, GPTQ rows with it)
+The rows come from the method registry (``qig.methods.CONFIGS``): by default
+fp and every registered method except GPTQ that applies to the setting, i.e.
+whose config accepts it (weight-only settings: fp, rtn, awq, mbq, qig;
+weight-activation settings ``w4a8``, ``w8a8``, ``w4a4``, with per-channel
+symmetric weights and per-token activations: fp, rtn, smoothquant, awq, mbq,
+qig). Rows that do not apply to a setting (smoothquant without activation
+quantization, GPTQ rows with it)
 are skipped with a note. A W-A model is scored as ``qig eval`` scores it:
 reloaded from its folder, with its activation quantizers re-installed.
 
-GPTQ rows: ``gptq`` (plain Hessian), ``gptq+qig`` / ``gptq+mbq`` (Hessian
-weighted by QIG's / MBQ's token weights), ``awq+gptq`` / ``mbq+gptq`` /
-``qig+gptq`` (that scale search, then GPTQ as the quantizer); ``--gptq``
-adds rtn, gptq, gptq+qig, awq+gptq and qig+gptq to the selected rows.
+GPTQ rows, one pair per token-weighting method (the registry's
+``SearchConfig`` subclasses: awq, mbq, qig): ``gptq`` (plain Hessian),
+``gptq+qig`` / ``gptq+mbq`` / ``gptq+awq`` (Hessian weighted by that method's
+token weights; AWQ's weigh every token 1, so it is plain GPTQ), ``awq+gptq`` /
+``mbq+gptq`` / ``qig+gptq`` (that scale search, then GPTQ as the quantizer);
+``--gptq`` adds rtn and every GPTQ row to the selected rows.
 
 Row options: ``qig[tokens=vision+answer]``, ``qig[baseline=zero]``,
 ``awq[loss=mse]`` ... run that row's config with these fields changed (values
@@ -46,18 +51,41 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-METHODS = ("fp", "rtn", "smoothquant", "awq", "mbq", "qig")
-GPTQ_ROWS = ("gptq", "gptq+qig", "gptq+mbq", "awq+gptq", "mbq+gptq", "qig+gptq")
-ROWS = METHODS + GPTQ_ROWS
-WEIGHT_ONLY_ROWS = ("fp", "rtn", "awq", "mbq", "qig")
-WA_ROWS = ("fp", "rtn", "smoothquant", "mbq", "qig")
+FP_ROW = "fp"  # the unquantized model
+
+
+def method_rows() -> list[str]:
+    """One row per registered method except GPTQ, whose rows pair it with a token weighting (``gptq_rows``)."""
+    from qig.methods import CONFIGS, GPTQConfig, SearchConfig
+
+    rows = [name for name, cls in CONFIGS.items() if not issubclass(cls, GPTQConfig)]
+    return sorted(rows, key=lambda name: issubclass(CONFIGS[name], SearchConfig))  # rtn, ..., then the searches
+
+
+def gptq_rows() -> list[str]:
+    """``gptq``, ``gptq+<w>`` (Hessian weighted by w's token weights) and ``<w>+gptq`` (w's scales, then GPTQ)."""
+    from qig.methods import CONFIGS, GPTQConfig, SearchConfig
+
+    weightings = [name for name, cls in CONFIGS.items() if issubclass(cls, SearchConfig)]
+    gptq = GPTQConfig.name
+    return [gptq, *(f"{gptq}+{w}" for w in weightings), *(f"{w}+{gptq}" for w in weightings)]
+
+
+def all_rows() -> list[str]:
+    return [FP_ROW, *method_rows(), *gptq_rows()]
+
+
+def default_rows(abits: int) -> list[str]:
+    """fp and every method row that applies at this activation width."""
+    return [FP_ROW, *(row for row in method_rows() if applies(row, abits))]
 
 
 def split_row(row: str) -> tuple[str, dict]:
     """``"qig[tokens=vision+answer,steps=8]"`` -> ("qig", {"tokens": "vision+answer", "steps": 8})."""
-    m = re.fullmatch(r"([a-z+]+)(?:\[(.*)\])?", row)
-    if not m or m.group(1) not in ROWS:
-        raise SystemExit(f"row {row!r} not understood; use one of {', '.join(ROWS)}, optionally with [key=value,...]")
+    m = re.fullmatch(r"([a-z0-9_+]+)(?:\[(.*)\])?", row)
+    rows = all_rows()
+    if not m or m.group(1) not in rows:
+        raise SystemExit(f"row {row!r} not understood; use one of {', '.join(rows)}, optionally with [key=value,...]")
     options = {}
     for item in filter(None, (m.group(2) or "").split(",")):
         key, sep, value = item.partition("=")
@@ -80,11 +108,12 @@ def make_row_config(row: str, wbits: int, group: int | None, qig_steps: int | No
     qig_extra = {"steps": qig_steps} if qig_steps else {}
     if row.startswith("gptq+"):
         weights = row.split("+", 1)[1]
-        return GPTQConfig.weighted_by(weights, wbits=wbits, group_size=group, **(qig_extra if weights == "qig" else {}))
+        extra = qig_extra if weights == "qig" else {}
+        return GPTQConfig.weighted_by(weights, wbits=wbits, group_size=group, abits=abits, **extra)
     if row.endswith("+gptq"):
         search = row.split("+", 1)[0]
         extra = qig_extra if search == "qig" else {}
-        return make_config(search, wbits=wbits, group_size=group, quantizer="gptq", **extra)
+        return make_config(search, wbits=wbits, group_size=group, abits=abits, quantizer="gptq", **extra)
     extra = qig_extra if row == "qig" else {}
     return make_config(row, wbits=wbits, group_size=group, abits=abits, **extra)
 
@@ -101,11 +130,18 @@ def parse_setting(text: str) -> tuple[int, int | None, int]:
 
 
 def applies(row: str, abits: int) -> bool:
-    """Whether a row exists at this activation width (SmoothQuant needs quantized activations; GPTQ has none)."""
+    """Whether a row exists at this activation width: its config accepts it (SmoothQuant needs quantized
+    activations; GPTQ is weight-only)."""
+    from qig.errors import QigError
+
     row = split_row(row)[0]
-    if abits == 16:
-        return row != "smoothquant"
-    return row in METHODS
+    if row == FP_ROW:
+        return True
+    try:
+        make_row_config(row, wbits=4, group=128 if abits == 16 else None, abits=abits)
+    except QigError:
+        return False
+    return True
 
 
 def main(argv=None) -> int:
@@ -113,10 +149,13 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
     p.add_argument("--settings", nargs="+", default=["w3g128", "w4g128"], help="weight settings, e.g. w3g128")
     p.add_argument(
-        "--methods", nargs="+", default=None, help=f"table rows (default: per setting): {', '.join(ROWS)}, or row[k=v]"
+        "--methods",
+        nargs="+",
+        default=None,
+        help=f"table rows (default: per setting): {', '.join(all_rows())}, or row[k=v]",
     )
     p.add_argument("--fidelity", action="store_true", help="also agreement and KL to FP, and token-weight shares")
-    p.add_argument("--gptq", action="store_true", help="add rtn, gptq, gptq+qig, awq+gptq, qig+gptq to the rows")
+    p.add_argument("--gptq", action="store_true", help=f"add rtn and {', '.join(gptq_rows())} to the rows")
     p.add_argument("--eval-seeds", nargs="+", type=int, default=None, help="eval split seeds (default: 1234)")
     p.add_argument("--limit", type=int, default=1000, help="questions per eval seed")
     p.add_argument("--n-samples", type=int, default=128, help="calibration samples")
@@ -129,29 +168,24 @@ def main(argv=None) -> int:
     for row in args.methods or []:
         split_row(row)  # refuse a bad row before any work
     if args.gptq:
-        args.methods = args.methods or list(WEIGHT_ONLY_ROWS)
-        args.methods += [m for m in ("rtn", "gptq", "gptq+qig", "awq+gptq", "qig+gptq") if m not in args.methods]
+        args.methods = args.methods or default_rows(16)
+        args.methods += [m for m in ("rtn", *gptq_rows()) if m not in args.methods]
     logging.basicConfig(level=logging.WARNING)
 
     import torch
 
     import qig
-    from qig.api import CONFIG_KEY
-    from qig.calib import embedded_calibration, load_calibration
+    from qig.calib import calibration_for
     from qig.embedded import world
-    from qig.evaluate import ReferenceOutputs, eval_split, load_model_and_processor, reference_outputs, run_eval
-    from qig.pipeline import remove_activation_quantizers
+    from qig.evaluate import ReferenceOutputs, eval_split, reference_outputs, run_eval
+    from qig.loading import load_model_and_processor
+    from qig.quant.activation import remove_activation_quantizers
+    from qig.runs import CONFIG_KEY
 
     seeds = args.eval_seeds or [world.DEFAULT_EVAL_SEED]
     model, processor = load_model_and_processor(args.model)
     fp_state = {k: v.clone() for k, v in model.state_dict().items()}
-    isl = getattr(model.config, "image_seq_length", None)
-    if args.calib:
-        calib = load_calibration(
-            args.calib, processor, args.image_folder, n_samples=args.n_samples, image_seq_length=isl
-        )
-    else:
-        calib = embedded_calibration(processor, n_samples=args.n_samples, image_seq_length=isl)
+    calib = calibration_for(model, processor, args.calib, image_folder=args.image_folder, n_samples=args.n_samples)
 
     cached: dict[int, ReferenceOutputs] = {}
 
@@ -169,7 +203,7 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for setting in args.settings:
             wbits, group, abits = parse_setting(setting)
-            for method in args.methods or (WA_ROWS if abits < 16 else WEIGHT_ONLY_ROWS):
+            for method in args.methods or default_rows(abits):
                 if not applies(method, abits):
                     print(f"{setting} {method}: not a row of this setting, skipped", file=sys.stderr)
                     continue

@@ -3,7 +3,12 @@
     python benchmarks/calibration_time.py                       # W3A16 g128, 128 samples, embedded model
     python benchmarks/calibration_time.py --repeats 3 --device cuda
     python benchmarks/calibration_time.py --methods awq gptq gptq+qig awq+gptq
-    python benchmarks/calibration_time.py --wbits 4 --abits 8    # W4A8: rtn, smoothquant, mbq, qig
+    python benchmarks/calibration_time.py --wbits 4 --abits 8    # W4A8: rtn, smoothquant, awq, mbq, qig
+
+The rows come from the method registry (``qig.methods.CONFIGS``): by default
+every method except GPTQ whose config accepts the setting; ``--methods`` also
+takes the GPTQ rows (``gptq``, ``gptq+<w>``, ``<w>+gptq`` for each
+token-weighting method w).
 
 Ratios are to AWQ in weight-only settings and to MBQ in W-A settings (``--base``
 to choose); W-A runs also print QIG's calibration time (the ``quantize`` phase:
@@ -33,10 +38,39 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-METHODS = ("rtn", "smoothquant", "awq", "mbq", "qig")
-WEIGHT_ONLY_METHODS = ("rtn", "awq", "mbq", "qig")
-WA_METHODS = ("rtn", "smoothquant", "mbq", "qig")
-GPTQ_ROWS = ("gptq", "gptq+qig", "gptq+mbq", "awq+gptq", "mbq+gptq", "qig+gptq")
+
+def method_rows() -> list[str]:
+    """One row per registered method (``qig.methods.CONFIGS``) except GPTQ, whose rows are ``gptq_rows``."""
+    from qig.methods import CONFIGS, GPTQConfig, SearchConfig
+
+    rows = [name for name, cls in CONFIGS.items() if not issubclass(cls, GPTQConfig)]
+    return sorted(rows, key=lambda name: issubclass(CONFIGS[name], SearchConfig))  # rtn, ..., then the searches
+
+
+def gptq_rows() -> list[str]:
+    """``gptq``, ``gptq+<w>`` and ``<w>+gptq`` for every token-weighting method w (``SearchConfig`` subclasses)."""
+    from qig.methods import CONFIGS, GPTQConfig, SearchConfig
+
+    weightings = [name for name, cls in CONFIGS.items() if issubclass(cls, SearchConfig)]
+    gptq = GPTQConfig.name
+    return [gptq, *(f"{gptq}+{w}" for w in weightings), *(f"{w}+{gptq}" for w in weightings)]
+
+
+def default_rows(wbits: int, abits: int, group_size: str | None) -> list[str]:
+    """Every method row whose config accepts the setting (e.g. smoothquant only with abits below 16)."""
+    from qig.commands.quantize import parse_group_size
+    from qig.errors import QigError
+    from qig.methods import make_config
+
+    group = parse_group_size(group_size) if group_size is not None else (128 if abits == 16 else None)
+    rows = []
+    for row in method_rows():
+        try:
+            make_config(row, wbits=wbits, abits=abits, group_size=group)
+        except QigError:
+            continue
+        rows.append(row)
+    return rows
 
 
 def row_flags(row: str) -> list[str]:
@@ -111,7 +145,9 @@ def _setting_flags(args) -> list[str]:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
-    p.add_argument("--methods", nargs="+", default=None, choices=METHODS + GPTQ_ROWS, help="default: per --abits")
+    p.add_argument(
+        "--methods", nargs="+", default=None, choices=method_rows() + gptq_rows(), help="default: per --abits"
+    )
     p.add_argument("--wbits", type=int, default=3)
     p.add_argument("--abits", type=int, default=16, help="16: weight-only; e.g. 8 for W4A8 (per-channel weights)")
     p.add_argument("--group-size", default=None, help="default 128 for weight-only, per-channel for W-A")
@@ -125,7 +161,7 @@ def main(argv=None) -> int:
     if args.child:
         return child(args)
     if args.methods is None:
-        args.methods = list(WA_METHODS if args.abits < 16 else WEIGHT_ONLY_METHODS)
+        args.methods = default_rows(args.wbits, args.abits, args.group_size)
     if args.base is None:
         args.base = "mbq" if args.abits < 16 else "awq"
 

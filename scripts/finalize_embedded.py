@@ -26,10 +26,11 @@ import numpy as np
 import torch
 
 from qig import embedded
-from qig.calib import embedded_calibration
+from qig.calib import calibration_for
 from qig.embedded import world
-from qig.evaluate import evaluate_records, load_model_and_processor
+from qig.evaluate import evaluate_records
 from qig.fileio import temp_dir_beside
+from qig.loading import load_model_and_processor
 from qig.models import family_for
 from qig.quant import QuantSpec
 from qig.quant.rtn import rtn_
@@ -74,7 +75,7 @@ def main() -> None:
 
     model, processor = load_model_and_processor(args.trained)
     # 64 calibration captions, rendered by the same code as a quantization run's calibration data.
-    batch = next(embedded_calibration(processor, n_samples=64).batches(64)).inputs
+    batch = next(calibration_for(model, processor, n_samples=64).batches(64)).inputs
     with torch.no_grad():
         before = model(**batch).logits
     factors = {}

@@ -5,7 +5,16 @@ import json
 import pytest
 from _tiny import processor
 
-from qig.calib import ANSWER, PAD, PROMPT, VISION, embedded_calibration, load_calibration
+from qig.calib import (
+    ANSWER,
+    PAD,
+    PROMPT,
+    VISION,
+    calibration_for,
+    embedded_calibration,
+    from_records,
+    load_calibration,
+)
 from qig.embedded import world
 from qig.errors import QigError
 
@@ -119,3 +128,54 @@ def test_image_token_count_mismatch_names_the_sample(split):
 def test_n_samples_must_be_positive():
     with pytest.raises(QigError, match="positive"):
         embedded_calibration(processor(), n_samples=0)
+
+
+def _ids(calib):
+    return [s.inputs["input_ids"] for s in calib.samples]
+
+
+def test_calibration_for_builds_what_the_family_says(split):
+    import torch
+    from _tiny import tiny_llava
+
+    model = tiny_llava()
+    embedded = calibration_for(model, processor(), n_samples=3)
+    same = embedded_calibration(processor(), n_samples=3, image_seq_length=36)
+    assert all(torch.equal(a, b) for a, b in zip(_ids(embedded), _ids(same), strict=True))
+    assert all(int((s.roles == VISION).sum()) == 36 for s in embedded.samples)
+    from_file = calibration_for(model, processor(), split, n_samples=4, seed=3)
+    assert [s.id for s in from_file.samples] == [
+        s.id for s in load_calibration(split, processor(), n_samples=4, seed=3).samples
+    ]
+    with pytest.raises(QigError, match="image_folder goes with a calibration file"):
+        calibration_for(model, processor(), image_folder=split.parent)
+
+
+def test_gemma3_vision_roles_are_where_the_model_puts_image_features():
+    """Gemma 3's processor calls its begin-of-image marker the image token; the family names the soft tokens."""
+    import torch
+    from models._families import build
+
+    from qig.models import family_for
+
+    model, proc = build("gemma3")
+    calib = calibration_for(model, proc, n_samples=2)
+    batch = next(calib.batches(2))
+    assert [int(n) for n in (batch.roles == VISION).sum(1)] == [model.config.mm_tokens_per_image] * 2
+    seen = {}
+
+    def grab(module, args, kwargs):
+        seen["x"] = args[0] if args else kwargs["hidden_states"]
+
+    first = family_for(model).decoder_layers(model)[0]
+    handle = first.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with torch.no_grad():
+            model(**batch.inputs)
+            embedded = model.get_input_embeddings()(batch.inputs["input_ids"])
+    finally:
+        handle.remove()
+    filled = (seen["x"] != embedded).any(-1)  # [b, T] where the decoder's input is not the token's embedding
+    assert torch.equal(filled, batch.roles == VISION)
+    processor_default = from_records(world.generate("calib", 2, world.DEFAULT_CALIB_SEED), proc)
+    assert not torch.equal(processor_default.roles == VISION, calib.roles == VISION)

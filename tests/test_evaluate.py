@@ -43,7 +43,8 @@ def test_cached_reference_scores_like_a_reference_model():
     import torch
 
     from qig.embedded import world
-    from qig.evaluate import evaluate_records, load_model_and_processor, reference_outputs
+    from qig.evaluate import evaluate_records, reference_outputs
+    from qig.loading import load_model_and_processor
     from qig.quant.rtn import rtn_
     from qig.quant.spec import QuantSpec
 
@@ -56,3 +57,23 @@ def test_cached_reference_scores_like_a_reference_model():
     cached = evaluate_records(q, proc, records, reference=reference_outputs(fp, proc, records))["fidelity"]
     assert direct == cached
     assert direct["kl"] > 0
+
+
+@pytest.mark.parametrize("name", ["llava-1.5", "gemma3", "qwen2-vl", "idefics3"])
+def test_answer_positions_follow_each_family_chat_template(name):
+    """The scored positions are the answer's tokens and its end token, padded in a batch or not."""
+    import torch
+    from models._families import build
+
+    from qig.embedded import world
+    from qig.evaluate import answer_log_probs
+
+    model, proc = build(name)
+    records = world.generate("eval", 3, seed=5)
+    batched = answer_log_probs(model, proc, records, batch_size=3)
+    alone = answer_log_probs(model, proc, records, batch_size=1)
+    for lp, lp1, (_, rec) in zip(batched, alone, records, strict=True):
+        answer = rec["conversations"][1]["value"]
+        n_answer = len(proc.tokenizer(answer, add_special_tokens=False).input_ids)
+        assert lp.shape[0] == n_answer + 1  # + the end-of-turn token
+        assert torch.allclose(lp, lp1, atol=1e-4)

@@ -10,10 +10,10 @@ file), exact match after lower-casing and trimming. With a reference model it
 also reports answer agreement and the mean KL(reference || model) of the
 next-token distributions at the gold answer's positions (teacher forcing).
 
-A weight-activation model folder (``qig quantize --abits 8``: its config.json
-has a ``qig_quantization`` entry with ``abits`` below 16) is loaded with its
-per-token activation quantizers re-installed on the decoder linears, so it is
-evaluated with activations really quantized at run time.
+A weight-activation model folder (``qig quantize --abits 8``) is loaded by
+``qig.loading.load_model_and_processor`` with its per-token activation
+quantizers re-installed, so it is evaluated with activations really quantized
+at run time.
 """
 
 from __future__ import annotations
@@ -27,107 +27,26 @@ from pathlib import Path
 
 import torch
 
+from qig.calib import answer_span, chat_texts
 from qig.embedded import world
 from qig.errors import QigError
+from qig.loading import activation_note, load_model_and_processor
 
 log = logging.getLogger(__name__)
 
 MAX_NEW_TOKENS = 6
 
 
-def load_model_and_processor(
-    model_dir: str | os.PathLike | None = None,
-    device: str = "cpu",
-    dtype=torch.float32,
-    trust_remote_code: bool = False,
-):
-    """Load an LVLM and its processor from a local folder (offline); default: the embedded model.
-
-    A folder that ships its own modelling code (``auto_map`` in config.json, e.g.
-    InternVL2) is loaded only with ``trust_remote_code=True``.
-
-    A W-A quantized folder gets its activation quantizers back (see the module doc).
-    """
-    from safetensors import SafetensorError
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
-    from qig.embedded import default_model_dir
-
-    path = Path(model_dir) if model_dir is not None else default_model_dir()
-    if not path.is_dir():
-        problem = "is a file, not a folder" if path.exists() else "does not exist"
-        raise QigError(f"model folder {path} {problem}; pass --model with a folder written by save_pretrained")
-    if not (path / "config.json").is_file():
-        raise QigError(f"{path} has no config.json; it is not a transformers model folder")
-    try:
-        config = json.loads((path / "config.json").read_text())
-    except (OSError, json.JSONDecodeError) as exc:
-        raise QigError(f"{path / 'config.json'} is not valid JSON ({exc}); the model folder is corrupt") from exc
-    if "vision_config" not in config:
-        raise QigError(
-            f"{path} holds a {config.get('model_type', 'unknown')!r} model without a vision tower; "
-            "qig needs a vision-language model (e.g. llava, qwen2_vl, idefics3)"
-        )
-    auto_map = config.get("auto_map") or {}
-    if auto_map and not trust_remote_code:
-        raise QigError(
-            f"{path} ships its own modelling code ({', '.join(sorted(set(auto_map.values())))}); qig runs it only "
-            "with --trust-remote-code (read that code first), or use an HF-native conversion of the checkpoint"
-        )
-    auto_model = AutoModelForImageTextToText
-    if auto_map and "AutoModelForImageTextToText" not in auto_map:
-        from transformers import AutoModel as auto_model
-    try:
-        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        model = auto_model.from_pretrained(
-            path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
-        )
-    except QigError:
-        raise
-    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
-        raise QigError(f"could not load the model in {path}: {exc.__class__.__name__}: {exc}") from exc
-    abits = _saved_abits(config, path)
-    if abits < 16:
-        from qig.pipeline import install_activation_quantizers
-        from qig.quant.spec import activation_spec
-
-        n = install_activation_quantizers(model, activation_spec(abits))
-        log.info("%s: W-A model, activations quantized at run time (per token, %d bits) on %d linears", path, abits, n)
-    return model.to(device).eval(), processor
-
-
-def _saved_abits(config: dict, path: Path) -> int:
-    """The activation bits recorded by ``qig quantize`` in config.json (16 when none are recorded)."""
-    from qig.api import CONFIG_KEY
-
-    entry = config.get(CONFIG_KEY)
-    if entry is None:
-        return 16
-    abits = entry.get("abits", 16) if isinstance(entry, dict) else None
-    if not isinstance(abits, int) or isinstance(abits, bool) or not 4 <= abits <= 16:
-        raise QigError(
-            f"{path / 'config.json'}: {CONFIG_KEY}.abits must be an integer from 4 to 16, got {abits!r}; "
-            "re-run qig quantize, or remove the entry to load the weights without activation quantization"
-        )
-    return abits
-
-
-def activation_note(model) -> str | None:
-    """How the model quantizes its activations at run time, in words; None when it does not."""
-    from qig.pipeline import activation_quantization
-
-    found = activation_quantization(model)
-    if found is None:
-        return None
-    spec, n = found
-    return f"activations quantized at run time: per-token symmetric {spec.bits}-bit on {n} decoder linears"
-
-
-def _prompt(processor, question: str, answer: str | None = None) -> str:
+def _messages(question: str, answer: str | None = None) -> list[dict]:
     msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
     if answer is not None:
         msgs.append({"role": "assistant", "content": answer})
-    return processor.apply_chat_template(msgs, tokenize=False, add_generation_prompt=answer is None)
+    return msgs
+
+
+def _prompt(processor, question: str) -> str:
+    """The question rendered with the generation prompt: what the model answers from."""
+    return processor.apply_chat_template(_messages(question), tokenize=False, add_generation_prompt=True)
 
 
 def _question(rec: dict) -> tuple[str, str]:
@@ -150,7 +69,7 @@ def generate_answers(model, processor, records, batch_size: int = 64) -> list[st
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
         texts = [_prompt(processor, _question(rec)[0]) for _, rec in chunk]
-        enc = processor(text=texts, images=[img for img, _ in chunk], return_tensors="pt", padding=True).to(device)
+        enc = _batch(processor, texts, chunk).to(device)
         enc["pixel_values"] = enc["pixel_values"].to(next(model.parameters()).dtype)
         out = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
         new = out[:, enc["input_ids"].shape[1] :]
@@ -160,25 +79,45 @@ def generate_answers(model, processor, records, batch_size: int = 64) -> list[st
 
 @torch.no_grad()
 def answer_log_probs(model, processor, records, batch_size: int = 64) -> list[torch.Tensor]:
-    """Per record, log-probs [n_answer_tokens, vocab] predicting the gold answer (teacher forcing)."""
+    """Per record, log-probs [n_answer_tokens, vocab] predicting the gold answer and its end token (teacher forcing).
+
+    The answer's positions are found as calibration finds them
+    (``qig.calib.answer_span``): the question rendered with the generation
+    prompt is a token prefix of the whole conversation, so any family's chat
+    template works.
+    """
     device = next(model.parameters()).device
     tok = processor.tokenizer
     tok.padding_side = "left"
-    end = tok.convert_tokens_to_ids("<|im_end|>")
     out = []
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
-        texts = [_prompt(processor, *_question(rec)) for _, rec in chunk]
-        enc = processor(text=texts, images=[img for img, _ in chunk], return_tensors="pt", padding=True).to(device)
+        texts = [chat_texts(processor, _messages(*_question(rec))) for _, rec in chunk]
+        enc = _batch(processor, [full for full, _ in texts], chunk).to(device)
+        prompts = _batch(processor, [prompt for _, prompt in texts], chunk)
         enc["pixel_values"] = enc["pixel_values"].to(next(model.parameters()).dtype)
         logits = model(**enc).logits.float()  # [B, T, V]
-        n_answer = [len(tok(_question(rec)[1]).input_ids) + 1 for _, rec in chunk]  # + <|im_end|>
-        ids = enc["input_ids"]
-        for b, n in enumerate(n_answer):
-            last_end = max(j for j, t in enumerate(ids[b].tolist()) if t == end)
-            # logits at position p predict token p+1; answer tokens are (last_end-n, last_end].
-            out.append(torch.log_softmax(logits[b, last_end - n : last_end], dim=-1).cpu())
+        for b, (_, rec) in enumerate(chunk):
+            positions = _real_positions(enc, b)  # [T_b] where the conversation's tokens sit (padding aside)
+            ids = enc["input_ids"][b, positions].cpu()
+            prompt_ids = prompts["input_ids"][b, _real_positions(prompts, b)]
+            start, end = answer_span(ids, prompt_ids, tok.eos_token_id, f"record {rec.get('id', i + b)}")
+            # logits at position p predict token p+1: answer tokens [start, end) are predicted at [start-1, end-1).
+            out.append(torch.log_softmax(logits[b, positions[start - 1 : end - 1]], dim=-1).cpu())
     return out
+
+
+def _batch(processor, texts: list[str], chunk):
+    """A padded batch of texts, each with its record's image (one list per sample, as Gemma 3 and SmolVLM need)."""
+    return processor(text=texts, images=[[img] for img, _ in chunk], return_tensors="pt", padding=True)
+
+
+def _real_positions(enc, b: int) -> torch.Tensor:
+    """Positions of row ``b``'s real tokens in a padded batch (left or right padding)."""
+    mask = enc.get("attention_mask")
+    if mask is None:
+        return torch.arange(enc["input_ids"].shape[1], device=enc["input_ids"].device)
+    return mask[b].bool().nonzero().squeeze(1)
 
 
 @dataclass(frozen=True)

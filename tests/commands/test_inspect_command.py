@@ -1,7 +1,6 @@
 """``qig inspect`` and ``qig quantize --report``: the report folder, its pictures and numbers, refusals."""
 
 import json
-import time
 
 import pytest
 from _cli import run_cli
@@ -68,18 +67,15 @@ def test_quantize_report_shows_the_weights_the_run_used(model_dir, tmp_path):
     assert run_cli("quantize", "--model", model_dir, "--method", "rtn", "--output", tmp_path / "r", "--report") == 2
 
 
-def test_embedded_model_maps_are_not_uniform_and_fast(tmp_path):
+def test_embedded_model_maps_are_not_uniform(tmp_path):
     from qig.embedded import default_model_dir
 
     if not (default_model_dir() / "config.json").is_file():
         pytest.skip(f"the trained embedded model is not in {default_model_dir()} yet")
-    start = time.perf_counter()
     out = tmp_path / "maps"
     assert run_cli("inspect", "--samples", 8, "--layers", "0,3,-1", "--output", out, "--no-progress") == 0
-    seconds = time.perf_counter() - start
     data = _check_report(out, 8, [0, 3, 5])
     one_region = [s for s in data["samples"] if s["type"] in ("colour", "shape", "digit")]
     assert one_region, "the default embedded samples hold a question about one object"
     for s in one_region:  # the deepest pictured layer's attention input is concentrated
         assert s["entropy"]["qig"]["5.attn_in"]["vision"] < 0.99
-    assert seconds < 60

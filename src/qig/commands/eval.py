@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 
 from qig.embedded import world
 from qig.errors import QigError
@@ -21,8 +22,8 @@ def register(sub) -> argparse.ArgumentParser:
     p.add_argument(
         "--reference",
         default=None,
-        help="reference model for agreement and KL (default: the embedded FP model when --model is given; "
-        "'none' to skip)",
+        help="reference model folder for agreement and KL (default: the model a qig run in --model was quantized "
+        "from, as its report.json records; none for other folders); 'none' to skip",
     )
     p.add_argument("--blank-images", action="store_true", help="replace every image by an empty background")
     p.add_argument("--device", default="cpu")
@@ -33,16 +34,11 @@ def register(sub) -> argparse.ArgumentParser:
 
 
 def run(args) -> int:
-    from qig.embedded import default_model_dir
     from qig.evaluate import format_table, run_eval
 
     if args.limit is not None and args.limit <= 0:
         raise QigError(f"--limit must be positive, got {args.limit}")
-    reference = args.reference
-    if reference is None and args.model is not None:
-        reference = str(default_model_dir())
-    if reference is not None and reference.lower() == "none":
-        reference = None
+    reference, note = default_reference(args.model, args.reference)
     report = run_eval(
         model_dir=args.model,
         seed=args.seed,
@@ -56,6 +52,36 @@ def run(args) -> int:
         blank_images=args.blank_images,
     )
     print(format_table(report))
+    if note:
+        print(note)
     if args.json:
         atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
     return 0
+
+
+def default_reference(model: str | None, reference: str | None) -> tuple[str | None, str | None]:
+    """The reference folder to score ``model`` against, and a line saying why there is none (or None).
+
+    ``--reference DIR`` / ``none`` decide; by default a qig run is compared with
+    the model it was quantized from (``qig.runs.source_model``), the embedded
+    model's folder for a run of it. The embedded model itself and folders that
+    are not qig runs get no reference.
+    """
+    from qig.runs import source_model
+
+    if reference is not None:
+        return (None, None) if reference.lower() == "none" else (reference, None)
+    if model is None or not Path(model).is_dir():
+        return None, None  # the embedded model itself; a missing folder is reported by the loader
+    source = source_model(model)
+    if source is None:
+        return None, (
+            f"no reference: {model} is not a qig run (no report.json names its source model); "
+            "pass --reference DIR for agreement and KL"
+        )
+    if not Path(source).is_dir():
+        raise QigError(
+            f"the source model of {model}, {source}, no longer exists; pass --reference none to score without "
+            "a reference, or --reference DIR to compare with another folder"
+        )
+    return source, None

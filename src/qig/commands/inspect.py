@@ -60,9 +60,8 @@ def register(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from qig.api import check_device
-    from qig.calib import load_calibration
-    from qig.evaluate import load_model_and_processor
-    from qig.models import family_for
+    from qig.calib import calibration_for
+    from qig.loading import load_model_and_processor
     from qig.tokenmaps import compute_token_maps, embedded_questions, write_report
     from qig.tokenmaps.render import require_matplotlib
 
@@ -82,22 +81,21 @@ def run(args) -> int:
 
     t0 = time.perf_counter()
     model, processor = load_model_and_processor(args.model)
-    family = family_for(model)
-    image_seq_length = family.image_seq_length(model)
     if args.calib:
-        calib = load_calibration(
-            args.calib,
+        calib = calibration_for(
+            model,
             processor,
+            args.calib,
             image_folder=args.image_folder,
             n_samples=args.samples,
             seed=args.seed,
             max_length=args.max_length,
-            image_seq_length=image_seq_length,
-            image_token_id=family.vision_token_id(model, processor),
         )
         meta = None
     else:
-        calib, meta = embedded_questions(processor, args.samples, args.seed, image_seq_length, kind=args.embedded)
+        calib, meta = embedded_questions(
+            model, processor, args.samples, args.seed, kind=args.embedded, max_length=args.max_length
+        )
     t1 = time.perf_counter()
     maps = compute_token_maps(
         model,

@@ -18,7 +18,7 @@ import time
 
 import torch
 
-from qig.calib import CalibrationSet
+from qig.calib import DEFAULT_MAX_LENGTH, CalibrationSet, render_for
 from qig.errors import QigError
 from qig.methods import AWQConfig, MBQConfig, QIGConfig
 from qig.models import family_for
@@ -102,23 +102,27 @@ def _first_layer_linears(model):
 
 
 def embedded_questions(
-    processor, n_samples: int = 8, seed: int = 0, image_seq_length: int | None = None, kind: str = "qa"
+    model: torch.nn.Module,
+    processor,
+    n_samples: int = 8,
+    seed: int = 0,
+    kind: str = "qa",
+    max_length: int = DEFAULT_MAX_LENGTH,
 ) -> tuple[CalibrationSet, list[dict]]:
-    """Samples of the embedded world rendered by ``processor``, and their metadata (id, type, question, answer).
+    """Samples of the embedded world rendered for ``model``, and their metadata (id, type, question, answer).
 
     kind "qa": questions whose answers mostly depend on one object (what colour
-    is the circle?); "captions": the calibration split's image captions.
+    is the circle?); "captions": the calibration split's image captions. The
+    image tokens are the model family's (``qig.calib.render_for``).
+
+    >>> calib, meta = embedded_questions(model, processor, n_samples=4)  # doctest: +SKIP
     """
-    from qig.calib import from_records
     from qig.embedded import world
 
     if kind not in ("qa", "captions"):
         raise QigError(f"embedded data {kind!r} is not known; use qa or captions")
-    if kind == "qa":
-        pairs = world.generate("eval", n_samples, seed)
-    else:
-        pairs = world.generate("calib", n_samples, seed)
-    calib = from_records(pairs, processor, image_seq_length=image_seq_length)
+    pairs = world.generate("eval" if kind == "qa" else "calib", n_samples, seed)
+    calib = render_for(model, processor, pairs, max_length=max_length)
     meta = [
         {
             "id": rec["id"],

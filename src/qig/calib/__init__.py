@@ -1,0 +1,183 @@
+"""Calibration data: conversations rendered by the model's own processor, with a role per token.
+
+Accepted inputs (METHOD.md section 1):
+
+- LLaVA / ShareGPT4V records, as a JSON list or JSONL, plus an image folder::
+
+    {"id": "x", "image": "images/x.png",
+     "conversations": [{"from": "human", "value": "<image>\\ndescribe the image."},
+                       {"from": "gpt", "value": "two objects: ..."}]}
+
+  ``image`` may be a list; records without ``image`` are text conversations.
+- plain text JSONL, one ``{"text": "..."}`` per line: the whole text is
+  treated as the answer (a language-model calibration sample).
+
+Each token gets a role: ``vision`` (image placeholder positions after
+expansion), ``answer`` (the last assistant reply, up to and including the end
+token), ``prompt`` (other real tokens) and ``pad``. The answer span is found
+through the chat template itself: the conversation rendered without its last
+reply and with ``add_generation_prompt=True`` is a token prefix of the full
+rendering, so this works for any family's template (``qig.evaluate`` finds the
+answers it scores the same way).
+
+``calibration_for(model, processor, path)`` is the entry point: the model's
+family decides which token is the image placeholder the model fills with
+image features and how many of them an image has.
+
+    >>> from qig.calib import calibration_for
+    >>> from qig.loading import load_model_and_processor
+    >>> model, processor = load_model_and_processor()  # doctest: +SKIP
+    >>> calib = calibration_for(model, processor, n_samples=4)  # doctest: +SKIP
+    >>> calib.roles.shape  # doctest: +SKIP
+    torch.Size([4, 80])
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from qig.calib.data import (
+    ANSWER,
+    DEFAULT_MAX_LENGTH,
+    DEFAULT_N_SAMPLES,
+    IMAGE_PLACEHOLDER,
+    PAD,
+    PROMPT,
+    ROLE_NAMES,
+    VISION,
+    CalibBatch,
+    CalibrationSet,
+    Sample,
+)
+from qig.calib.files import load_images, read_records
+from qig.calib.render import answer_span, chat_texts, check_n_samples, from_records
+from qig.errors import QigError
+from qig.models import family_for
+
+__all__ = [
+    "ANSWER",
+    "DEFAULT_MAX_LENGTH",
+    "DEFAULT_N_SAMPLES",
+    "IMAGE_PLACEHOLDER",
+    "PAD",
+    "PROMPT",
+    "ROLE_NAMES",
+    "VISION",
+    "CalibBatch",
+    "CalibrationSet",
+    "Sample",
+    "answer_span",
+    "calibration_for",
+    "chat_texts",
+    "embedded_calibration",
+    "from_records",
+    "load_calibration",
+    "read_records",
+    "render_for",
+]
+
+log = logging.getLogger(__name__)
+
+
+def embedded_calibration(
+    processor,
+    n_samples: int = DEFAULT_N_SAMPLES,
+    seed: int | None = None,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    image_seq_length: int | None = None,
+    image_token_id: int | None = None,
+) -> CalibrationSet:
+    """The embedded world's calibration split (image captions), rendered by ``processor``."""
+    from qig.embedded import world
+
+    check_n_samples(n_samples)
+    pairs = world.generate("calib", n_samples, world.DEFAULT_CALIB_SEED if seed is None else seed)
+    return from_records(
+        pairs, processor, max_length=max_length, image_seq_length=image_seq_length, image_token_id=image_token_id
+    )
+
+
+def load_calibration(
+    path: str | os.PathLike,
+    processor,
+    image_folder: str | os.PathLike | None = None,
+    n_samples: int = DEFAULT_N_SAMPLES,
+    seed: int = 0,
+    max_length: int = DEFAULT_MAX_LENGTH,
+    image_seq_length: int | None = None,
+    image_token_id: int | None = None,
+) -> CalibrationSet:
+    """Read a LLaVA-style JSON/JSONL (or plain text JSONL), shuffle with ``seed``, keep ``n_samples``.
+
+    >>> calib = load_calibration("data/calib/data.json", processor, n_samples=64)  # doctest: +SKIP
+    """
+    check_n_samples(n_samples)
+    path = Path(path)
+    records = read_records(path)
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    if len(records) < n_samples:
+        log.warning("%s holds %d records, fewer than n_samples=%d; using all of them", path, len(records), n_samples)
+    chosen = [records[i] for i in order[:n_samples]]  # shuffled order, fixed by the seed
+    folder = Path(image_folder) if image_folder is not None else path.parent
+    pairs = [(load_images(rec, i, folder, path), rec) for i, rec in chosen]
+    return from_records(
+        pairs, processor, max_length=max_length, image_seq_length=image_seq_length, image_token_id=image_token_id
+    )
+
+
+def calibration_for(
+    model: torch.nn.Module,
+    processor,
+    path: str | os.PathLike | None = None,
+    image_folder: str | os.PathLike | None = None,
+    n_samples: int = DEFAULT_N_SAMPLES,
+    seed: int | None = None,
+    max_length: int = DEFAULT_MAX_LENGTH,
+) -> CalibrationSet:
+    """Calibration for ``model``: its family (``qig.models``) says which token gets image features and how many.
+
+    path: a LLaVA-style JSON/JSONL or plain text JSONL (``load_calibration``,
+    images under ``image_folder``, default the file's folder); None: the
+    embedded world's calibration split (``embedded_calibration``).
+    seed: shuffles the file's records (default 0), or draws the embedded split
+    (default ``world.DEFAULT_CALIB_SEED``).
+
+    >>> from qig.loading import load_model_and_processor
+    >>> model, processor = load_model_and_processor()  # doctest: +SKIP
+    >>> calib = calibration_for(model, processor, n_samples=32)  # doctest: +SKIP
+    >>> calib = calibration_for(model, processor, "captions.json", image_folder="images/")  # doctest: +SKIP
+    """
+    tokens = _image_tokens(model, processor)
+    if path is None:
+        if image_folder is not None:
+            raise QigError("image_folder goes with a calibration file (path): the embedded split has its own images")
+        return embedded_calibration(processor, n_samples, seed=seed, max_length=max_length, **tokens)
+    return load_calibration(
+        path, processor, image_folder, n_samples, seed=0 if seed is None else seed, max_length=max_length, **tokens
+    )
+
+
+def render_for(
+    model: torch.nn.Module, processor, pairs: Sequence[tuple[object, dict]], max_length: int = DEFAULT_MAX_LENGTH
+) -> CalibrationSet:
+    """``from_records`` for ``model``: in-memory (images, record) pairs, image tokens as the model's family says.
+
+    >>> calib = render_for(model, processor, world.generate("eval", 8, 0))  # doctest: +SKIP
+    """
+    return from_records(pairs, processor, max_length=max_length, **_image_tokens(model, processor))
+
+
+def _image_tokens(model: torch.nn.Module, processor) -> dict[str, int | None]:
+    """The id of the token whose positions get image features, and the fixed count per image (None: it varies)."""
+    family = family_for(model)
+    return {
+        "image_token_id": family.vision_token_id(model, processor),
+        "image_seq_length": family.image_seq_length(model),
+    }

@@ -1,0 +1,120 @@
+"""Loading a model and its processor: the one place every command, benchmark and exporter loads one.
+
+    >>> from qig.loading import load_model_and_processor
+    >>> model, processor = load_model_and_processor("path/to/llava")  # doctest: +SKIP
+    >>> model, processor = load_model_and_processor()  # the embedded model  # doctest: +SKIP
+
+Local folders only (offline), written by ``save_pretrained``; the folder must
+hold a vision-language model. A weight-activation model folder (``qig quantize
+--abits 8``: its config.json has a ``qig_quantization`` entry with ``abits``
+below 16) is loaded with its per-token activation quantizers re-installed on
+the decoder linears, so it runs with activations really quantized.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from qig.errors import QigError
+
+log = logging.getLogger(__name__)
+
+
+def load_model_and_processor(
+    model_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+    dtype: torch.dtype | str = torch.float32,
+    trust_remote_code: bool = False,
+    activation_quantizers: bool = True,
+):
+    """Load an LVLM and its processor from a local folder (offline); default: the embedded model.
+
+    dtype: the weights' dtype, or "auto" for the checkpoint's own.
+    A folder that ships its own modelling code (``auto_map`` in config.json, e.g.
+    InternVL2) is loaded only with ``trust_remote_code=True``.
+
+    A W-A quantized folder gets its activation quantizers back (see the module
+    doc), unless ``activation_quantizers=False`` (the saved weights as they are,
+    e.g. for export).
+
+    >>> model, processor = load_model_and_processor("out/qig-w4a8")  # doctest: +SKIP
+    """
+    from safetensors import SafetensorError
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from qig.embedded import default_model_dir
+
+    path = Path(model_dir) if model_dir is not None else default_model_dir()
+    if not path.is_dir():
+        problem = "is a file, not a folder" if path.exists() else "does not exist"
+        raise QigError(f"model folder {path} {problem}; pass --model with a folder written by save_pretrained")
+    if not (path / "config.json").is_file():
+        raise QigError(f"{path} has no config.json; it is not a transformers model folder")
+    try:
+        config = json.loads((path / "config.json").read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise QigError(f"{path / 'config.json'} is not valid JSON ({exc}); the model folder is corrupt") from exc
+    if "vision_config" not in config:
+        raise QigError(
+            f"{path} holds a {config.get('model_type', 'unknown')!r} model without a vision tower; "
+            "qig needs a vision-language model (e.g. llava, qwen2_vl, idefics3)"
+        )
+    auto_map = config.get("auto_map") or {}
+    if auto_map and not trust_remote_code:
+        raise QigError(
+            f"{path} ships its own modelling code ({', '.join(sorted(set(auto_map.values())))}); qig runs it only "
+            "with --trust-remote-code (read that code first), or use an HF-native conversion of the checkpoint"
+        )
+    auto_model = AutoModelForImageTextToText
+    if auto_map and "AutoModelForImageTextToText" not in auto_map:
+        from transformers import AutoModel as auto_model
+    try:
+        processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+        model = auto_model.from_pretrained(
+            path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except QigError:
+        raise
+    except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
+        raise QigError(f"could not load the model in {path}: {exc.__class__.__name__}: {exc}") from exc
+    abits = _saved_abits(config, path)
+    if activation_quantizers and abits < 16:
+        from qig.models import family_for
+        from qig.quant.activation import install_activation_quantizers
+        from qig.quant.spec import activation_spec
+
+        n = install_activation_quantizers(family_for(model).decoder_linears(model).values(), activation_spec(abits))
+        log.info("%s: W-A model, activations quantized at run time (per token, %d bits) on %d linears", path, abits, n)
+    return model.to(device).eval(), processor
+
+
+def _saved_abits(config: dict, path: Path) -> int:
+    """The activation bits recorded by ``qig quantize`` in config.json (16 when none are recorded)."""
+    from qig.runs import CONFIG_KEY
+
+    entry = config.get(CONFIG_KEY)
+    if entry is None:
+        return 16
+    abits = entry.get("abits", 16) if isinstance(entry, dict) else None
+    if not isinstance(abits, int) or isinstance(abits, bool) or not 4 <= abits <= 16:
+        raise QigError(
+            f"{path / 'config.json'}: {CONFIG_KEY}.abits must be an integer from 4 to 16, got {abits!r}; "
+            "re-run qig quantize, or remove the entry to load the weights without activation quantization"
+        )
+    return abits
+
+
+def activation_note(model) -> str | None:
+    """How the model quantizes its activations at run time, in words; None when it does not."""
+    from qig.quant.activation import activation_quantization
+
+    found = activation_quantization(model)
+    if found is None:
+        return None
+    spec, n = found
+    return f"activations quantized at run time: per-token symmetric {spec.bits}-bit on {n} decoder linears"

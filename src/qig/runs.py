@@ -1,0 +1,210 @@
+"""A run folder: the files ``qig quantize`` writes next to the model, and reading them back.
+
+    >>> from qig.runs import read_report, source_model
+    >>> read_report("out/qig-w3")["config"]["method"]  # doctest: +SKIP
+    'qig'
+    >>> source_model("out/qig-w3")  # doctest: +SKIP
+    '/models/llava-1.5-7b'
+
+A run folder holds the fake-quantized model (``save_pretrained``: config.json
+with its ``qig_quantization`` entry, weights, processor) and three run files:
+
+- ``search.safetensors``: per searched group the scales and token weights,
+  the calibration tokens' roles, the quantizer's parameters per linear;
+- ``search.json``: the run's config (``"config"``), per-group losses, notes;
+- ``report.json``: config, options, versions, timings, and the model the run
+  quantized (``"source_model"``; older reports: ``"options": {"model": ...}``).
+
+An exported folder (``qig quantize --format``, ``qig export``) keeps the run
+files in its ``qig/`` subfolder; the readers here look there too.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import time
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import torch
+
+from qig.errors import QigError
+from qig.fileio import atomic_dir, atomic_write_text
+from qig.methods import QuantConfig, make_config
+
+if TYPE_CHECKING:  # the annotation only: qig.pipeline may read this module's names
+    from qig.pipeline import QuantizationResult
+
+CONFIG_KEY = "qig_quantization"  # the quantized model's config.json entry (keys: qig.api's module docstring)
+SEARCH_TENSORS = "search.safetensors"
+SEARCH_JSON = "search.json"
+REPORT_JSON = "report.json"
+RUN_FILES = (SEARCH_JSON, SEARCH_TENSORS, REPORT_JSON)
+RUN_SUBDIR = "qig"  # where an exported folder keeps the run files
+
+
+def run_file(folder: str | os.PathLike, name: str) -> Path | None:
+    """``folder/name``, else ``folder/qig/name`` (an exported folder); None when neither exists.
+
+    >>> run_file("out/qig-w3-ct", REPORT_JSON)  # doctest: +SKIP
+    PosixPath('out/qig-w3-ct/qig/report.json')
+    """
+    folder = Path(folder)
+    for path in (folder / name, folder / RUN_SUBDIR / name):
+        if path.is_file():
+            return path
+    return None
+
+
+def _read_json(path: Path) -> dict:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError) as exc:
+        raise QigError(f"cannot read {path}: {exc}") from exc
+    except json.JSONDecodeError as exc:
+        raise QigError(f"{path} is not valid JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise QigError(f"{path} holds a JSON {type(data).__name__}, not an object; it was not written by qig")
+    return data
+
+
+def read_report(folder: str | os.PathLike) -> dict | None:
+    """The ``report.json`` of a run folder (or of its ``qig/`` subfolder); None when there is none.
+
+    >>> read_report("out/qig-w3")["n_calibration_samples"]  # doctest: +SKIP
+    128
+    """
+    path = run_file(folder, REPORT_JSON)
+    return _read_json(path) if path is not None else None
+
+
+def read_search_config(folder: str | os.PathLike) -> dict | None:
+    """The run's config as saved in ``search.json`` (``QuantConfig.to_dict()``); None when the folder has none.
+
+    Rebuild the config with ``config_from_dict``.
+
+    >>> read_search_config("out/qig-w3")["method"]  # doctest: +SKIP
+    'qig'
+    """
+    path = run_file(folder, SEARCH_JSON)
+    if path is None:
+        return None
+    return _search_config(path)
+
+
+def _search_config(path: Path) -> dict:
+    saved = _read_json(path).get("config")
+    if not isinstance(saved, dict) or "method" not in saved:
+        raise QigError(f"{path} holds no run config with a 'method'; it was not written by 'qig quantize'")
+    return saved
+
+
+def source_model(folder: str | os.PathLike) -> str | None:
+    """The model folder a run quantized, as its ``report.json`` records it; None when nothing records one.
+
+    Read from ``"source_model"``, else (older reports) ``"options": {"model": ...}``;
+    a run of the embedded model records null there and gets the embedded
+    model's folder here. None: ``folder`` holds no report.json (it is not a qig
+    run) or the report names no model. Whether the folder still exists is the
+    caller's to check.
+
+    >>> source_model("out/qig-w3")  # doctest: +SKIP
+    '/models/llava-1.5-7b'
+    """
+    report = read_report(folder)
+    if report is None:
+        return None
+    if "source_model" in report:
+        source = report["source_model"]
+    else:
+        options = report.get("options")
+        if not isinstance(options, dict) or "model" not in options:
+            return None
+        source = options["model"]
+    if source is None:
+        from qig.embedded import default_model_dir
+
+        return str(default_model_dir())
+    if not isinstance(source, str) or not source:
+        where = run_file(folder, REPORT_JSON)
+        raise QigError(f"{where}: the source model must be a folder path or null, got {source!r}")
+    return source
+
+
+def load_scales(path: str | os.PathLike) -> tuple[dict[tuple[int, str], torch.Tensor], dict | None]:
+    """Scales from a ``search.safetensors`` (or its folder), and the run's config from ``search.json`` if present."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = run_file(path, SEARCH_TENSORS) or path / SEARCH_TENSORS
+    if not path.is_file():
+        raise QigError(f"scales file {path} does not exist; pass the search.safetensors of an earlier run")
+    try:
+        tensors = load_file(path)
+    except (SafetensorError, OSError) as exc:
+        raise QigError(f"{path} is not a readable safetensors file: {exc}") from exc
+    scales = {}
+    for key, value in tensors.items():
+        if not key.startswith("scales."):
+            continue
+        _, layer, group = key.split(".", 2)
+        scales[(int(layer), group)] = value
+    if not scales:
+        raise QigError(f"{path} holds no 'scales.<layer>.<group>' tensors; it is not a qig search result")
+    config = None
+    sidecar = path.with_name(SEARCH_JSON)
+    if sidecar.is_file():
+        config = _search_config(sidecar)
+    return scales, config
+
+
+def config_from_dict(fields: dict) -> QuantConfig:
+    """Rebuild a config from ``QuantConfig.to_dict()`` output (as saved in search.json)."""
+    fields = dict(fields)
+    name = fields.pop("method", None)
+    if name is None:
+        raise QigError("the saved config has no 'method'")
+    return make_config(name, **fields)
+
+
+def versions() -> dict[str, str]:
+    import transformers
+
+    from qig import __version__
+
+    return {
+        "qig": __version__,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_output(
+    out: str | os.PathLike,
+    model: torch.nn.Module,
+    processor,
+    result: QuantizationResult,
+    report: dict,
+    overwrite: bool = False,
+) -> Path:
+    """Write the fake-quantized model, the search result and the run report into ``out``, atomically.
+
+    Everything goes to a temporary sibling folder first and is renamed into
+    place; an existing ``out`` is refused unless ``overwrite``.
+    """
+    out = Path(out)
+    with atomic_dir(out, overwrite) as tmp:
+        t = time.perf_counter()
+        model.save_pretrained(tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)
+        result.save(tmp)
+        report = dict(report)
+        report.setdefault("timings", {})["save"] = time.perf_counter() - t
+        atomic_write_text(tmp / REPORT_JSON, json.dumps(report, indent=1, default=str) + "\n")
+    return out
