@@ -169,7 +169,7 @@ def test_weight_activation_run_is_evaluated_with_quantized_activations(model_dir
     assert (config["abits"], config["alpha"], config["group_size"]) == (8, 0.6, None)
 
     from qig.evaluate import load_model_and_processor
-    from qig.pipeline import activation_quantization
+    from qig.quant.activation import activation_quantization
 
     model, _ = load_model_and_processor(out)
     spec, n = activation_quantization(model)

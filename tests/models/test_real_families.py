@@ -18,7 +18,8 @@ import qig
 from qig.calib import ANSWER, PAD, VISION, from_records
 from qig.errors import QigError
 from qig.models import family_for
-from qig.pipeline import activation_quantization, capture, next_input
+from qig.pipeline import capture, next_input
+from qig.quant.activation import activation_quantization
 
 FAMILIES = list(TINY)
 # Multi-head attention (v -> o exists) in LLaVA-1.5's Llama and in the tiny Gemma 3; GQA elsewhere.

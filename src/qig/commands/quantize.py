@@ -26,10 +26,8 @@ token, quantized at run time (``qig eval`` re-installs their quantizers).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import logging
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -66,7 +64,9 @@ class RunOptions:
     calib: str | None = option(None, "LLaVA-style JSON/JSONL or text JSONL (default: embedded split)")
     image_folder: str | None = option(None, "images of --calib (default: the file's folder)")
     n_samples: int = option(DEFAULT_N_SAMPLES, "calibration samples", min=1)
-    calib_seed: int = option(0, "shuffling seed of --calib")
+    calib_seed: int | None = option(
+        None, "seed that shuffles --calib (default 0) or draws the embedded split (default: the world's)"
+    )
     max_length: int = option(DEFAULT_MAX_LENGTH, "token cap per sample", min=1)
     device: str = option("cpu", "compute device: cpu, cuda, cuda:N")
     output: str | None = option(None, "output folder (required)")
@@ -232,10 +232,11 @@ def check_run(run_opts: RunOptions, config, given: dict[str, Any]) -> None:
 
 def run(args) -> int:
     import qig
-    from qig.api import load_scales, summary_table, versions
-    from qig.calib import embedded_calibration, load_calibration
-    from qig.evaluate import load_model_and_processor
-    from qig.models import family_for
+    from qig.api import summary_table
+    from qig.calib import calibration_for
+    from qig.loading import load_model_and_processor
+    from qig.pipeline.timing import Timer
+    from qig.runs import load_scales, versions
 
     given = given_options(args)
     run_opts, method_opts = split_options(given)
@@ -247,31 +248,27 @@ def run(args) -> int:
         log.info("applying %s with the saved run's quantizer %s", run_opts.scales, config.spec.label())
     check_run(run_opts, config, given)
 
-    timer = _Timer()
+    timer = Timer()
     with timer("load"):
         model, processor = load_model_and_processor(run_opts.model, trust_remote_code=run_opts.trust_remote_code)
     calib = None
     if scales is None and config.name != "rtn":
         with timer("calibration_data"):
-            family = family_for(model)
-            kw = dict(
+            calib = calibration_for(
+                model,
+                processor,
+                run_opts.calib,
+                image_folder=run_opts.image_folder,
                 n_samples=run_opts.n_samples,
+                seed=run_opts.calib_seed,
                 max_length=run_opts.max_length,
-                image_seq_length=family.image_seq_length(model),
-                image_token_id=family.vision_token_id(model, processor),
             )
-            if run_opts.calib:
-                calib = load_calibration(
-                    run_opts.calib, processor, image_folder=run_opts.image_folder, seed=run_opts.calib_seed, **kw
-                )
-            else:
-                calib = embedded_calibration(processor, **kw)
     with timer("quantize"):
         result = qig.quantize(
             model, config, calib, device=run_opts.device, scales=scales, progress=not run_opts.no_progress
         )
     result.applied_from = run_opts.scales
-    timings = {**timer.seconds, **{f"quantize/{k}": v for k, v in result.timings.items()}}
+    timings = {**timer.totals, **{f"quantize/{k}": v for k, v in result.timings.items()}}
     report = {
         "config": config.to_dict(),
         "options": {**dataclasses.asdict(run_opts), **method_opts},
@@ -290,23 +287,8 @@ def run(args) -> int:
     return 0
 
 
-class _Timer:
-    """``with timer("load"): ...`` adds the block's seconds to ``timer.seconds["load"]``."""
-
-    def __init__(self) -> None:
-        self.seconds: dict[str, float] = {}
-
-    @contextlib.contextmanager
-    def __call__(self, key: str):
-        t = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - t
-
-
 def _write(run_opts: RunOptions, model, processor, result, report) -> Path:
-    from qig.api import write_output
+    from qig.runs import write_output
 
     if not run_opts.format:
         return write_output(run_opts.output, model, processor, result, report, overwrite=run_opts.overwrite)
