@@ -62,15 +62,13 @@ def normalize_answer(text: str) -> str:
 @torch.no_grad()
 def generate_answers(model, processor, records, batch_size: int = 64) -> list[str]:
     """Greedy answers for (image, record) pairs."""
-    device = next(model.parameters()).device
     tok = processor.tokenizer
     tok.padding_side = "left"
     answers = []
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
         texts = [_prompt(processor, _question(rec)[0]) for _, rec in chunk]
-        enc = _batch(processor, texts, chunk).to(device)
-        enc["pixel_values"] = enc["pixel_values"].to(next(model.parameters()).dtype)
+        enc = _batch(processor, texts, chunk, model)
         out = model.generate(**enc, max_new_tokens=MAX_NEW_TOKENS, do_sample=False)
         new = out[:, enc["input_ids"].shape[1] :]
         answers += [s.strip() for s in tok.batch_decode(new, skip_special_tokens=True)]
@@ -86,16 +84,14 @@ def answer_log_probs(model, processor, records, batch_size: int = 64) -> list[to
     prompt is a token prefix of the whole conversation, so any family's chat
     template works.
     """
-    device = next(model.parameters()).device
     tok = processor.tokenizer
     tok.padding_side = "left"
     out = []
     for i in range(0, len(records), batch_size):
         chunk = records[i : i + batch_size]
         texts = [chat_texts(processor, _messages(*_question(rec))) for _, rec in chunk]
-        enc = _batch(processor, [full for full, _ in texts], chunk).to(device)
+        enc = _batch(processor, [full for full, _ in texts], chunk, model)
         prompts = _batch(processor, [prompt for _, prompt in texts], chunk)
-        enc["pixel_values"] = enc["pixel_values"].to(next(model.parameters()).dtype)
         logits = model(**enc).logits.float()  # [B, T, V]
         for b, (_, rec) in enumerate(chunk):
             positions = _real_positions(enc, b)  # [T_b] where the conversation's tokens sit (padding aside)
@@ -107,9 +103,18 @@ def answer_log_probs(model, processor, records, batch_size: int = 64) -> list[to
     return out
 
 
-def _batch(processor, texts: list[str], chunk):
-    """A padded batch of texts, each with its record's image (one list per sample, as Gemma 3 and SmolVLM need)."""
-    return processor(text=texts, images=[[img] for img, _ in chunk], return_tensors="pt", padding=True)
+def _batch(processor, texts: list[str], chunk, model=None):
+    """A padded batch of texts, each with its record's image (one list per sample, as Gemma 3 and SmolVLM need).
+
+    With ``model``: on its device, the pixels in its dtype.
+    """
+    enc = processor(text=texts, images=[[img] for img, _ in chunk], return_tensors="pt", padding=True)
+    if model is None:
+        return enc
+    param = next(model.parameters())
+    enc = enc.to(param.device)
+    enc["pixel_values"] = enc["pixel_values"].to(param.dtype)
+    return enc
 
 
 def _real_positions(enc, b: int) -> torch.Tensor:
