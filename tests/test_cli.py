@@ -52,7 +52,7 @@ def test_eval_corrupt_weights(tmp_path, capsys):
 
 def test_eval_bad_limit(capsys):
     code, _, err = _run(capsys, "eval", "--limit", "0")
-    assert code == 2 and "--limit must be positive" in err
+    assert code == 2 and "limit 0 is not supported; use an integer >= 1" in err
 
 
 def test_debug_shows_the_traceback(tmp_path):
@@ -75,3 +75,87 @@ def test_world_writes_and_refuses_existing(tmp_path, capsys):
     assert code == 0 and (tmp_path / "c" / "data.json").is_file()
     code, _, err = _run(capsys, "world", "calib", "--output", str(tmp_path / "c"), "--n", "3")
     assert code == 2 and "--overwrite" in err
+
+
+def _temps(out):
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(f".{out.name}."))
+
+
+def test_world_output_is_a_file(tmp_path, capsys):
+    (tmp_path / "c").write_text("x")
+    code, _, err = _run(capsys, "world", "calib", "--output", str(tmp_path / "c"), "--n", "3", "--overwrite")
+    assert code == 2 and "is a file, not a folder" in err and err.count("\n") == 1
+
+
+def test_world_output_under_a_file(tmp_path, capsys):
+    (tmp_path / "f").write_text("x")
+    code, _, err = _run(capsys, "world", "calib", "--output", str(tmp_path / "f" / "c"), "--n", "3")
+    assert code == 2 and f"{tmp_path / 'f'} is a file, not a folder" in err and "Traceback" not in err
+
+
+def test_eval_json_into_a_folder_is_refused_before_the_run(tmp_path, capsys):
+    code, stdout, err = _run(capsys, "eval", "--limit", "2", "--json", str(tmp_path))
+    assert code == 2 and "is a folder, not a file" in err and stdout == ""
+
+
+def test_world_no_space_left_is_one_line(tmp_path, capsys, monkeypatch):
+    import errno
+
+    from qig.embedded import world
+
+    def full(image):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(world, "png_bytes", full)
+    out = tmp_path / "c"
+    code, _, err = _run(capsys, "world", "calib", "--output", str(out), "--n", "3")
+    assert code == 2 and err.startswith(f"error: could not write {out}: no space left on device; ")
+    assert err.count("\n") == 1 and "Traceback" not in err
+    assert not out.exists() and _temps(out) == []
+
+
+@pytest.mark.parametrize(
+    "stop, code, word",
+    [
+        pytest.param(KeyboardInterrupt, 130, "interrupted", id="SIGINT"),
+        pytest.param("Terminated", 143, "terminated", id="SIGTERM"),
+    ],
+)
+def test_a_stop_while_writing_is_one_line_and_leaves_nothing(tmp_path, capsys, monkeypatch, stop, code, word):
+    import signal
+
+    from qig import cli
+    from qig.embedded import world
+
+    stop = getattr(cli, stop) if isinstance(stop, str) else stop
+
+    def stopped(image):
+        raise stop
+
+    monkeypatch.setattr(world, "png_bytes", stopped)
+    before = signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)
+    out = tmp_path / "c"
+    got, _, err = _run(capsys, "world", "calib", "--output", str(out), "--n", "3")
+    assert got == code and err == f"{word}; nothing was written to {out}\n"
+    assert not out.exists() and _temps(out) == []
+    assert (signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)) == before  # main put them back
+
+
+def test_an_ignored_signal_stays_ignored(tmp_path, capsys, monkeypatch):
+    import signal
+
+    from qig.embedded import world
+
+    seen, real = [], world.png_bytes
+
+    def spy(image):
+        seen.append(signal.getsignal(signal.SIGTERM))
+        return real(image)
+
+    monkeypatch.setattr(world, "png_bytes", spy)
+    before = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # as a parent may have set it (nohup, a background job)
+    try:
+        code, _, _ = _run(capsys, "world", "calib", "--output", str(tmp_path / "c"), "--n", "1")
+        assert code == 0 and seen == [signal.SIG_IGN] and signal.getsignal(signal.SIGTERM) is signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGTERM, before)

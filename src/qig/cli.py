@@ -4,7 +4,10 @@
     qig world eval --output data/eval --n 1000 --seed 7
 
 Bad input prints one line (``error: ...``) and exits with 2; ``--debug``
-shows the traceback.
+shows the traceback. Ctrl-C (SIGINT) and SIGTERM, at any moment of a command
+(its imports included), print one line (``interrupted`` / ``terminated``, and
+which outputs were not written) and exit with 130 / 143; the output being
+written is left as it was (its temporary folder is removed on the way out).
 """
 
 from __future__ import annotations
@@ -13,8 +16,12 @@ import argparse
 import importlib
 import logging
 import os
+import signal
 import sys
+import threading
+import traceback
 
+from qig import fileio
 from qig.errors import QigError
 
 # Each module has register(subparsers) -> parser, setting ``func(args) -> int``.
@@ -30,25 +37,78 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(BaseException):
+    """SIGTERM, raised in the main thread like KeyboardInterrupt, so ``finally`` blocks and ``atomic_dir`` clean up."""
+
+
+# Exit codes of the shell convention, 128 + the signal number.
+STOPS = {KeyboardInterrupt: ("interrupted", 130), Terminated: ("terminated", 143)}
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
-    logging.basicConfig(level=logging.DEBUG if debug else logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    if not debug:
-        # Library chatter (e.g. transformers' backend notices) is not for users of the CLI.
-        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-        logging.getLogger("transformers").setLevel(logging.ERROR)
-    args = build_parser().parse_args(argv)
+    fileio.clear_unfinished()
+    state = {"reporting": False}
+    previous = _catch_signals(state)
     try:
+        level = logging.DEBUG if debug else logging.INFO
+        logging.basicConfig(level=level, format="%(levelname)s %(name)s: %(message)s")
+        if not debug:
+            # Library chatter (e.g. transformers' backend notices) is not for users of the CLI.
+            os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+            logging.getLogger("transformers").setLevel(logging.ERROR)
+        args = build_parser().parse_args(argv)
         return int(args.func(args) or 0)
     except QigError as exc:
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except (KeyboardInterrupt, Terminated) as exc:
+        state["reporting"] = True  # a further signal now is ignored: we are on the way out
+        if debug:
+            traceback.print_exc()
+        word, code = STOPS[type(exc)]
+        unwritten = fileio.unfinished_outputs()
+        if unwritten:
+            word += f"; nothing was written to {', '.join(map(str, unwritten))}"
+        print(word, file=sys.stderr)
+        return code
+    finally:
+        _restore_signals(previous)
+
+
+def _catch_signals(state: dict) -> dict:
+    """SIGINT raises KeyboardInterrupt, SIGTERM raises Terminated; returns the previous handlers.
+
+    A second signal during the clean-up raises again (a command that swallowed
+    the first can still be stopped), except once ``main`` is reporting. A
+    signal our parent set to be ignored stays ignored. Only the main thread
+    may set handlers; elsewhere nothing changes.
+    """
+    if threading.current_thread() is not threading.main_thread():
+        return {}
+
+    def handler(signum, frame):
+        if state["reporting"]:
+            return
+        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+
+    previous = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        current = signal.getsignal(sig)
+        if current is signal.SIG_IGN:
+            continue  # ignored by whoever started us (a background job, nohup): it stays ignored
+        previous[sig] = current
+        signal.signal(sig, handler)
+    return previous
+
+
+def _restore_signals(previous: dict) -> None:
+    for sig, handler in previous.items():
+        if handler is not None:  # None: set from outside Python, cannot be put back from here
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":
