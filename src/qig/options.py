@@ -47,14 +47,25 @@ def option(
     max: float | None = None,
     hint: str | Callable[[], str] | None = None,
     choices: Callable[[], tuple[str, ...]] | None = None,
+    required: bool = False,
+    positional: bool = False,
 ) -> Any:
     """A dataclass field with its help, range (``min``/``max``, inclusive) and an optional hint for errors.
 
     choices: for ``str`` fields whose allowed values are only known at run
     time (e.g. the registered methods), a function returning them; ``hint``
-    may be such a function too.
+    may be such a function too. required / positional: how a command line
+    takes it (``qig.commands.flags``); a required option's default is None.
     """
-    meta = {"help": help, "min": min, "max": max, "hint": hint, "choices": choices}
+    meta = {
+        "help": help,
+        "min": min,
+        "max": max,
+        "hint": hint,
+        "choices": choices,
+        "required": required,
+        "positional": positional,
+    }
     return dataclasses.field(default=default, metadata=meta)
 
 

@@ -45,10 +45,10 @@ def test_inspect_writes_pictures_html_and_numbers(model_dir, tmp_path, capsys):
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["--abits", "8"], "only weight-only"),
+        (["--abits", "8"], "abits 8 is not supported; use an integer from 16 to 16"),
         (["--layers", "9"], "layer 9 does not exist"),
         (["--group-size", "100"], "group_size 100"),
-        (["--samples", "0"], "--samples must be positive"),
+        (["--samples", "0"], "samples 0 is not supported; use an integer >= 1"),
     ],
     ids=["abits", "layer", "group-size", "samples"],
 )

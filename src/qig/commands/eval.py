@@ -4,58 +4,76 @@ from __future__ import annotations
 
 import argparse
 import json
+from dataclasses import dataclass
 from pathlib import Path
 
+from qig.commands.flags import add_flags, from_args
 from qig.embedded import world
 from qig.errors import QigError
 from qig.fileio import atomic_write_text
+from qig.options import check_fields, option
+
+
+@dataclass(frozen=True)
+class EvalOptions:
+    """``qig eval``'s options; each field is a flag."""
+
+    model: str | None = option(None, "model folder (default: the embedded model)")
+    seed: int = option(world.DEFAULT_EVAL_SEED, "eval split seed (other seeds: new sets)")
+    n: int = option(1000, "questions generated for the eval split", min=1)
+    limit: int | None = option(None, "evaluate only the first N questions", min=1)
+    data: str | None = option(None, "a LLaVA-style QA JSON to evaluate instead of the embedded split")
+    image_folder: str | None = option(None, "images of --data (default: the JSON's folder)")
+    reference: str | None = option(
+        None,
+        "reference model folder for agreement and KL (default: the model a qig run in --model was quantized "
+        "from, as its report.json records; none for other folders); 'none' to skip",
+    )
+    blank_images: bool = option(False, "replace every image by an empty background")
+    device: str = option("cpu", "compute device: cpu, cuda, cuda:N")
+    batch_size: int = option(64, "questions per forward", min=1)
+    json: str | None = option(None, "write the report (with per-question predictions) here")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.image_folder is not None and self.data is None:
+            raise QigError("--image-folder goes with --data (the images of that file)")
 
 
 def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("eval", help="evaluate a model on the embedded visual-QA benchmark (or a LLaVA-style JSON)")
-    p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
-    p.add_argument("--seed", type=int, default=world.DEFAULT_EVAL_SEED, help="eval split seed (other seeds: new sets)")
-    p.add_argument("--n", type=int, default=1000, help="questions generated for the eval split")
-    p.add_argument("--limit", type=int, default=None, help="evaluate only the first N questions")
-    p.add_argument("--data", default=None, help="a LLaVA-style QA JSON to evaluate instead of the embedded split")
-    p.add_argument("--image-folder", default=None, help="images of --data (default: the JSON's folder)")
-    p.add_argument(
-        "--reference",
-        default=None,
-        help="reference model folder for agreement and KL (default: the model a qig run in --model was quantized "
-        "from, as its report.json records; none for other folders); 'none' to skip",
-    )
-    p.add_argument("--blank-images", action="store_true", help="replace every image by an empty background")
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--json", default=None, help="write the report (with per-question predictions) here")
+    add_flags(p, EvalOptions)
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
+    from qig.api import check_device
     from qig.evaluate import format_table, run_eval
+    from qig.fileio import check_output_file
 
-    if args.limit is not None and args.limit <= 0:
-        raise QigError(f"--limit must be positive, got {args.limit}")
-    reference, note = default_reference(args.model, args.reference)
+    opts = from_args(args, EvalOptions)
+    check_device(opts.device)
+    if opts.json:
+        check_output_file(opts.json)
+    reference, note = default_reference(opts.model, opts.reference)
     report = run_eval(
-        model_dir=args.model,
-        seed=args.seed,
-        limit=args.limit,
-        n=args.n,
+        model_dir=opts.model,
+        seed=opts.seed,
+        limit=opts.limit,
+        n=opts.n,
         reference_dir=reference,
-        data=args.data,
-        image_folder=args.image_folder,
-        device=args.device,
-        batch_size=args.batch_size,
-        blank_images=args.blank_images,
+        data=opts.data,
+        image_folder=opts.image_folder,
+        device=opts.device,
+        batch_size=opts.batch_size,
+        blank_images=opts.blank_images,
     )
     print(format_table(report))
     if note:
         print(note)
-    if args.json:
-        atomic_write_text(args.json, json.dumps(report, indent=1) + "\n")
+    if opts.json:
+        atomic_write_text(opts.json, json.dumps(report, indent=1) + "\n")
     return 0
 
 

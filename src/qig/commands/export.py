@@ -10,27 +10,47 @@ output folder appears only when the export is complete. See docs/export.md.
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
+from qig.commands.flags import add_flags, from_args
 from qig.export import FORMATS
+from qig.options import check_fields, option
+
+
+def _dtypes() -> tuple[str, ...]:
+    from qig.export.writer import DTYPES
+
+    return tuple(DTYPES)
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    """``qig export``'s options; each field is a flag."""
+
+    input: str | None = option(None, "the --output folder of 'qig quantize'", required=True)
+    format: str = option("compressed-tensors", "the format to write", choices=lambda: FORMATS)
+    output: str | None = option(None, "the folder to write", required=True)
+    dtype: str | None = option(None, "unquantized parts (default: the input's)", choices=_dtypes)
+    overwrite: bool = option(False, "replace an existing output folder")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def register(sub) -> argparse.ArgumentParser:
-    from qig.export.writer import DTYPES
-
     p = sub.add_parser("export", help="write a quantized folder as compressed-tensors (vLLM) or fake-quant")
-    p.add_argument("--input", required=True, help="the --output folder of 'qig quantize'")
-    p.add_argument("--format", choices=FORMATS, default="compressed-tensors", help="default compressed-tensors")
-    p.add_argument("--output", required=True, help="the folder to write")
-    p.add_argument("--dtype", choices=tuple(DTYPES), default=None, help="unquantized parts (default: the input's)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_flags(p, ExportOptions)
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
     from qig.export import export
+    from qig.fileio import check_output_dir
 
-    result = export(args.input, args.output, fmt=args.format, overwrite=args.overwrite, dtype=args.dtype)
+    opts = from_args(args, ExportOptions)
+    check_output_dir(opts.output, opts.overwrite)
+    result = export(opts.input, opts.output, fmt=opts.format, overwrite=opts.overwrite, dtype=opts.dtype)
     print(summary(result))
     return 0
 

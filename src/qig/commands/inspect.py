@@ -14,46 +14,59 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from pathlib import Path
+from dataclasses import dataclass
+from typing import Literal
 
+from qig.commands.flags import add_flags, from_args
 from qig.commands.quantize import parse_group_size
 from qig.errors import QigError
+from qig.options import check_fields, option
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class InspectOptions:
+    """``qig inspect``'s options; each field is a flag."""
+
+    model: str | None = option(None, "model folder (default: the embedded model)")
+    calib: str | None = option(None, "LLaVA-style JSON/JSONL (default: the embedded world's samples)")
+    image_folder: str | None = option(None, "images of --calib (default: the file's folder)")
+    embedded: Literal["qa", "captions"] = option(
+        "qa", "without --calib: embedded questions about the scene, or calibration captions"
+    )
+    samples: int = option(8, "samples to inspect", min=1)
+    seed: int = option(0, "sampling seed of the data")
+    layers: str | None = option(
+        None,
+        "layers to picture, e.g. 0,5,-1 or 'all' (default: first, middle, last; a list starting with a "
+        "negative index is written --layers=-1,0); weights are computed for every layer up to the deepest",
+    )
+    wbits: int = option(3, "weight bits of the quantizer QIG attributes")
+    abits: int = option(
+        16, "activation bits; only 16 (weight-only) is inspected so far", min=16, max=16, hint="weight-only so far"
+    )
+    group_size: int | None = option(128, "input channels per scale, or 'channel'", min=1)
+    baseline: Literal["quantized", "zero"] = option("quantized", "QIG reference x'")
+    steps: int | None = option(None, "QIG quadrature points (default: QIG's, 2)", min=1)
+    max_length: int = option(1024, "token cap per sample", min=1)
+    batch_size: int = option(16, "samples per forward", min=1)
+    device: str = option("cpu", "compute device: cpu, cuda, cuda:N")
+    output: str | None = option(None, "output folder (refused if it exists, unless --overwrite)", required=True)
+    overwrite: bool = option(False, "replace an existing output folder")
+    no_progress: bool = option(False, "no progress bars")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
+        if self.image_folder and not self.calib:
+            raise QigError("--image-folder goes with --calib (the images of that file)")
 
 
 def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "inspect", help="token-sensitivity maps (QIG vs MBQ vs AWQ token weights) as pictures + HTML, no quantization"
     )
-    p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
-    p.add_argument("--calib", default=None, help="LLaVA-style JSON/JSONL (default: the embedded world's samples)")
-    p.add_argument("--image-folder", default=None, help="images of --calib (default: the file's folder)")
-    p.add_argument(
-        "--embedded",
-        choices=("qa", "captions"),
-        default="qa",
-        help="without --calib: embedded questions about the scene (default) or calibration captions",
-    )
-    p.add_argument("--samples", type=int, default=8, help="samples to inspect (default 8)")
-    p.add_argument("--seed", type=int, default=0, help="sampling seed of the data (default 0)")
-    p.add_argument(
-        "--layers",
-        default=None,
-        help="layers to picture, e.g. 0,5,-1 or 'all' (default: first, middle, last; a list starting with a "
-        "negative index is written --layers=-1,0); weights are computed for every layer up to the deepest",
-    )
-    p.add_argument("--wbits", type=int, default=3, help="weight bits of the quantizer QIG attributes (default 3)")
-    p.add_argument("--abits", type=int, default=16, help="activation bits; only 16 (weight-only) for now")
-    p.add_argument("--group-size", default="128", help="input channels per scale, or 'channel' (default 128)")
-    p.add_argument("--baseline", choices=("quantized", "zero"), default="quantized", help="QIG reference x'")
-    p.add_argument("--steps", type=int, default=None, help="QIG quadrature points (default 2)")
-    p.add_argument("--max-length", type=int, default=1024, help="token cap per sample (default 1024)")
-    p.add_argument("--batch-size", type=int, default=16, help="samples per forward (default 16)")
-    p.add_argument("--device", default="cpu", help="compute device: cpu, cuda, cuda:N (default cpu)")
-    p.add_argument("--output", required=True, help="output folder (refused if it exists, unless --overwrite)")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
-    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    add_flags(p, InspectOptions, types={"group_size": parse_group_size})
     p.set_defaults(func=run)
     return p
 
@@ -61,63 +74,58 @@ def register(sub) -> argparse.ArgumentParser:
 def run(args) -> int:
     from qig.api import check_device
     from qig.calib import calibration_for
+    from qig.fileio import check_output_dir
     from qig.loading import load_model_and_processor
     from qig.tokenmaps import compute_token_maps, embedded_questions, write_report
     from qig.tokenmaps.render import require_matplotlib
 
-    if Path(args.output).exists() and not args.overwrite:
-        raise QigError(f"output folder {args.output} already exists; pass --overwrite to replace it")
-    if args.abits != 16:
-        raise QigError(f"--abits {args.abits}: only weight-only quantization (--abits 16) is inspected so far")
-    if args.samples <= 0:
-        raise QigError(f"--samples must be positive, got {args.samples}")
-    if args.image_folder and not args.calib:
-        raise QigError("--image-folder goes with --calib (the images of that file)")
+    opts = from_args(args, InspectOptions)
+    check_output_dir(opts.output, opts.overwrite)
     require_matplotlib()
-    check_device(args.device)
-    qig_options = {"baseline": args.baseline}
-    if args.steps is not None:
-        qig_options["steps"] = args.steps
+    check_device(opts.device)
+    qig_options = {"baseline": opts.baseline}
+    if opts.steps is not None:
+        qig_options["steps"] = opts.steps
 
     t0 = time.perf_counter()
-    model, processor = load_model_and_processor(args.model)
-    if args.calib:
+    model, processor = load_model_and_processor(opts.model)
+    if opts.calib:
         calib = calibration_for(
             model,
             processor,
-            args.calib,
-            image_folder=args.image_folder,
-            n_samples=args.samples,
-            seed=args.seed,
-            max_length=args.max_length,
+            opts.calib,
+            image_folder=opts.image_folder,
+            n_samples=opts.samples,
+            seed=opts.seed,
+            max_length=opts.max_length,
         )
         meta = None
     else:
         calib, meta = embedded_questions(
-            model, processor, args.samples, args.seed, kind=args.embedded, max_length=args.max_length
+            model, processor, opts.samples, opts.seed, kind=opts.embedded, max_length=opts.max_length
         )
     t1 = time.perf_counter()
     maps = compute_token_maps(
         model,
         processor,
         calib,
-        layers=args.layers,
-        wbits=args.wbits,
-        group_size=parse_group_size(args.group_size),
-        device=args.device,
-        batch_size=args.batch_size,
+        layers=opts.layers,
+        wbits=opts.wbits,
+        group_size=opts.group_size,
+        device=opts.device,
+        batch_size=opts.batch_size,
         meta=meta,
         qig_options=qig_options,
-        progress=not args.no_progress,
+        progress=not opts.no_progress,
     )
     t2 = time.perf_counter()
     maps.info.update(
-        model=str(args.model or "embedded"),
-        data=args.calib or f"embedded {args.embedded} (seed {args.seed})",
+        model=str(opts.model or "embedded"),
+        data=opts.calib or f"embedded {opts.embedded} (seed {opts.seed})",
         seconds_load=t1 - t0,
         seconds_compute=t2 - t1,
     )
-    out = write_report(maps, args.output, overwrite=args.overwrite, n_pictures=args.samples)
+    out = write_report(maps, opts.output, overwrite=opts.overwrite, n_pictures=opts.samples)
     log.info("load %.1fs, token weights %.1fs, pictures %.1fs", t1 - t0, t2 - t1, time.perf_counter() - t2)
     print(f"wrote token maps of {maps.n_samples} samples x layers {maps.shown} to {out / 'index.html'}")
     return 0

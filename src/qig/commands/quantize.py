@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qig.calib import DEFAULT_MAX_LENGTH, DEFAULT_N_SAMPLES
+from qig.commands.flags import add_flag, add_flags
 from qig.errors import QigError
 from qig.methods.config import (
     CONFIGS,
@@ -93,11 +94,10 @@ def register(sub) -> argparse.ArgumentParser:
         "A flag the chosen method does not take is refused.",
     )
     p.add_argument("--recipe", default=None, help="YAML file whose keys stand for the flags (e.g. wbits: 3)")
-    for opt in RUN_OPTIONS.values():
-        _add_flag(p, opt, None)
+    add_flags(p, RunOptions)
     methods = p.add_argument_group("method options (in brackets: which methods take it, where not all)")
     for key, opt in all_options().items():
-        _add_flag(methods, opt, methods_with(key))
+        _add_method_flag(methods, opt, methods_with(key))
     for preset in preset_names():
         holders = methods_with(preset)
         doc = getattr(CONFIGS[holders[0]], preset).__doc__.strip().splitlines()[0]
@@ -106,27 +106,15 @@ def register(sub) -> argparse.ArgumentParser:
     return p
 
 
-def _add_flag(parser, opt: FlatOption, holders: list[str] | None) -> None:
-    """One flag for one option: type, choices and help from the field; default None ("not given")."""
-    kind, meta = opt.kind, opt.field.metadata
-    help_text = meta.get("help") or opt.key.replace("_", " ")
-    default = opt.field.default
-    if default is not None and default is not False and not dataclasses.is_dataclass(default):
-        help_text += f" (default {default})"
-    if holders is not None and len(holders) < len(CONFIGS):
-        help_text += f" [{', '.join(holders)}]"
-    kw: dict[str, Any] = {"default": None, "help": help_text.replace("%", "%%")}
-    if kind.base is bool:
-        kw["action"] = "store_true"
-    elif opt.key == "group_size":
-        kw["type"] = parse_group_size
-    elif kind.base is not None and dataclasses.is_dataclass(kind.base):  # a borrowed config: a method name
-        kw["choices"] = ("uniform", *token_weighting_names())
-    elif kind.choices or meta.get("choices"):
-        kw["choices"] = kind.choices or meta["choices"]()
-    elif kind.base in (int, float):
-        kw["type"] = kind.base
-    parser.add_argument(opt.flag, **kw)
+def _add_method_flag(parser, opt: FlatOption, holders: list[str]) -> None:
+    """A method option's flag; the methods that take it in brackets when not every method does."""
+    suffix = f" [{', '.join(holders)}]" if len(holders) < len(CONFIGS) else ""
+    overrides: dict[str, Any] = {}
+    if opt.key == "group_size":
+        overrides["type"] = parse_group_size
+    elif opt.kind.base is not None and dataclasses.is_dataclass(opt.kind.base):  # a borrowed config: a name
+        overrides["choices"] = ("uniform", *token_weighting_names())
+    add_flag(parser, opt, suffix, **overrides)
 
 
 def parse_group_size(value) -> int | None:
@@ -208,10 +196,13 @@ def build_config(run_opts: RunOptions, method_opts: dict[str, Any], saved: dict 
 
 def check_run(run_opts: RunOptions, config, given: dict[str, Any]) -> None:
     """Refuse, before any work, what the run cannot do or would ignore."""
+    from qig.api import check_device
+    from qig.fileio import check_output_dir
+
     if not run_opts.output:
         raise QigError("--output is required (the folder to write the quantized model into)")
-    if Path(run_opts.output).exists() and not run_opts.overwrite:
-        raise QigError(f"output folder {run_opts.output} already exists; pass --overwrite to replace it")
+    check_output_dir(run_opts.output, run_opts.overwrite)
+    check_device(run_opts.device)
     without_data = run_opts.scales is not None or config.name == "rtn"
     unused = [k for k in CALIBRATION_KEYS if k in given]
     if without_data and unused:
@@ -227,7 +218,8 @@ def check_run(run_opts: RunOptions, config, given: dict[str, Any]) -> None:
     if run_opts.format:
         from qig.export import check_format
 
-        check_format(run_opts.format, config.spec, config.abits)
+        gptq = config.gptq_settings
+        check_format(run_opts.format, config.spec, config.abits, act_order=gptq is not None and gptq.act_order)
 
 
 def run(args) -> int:

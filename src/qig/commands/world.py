@@ -3,27 +3,48 @@
 from __future__ import annotations
 
 import argparse
+from dataclasses import dataclass
 
+from qig.commands.flags import add_flags, from_args
 from qig.embedded import world
-from qig.errors import QigError
+from qig.options import check_fields, option
+
+DEFAULT_N = {"eval": 1000, "calib": 128, "train": 1000}
+
+
+@dataclass(frozen=True)
+class WorldOptions:
+    """``qig world``'s options; each field is a flag (``split`` is positional)."""
+
+    split: str | None = option(
+        None,
+        "train/eval: one question per image; calib: captions",
+        choices=lambda: tuple(sorted(world.SPLIT_IDS)),
+        positional=True,
+    )
+    output: str | None = option(None, "output folder (images/ + data.json)", required=True)
+    n: int | None = option(None, "records (default: eval 1000, calib 128, train 1000)", min=1)
+    seed: int | None = option(None, "default: eval 1234, otherwise 0")
+    overwrite: bool = option(False, "replace an existing output folder")
+
+    def __post_init__(self) -> None:
+        check_fields(self)
 
 
 def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser("world", help="write a split of the embedded visual-QA world (PNG + LLaVA-style JSON)")
-    p.add_argument("split", choices=sorted(world.SPLIT_IDS), help="train/eval: one question per image; calib: captions")
-    p.add_argument("--output", required=True, help="output folder (images/ + data.json)")
-    p.add_argument("--n", type=int, default=None, help="records (default: eval 1000, calib 128, train 1000)")
-    p.add_argument("--seed", type=int, default=None, help="default: eval 1234, otherwise 0")
-    p.add_argument("--overwrite", action="store_true", help="replace an existing output folder")
+    add_flags(p, WorldOptions)
     p.set_defaults(func=run)
     return p
 
 
 def run(args) -> int:
-    n = args.n if args.n is not None else {"eval": 1000, "calib": 128, "train": 1000}[args.split]
-    if n <= 0:
-        raise QigError(f"--n must be positive, got {n}")
-    seed = args.seed if args.seed is not None else (world.DEFAULT_EVAL_SEED if args.split == "eval" else 0)
-    path = world.write_split(args.split, args.output, n=n, seed=seed, overwrite=args.overwrite)
-    print(f"wrote {n} {args.split} records to {path}")
+    from qig.fileio import check_output_dir
+
+    opts = from_args(args, WorldOptions)
+    check_output_dir(opts.output, opts.overwrite)
+    n = opts.n if opts.n is not None else DEFAULT_N[opts.split]
+    seed = opts.seed if opts.seed is not None else (world.DEFAULT_EVAL_SEED if opts.split == "eval" else 0)
+    path = world.write_split(opts.split, opts.output, n=n, seed=seed, overwrite=opts.overwrite)
+    print(f"wrote {n} {opts.split} records to {path}")
     return 0

@@ -201,12 +201,20 @@ def export(
     return ExportResult(output_dir, fmt, scheme, sorted(quantized), ignored)
 
 
-def check_format(fmt: str, spec: QuantSpec, abits: int = 16) -> None:
-    """Refuse, before any work, a format that cannot hold the setting (``qig quantize --format`` calls it)."""
+def check_format(fmt: str, spec: QuantSpec, abits: int = 16, act_order: bool = False) -> None:
+    """Refuse, before any work, a format that cannot hold the setting (``qig quantize --format`` calls it).
+
+    act_order: the run is GPTQ with act-order, whose groups compressed-tensors cannot store.
+    """
     if fmt not in FORMATS:
         raise QigError(f"format {fmt!r} is not supported; use one of: {', '.join(FORMATS)}")
     if fmt == "compressed-tensors":
         scheme_for(spec, abits)
+        if act_order:
+            raise QigError(
+                "GPTQ with --act-order permutes its groups' columns (g_idx), which compressed-tensors no longer "
+                "stores; drop --act-order, or write --format fake-quant"
+            )
         _require_library()
 
 
