@@ -22,8 +22,10 @@ files in its ``qig/`` subfolder; the readers here look there too.
 from __future__ import annotations
 
 import json
+import math
 import os
 import platform
+import re
 import time
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -133,8 +135,20 @@ def source_model(folder: str | os.PathLike) -> str | None:
     return source
 
 
+SCALES_KEY = re.compile(r"scales\.([0-9]+)\.([A-Za-z_][A-Za-z0-9_]*)")  # scales.<layer>.<group name>, ASCII only
+
+
 def load_scales(path: str | os.PathLike) -> tuple[dict[tuple[int, str], torch.Tensor], dict | None]:
-    """Scales from a ``search.safetensors`` (or its folder), and the run's config from ``search.json`` if present."""
+    """Scales from a ``search.safetensors`` (or its folder), and the run's config from ``search.json`` if present.
+
+    Refused, naming the key or the group: a ``scales.*`` key that is not
+    ``scales.<layer>.<group>``, a tensor that is not 1-D, entries that are NaN,
+    inf, zero or negative (see :func:`check_scale`).
+
+    >>> scales, config = load_scales("out/qig-w3/search.safetensors")  # doctest: +SKIP
+    >>> scales[(0, "attn_in")].shape  # doctest: +SKIP
+    torch.Size([4096])
+    """
     from safetensors import SafetensorError
     from safetensors.torch import load_file
 
@@ -151,8 +165,17 @@ def load_scales(path: str | os.PathLike) -> tuple[dict[tuple[int, str], torch.Te
     for key, value in tensors.items():
         if not key.startswith("scales."):
             continue
-        _, layer, group = key.split(".", 2)
-        scales[(int(layer), group)] = value
+        match = SCALES_KEY.fullmatch(key)
+        if match is None:
+            raise QigError(
+                f"{path}: key {key!r} is not scales.<layer>.<group> (e.g. scales.0.attn_in); "
+                "the file was not written by qig or was edited, pass the search.safetensors of an earlier run"
+            )
+        layer, group = int(match[1]), match[2]
+        if (layer, group) in scales:
+            raise QigError(f"{path}: two keys name layer {layer} {group} (one is {key!r}); keep one of them")
+        check_scale(value, layer, group, f"{path}: ")
+        scales[(layer, group)] = value
     if not scales:
         raise QigError(f"{path} holds no 'scales.<layer>.<group>' tensors; it is not a qig search result")
     config = None
@@ -160,6 +183,33 @@ def load_scales(path: str | os.PathLike) -> tuple[dict[tuple[int, str], torch.Te
     if sidecar.is_file():
         config = _search_config(sidecar)
     return scales, config
+
+
+def check_scale(s: torch.Tensor, layer: int, group: str, where: str = "") -> None:
+    """Refuse a saved channel scale that is not a 1-D float tensor or has entries that are NaN, inf, zero or negative.
+
+    ``where`` prefixes the message (the file the scale came from). A fold divides
+    the previous op by ``s`` and multiplies the linears by it, so every entry must
+    be finite and positive.
+
+    >>> check_scale(torch.ones(8), 0, "attn_in")
+    >>> check_scale(torch.zeros(8), 3, "mlp_in")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    qig.errors.QigError: layer 3 mlp_in: 8 of its 8 scales are zero or negative; ...
+    """
+    fix = "a scale must be a finite positive number; re-run the search, or pass the search.safetensors of a good run"
+    if not isinstance(s, torch.Tensor) or s.dim() != 1 or s.numel() == 0:
+        shape = list(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+        raise QigError(f"{where}scales.{layer}.{group} must be a 1-D tensor, one scale per channel; got shape {shape}")
+    if not s.is_floating_point():
+        raise QigError(f"{where}scales.{layer}.{group} must hold floating-point scales, got {s.dtype}; {fix}")
+    bad = int((~torch.isfinite(s)).sum())
+    if bad:
+        raise QigError(f"{where}layer {layer} {group}: {bad} of its {s.numel()} scales are NaN or inf; {fix}")
+    bad = int((s <= 0).sum())
+    if bad:
+        raise QigError(f"{where}layer {layer} {group}: {bad} of its {s.numel()} scales are zero or negative; {fix}")
 
 
 def config_from_dict(fields: dict) -> QuantConfig:
@@ -195,10 +245,13 @@ def write_output(
     """Write the fake-quantized model, the search result and the run report into ``out``, atomically.
 
     Everything goes to a temporary sibling folder first and is renamed into
-    place; an existing ``out`` is refused unless ``overwrite``.
+    place; an existing ``out`` is refused unless ``overwrite``. A tensor of the
+    model or of the search result, or a number of the run files, that is NaN or
+    inf is refused before anything is written (see :func:`check_finite_output`).
     """
     out = Path(out)
     with atomic_dir(out, overwrite) as tmp:
+        check_finite_output(model, result, report, out)
         t = time.perf_counter()
         model.save_pretrained(tmp)
         if processor is not None:
@@ -208,3 +261,36 @@ def write_output(
         report.setdefault("timings", {})["save"] = time.perf_counter() - t
         atomic_write_text(tmp / REPORT_JSON, json.dumps(report, indent=1, default=str) + "\n")
     return out
+
+
+def check_finite_output(model: torch.nn.Module, result: QuantizationResult, report: dict, out: Path) -> None:
+    """Refuse NaN or inf in the model's state_dict, the search result's tensors, or search.json / report.json.
+
+    Reads only: one ``isfinite`` per floating tensor. The source weights, the
+    saved scales and the hidden states are checked where they enter the
+    pipeline; this is the last guard before anything reaches ``out``.
+    """
+    fix = (
+        f"nothing was written to {out}; a folded scale or the quantizer overflowed the model's dtype, or the "
+        "source is corrupt (check the source model and the scales, or load the model in float32)"
+    )
+    for what, tensors in (("quantized model's tensor", model.state_dict()), ("search result's", result.tensors())):
+        for key, t in tensors.items():
+            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
+                raise QigError(f"the {what} {key} holds NaN or inf values; {fix}")
+    for name, data in ((SEARCH_JSON, result.to_json()), (REPORT_JSON, report)):
+        where = _nonfinite_number(data, "")
+        if where is not None:
+            raise QigError(f"{name}'s {where or 'value'} is NaN or inf; {fix}")
+
+
+def _nonfinite_number(data, path: str) -> str | None:
+    """The path of the first NaN or inf float in nested dicts and lists (``groups[3].loss_after``), else None."""
+    if isinstance(data, float):
+        return None if math.isfinite(data) else path
+    items = data.items() if isinstance(data, dict) else enumerate(data) if isinstance(data, list | tuple) else ()
+    for key, value in items:
+        found = _nonfinite_number(value, f"{path}[{key}]" if isinstance(key, int) else f"{path}.{key}".lstrip("."))
+        if found is not None:
+            return found
+    return None

@@ -4,7 +4,8 @@ The model runs with its decoder layers swapped for catchers that record the
 hidden states and keyword arguments (position embeddings, masks) each layer
 receives and pass the hidden states on unchanged; what the model adds between
 layers (Qwen3-VL's DeepStack features) is recorded too and replayed by
-:func:`next_input`.
+:func:`next_input`. Hidden states that arrive NaN or inf are refused here,
+before any layer is quantized.
 
     >>> chunks = capture(model, family_for(model), calib, batch_size=8, device=torch.device("cpu"))  # doctest: +SKIP
     >>> h = next_input(layer0, chunks[0].x, chunks[0], 0)  # doctest: +SKIP
@@ -20,6 +21,12 @@ from torch.func import functional_call
 from qig.calib import CalibrationSet
 from qig.errors import QigError
 from qig.models import ModelFamily
+from qig.pipeline.finite import check_hidden
+
+BEFORE_LAYERS = (
+    "the embeddings, vision tower or projector produce them (check the checkpoint and the images, "
+    "or load the model in float32)"
+)
 
 
 class StopForward(Exception):
@@ -93,6 +100,9 @@ def capture(
             kwargs = [_plain_kwargs(kw) for kw in sink["kwargs"]]
             x = sink["hidden"]
             injections = _between_layers(sink["inputs"], family)
+            check_hidden(x, "the input of decoder layer 0", len(chunks), BEFORE_LAYERS)
+            for li, extra in injections.items():
+                check_hidden(extra, f"what the model adds after decoder layer {li}", len(chunks), BEFORE_LAYERS)
             chunks.append(Chunk(x=x, xq=x, roles=batch.roles.to(device), layer_kwargs=kwargs, injections=injections))
     finally:
         model.to(home)

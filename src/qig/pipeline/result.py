@@ -95,11 +95,8 @@ class QuantizationResult:
             ],
         }
 
-    def save(self, folder: str | os.PathLike) -> None:
-        """``search.safetensors`` (scales, token weights, roles, the quantizer parameters) and ``search.json``."""
-        from safetensors.torch import save
-
-        folder = Path(folder)
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """What ``search.safetensors`` holds: scales, token weights, roles, the quantizer parameters, by key."""
         tensors = {}
         for g in self.groups:
             if g.scales is not None:
@@ -109,5 +106,12 @@ class QuantizationResult:
         if self.roles is not None:
             tensors["roles"] = self.roles.contiguous()
         tensors.update(stored.to_tensors(self.quantized))  # e.g. quantized.0.self_attn.q_proj.scale
-        atomic_write_bytes(folder / SEARCH_TENSORS, save(tensors, metadata={"format": "qig-search-1"}))
+        return tensors
+
+    def save(self, folder: str | os.PathLike) -> None:
+        """``search.safetensors`` (scales, token weights, roles, the quantizer parameters) and ``search.json``."""
+        from safetensors.torch import save
+
+        folder = Path(folder)
+        atomic_write_bytes(folder / SEARCH_TENSORS, save(self.tensors(), metadata={"format": "qig-search-1"}))
         atomic_write_text(folder / SEARCH_JSON, json.dumps(self.to_json(), indent=1) + "\n")

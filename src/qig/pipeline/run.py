@@ -2,7 +2,8 @@
 
 Each turns its arguments into a :class:`~qig.pipeline.loop.Mode` of the one
 layer loop, captures the calibration inputs when the mode needs streams, and
-runs the loop.
+runs the loop. Before any work, a model whose decoder weights hold NaN or inf
+and saved scales that do not fit the model are refused.
 
     >>> result = run_layerwise(model, AWQConfig(wbits=3), calib, device="cpu")  # doctest: +SKIP
     >>> groups, summaries = collect_token_weights(model, [QIGConfig(wbits=3)], calib, [0, 5])  # doctest: +SKIP
@@ -17,13 +18,15 @@ import torch
 from qig.calib import CalibrationSet
 from qig.errors import QigError
 from qig.methods import GPTQConfig, Method, QuantConfig, SearchConfig, method_for
-from qig.models import ModelFamily, family_for
+from qig.models import ModelFamily, family_for, get_module
 from qig.pipeline.capture import capture
+from qig.pipeline.finite import check_decoder_weights
 from qig.pipeline.groups import layer_linears
 from qig.pipeline.loop import Mode, frozen, layer_loop
 from qig.pipeline.result import InspectedGroup, QuantizationResult
 from qig.pipeline.timing import Timer
 from qig.quant.activation import activation_quantization
+from qig.runs import check_scale
 
 
 def run_layerwise(
@@ -79,7 +82,11 @@ def run_layerwise(
 
 
 def _refuse(model: torch.nn.Module, family: ModelFamily, config: QuantConfig, scales) -> None:
-    """Refuse a group size the linears do not take, a model already W-A quantized, saved scales under GPTQ."""
+    """Refuse a group size the linears do not take, a model already W-A quantized, saved scales under GPTQ.
+
+    And a model whose decoder linears hold NaN or inf (a corrupt checkpoint), before any work.
+    """
+    check_decoder_weights(model, family)
     for name, lin in layer_linears(family.decoder_layers(model)[0]).items():
         config.spec.check(lin.in_features, f"layer 0 {name}")
     if activation_quantization(model) is not None:
@@ -95,13 +102,26 @@ def _refuse(model: torch.nn.Module, family: ModelFamily, config: QuantConfig, sc
 
 
 def _apply_mode(model, family: ModelFamily, config: QuantConfig, scales: dict[tuple[int, str], torch.Tensor]) -> Mode:
-    """Saved scales folded, then RTN: no calibration, no streams (also plain RTN, with no scales)."""
+    """Saved scales folded, then RTN: no calibration, no streams (also plain RTN, with no scales).
+
+    Every scale is checked before the first layer: its group exists, it is finite and
+    positive, and it has one entry per input channel of the group's linears.
+    """
     layers = family.decoder_layers(model)
-    known = {(li, g.name) for li, layer in enumerate(layers) for g in family.active_groups(layer)}
-    unknown = set(scales) - known
+    known = {(li, g.name): g for li, layer in enumerate(layers) for g in family.active_groups(layer)}
+    unknown = set(scales) - set(known)
     if unknown:
         names = ", ".join(f"layer {li} {g}" for li, g in sorted(unknown))
         raise QigError(f"saved scales name groups this model does not have: {names}")
+    for (li, name), s in sorted(scales.items()):
+        check_scale(s, li, name, "saved scales: ")
+        channels = get_module(layers[li], known[(li, name)].linears[0]).in_features
+        if s.numel() != channels:
+            raise QigError(
+                f"saved scales for layer {li} {name} have {s.numel()} channels, but the group's linears take "
+                f"{channels} inputs; they were found for another model, "
+                "pass the search.safetensors of a run on this model"
+            )
     return Mode(label="quantize", spec=config.spec, act_spec=config.act_spec, saved=scales, phase="quantize")
 
 
@@ -148,6 +168,7 @@ def collect_token_weights(
     if any(c.spec != spec for c in configs):
         raise QigError("every method compared must use the same quantizer; give them the same wbits and group size")
     methods = tuple(method_for(c) for c in configs)
+    check_decoder_weights(model, family)
     n_layers = len(family.decoder_layers(model))
     wanted = frozenset(layers)
     if not wanted or min(wanted) < 0 or max(wanted) >= n_layers:

@@ -3,7 +3,9 @@
 Per calibration chunk: ``x``, the inputs of layer l in the FP model (after
 the folds: a fold keeps the FP function), and ``x^q``, the inputs of layer l
 when the layers below are scaled and quantized. A stream the run does not
-need is dropped at the first layer (``fp=False`` / ``quantized=False``).
+need is dropped at the first layer (``fp=False`` / ``quantized=False``). Each
+advance refuses hidden states that became NaN or inf (one ``isfinite`` per
+chunk), naming the layer and the stream.
 
     >>> streams = Streams(capture(model, family, calib, 8, device), fp=True, quantized=True)  # doctest: +SKIP
     >>> streams.advance_fp(layer, 0)  # doctest: +SKIP
@@ -15,6 +17,12 @@ from __future__ import annotations
 import torch
 
 from qig.pipeline.capture import Chunk, next_input
+from qig.pipeline.finite import check_hidden
+
+FP_OVERFLOW = "the layer overflows in the model's dtype (load the model in float32) or its weights are corrupt"
+QUANTIZED_OVERFLOW = (
+    "the quantized layers overflow (use more bits or a smaller group size, or load the model in float32)"
+)
 
 
 class Streams:
@@ -27,16 +35,18 @@ class Streams:
     @torch.no_grad()
     def advance_fp(self, layer: torch.nn.Module, layer_index: int) -> None:
         """x <- the FP (folded) layer's output, plus what the model adds after it."""
-        for c in self.chunks:
+        for i, c in enumerate(self.chunks):
             c.x = next_input(layer, c.x, c, layer_index) if self.fp else None
+            check_hidden(c.x, f"layer {layer_index}'s output on the FP stream x", i, FP_OVERFLOW)
 
     @torch.no_grad()
     def advance_quantized(
         self, layer: torch.nn.Module, layer_index: int, params: dict[str, torch.Tensor] | None = None
     ) -> None:
         """x^q <- the quantized layer's output: the layer as it is, or with its weights replaced by ``params``."""
-        for c in self.chunks:
+        for i, c in enumerate(self.chunks):
             c.xq = next_input(layer, c.xq, c, layer_index, params) if self.quantized else None
+            check_hidden(c.xq, f"layer {layer_index}'s output on the quantized stream x^q", i, QUANTIZED_OVERFLOW)
 
     def roles(self) -> torch.Tensor:
         """[N, T] int8, the calibration tokens' roles (every chunk has the same T)."""
