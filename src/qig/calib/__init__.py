@@ -75,6 +75,7 @@ __all__ = [
     "answer_span",
     "calibration_for",
     "chat_texts",
+    "check_calibration_file",
     "embedded_calibration",
     "from_records",
     "load_calibration",
@@ -117,19 +118,41 @@ def load_calibration(
 
     >>> calib = load_calibration("data/calib/data.json", processor, n_samples=64)  # doctest: +SKIP
     """
+    pairs = _chosen_pairs(path, image_folder, n_samples, seed)
+    return from_records(
+        pairs, processor, max_length=max_length, image_seq_length=image_seq_length, image_token_id=image_token_id
+    )
+
+
+def check_calibration_file(
+    path: str | os.PathLike,
+    image_folder: str | os.PathLike | None = None,
+    n_samples: int = DEFAULT_N_SAMPLES,
+    seed: int = 0,
+) -> None:
+    """Refuse, before any model is loaded, what ``load_calibration`` would refuse in the file and its images.
+
+    Reads the records (format, schema) and the images of the ``n_samples`` it
+    would choose with ``seed``; what needs the processor (placeholders per
+    image, the chat template, the length cap) is checked when rendering.
+
+    >>> check_calibration_file("captions.json", image_folder="images/", n_samples=64)  # doctest: +SKIP
+    """
+    _chosen_pairs(path, image_folder, n_samples, seed, quiet=True)
+
+
+def _chosen_pairs(path, image_folder, n_samples: int, seed: int, quiet: bool = False) -> list[tuple[object, dict]]:
+    """(images, record) of the ``n_samples`` records the seed chooses (a shuffle), images read."""
     check_n_samples(n_samples)
     path = Path(path)
     records = read_records(path)
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    if len(records) < n_samples:
+    if len(records) < n_samples and not quiet:
         log.warning("%s holds %d records, fewer than n_samples=%d; using all of them", path, len(records), n_samples)
     chosen = [records[i] for i in order[:n_samples]]  # shuffled order, fixed by the seed
     folder = Path(image_folder) if image_folder is not None else path.parent
-    pairs = [(load_images(rec, i, folder, path), rec) for i, rec in chosen]
-    return from_records(
-        pairs, processor, max_length=max_length, image_seq_length=image_seq_length, image_token_id=image_token_id
-    )
+    return [(load_images(rec, i, folder, path), rec) for i, rec in chosen]
 
 
 def calibration_for(

@@ -68,6 +68,18 @@ class CalibrationSet:
 
     def _collate(self, samples: Sequence[Sample]) -> CalibBatch:
         T = self.seq_len
+        keys = set(samples[0].inputs)
+        odd = [s.id for s in samples if set(s.inputs) != keys]
+        if odd:
+            # A text-only sample has no pixel_values; whether the batch dim of a family's image inputs counts
+            # images (LLaVA) or samples (Idefics3) is not known here, so such a batch cannot be built safely.
+            every = [set(s.inputs) for s in samples]
+            differ = sorted(set.union(*every) - set.intersection(*every))
+            raise QigError(
+                f"samples {samples[0].id} and {odd[0]} share a batch but not their inputs ({', '.join(differ)}): "
+                "text-only and image samples cannot be batched together; use batch size 1 (--batch-size 1) "
+                "or a calibration file whose records all have images (or none)"
+            )
         inputs: dict[str, torch.Tensor] = {}
         for key in samples[0].inputs:
             parts = [s.inputs[key] for s in samples]

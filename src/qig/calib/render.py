@@ -28,6 +28,8 @@ def from_records(
     the processor's image token. They differ for Gemma 3, whose processor calls the
     begin-of-image marker its image token.
     """
+    if not isinstance(max_length, int) or isinstance(max_length, bool) or max_length <= 0:
+        raise QigError(f"max_length (the token cap per sample) must be a positive integer, got {max_length!r}")
     tok = getattr(processor, "tokenizer", processor)
     if tok.pad_token_id is None:
         raise QigError("the tokenizer has no pad token; set one (e.g. the eos token) before calibrating")
@@ -49,14 +51,17 @@ def _render(
         images = [images]
     images = list(images) if images else None
     if "text" in rec and "conversations" not in rec:
-        enc = tok(rec["text"], return_tensors="pt")
+        try:
+            enc = tok(rec["text"], return_tensors="pt")
+        except (ValueError, TypeError) as exc:  # tokenizers raise TypeError for text they cannot encode
+            raise QigError(f"sample {sid}: the tokenizer refused its text: {exc}") from exc
         enc = {k: v for k, v in enc.items() if isinstance(v, torch.Tensor)}
         ids = enc["input_ids"][0]
         roles = torch.full_like(ids, ANSWER, dtype=torch.int8)
         return _truncate(Sample(sid, enc, roles), max_length, None, 0, 0)
 
     messages = _messages(rec, sid, len(images or []))
-    full, prefix = chat_texts(processor, messages)
+    full, prefix = _chat_texts(processor, messages, sid)
     enc = _encode(processor, full, images, sid)
     enc_prefix = _encode(processor, prefix, images, sid)
     ids = enc["input_ids"][0]
@@ -81,6 +86,16 @@ def chat_texts(processor, messages: list[dict]) -> tuple[str, str]:
     full = processor.apply_chat_template(messages, tokenize=False)
     prompt = processor.apply_chat_template(messages[:-1], tokenize=False, add_generation_prompt=True)
     return full, prompt
+
+
+def _chat_texts(processor, messages: list[dict], sid: str) -> tuple[str, str]:
+    """``chat_texts``, with a template that refuses the conversation (``raise_exception``) reported as bad input."""
+    from jinja2 import TemplateError
+
+    try:
+        return chat_texts(processor, messages)
+    except (TemplateError, ValueError) as exc:  # ValueError: transformers, e.g. no chat template at all
+        raise QigError(f"sample {sid}: the chat template refused the conversation: {exc}") from exc
 
 
 def answer_span(ids: torch.Tensor, prompt_ids: torch.Tensor, eos_token_id: int | None, what: str) -> tuple[int, int]:
@@ -132,7 +147,7 @@ def _messages(rec: dict, sid: str, n_images: int) -> list[dict]:
 def _encode(processor, text: str, images, sid: str) -> dict[str, torch.Tensor]:
     try:
         enc = processor(text=[text], images=images, return_tensors="pt") if images else processor(text=[text])
-    except (ValueError, RuntimeError) as exc:
+    except (ValueError, RuntimeError, TypeError) as exc:  # TypeError: tokenizers, for text they cannot encode
         raise QigError(f"sample {sid}: the processor refused it: {exc}") from exc
     out = {}
     for k, v in enc.items():
@@ -182,5 +197,5 @@ def _truncate(
 
 
 def check_n_samples(n_samples: int) -> None:
-    if not isinstance(n_samples, int) or n_samples <= 0:
+    if not isinstance(n_samples, int) or isinstance(n_samples, bool) or n_samples <= 0:
         raise QigError(f"n_samples must be a positive integer, got {n_samples!r}")
