@@ -49,6 +49,7 @@ def option(
     choices: Callable[[], tuple[str, ...]] | None = None,
     required: bool = False,
     positional: bool = False,
+    path: bool = False,
 ) -> Any:
     """A dataclass field with its help, range (``min``/``max``, inclusive) and an optional hint for errors.
 
@@ -56,6 +57,7 @@ def option(
     time (e.g. the registered methods), a function returning them; ``hint``
     may be such a function too. required / positional: how a command line
     takes it (``qig.commands.flags``); a required option's default is None.
+    path: a file or folder name, checked by :func:`check_path`.
     """
     meta = {
         "help": help,
@@ -65,6 +67,7 @@ def option(
         "choices": choices,
         "required": required,
         "positional": positional,
+        "path": path,
     }
     return dataclasses.field(default=default, metadata=meta)
 
@@ -128,10 +131,39 @@ def check_value(f: dataclasses.Field, kind: Kind, value) -> None:
         return
     if kind.optional:
         expected += " (or none)"
+    if ok and meta.get("path"):
+        check_path(value, f.name)
     if not ok:
         hint = meta.get("hint")
         hint = f" ({hint() if callable(hint) else hint})" if hint else ""
         raise QigError(f"{f.name} {value!r} is not supported; use {expected}{hint}")
+
+
+NAME_MAX, PATH_MAX = 255, 4096  # bytes: the longest file name and path Linux file systems take
+
+
+def check_path(value: str, name: str) -> None:
+    """Refuse a path the operating system cannot take (a NUL byte, a name over 255 bytes), naming the option.
+
+    >>> check_path("out/" + "x" * 300, "output")
+    Traceback (most recent call last):
+    ...
+    qig.errors.QigError: output: the name 'xxxxxxxxxxxxxxxxxxxx...' is 300 bytes long; file systems take at most 255
+    """
+    if "\0" in value:
+        raise QigError(f"{name} {value!r} holds a NUL character, which no file name can hold")
+    try:
+        raw = value.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:
+        raise QigError(f"{name} {value!r} is not a valid file name (lone surrogate characters)") from None
+    if len(raw) > PATH_MAX:
+        raise QigError(f"{name}: the path is {len(raw)} bytes long; file systems take at most {PATH_MAX}")
+    for part in raw.split(b"/"):
+        if len(part) > NAME_MAX:
+            shown = part[:20].decode("utf-8", "replace") + "..."
+            raise QigError(
+                f"{name}: the name {shown!r} is {len(part)} bytes long; file systems take at most {NAME_MAX}"
+            )
 
 
 def _in_range(value, meta) -> bool:

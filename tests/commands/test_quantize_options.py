@@ -127,7 +127,7 @@ def test_compat_takes_the_flags_given_over_the_preset():
 def test_calibration_flags_do_not_apply_to_rtn(model_dir, tmp_path, capsys):
     argv = ["--model", model_dir, "--method", "rtn", "--n-samples", 4, "--output", tmp_path / "o"]
     assert run_cli("quantize", *argv) == 2
-    assert "--n-samples: rtn use no calibration data" in capsys.readouterr().err
+    assert "--n-samples: rtn uses no calibration data" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

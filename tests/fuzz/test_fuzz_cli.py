@@ -22,7 +22,6 @@ from pathlib import Path
 
 import pytest
 from _fuzz import fast_and_slow, outcome
-from hypothesis import assume
 from hypothesis import strategies as st
 
 from qig.cli import build_parser, main
@@ -147,67 +146,30 @@ def _files(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
-def _flag_value(argv: list[str], flag: str) -> str | None:
-    for i, token in enumerate(argv):
-        if token == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if token.startswith(flag + "="):
-            return token.split("=", 1)[1]
-    return None
-
-
-def _negative_world_seed(argv: list[str]) -> bool:
-    seed = _flag_value(argv, "--seed")
-    return "world" in argv and seed is not None and seed.lstrip().startswith("-") and seed.strip("- ").isdigit()
-
-
-def _long_name(argv: list[str]) -> bool:
-    return any(len(part.encode()) > 255 for token in argv for part in token.split("/"))
-
-
-def _recipe_is_a_folder(argv: list[str]) -> bool:
-    return "quantize" in argv and _flag_value(argv, "--recipe") in ("folder", "model", ".", "..")
-
-
 LONG = "x" * 300
 
-# Bugs outside this suite's files: the property steers clear of their inputs (so it keeps finding others) and
-# test_known_bug runs their reproducers, xfail until fixed. Once fixed: drop the entry.
-KNOWN_BUGS = {
-    "negative-world-seed": (
-        _negative_world_seed,
-        [["world", "eval", "--output", "out", "--seed", "-1"]],
-        "qig world --seed -1: numpy's SeedSequence refuses negative seeds (ValueError from "
-        "qig.embedded.world._split_rng); WorldOptions.seed needs min=0 (qig.commands.world)",
-    ),
-    "recipe-is-a-folder": (
-        _recipe_is_a_folder,
-        [["quantize", "--recipe", "folder", "--output", "out"], ["quantize", "--recipe", ".", "--output", "out"]],
-        "qig quantize --recipe DIR: _read_recipe (qig.commands.quantize) lets IsADirectoryError escape; "
-        "it catches only FileNotFoundError and YAMLError",
-    ),
-    "file-name-too-long": (
-        _long_name,
-        [
-            ["world", "eval", "--output", LONG],
-            ["export", "--input", "missing", "--output", LONG],
-            ["export", "--input", LONG, "--output", "out"],
-            ["quantize", "--method", "rtn", "--output", LONG],
-            ["quantize", "--scales", LONG, "--output", "out"],
-            ["quantize", "--recipe", LONG, "--output", "out"],
-            ["eval", "--model", LONG],
-            ["eval", "--json", LONG],
-        ],
-        "a path with a name over 255 bytes: Path.is_dir()/is_file()/exists() raise OSError ENAMETOOLONG "
-        "(qig.fileio.check_output_dir/check_output_file, qig.runs.load_scales, quantize._read_recipe, "
-        "export.writer.read_run, eval.default_reference, qig.loading)",
-    ),
+# Bugs this suite found outside its own files, fixed since: their reproducers stay as regression tests.
+REGRESSIONS = {
+    "negative-world-seed": [["world", "eval", "--output", "out", "--seed", "-1"]],
+    "recipe-is-a-folder": [
+        ["quantize", "--recipe", "folder", "--output", "out"],
+        ["quantize", "--recipe", ".", "--output", "out"],
+    ],
+    "file-name-too-long": [
+        ["world", "eval", "--output", LONG],
+        ["export", "--input", "missing", "--output", LONG],
+        ["export", "--input", LONG, "--output", "out"],
+        ["quantize", "--method", "rtn", "--output", LONG],
+        ["quantize", "--scales", LONG, "--output", "out"],
+        ["quantize", "--recipe", LONG, "--output", "out"],
+        ["eval", "--model", LONG],
+        ["eval", "--json", LONG],
+    ],
 }
 
 
 def main_returns_0_or_2(argv):
     """``main(argv)``: 0, 2 (one 'error:' line), argparse's exit 2, or the work reached; no other exception."""
-    assume(not any(hits(argv) for hits, _, _ in KNOWN_BUGS.values()))
     _check_main(argv)
 
 
@@ -239,13 +201,9 @@ def _check_main(argv: list[str]) -> None:
 
 @pytest.mark.parametrize(
     "argv",
-    [
-        pytest.param(argv, id=f"{name}-{' '.join(argv)[:40]}", marks=pytest.mark.xfail(strict=False, reason=why))
-        for name, (_, reproducers, why) in KNOWN_BUGS.items()
-        for argv in reproducers
-    ],
+    [pytest.param(argv, id=f"{name}-{' '.join(argv)[:40]}") for name, cases in REGRESSIONS.items() for argv in cases],
 )
-def test_known_bug(argv):
+def test_fixed_bugs_stay_fixed(argv):
     _check_main(argv)
 
 

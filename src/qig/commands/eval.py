@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,12 +19,12 @@ from qig.options import check_fields, option
 class EvalOptions:
     """``qig eval``'s options; each field is a flag."""
 
-    model: str | None = option(None, "model folder (default: the embedded model)")
-    seed: int = option(world.DEFAULT_EVAL_SEED, "eval split seed (other seeds: new sets)")
+    model: str | None = option(None, "model folder (default: the embedded model)", path=True)
+    seed: int = option(world.DEFAULT_EVAL_SEED, "eval split seed (other seeds: new sets)", min=0)
     n: int = option(1000, "questions generated for the eval split", min=1)
     limit: int | None = option(None, "evaluate only the first N questions", min=1)
-    data: str | None = option(None, "a LLaVA-style QA JSON to evaluate instead of the embedded split")
-    image_folder: str | None = option(None, "images of --data (default: the JSON's folder)")
+    data: str | None = option(None, "a LLaVA-style QA JSON to evaluate instead of the embedded split", path=True)
+    image_folder: str | None = option(None, "images of --data (default: the JSON's folder)", path=True)
     reference: str | None = option(
         None,
         "reference model folder for agreement and KL (default: the model a qig run in --model was quantized "
@@ -32,12 +33,51 @@ class EvalOptions:
     blank_images: bool = option(False, "replace every image by an empty background")
     device: str = option("cpu", "compute device: cpu, cuda, cuda:N")
     batch_size: int = option(64, "questions per forward", min=1)
-    json: str | None = option(None, "write the report (with per-question predictions) here")
+    json: str | None = option(None, "write the report (with per-question predictions) here", path=True)
+    tasks: str | None = option(
+        None,
+        "run lmms-eval tasks instead, comma-separated, with the qig model: qig_world (the embedded split, no setup) "
+        "or lmms-eval's own (e.g. vizwiz_vqa_val,mmmu_val); needs pip install 'qig[lmms-eval]' (docs/lmms-eval.md)",
+    )
 
     def __post_init__(self) -> None:
         check_fields(self)
         if self.image_folder is not None and self.data is None:
             raise QigError("--image-folder goes with --data (the images of that file)")
+        if self.tasks is not None:
+            self._check_tasks()
+
+    def task_names(self) -> list[str]:
+        """The --tasks names, in order."""
+        return [t.strip() for t in (self.tasks or "").split(",") if t.strip()]
+
+    def _check_tasks(self) -> None:
+        from qig.lmms import EMBEDDED_TASK
+
+        names = self.task_names()
+        if not names:
+            raise QigError(f"--tasks {self.tasks!r} names no task; use e.g. --tasks {EMBEDDED_TASK}")
+        if len(set(names)) < len(names):
+            raise QigError(f"--tasks {self.tasks!r} names a task twice; name each once")
+        # lmms-eval reads and scores each task itself: qig's own data, reference and image options have no place there
+        refused = [flag for flag, given in TASKS_REFUSE.items() if given(self)]
+        if EMBEDDED_TASK not in names:
+            defaults = {f.name: f.default for f in dataclasses.fields(self)}
+            refused += [f"--{name}" for name in ("seed", "n") if getattr(self, name) != defaults[name]]
+        if refused:
+            raise QigError(
+                f"{', '.join(refused)} not taken with --tasks (lmms-eval reads each task's own data and scores it); "
+                f"with --tasks use --model, --device, --batch-size, --limit, --json, and --seed/--n for {EMBEDDED_TASK}"
+            )
+
+
+# What --tasks refuses, and how to tell that each was given.
+TASKS_REFUSE = {
+    "--data": lambda o: o.data is not None,
+    "--image-folder": lambda o: o.image_folder is not None,
+    "--reference": lambda o: o.reference is not None,
+    "--blank-images": lambda o: o.blank_images,
+}
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -56,6 +96,8 @@ def run(args) -> int:
     check_device(opts.device)
     if opts.json:
         check_output_file(opts.json)
+    if opts.tasks is not None:
+        return run_tasks(opts)
     reference, note = default_reference(opts.model, opts.reference)
     report = run_eval(
         model_dir=opts.model,
@@ -74,6 +116,26 @@ def run(args) -> int:
         print(note)
     if opts.json:
         atomic_write_text(opts.json, json.dumps(report, indent=1) + "\n")
+    return 0
+
+
+def run_tasks(opts: EvalOptions) -> int:
+    """``qig eval --tasks``: lmms-eval's ``simple_evaluate`` with the qig model; prints lmms-eval's table."""
+    from qig.lmms.run import format_results, predictions, run_tasks
+
+    names = opts.task_names()
+    results = run_tasks(
+        names, opts.model, device=opts.device, batch_size=opts.batch_size, limit=opts.limit, seed=opts.seed, n=opts.n
+    )
+    print(format_results(results))
+    if opts.json:
+        report = {
+            "model": opts.model or "embedded",
+            "tasks": names,
+            "results": results["results"],
+            "predictions": {t: predictions(results, t) for t in results.get("samples", {})},  # per (sub)task
+        }
+        atomic_write_text(opts.json, json.dumps(report, indent=1, default=str) + "\n")
     return 0
 
 

@@ -27,9 +27,9 @@ def _dtypes() -> tuple[str, ...]:
 class ExportOptions:
     """``qig export``'s options; each field is a flag."""
 
-    input: str | None = option(None, "the --output folder of 'qig quantize'", required=True)
+    input: str | None = option(None, "the --output folder of 'qig quantize'", required=True, path=True)
     format: str = option("compressed-tensors", "the format to write", choices=lambda: FORMATS)
-    output: str | None = option(None, "the folder to write", required=True)
+    output: str | None = option(None, "the folder to write", required=True, path=True)
     dtype: str | None = option(None, "unquantized parts (default: the input's)", choices=_dtypes)
     overwrite: bool = option(False, "replace an existing output folder")
 

@@ -29,14 +29,14 @@ log = logging.getLogger(__name__)
 class InspectOptions:
     """``qig inspect``'s options; each field is a flag."""
 
-    model: str | None = option(None, "model folder (default: the embedded model)")
-    calib: str | None = option(None, "LLaVA-style JSON/JSONL (default: the embedded world's samples)")
-    image_folder: str | None = option(None, "images of --calib (default: the file's folder)")
+    model: str | None = option(None, "model folder (default: the embedded model)", path=True)
+    calib: str | None = option(None, "LLaVA-style JSON/JSONL (default: the embedded world's samples)", path=True)
+    image_folder: str | None = option(None, "images of --calib (default: the file's folder)", path=True)
     embedded: Literal["qa", "captions"] = option(
         "qa", "without --calib: embedded questions about the scene, or calibration captions"
     )
     samples: int = option(8, "samples to inspect", min=1)
-    seed: int = option(0, "sampling seed of the data")
+    seed: int = option(0, "sampling seed of the data", min=0)
     layers: str | None = option(
         None,
         "layers to picture, e.g. 0,5,-1 or 'all' (default: first, middle, last; a list starting with a "
@@ -52,7 +52,9 @@ class InspectOptions:
     max_length: int = option(1024, "token cap per sample", min=1)
     batch_size: int = option(16, "samples per forward", min=1)
     device: str = option("cpu", "compute device: cpu, cuda, cuda:N")
-    output: str | None = option(None, "output folder (refused if it exists, unless --overwrite)", required=True)
+    output: str | None = option(
+        None, "output folder (refused if it exists, unless --overwrite)", required=True, path=True
+    )
     overwrite: bool = option(False, "replace an existing output folder")
     no_progress: bool = option(False, "no progress bars")
 

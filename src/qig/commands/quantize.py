@@ -45,7 +45,7 @@ from qig.methods.config import (
     preset_names,
     token_weighting_names,
 )
-from qig.options import FlatOption, check_fields, flat_options, option
+from qig.options import FlatOption, check_fields, check_path, flat_options, option
 
 log = logging.getLogger(__name__)
 
@@ -57,25 +57,25 @@ CALIBRATION_KEYS = ("calib", "image_folder", "n_samples", "calib_seed", "max_len
 class RunOptions:
     """What a ``qig quantize`` run reads and writes, beside the method's config; each field is a flag."""
 
-    model: str | None = option(None, "model folder (default: the embedded model)")
+    model: str | None = option(None, "model folder (default: the embedded model)", path=True)
     trust_remote_code: bool = option(
         False, "allow a model folder's own Python code to run (e.g. InternVL2); read it first"
     )
     method: str = option("qig", "the method", choices=lambda: tuple(CONFIGS))
-    calib: str | None = option(None, "LLaVA-style JSON/JSONL or text JSONL (default: embedded split)")
-    image_folder: str | None = option(None, "images of --calib (default: the file's folder)")
+    calib: str | None = option(None, "LLaVA-style JSON/JSONL or text JSONL (default: embedded split)", path=True)
+    image_folder: str | None = option(None, "images of --calib (default: the file's folder)", path=True)
     n_samples: int = option(DEFAULT_N_SAMPLES, "calibration samples", min=1)
     calib_seed: int | None = option(
-        None, "seed that shuffles --calib (default 0) or draws the embedded split (default: the world's)"
+        None, "seed that shuffles --calib (default 0) or draws the embedded split (default: the world's)", min=0
     )
     max_length: int = option(DEFAULT_MAX_LENGTH, "token cap per sample", min=1)
     device: str = option("cpu", "compute device: cpu, cuda, cuda:N")
-    output: str | None = option(None, "output folder (required)")
+    output: str | None = option(None, "output folder (required)", path=True)
     overwrite: bool = option(False, "replace an existing output folder")
     format: Literal["compressed-tensors", "fake-quant"] | None = option(
         None, "write OUTPUT as this export format (qig export; run files in OUTPUT/qig/)"
     )
-    scales: str | None = option(None, "apply a saved search.safetensors instead of searching")
+    scales: str | None = option(None, "apply a saved search.safetensors instead of searching", path=True)
     report: bool = option(False, "also write token maps of the search's weights to OUT/report")
     no_progress: bool = option(False, "no progress bars")
 
@@ -147,12 +147,23 @@ def _known_keys() -> list[str]:
 def _read_recipe(path: str) -> dict:
     import yaml
 
+    check_path(path, "--recipe")
     try:
-        data = yaml.safe_load(Path(path).read_text())
+        text = Path(path).read_bytes().decode("utf-8")
     except FileNotFoundError as exc:
         raise QigError(f"recipe {path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise QigError(f"recipe {path} is a folder; pass a YAML file") from exc
+    except UnicodeDecodeError as exc:
+        raise QigError(f"recipe {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); pass a YAML file") from exc
+    except OSError as exc:
+        raise QigError(f"recipe {path} cannot be read: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise QigError(f"recipe {path} is not valid YAML: {exc}") from exc
+        raise QigError(f"recipe {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    except RecursionError:
+        raise QigError(f"recipe {path} nests too deeply to be a recipe (a mapping of option: value)") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -206,9 +217,14 @@ def check_run(run_opts: RunOptions, config, given: dict[str, Any]) -> None:
     without_data = run_opts.scales is not None or config.name == "rtn"
     unused = [k for k in CALIBRATION_KEYS if k in given]
     if without_data and unused:
-        why = "--scales runs" if run_opts.scales is not None else f"{config.name}"
+        why = "--scales runs use" if run_opts.scales is not None else f"{config.name} uses"
         flags = ", ".join("--" + k.replace("_", "-") for k in unused)
-        raise QigError(f"{flags}: {why} use no calibration data; drop them")
+        raise QigError(f"{flags}: {why} no calibration data; drop them")
+    if not without_data and run_opts.calib is not None:
+        from qig.calib import check_calibration_file
+
+        seed = 0 if run_opts.calib_seed is None else run_opts.calib_seed
+        check_calibration_file(run_opts.calib, run_opts.image_folder, run_opts.n_samples, seed)
     if run_opts.report:
         from qig.tokenmaps.render import require_matplotlib
 

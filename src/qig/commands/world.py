@@ -22,9 +22,9 @@ class WorldOptions:
         choices=lambda: tuple(sorted(world.SPLIT_IDS)),
         positional=True,
     )
-    output: str | None = option(None, "output folder (images/ + data.json)", required=True)
+    output: str | None = option(None, "output folder (images/ + data.json)", required=True, path=True)
     n: int | None = option(None, "records (default: eval 1000, calib 128, train 1000)", min=1)
-    seed: int | None = option(None, "default: eval 1234, otherwise 0")
+    seed: int | None = option(None, "default: eval 1234, otherwise 0", min=0)
     overwrite: bool = option(False, "replace an existing output folder")
 
     def __post_init__(self) -> None:
