@@ -145,3 +145,16 @@ def test_recipe_values_are_type_checked(tmp_path, capsys, recipe, message):
     path.write_text(recipe)
     assert run_cli("quantize", "--recipe", path, "--output", tmp_path / "o") == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["'false'", "'true'", "1", "yes-please"], ids=["str-false", "str-true", "int", "word"])
+def test_an_existing_folder_is_replaced_only_by_a_real_true(model_dir, tmp_path, capsys, value):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("mine")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"method: rtn\noverwrite: {value}\n")
+    assert run_cli("quantize", "--recipe", recipe, "--model", model_dir, "--output", out) == 2
+    assert "overwrite" in capsys.readouterr().err
+    assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yaml"]
