@@ -147,7 +147,9 @@ def test_recipe_values_are_type_checked(tmp_path, capsys, recipe, message):
     assert message in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("value", ["'false'", "'true'", "1", "yes-please"], ids=["str-false", "str-true", "int", "word"])
+@pytest.mark.parametrize(
+    "value", ["'false'", "'true'", "1", "yes-please"], ids=["str-false", "str-true", "int", "word"]
+)
 def test_an_existing_folder_is_replaced_only_by_a_real_true(model_dir, tmp_path, capsys, value):
     out = tmp_path / "out"
     out.mkdir()
