@@ -118,3 +118,43 @@ def activation_note(model) -> str | None:
         return None
     spec, n = found
     return f"activations quantized at run time: per-token symmetric {spec.bits}-bit on {n} decoder linears"
+
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+_SAFETENSORS_DTYPES = {"F32": "float32", "F16": "float16", "BF16": "bfloat16"}
+
+
+def checkpoint_dtype(model_dir: str | os.PathLike | None = None) -> torch.dtype:
+    """The floating dtype most of a checkpoint's weights are stored in (its safetensors headers); float32 if none.
+
+    >>> checkpoint_dtype()  # the embedded model ships in float16
+    torch.float16
+    """
+    import json
+    import struct
+    from collections import Counter
+
+    from qig.embedded import default_model_dir
+
+    path = Path(model_dir) if model_dir is not None else default_model_dir()
+    counts: Counter[str] = Counter()
+    for shard in sorted(path.glob("*.safetensors")):
+        try:
+            with shard.open("rb") as f:
+                (n,) = struct.unpack("<Q", f.read(8))
+                header = json.loads(f.read(n))
+        except (OSError, ValueError, struct.error) as exc:
+            raise QigError(f"{shard} is not a readable safetensors file: {exc}") from exc
+        for key, entry in header.items():
+            if key != "__metadata__" and entry.get("dtype") in _SAFETENSORS_DTYPES:
+                counts[_SAFETENSORS_DTYPES[entry["dtype"]]] += 1
+    return DTYPES[counts.most_common(1)[0][0]] if counts else torch.float32
+
+
+def resolve_dtype(name: str, model_dir: str | os.PathLike | None = None) -> torch.dtype:
+    """``--dtype``: "auto" is the source checkpoint's dtype (:func:`checkpoint_dtype`), else the named one."""
+    if name == "auto":
+        return checkpoint_dtype(model_dir)
+    if name not in DTYPES:
+        raise QigError(f"dtype {name!r} is not supported; use auto or one of: {', '.join(DTYPES)}")
+    return DTYPES[name]

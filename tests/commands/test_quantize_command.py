@@ -206,3 +206,27 @@ def test_bad_weight_activation_combinations_are_one_line_errors(model_dir, tmp_p
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
     assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "dtype"), [([], torch.float16), (["--dtype", "bfloat16"], torch.bfloat16)], ids=["auto", "bf16"]
+)
+def test_the_output_keeps_the_source_dtype(tmp_path, argv, dtype):
+    from safetensors import safe_open
+
+    from qig.embedded import default_model_dir
+    from qig.loading import checkpoint_dtype
+
+    out = tmp_path / "rtn"
+    assert run_cli("quantize", "--method", "rtn", "--wbits", 4, "--output", out, "--no-progress", *argv) == 0
+    assert checkpoint_dtype(out) == dtype and checkpoint_dtype() == torch.float16
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {dtype}
+    assert _tensor_bytes(out / "model.safetensors") <= _tensor_bytes(default_model_dir() / "model.safetensors")
+
+
+def _tensor_bytes(path) -> int:
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as f:
+        return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())

@@ -18,9 +18,9 @@ from qig.options import check_fields, option
 
 
 def _dtypes() -> tuple[str, ...]:
-    from qig.export.writer import DTYPES
+    from qig.loading import DTYPES
 
-    return tuple(DTYPES)
+    return ("auto", *DTYPES)
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class ExportOptions:
     input: str | None = option(None, "the --output folder of 'qig quantize'", required=True, path=True)
     format: str = option("compressed-tensors", "the format to write", choices=lambda: FORMATS)
     output: str | None = option(None, "the folder to write", required=True, path=True)
-    dtype: str | None = option(None, "unquantized parts (default: the input's)", choices=_dtypes)
+    dtype: str = option("auto", "unquantized parts and activations (auto: the input's)", choices=_dtypes)
     overwrite: bool = option(False, "replace an existing output folder")
 
     def __post_init__(self) -> None:
@@ -50,7 +50,8 @@ def run(args) -> int:
 
     opts = from_args(args, ExportOptions)
     check_output_dir(opts.output, opts.overwrite)
-    result = export(opts.input, opts.output, fmt=opts.format, overwrite=opts.overwrite, dtype=opts.dtype)
+    dtype = None if opts.dtype == "auto" else opts.dtype
+    result = export(opts.input, opts.output, fmt=opts.format, overwrite=opts.overwrite, dtype=dtype)
     print(summary(result))
     return 0
 

@@ -76,6 +76,9 @@ class RunOptions:
         None, "write OUTPUT as this export format (qig export; run files in OUTPUT/qig/)"
     )
     scales: str | None = option(None, "apply a saved search.safetensors instead of searching", path=True)
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = option(
+        "auto", "dtype of the saved model (auto: the source checkpoint's); the search runs in float32"
+    )
     report: bool = option(False, "also write token maps of the search's weights to OUT/report")
     no_progress: bool = option(False, "no progress bars")
 
@@ -242,7 +245,7 @@ def run(args) -> int:
     import qig
     from qig.api import summary_table
     from qig.calib import calibration_for
-    from qig.loading import load_model_and_processor
+    from qig.loading import load_model_and_processor, resolve_dtype
     from qig.pipeline.timing import Timer
     from qig.runs import load_scales, versions
 
@@ -276,6 +279,7 @@ def run(args) -> int:
             model, config, calib, device=run_opts.device, scales=scales, progress=not run_opts.no_progress
         )
     result.applied_from = run_opts.scales
+    model.to(resolve_dtype(run_opts.dtype, run_opts.model))  # saved in the source's dtype unless asked otherwise
     timings = {**timer.totals, **{f"quantize/{k}": v for k, v in result.timings.items()}}
     report = {
         "config": config.to_dict(),
