@@ -1,10 +1,13 @@
 """Fuzzing ``qig.calib``: any calibration file, any images, ends in a CalibrationSet or a QigError.
 
-Records are drawn from two pools: nearly valid LLaVA records (the right keys,
-odd values: roles, placeholders per image, empty or huge strings, unicode)
-and anything JSON can hold. Images are real PNGs of several modes and sizes,
-truncated PNGs, text, empty files, a PNG header claiming a gigapixel, missing
-files and folders.
+Records are drawn from three pools: nearly valid LLaVA records and nearly
+valid OpenAI-style ``messages`` records (the right keys, odd values: roles,
+placeholders per image, content items, inline images, empty or huge strings,
+unicode), and anything JSON can hold. They are written as a JSON list, JSONL,
+or a parquet table (columns from the records' keys, images sometimes as the
+``{"bytes", "path"}`` structs ``datasets`` writes). Images are real PNGs of
+several modes and sizes, truncated PNGs, text, empty files, a PNG header
+claiming a gigapixel, missing files and folders.
 """
 
 from __future__ import annotations
@@ -111,6 +114,61 @@ def nearly_valid_records(draw) -> dict:
     return rec
 
 
+MESSAGE_ROLES = ["user", "assistant", "system"]
+message_roles = st.sampled_from(MESSAGE_ROLES * 6 + ["tool", "", "USER", "human"])
+GOOD_NAMES = ["good.png", "tiny.png", "wide.png", "rgba.png"]
+
+
+@st.composite
+def content_items(draw, n_images: int, inline: list[str] | None) -> list | str:
+    """A message's content: a string with placeholders, or text / image items (some odd), images inline or not."""
+    if inline is None and draw(st.booleans()):
+        return IMAGE_TOKEN * n_images + draw(odd_text)
+    items: list = [
+        {"type": "image", "image": name} if inline is not None else {"type": "image"}
+        for name in (inline if inline is not None else [None] * n_images)
+    ]
+    items.insert(draw(st.integers(0, len(items))), {"type": "text", "text": draw(odd_text)})
+    if draw(st.integers(0, 5)) == 0:
+        odd_item = st.one_of(
+            json_values,
+            st.fixed_dictionaries(
+                {"type": st.sampled_from(["text", "image", "video", "image_url"])},
+                optional={
+                    "text": st.one_of(odd_text, json_values),
+                    "image": st.one_of(image_names, json_values),
+                    "url": st.just("http://x/a.png"),
+                },
+            ),
+        )
+        items.insert(draw(st.integers(0, len(items))), draw(odd_item))
+    return items
+
+
+@st.composite
+def nearly_valid_messages(draw) -> dict:
+    """An OpenAI-style record: images in 'images' or inline in content items, odd roles, content and turns."""
+    n_images = draw(st.integers(0, 2))
+    names = draw(st.lists(st.sampled_from(GOOD_NAMES), min_size=n_images, max_size=n_images))
+    if draw(st.integers(0, 3)) == 0:
+        names = draw(st.lists(image_names, max_size=3))
+    inline = draw(st.booleans()) and bool(names)
+    k = draw(st.one_of(st.just(len(names)), st.just(len(names)), st.integers(0, 3)))
+    question = {"role": draw(message_roles), "content": draw(content_items(k, names if inline else None))}
+    turns = draw(
+        st.lists(
+            st.fixed_dictionaries({"role": message_roles, "content": st.one_of(odd_text, content_items(0, None))}),
+            max_size=3,
+        )
+    )
+    turns.insert(draw(st.integers(0, len(turns))), question)
+    turns.append({"role": draw(st.sampled_from(["assistant", "assistant", "user"])), "content": draw(odd_text)})
+    rec: dict = {"id": draw(st.one_of(st.integers(), odd_text)), "messages": turns}
+    if not inline and (names or draw(st.booleans())):
+        rec[draw(st.sampled_from(["images", "images", "image"]))] = names
+    return rec
+
+
 turns = st.one_of(
     st.fixed_dictionaries(
         {}, optional={"from": st.one_of(roles, json_values), "value": st.one_of(odd_text, json_values)}
@@ -125,20 +183,28 @@ any_records = st.one_of(
             "image": st.one_of(image_names, st.lists(image_names, max_size=3), json_values),
             "conversations": st.one_of(st.lists(turns, max_size=4), json_values),
             "text": st.one_of(odd_text, json_values),
+            "messages": st.one_of(st.lists(json_values, max_size=3), json_values),
+            "images": st.one_of(st.lists(image_names, max_size=3), json_values),
         },
     ),
     st.builds(lambda t: {"text": t}, odd_text),
     json_values,
 )
-records = st.one_of(nearly_valid_records(), any_records)
+records = st.one_of(nearly_valid_records(), nearly_valid_messages(), any_records)
 
 
 @st.composite
 def calibration_files(draw) -> tuple[str, bytes | None]:
     """(file name, content); content None: the name is a folder. JSON list, JSONL, or garbage."""
-    pool = draw(st.sampled_from([nearly_valid_records(), nearly_valid_records(), records]))
+    pool = draw(st.sampled_from([nearly_valid_records(), nearly_valid_messages(), nearly_valid_records(), records]))
     recs = draw(st.lists(pool, min_size=1, max_size=4))
-    form = draw(st.sampled_from(["json", "jsonl", "jsonl-blank-lines", "value", "bytes", "truncated", "folder"]))
+    forms = ["json", "jsonl", "jsonl-blank-lines", "value", "bytes", "truncated", "folder", "parquet", "parquet"]
+    form = draw(st.sampled_from(forms))
+    if form == "parquet":
+        table = _parquet(recs, as_bytes=draw(st.booleans()), captions=draw(st.integers(0, 3)) == 0)
+        if table is not None:
+            return "data.parquet", table
+        form = "json"  # arrow cannot hold these records in one table (mixed types): write them as JSON
     if form == "json":
         return "data.json", json.dumps(recs).encode("utf-8", "surrogatepass")
     if form.startswith("jsonl"):
@@ -152,6 +218,54 @@ def calibration_files(draw) -> tuple[str, bytes | None]:
     if form == "bytes":
         return "data.json", draw(st.binary(max_size=64))
     return "data.json", None
+
+
+def _parquet(recs: list, as_bytes: bool, captions: bool) -> bytes | None:
+    """The records as a parquet table, one column per key (None: arrow cannot type them, or no pyarrow).
+
+    Made typable as a ``datasets`` table would be: ids as strings, string content as one text item.
+    as_bytes: image names become {"bytes", "path"} structs holding the file's bytes, as datasets stores images.
+    captions: LLaVA records become (image, caption) rows, the caption their last turn.
+    """
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError:
+        return None
+
+    def embed(name):
+        return {"bytes": IMAGE_FILES.get(name) or b"", "path": None} if isinstance(name, str) else name
+
+    def row(r: dict) -> dict:
+        r = dict(r)  # a copy: the records may still be written as JSON
+        if "id" in r:
+            r["id"] = str(r["id"])
+        if isinstance(r.get("messages"), list):
+            r["messages"] = [
+                dict(m, content=[{"type": "text", "text": m["content"]}])
+                if isinstance(m, dict) and isinstance(m.get("content"), str)
+                else m
+                for m in r["messages"]
+            ]
+        if captions and isinstance(r.get("conversations"), list) and r["conversations"]:
+            last = r["conversations"][-1]
+            r = {"image": r.get("image"), "caption": last.get("value") if isinstance(last, dict) else last}
+        if as_bytes:
+            for key in ("image", "images"):
+                if isinstance(r.get(key), str):
+                    r[key] = embed(r[key])
+                elif isinstance(r.get(key), list):
+                    r[key] = [embed(x) for x in r[key]]
+        return r
+
+    rows = [row(r) for r in recs if isinstance(r, dict)]
+    try:
+        table = pa.Table.from_pylist(rows) if rows else pa.table({})
+        buf = pa.BufferOutputStream()
+        pq.write_table(table, buf)
+    except (pa.ArrowException, ValueError, TypeError, OverflowError):  # mixed types, lone surrogates, huge ints
+        return None
+    return buf.getvalue().to_pybytes()
 
 
 def _write(folder: Path, name: str, content: bytes | None) -> Path:

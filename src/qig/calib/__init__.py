@@ -1,6 +1,7 @@
 """Calibration data: conversations rendered by the model's own processor, with a role per token.
 
-Accepted inputs (METHOD.md section 1):
+Accepted inputs (METHOD.md section 1); the format is read from the content (a
+folder, a parquet file, else JSON / JSONL), not from the file name:
 
 - LLaVA / ShareGPT4V records, as a JSON list or JSONL, plus an image folder::
 
@@ -8,17 +9,49 @@ Accepted inputs (METHOD.md section 1):
      "conversations": [{"from": "human", "value": "<image>\\ndescribe the image."},
                        {"from": "gpt", "value": "two objects: ..."}]}
 
-  ``image`` may be a list; records without ``image`` are text conversations.
+  ``image`` (or ``images``) may be a list; records without one are text
+  conversations. An image without any ``<image>`` placeholder goes before the
+  first user text (the LLaVA convention).
+- OpenAI-style ``messages`` records, as a JSON list or JSONL::
+
+    {"messages": [{"role": "user", "content": [{"type": "image"},
+                                               {"type": "text", "text": "describe the image."}]},
+                  {"role": "assistant", "content": "two objects: ..."}],
+     "images": ["images/x.png"]}
+
+  ``role``: user / assistant / system; ``content``: a string (``<image>``
+  marks an image) or a list of ``{"type": "text", "text": ...}`` and
+  ``{"type": "image"}`` items. The images are the record's ``images``, in
+  order, or given inline: ``{"type": "image", "image": "images/x.png"}``.
+- a Hugging Face ``datasets`` folder (``Dataset.save_to_disk``; a
+  ``DatasetDict`` folder with one split) or a parquet file (``to_parquet``,
+  or any parquet with these columns), read by ``qig.calib.tables``; its
+  columns are found by name: images in ``image`` or ``images`` (datasets'
+  Image feature, ``{"bytes", "path"}``, bytes, or paths under the image
+  folder; one or a list per row), and ``conversations`` (LLaVA turns),
+  ``messages`` (as above) or a caption, ``caption`` or ``text``: the answer
+  to the embedded world's "describe the image." prompt. A ``text`` column
+  without images is text samples; an ``id`` column names the rows. Needs
+  the ``data`` extra: ``pip install 'qig[data]'``.
 - plain text JSONL, one ``{"text": "..."}`` per line: the whole text is
   treated as the answer (a language-model calibration sample).
 
+Relative image paths are under ``image_folder``, by default the folder that
+holds the calibration file (or ``datasets`` folder). Every format's rows pass
+one schema check (``qig.calib.files.check_record``): a bad row gets the same
+one-line ``QigError`` naming the record, in any format.
+
 Each token gets a role: ``vision`` (image placeholder positions after
-expansion), ``answer`` (the last assistant reply, up to and including the end
-token), ``prompt`` (other real tokens) and ``pad``. The answer span is found
-through the chat template itself: the conversation rendered without its last
-reply and with ``add_generation_prompt=True`` is a token prefix of the full
-rendering, so this works for any family's template (``qig.evaluate`` finds the
-answers it scores the same way).
+expansion), ``answer`` (every assistant reply, up to and including its end
+token), ``prompt`` (other real tokens) and ``pad``. The replies are found
+through the chat template itself: the conversation up to a reply, rendered
+with ``add_generation_prompt=True``, is a token prefix of the full rendering,
+so this works for any family's template (``qig.evaluate`` finds the answers
+it scores the same way). A reply ends at its end token (the tokenizer's eos);
+for a template that closes no turn with it, an earlier reply ends where the
+conversation rendered up to it ends. An assistant message that opens a
+conversation answers nothing and stays prompt. Single-turn records are
+unchanged by the multi-turn rule: their one reply is the last.
 
 ``calibration_for(model, processor, path)`` is the entry point: the model's
 family decides which token is the image placeholder the model fills with
@@ -55,7 +88,7 @@ from qig.calib.data import (
     CalibrationSet,
     Sample,
 )
-from qig.calib.files import load_images, read_records
+from qig.calib.files import open_records, read_records
 from qig.calib.render import answer_span, chat_texts, check_n_samples, from_records
 from qig.errors import QigError
 from qig.models import family_for
@@ -114,9 +147,10 @@ def load_calibration(
     image_seq_length: int | None = None,
     image_token_id: int | None = None,
 ) -> CalibrationSet:
-    """Read a LLaVA-style JSON/JSONL (or plain text JSONL), shuffle with ``seed``, keep ``n_samples``.
+    """Read a calibration file or ``datasets`` folder (formats: the module docstring); shuffle, keep ``n_samples``.
 
     >>> calib = load_calibration("data/calib/data.json", processor, n_samples=64)  # doctest: +SKIP
+    >>> calib = load_calibration("coco-captions.parquet", processor, image_folder="coco/")  # doctest: +SKIP
     """
     pairs = _chosen_pairs(path, image_folder, n_samples, seed)
     return from_records(
@@ -145,14 +179,15 @@ def _chosen_pairs(path, image_folder, n_samples: int, seed: int, quiet: bool = F
     """(images, record) of the ``n_samples`` records the seed chooses (a shuffle), images read."""
     check_n_samples(n_samples)
     path = Path(path)
-    records = read_records(path)
+    source = open_records(path)
+    records = source.records
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
     if len(records) < n_samples and not quiet:
         log.warning("%s holds %d records, fewer than n_samples=%d; using all of them", path, len(records), n_samples)
     chosen = [records[i] for i in order[:n_samples]]  # shuffled order, fixed by the seed
     folder = Path(image_folder) if image_folder is not None else path.parent
-    return [(load_images(rec, i, folder, path), rec) for i, rec in chosen]
+    return [(source.images(i, rec, folder), rec) for i, rec in chosen]
 
 
 def calibration_for(
@@ -166,9 +201,10 @@ def calibration_for(
 ) -> CalibrationSet:
     """Calibration for ``model``: its family (``qig.models``) says which token gets image features and how many.
 
-    path: a LLaVA-style JSON/JSONL or plain text JSONL (``load_calibration``,
-    images under ``image_folder``, default the file's folder); None: the
-    embedded world's calibration split (``embedded_calibration``).
+    path: a LLaVA or ``messages`` JSON/JSONL, a text JSONL, a ``datasets``
+    folder or a parquet file (``load_calibration``, images under
+    ``image_folder``, default the file's folder); None: the embedded world's
+    calibration split (``embedded_calibration``).
     seed: shuffles the file's records (default 0), or draws the embedded split
     (default ``world.DEFAULT_CALIB_SEED``).
 

@@ -50,7 +50,7 @@ def _render(
     if images is not None and not isinstance(images, list | tuple):
         images = [images]
     images = list(images) if images else None
-    if "text" in rec and "conversations" not in rec:
+    if "text" in rec and "conversations" not in rec and "messages" not in rec:
         try:
             enc = tok(rec["text"], return_tensors="pt")
         except (ValueError, TypeError) as exc:  # tokenizers raise TypeError for text they cannot encode
@@ -60,14 +60,13 @@ def _render(
         roles = torch.full_like(ids, ANSWER, dtype=torch.int8)
         return _truncate(Sample(sid, enc, roles), max_length, None, 0, 0)
 
-    messages = _messages(rec, sid, len(images or []))
-    full, prefix = _chat_texts(processor, messages, sid)
+    messages = chat_messages(rec, sid, len(images or []))
+    full = _chat_text(processor, messages, sid)
     enc = _encode(processor, full, images, sid)
-    enc_prefix = _encode(processor, prefix, images, sid)
     ids = enc["input_ids"][0]
-    start, end = answer_span(ids, enc_prefix["input_ids"][0], tok.eos_token_id, f"sample {sid}")
     roles = torch.full_like(ids, PROMPT, dtype=torch.int8)
-    roles[start:end] = ANSWER
+    for start, end in _reply_spans(processor, messages, images, ids, sid):
+        roles[start:end] = ANSWER
     n_images = len(images or [])
     if image_token_id is not None:
         roles[ids == image_token_id] = VISION
@@ -88,14 +87,53 @@ def chat_texts(processor, messages: list[dict]) -> tuple[str, str]:
     return full, prompt
 
 
-def _chat_texts(processor, messages: list[dict], sid: str) -> tuple[str, str]:
-    """``chat_texts``, with a template that refuses the conversation (``raise_exception``) reported as bad input."""
+def _chat_text(processor, messages: list[dict], sid: str, add_generation_prompt: bool = False) -> str:
+    """The messages rendered by the chat template; a template that refuses them (``raise_exception``) is bad input."""
     from jinja2 import TemplateError
 
     try:
-        return chat_texts(processor, messages)
+        return processor.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
     except (TemplateError, ValueError) as exc:  # ValueError: transformers, e.g. no chat template at all
         raise QigError(f"sample {sid}: the chat template refused the conversation: {exc}") from exc
+
+
+def _reply_spans(processor, messages: list[dict], images, ids: torch.Tensor, sid: str) -> list[tuple[int, int]]:
+    """Positions ``[start, end)`` in ids [T] of every assistant reply after the first message, last reply first.
+
+    Each reply is found as ``answer_span`` finds the last one: the conversation
+    up to that reply, rendered with the generation prompt (and encoded with the
+    images it holds), is a token prefix of ids. A reply ends at the first end
+    token before the next reply starts; for a template that closes no turn with
+    the end token, where the conversation rendered up to that reply ends. A
+    reply that opens the conversation answers nothing and stays prompt.
+    """
+    eos = getattr(processor, "tokenizer", processor).eos_token_id
+    replies = [k for k, m in enumerate(messages) if k > 0 and m["role"] == "assistant"]
+    spans: list[tuple[int, int]] = []
+    limit = ids.numel()  # the last reply may run to the end
+    for k in reversed(replies):
+        what = f"sample {sid}" if len(replies) == 1 else f"sample {sid} (the reply in message {k})"
+        prompt = _chat_text(processor, messages[:k], sid, add_generation_prompt=True)
+        prompt_ids = _encode(processor, prompt, _images_in(messages[:k], images), sid)["input_ids"][0]
+        start, end = answer_span(ids[:limit], prompt_ids, eos, what)
+        if spans and (eos is None or int(ids[end - 1]) != eos):  # no end token before the next reply
+            upto = _chat_text(processor, messages[: k + 1], sid)
+            upto_ids = _encode(processor, upto, _images_in(messages[: k + 1], images), sid)["input_ids"][0]
+            if upto_ids.numel() > limit or not torch.equal(ids[: upto_ids.numel()], upto_ids):
+                raise QigError(
+                    f"{what}: the conversation rendered up to this reply is not a token prefix of the whole; "
+                    "the chat template is not supported for answer detection"
+                )
+            end = max(upto_ids.numel(), start)
+        spans.append((start, end))
+        limit = start
+    return spans
+
+
+def _images_in(messages: list[dict], images):
+    """The images of ``messages`` (the first n of the conversation's, n its image items); None: none."""
+    n = sum(item["type"] == "image" for m in messages for item in m["content"])
+    return list(images[:n]) if images and n else None
 
 
 def answer_span(ids: torch.Tensor, prompt_ids: torch.Tensor, eos_token_id: int | None, what: str) -> tuple[int, int]:
@@ -120,28 +158,50 @@ def answer_span(ids: torch.Tensor, prompt_ids: torch.Tensor, eos_token_id: int |
     return start, end
 
 
-def _messages(rec: dict, sid: str, n_images: int) -> list[dict]:
-    turns = rec["conversations"]
-    n_placeholders = sum(t["value"].count(IMAGE_PLACEHOLDER) for t in turns)
+def chat_messages(rec: dict, sid: str, n_images: int) -> list[dict]:
+    """A LLaVA ``conversations`` or OpenAI-style ``messages`` record as chat-template messages.
+
+    Content becomes a list of ``{"type": "text", "text": ...}`` and
+    ``{"type": "image"}`` items: each ``<image>`` placeholder in a text is an
+    image item, and so is each image item of a ``messages`` content list. With
+    no placeholder at all, the images go before the first user text (the LLaVA
+    convention). Each image needs exactly one image item.
+
+    >>> chat_messages({"conversations": [{"from": "human", "value": "<image>\\nhi"},
+    ...                                  {"from": "gpt", "value": "yes"}]}, "a", 1)[0]
+    {'role': 'user', 'content': [{'type': 'image'}, {'type': 'text', 'text': 'hi'}]}
+    """
+    if "messages" in rec:
+        turns = [(m["role"], m["content"]) for m in rec["messages"]]
+    else:
+        turns = [(ROLE_OF[t["from"]], t["value"]) for t in rec["conversations"]]
+    messages = [{"role": role, "content": _content_items(content)} for role, content in turns]
+    n_placeholders = sum(item["type"] == "image" for m in messages for item in m["content"])
     if n_placeholders == 0 and n_images:
-        n_placeholders = n_images  # LLaVA convention: an image without placeholder goes before the first prompt
-        turns = [dict(turns[0], value=IMAGE_PLACEHOLDER * n_images + turns[0]["value"])] + list(turns[1:])
+        first = next((m for m in messages if m["role"] == "user"), messages[0])
+        first["content"] = [{"type": "image"} for _ in range(n_images)] + first["content"]
+        n_placeholders = n_images
     if n_placeholders != n_images:
         raise QigError(
-            f"sample {sid}: {n_placeholders} '{IMAGE_PLACEHOLDER}' placeholder(s) in the text but {n_images} "
-            "image(s); each image needs exactly one placeholder"
+            f"sample {sid}: {n_placeholders} image placeholder(s) ('{IMAGE_PLACEHOLDER}' in a text, or an "
+            f"{{'type': 'image'}} item) but {n_images} image(s); each image needs exactly one placeholder"
         )
-    messages = []
-    for t in turns:
-        content: list[dict] = []
-        pieces = t["value"].split(IMAGE_PLACEHOLDER)
-        for j, piece in enumerate(pieces):
-            if j > 0:
-                content.append({"type": "image"})
-            if piece.strip():
-                content.append({"type": "text", "text": piece.strip()})
-        messages.append({"role": ROLE_OF[t["from"]], "content": content})
     return messages
+
+
+def _content_items(content: str | list[dict]) -> list[dict]:
+    """Text (or a list of content items) as items, each ``<image>`` in a text split out as an image item."""
+    items: list[dict] = []
+    for item in [{"type": "text", "text": content}] if isinstance(content, str) else content:
+        if item["type"] == "image":
+            items.append({"type": "image"})
+            continue
+        for j, piece in enumerate(item["text"].split(IMAGE_PLACEHOLDER)):
+            if j > 0:
+                items.append({"type": "image"})
+            if piece.strip():
+                items.append({"type": "text", "text": piece.strip()})
+    return items
 
 
 def _encode(processor, text: str, images, sid: str) -> dict[str, torch.Tensor]:
