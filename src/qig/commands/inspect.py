@@ -30,7 +30,9 @@ class InspectOptions:
     """``qig inspect``'s options; each field is a flag."""
 
     model: str | None = option(None, "model folder (default: the embedded model)", path=True)
-    calib: str | None = option(None, "LLaVA-style JSON/JSONL (default: the embedded world's samples)", path=True)
+    calib: str | None = option(
+        None, "calibration records as qig quantize --calib takes them (default: the embedded world's)", path=True
+    )
     image_folder: str | None = option(None, "images of --calib (default: the file's folder)", path=True)
     embedded: Literal["qa", "captions"] = option(
         "qa", "without --calib: embedded questions about the scene, or calibration captions"

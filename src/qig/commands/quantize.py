@@ -62,7 +62,11 @@ class RunOptions:
         False, "allow a model folder's own Python code to run (e.g. InternVL2); read it first"
     )
     method: str = option("qig", "the method", choices=lambda: tuple(CONFIGS))
-    calib: str | None = option(None, "LLaVA-style JSON/JSONL or text JSONL (default: embedded split)", path=True)
+    calib: str | None = option(
+        None,
+        "JSON/JSONL (LLaVA or messages records, or text), a datasets folder or parquet (default: embedded split)",
+        path=True,
+    )
     image_folder: str | None = option(None, "images of --calib (default: the file's folder)", path=True)
     n_samples: int = option(DEFAULT_N_SAMPLES, "calibration samples", min=1)
     calib_seed: int | None = option(
