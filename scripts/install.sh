@@ -11,4 +11,7 @@ PY="${PYTHON:-python3}"
 if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
     .venv/bin/pip install -q torch==2.13.0
 fi
-.venv/bin/pip install -q -e ".[dev,plot,export]"
+.venv/bin/pip install -q -e ".[dev,plot,export,lmms-eval]"
+# lmms-eval itself without its dependency list: it requires torchvision, which has no build for the CPU torch
+# (docs/lmms-eval.md); the lmms-eval extra above holds what it needs to run `--model qig`
+.venv/bin/pip install -q --no-deps lmms-eval==0.7.3

@@ -37,7 +37,7 @@ class EvalOptions:
     tasks: str | None = option(
         None,
         "run lmms-eval tasks instead, comma-separated, with the qig model: qig_world (the embedded split, no setup) "
-        "or lmms-eval's own (e.g. vizwiz_vqa_val,mmmu_val); needs pip install 'qig[lmms-eval]' (docs/lmms-eval.md)",
+        "or lmms-eval's own (e.g. vizwiz_vqa_val,mmmu_val); needs lmms-eval installed as docs/lmms-eval.md says",
     )
 
     def __post_init__(self) -> None:
