@@ -35,6 +35,7 @@ import torch
 from qig.errors import QigError
 from qig.fileio import atomic_dir, atomic_write_text
 from qig.methods import QuantConfig, make_config
+from qig.models.layout import save_model
 
 if TYPE_CHECKING:  # the annotation only: qig.pipeline may read this module's names
     from qig.pipeline import QuantizationResult
@@ -248,12 +249,14 @@ def write_output(
     place; an existing ``out`` is refused unless ``overwrite``. A tensor of the
     model or of the search result, or a number of the run files, that is NaN or
     inf is refused before anything is written (see :func:`check_finite_output`).
+    The model is saved in its family's serving key layout (``qig.models.layout``),
+    so vLLM loads the folder as it is.
     """
     out = Path(out)
     with atomic_dir(out, overwrite) as tmp:
         check_finite_output(model, result, report, out)
         t = time.perf_counter()
-        model.save_pretrained(tmp)
+        save_model(model, tmp)
         if processor is not None:
             processor.save_pretrained(tmp)
         result.save(tmp)

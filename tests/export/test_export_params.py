@@ -116,9 +116,10 @@ def test_signed_codes_keep_the_differences():
     "spec, abits, fmt, serving",
     [
         pytest.param(QuantSpec(4, 128), 16, "pack-quantized", "W4A16 with zero points", id="w4a16-g128"),
-        pytest.param(QuantSpec(3, 128), 16, "pack-quantized", "cannot serve", id="w3a16-g128"),
+        pytest.param(QuantSpec(3, 128), 16, "pack-quantized", "no kernel for 3-bit", id="w3a16-g128"),
+        pytest.param(QuantSpec(8, 128), 16, "pack-quantized", "no Marlin path", id="w8a16-g128"),
         pytest.param(QuantSpec(8, None, symmetric=True), 8, "int-quantized", "W8A8 int8", id="w8a8"),
-        pytest.param(QuantSpec(4, None, symmetric=True), 8, "int-quantized", "CPUs only", id="w4a8"),
+        pytest.param(QuantSpec(4, None, symmetric=True), 8, "int-quantized", "Dynamic4bitLinearKernel", id="w4a8"),
         pytest.param(QuantSpec(4, None, symmetric=True), 4, "int-quantized", "no integer W4A4", id="w4a4"),
     ],
 )

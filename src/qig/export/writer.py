@@ -21,14 +21,22 @@ the scheme of ``qig.export.scheme``; the library quantizes the saved weights
 with those scales and zero points (already folded: the search's scales live
 in the weights), packs them, and the packed integers are checked against
 qig's own codes before anything is saved.
+
+Every export is saved in its family's serving key layout
+(``qig.models.layout``, e.g. ``vision_tower.vision_model.*`` for a SigLIP
+tower), and its ``ignore`` list is the family's regexes
+(``re:.*vision_tower.*``, ``re:.*multi_modal_projector.*``, ``re:.*lm_head``
+for LLaVA), which match the kept linears in transformers' names and in vLLM's.
 """
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
 import os
 import shutil
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -39,6 +47,8 @@ from qig.export.params import QuantizedWeight, check_storable, from_params, reco
 from qig.export.scheme import Scheme, scheme_for
 from qig.fileio import atomic_dir
 from qig.loading import load_model_and_processor
+from qig.models.family import ModelFamily
+from qig.models.layout import save_model
 from qig.quant import stored
 from qig.quant.spec import QuantSpec
 from qig.runs import CONFIG_KEY, RUN_FILES, RUN_SUBDIR, SEARCH_TENSORS, config_from_dict, read_search_config, run_file
@@ -167,8 +177,11 @@ def export(
     run = read_run(input_dir)
     scheme = scheme_for(run.spec, run.abits) if fmt == "compressed-tensors" else None
     if scheme is not None:
-        _require_library()
+        _require_library(scheme)
     model, processor = load_model_and_processor(run.path, dtype="auto", activation_quantizers=False)
+    from qig.models import family_for
+
+    family = family_for(model)
     quantized = codes(run, model)
     if scheme is not None:
         for path, qw in quantized.items():
@@ -187,9 +200,9 @@ def export(
                 for path, qw in quantized.items():
                     mod = model.get_submodule(path)
                     mod.weight.copy_(qw.dequantize(mod.weight.dtype))
-            model.save_pretrained(tmp)
+            save_model(model, tmp, family)
         else:
-            _write_compressed(model, quantized, scheme, ignored, tmp)
+            _write_compressed(model, family, quantized, scheme, ignored, tmp)
         processor.save_pretrained(tmp)  # tokenizer, processor config, chat template
         (tmp / RUN_SUBDIR).mkdir()
         for name in RUN_FILES:
@@ -209,13 +222,13 @@ def check_format(fmt: str, spec: QuantSpec, abits: int = 16, act_order: bool = F
     if fmt not in FORMATS:
         raise QigError(f"format {fmt!r} is not supported; use one of: {', '.join(FORMATS)}")
     if fmt == "compressed-tensors":
-        scheme_for(spec, abits)
+        scheme = scheme_for(spec, abits)
         if act_order:
             raise QigError(
                 "GPTQ with --act-order permutes its groups' columns (g_idx), which compressed-tensors no longer "
                 "stores; drop --act-order, or write --format fake-quant"
             )
-        _require_library()
+        _require_library(scheme)
 
 
 def export_after(write_run, output_dir: str | os.PathLike, fmt: str, overwrite: bool = False) -> Path:
@@ -236,28 +249,79 @@ def export_after(write_run, output_dir: str | os.PathLike, fmt: str, overwrite: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _require_library() -> None:
+def _require_library(scheme: Scheme | None = None) -> None:
+    """The library is installed, and packs ``scheme``'s codes the way its readers (and vLLM) unpack them."""
     try:
         import compressed_tensors  # noqa: F401
     except ImportError:
         raise QigError(
             "--format compressed-tensors needs the compressed-tensors library: pip install 'qig[export]'"
         ) from None
+    if scheme is not None and scheme.format == "pack-quantized" and not packs_densely(scheme.weights["num_bits"]):
+        bits = scheme.weights["num_bits"]
+        raise QigError(
+            f"compressed-tensors {compressed_tensors.__version__} packs {bits}-bit codes {32 // bits} to an int32 "
+            f"word with padding, while compressed-tensors >= 0.18 and vLLM read {bits}-bit packs densely (32 codes "
+            f"in {bits} words), so they would not read this export; install compressed-tensors>=0.18,<0.21 for "
+            f"{bits}-bit weights (2, 4 and 8 bits pack alike in every version), or use --format fake-quant"
+        )
+
+
+def packs_densely(bits: int) -> bool:
+    """Whether the installed compressed-tensors packs ``bits``-bit codes densely (32 codes in ``bits`` int32 words).
+
+    compressed-tensors 0.18 to 0.20 pack densely; 0.17 (vLLM 0.32's pin) puts ``32 // bits`` codes in a word with
+    padding. The two agree at 1, 2, 4 and 8 bits. Asked of the library itself, not of its version number.
+
+    >>> packs_densely(4)  # doctest: +SKIP
+    True
+    """
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    return pack_to_int32(torch.zeros(1, 32, dtype=torch.int8), bits).shape[1] == bits
+
+
+def ignore_list(family: ModelFamily, kept: Sequence[str], saved: Sequence[str] = ()) -> list[str]:
+    """The export's ``ignore`` entries: the family's regexes, then by name every kept linear they miss.
+
+    kept: the in-memory names of the linears left in full precision; saved: the
+    names compressed-tensors wrote for them (the checkpoint's). A linear the
+    regexes miss (a family without them, the naming fallback) is listed in
+    memory, saved and serving names, so transformers and vLLM both match it.
+
+    >>> from qig.models import FAMILIES
+    >>> ignore_list(FAMILIES[0], ["model.vision_tower.encoder.layers.0.mlp.fc1", "lm_head"])
+    ['re:.*vision_tower.*', 're:.*multi_modal_projector.*', 're:.*lm_head']
+    """
+    names = {n for n in (*kept, *saved) if not family.ignores(n)}
+    names |= {family.serving_key(n) for n in names}
+    return [*family.ignore, *sorted(names)]
 
 
 @torch.no_grad()
-def _write_compressed(model, quantized: dict[str, QuantizedWeight], scheme: Scheme, ignored: list[str], tmp: Path):
+def _write_compressed(
+    model, family: ModelFamily, quantized: dict[str, QuantizedWeight], scheme: Scheme, ignored: list[str], tmp: Path
+):
     """Attach the scheme to the decoder linears, set the stored parameters, compress, check, save."""
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
 
+    decoder_ignored = sorted(p for p in quantized if family.ignores(p))
+    if decoder_ignored:
+        raise QigError(
+            f"the {family.name} family's ignore entries {list(family.ignore)} match decoder linears "
+            f"(e.g. {decoder_ignored[0]}); fix the entry in qig/models/families.py"
+        )
     config = QuantizationConfig(
         config_groups={"group_0": scheme.quantization_scheme(["Linear"])},
-        ignore=ignored,
+        ignore=ignore_list(family, ignored),
         format=scheme.format,
         quantization_status="frozen",
     )
-    apply_quantization_config(model, config, show_progress=False)
+    # compressed-tensors 0.20 draws a progress bar unless told not to; 0.17 (vLLM 0.32's pin) has no bar, no flag.
+    takes_flag = "show_progress" in inspect.signature(apply_quantization_config).parameters
+    quiet = {"show_progress": False} if takes_flag else {}
+    apply_quantization_config(model, config, **quiet)
     attached = sorted(n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None)
     if attached != sorted(quantized):
         extra = sorted(set(attached) ^ set(quantized))[:3]
@@ -275,11 +339,11 @@ def _write_compressed(model, quantized: dict[str, QuantizedWeight], scheme: Sche
     compressor = ModelCompressor.from_pretrained_model(model, scheme.format)
     compressor.compress_model(model)
     _check_packed(model, quantized, scheme)
-    model.save_pretrained(tmp)
-    # The library writes the ignore list in the checkpoint's own (saved) module names; transformers matches
-    # the in-memory names when it loads. Both are listed, so both loaders keep these layers in full precision.
+    save_model(model, tmp, family)
+    # The library lists every kept linear by its checkpoint name; the family's regexes replace those names, so
+    # the list matches transformers' in-memory names, the saved ones and vLLM's (see ignore_list).
     qconfig = compressor.quantization_config
-    qconfig.ignore = sorted(set(qconfig.ignore or []) | set(ignored))
+    qconfig.ignore = ignore_list(family, ignored, qconfig.ignore or [])
     compressor.update_config(tmp)
     if scheme.format == "pack-quantized" and not scheme.weights["symmetric"]:
         # transformers + compressed-tensors cannot build packed zero points on the meta device (the tensors

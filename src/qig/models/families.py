@@ -4,8 +4,10 @@ A :class:`ModelFamily` says where an LVLM's decoder layers are, which of its
 parts stay in full precision, and the scale groups of one decoder layer
 (METHOD.md section 3): the previous op whose output channels absorb ``1/s``,
 the linears whose input columns absorb ``s``, and the block whose output the
-search inspects. Adding a family is one entry in :data:`FAMILIES` plus a
-tiny-config test.
+search inspects. For serving it says how its saved keys must look for vLLM's
+loader (``serving_keys``) and which modules a compressed-tensors export
+leaves in full precision (``ignore``). Adding a family is one entry in
+:data:`FAMILIES` plus a tiny-config test.
 
     >>> from qig.models import FAMILIES
     >>> [g.name for g in FAMILIES[0].groups]
@@ -20,7 +22,7 @@ import logging
 import torch
 
 from qig.errors import QigError
-from qig.models.family import ModelFamily, ScaleGroup, has_names
+from qig.models.family import KeyRename, ModelFamily, ScaleGroup, has_names
 
 log = logging.getLogger(__name__)
 
@@ -108,6 +110,35 @@ _LLAVA_FP = ("model.vision_tower", "model.multi_modal_projector", "model.languag
 _QWEN_FP = ("model.visual", "model.language_model.embed_tokens", "lm_head")
 _IDEFICS_FP = ("model.vision_model", "model.connector", "model.text_model.embed_tokens", "lm_head")
 
+# Serving key layout of CLIP and SigLIP towers. transformers 5 drops their `vision_model.` level when it loads
+# one (transformers/conversion_mapping.py: PrefixChange(prefix_to_remove="vision_model") for CLIPVisionModel and
+# its aliases, SiglipVisionModel among them) and does not put it back on save, so save_pretrained writes
+# `vision_tower.encoder.*`. vLLM builds these towers with the level (vllm/model_executor/models/clip.py and
+# siglip.py: `self.vision_model = CLIPVisionTransformer / SiglipVisionTransformer`) and refuses flat keys;
+# transformers reads both. Only the children of CLIP's and SigLIP's transformer get the level, so a Pixtral tower
+# in a LLaVA checkpoint (patch_conv, ln_pre, transformer: the same names in both libraries) is left as it is.
+CLIP_SIGLIP_TOWER = KeyRename(
+    r"^((?:model\.)?vision_tower\.)(?=(?:embeddings|pre_layrnorm|encoder|post_layernorm|head)\.)",
+    r"\1vision_model.",
+)
+
+# compressed-tensors ignore entries, as llm-compressor writes them for these models: regexes on the part's name,
+# which match transformers' in-memory names (model.vision_tower.*), the saved ones (vision_tower.*) and vLLM's
+# (vision_tower.vision_model.*, language_model.lm_head) alike.
+_LLAVA_IGNORE = ("re:.*vision_tower.*", "re:.*multi_modal_projector.*", "re:.*lm_head")
+_QWEN_IGNORE = ("re:.*visual.*", "re:.*lm_head")
+_IDEFICS_IGNORE = ("re:.*vision_model.*", "re:.*connector.*", "re:.*lm_head")
+
+# Serving layouts checked against vLLM 0.32's loaders (vllm/model_executor/models/; tests/models/test_layout.py
+# writes down what each expects): llava, llava-next, llava-onevision and gemma3 build CLIP / SigLIP towers with the
+# `vision_model.` level (llava.py init_vision_tower_for_llava, gemma3_mm.py), hence CLIP_SIGLIP_TOWER; the embedded
+# model (SigLIP) is served by scripts/check_vllm.sh, a tiny CLIP LLaVA was loaded once. The others need no rename:
+# qwen2-vl / qwen2.5-vl / qwen3-vl map `model.visual.` / `visual.` and `model.` (qwen2_vl.py, qwen2_5_vl.py,
+# qwen3_vl.py: hf_to_vllm_mapper) onto the same tower names as transformers'; idefics3 / smolvlm have no mapper and
+# transformers' `model.vision_model / connector / text_model` names (idefics3.py, Idefics3Model); HF-native internvl
+# is vLLM's InternS1 class (interns1.py, interns1_vit.py: embeddings, encoder.layer.N as transformers); InternVL2's
+# remote code saves its own names, which internvl.py reads. None of these was loaded by vLLM here.
+
 FAMILIES: tuple[ModelFamily, ...] = (
     # LLaVA-1.5 (CLIP + Vicuna/Llama, multi-head attention: the v -> o group exists) and
     # every LlavaForConditionalGeneration (the embedded model: SigLIP + Qwen2 with GQA).
@@ -120,6 +151,8 @@ FAMILIES: tuple[ModelFamily, ...] = (
         groups=LLAMA_GROUPS,
         keep_fp=_LLAVA_FP,
         image_tokens_per_image="image_seq_length",
+        serving_keys=(CLIP_SIGLIP_TOWER,),
+        ignore=_LLAVA_IGNORE,
         note="LLaVA-1.5 and other LLaVA checkpoints (Llama, Vicuna, Qwen2 LMs)",
     ),
     # LLaVA-NeXT: anyres tiling, so the image-token count follows each image's size.
@@ -130,6 +163,8 @@ FAMILIES: tuple[ModelFamily, ...] = (
         layers="model.language_model.layers",
         groups=LLAMA_GROUPS,
         keep_fp=_LLAVA_FP,
+        serving_keys=(CLIP_SIGLIP_TOWER,),
+        ignore=_LLAVA_IGNORE,
         note="anyres tiling (Vicuna, Mistral, Llama-3 LMs)",
     ),
     # LLaVA-OneVision (the QIG paper's LLaVA-OV-7B): SigLIP + Qwen2 with GQA, anyres_max tiling.
@@ -140,6 +175,8 @@ FAMILIES: tuple[ModelFamily, ...] = (
         layers="model.language_model.layers",
         groups=LLAMA_GROUPS,
         keep_fp=_LLAVA_FP,
+        serving_keys=(CLIP_SIGLIP_TOWER,),
+        ignore=_LLAVA_IGNORE,
         note="the QIG paper's LLaVA-OV; Qwen2 LM with GQA",
     ),
     # Qwen2-VL / Qwen2.5-VL: Qwen2-named decoder with q/k/v biases (folding scales only the
@@ -153,6 +190,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         layers="model.language_model.layers",
         groups=LLAMA_GROUPS,
         keep_fp=_QWEN_FP,
+        ignore=_QWEN_IGNORE,
         note="the QIG paper's Qwen2-VL; dynamic resolution, M-RoPE",
     ),
     ModelFamily(
@@ -162,6 +200,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         layers="model.language_model.layers",
         groups=LLAMA_GROUPS,
         keep_fp=_QWEN_FP,
+        ignore=_QWEN_IGNORE,
         note="dynamic resolution, M-RoPE, windowed-attention ViT",
     ),
     # Qwen3-VL (dense): Qwen3 layers (q_norm / k_norm inside attention act per head after
@@ -177,6 +216,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         groups=LLAMA_GROUPS,
         keep_fp=_QWEN_FP,
         adds_between_layers=True,
+        ignore=_QWEN_IGNORE,
         note="dense models; DeepStack features replayed between layers",
     ),
     # InternVL, HF-native (InternVL2.5/3 "-hf" checkpoints): InternViT + pixel-shuffle MLP
@@ -188,6 +228,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         layers="model.language_model.layers",
         groups=LLAMA_GROUPS,
         keep_fp=_LLAVA_FP,
+        ignore=_LLAVA_IGNORE,
         note="HF-native InternVL (Qwen2 / Llama LMs); tiles + thumbnail",
     ),
     # InternVL2 with its original remote code and an InternLM2 LM (the QIG paper's
@@ -205,6 +246,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         image_token="<IMG_CONTEXT>",
         layer_returns_tuple=True,  # InternLM2DecoderLayer returns (hidden_states, [attn weights], [cache])
         remote_code=True,
+        ignore=("re:.*vision_model.*", "re:.*mlp1.*", r"re:.*language_model\.output"),
         note="InternLM2 LM, fused wqkv and w1/w3/w2; decoder mapping only: no HF processor renders its calibration",
     ),
     # Idefics3 and SmolVLM: SigLIP + pixel-shuffle connector + a Llama-named LM under
@@ -216,6 +258,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         layers="model.text_model.layers",
         groups=LLAMA_GROUPS,
         keep_fp=_IDEFICS_FP,
+        ignore=_IDEFICS_IGNORE,
         note="image splitting into tiles + global view",
     ),
     ModelFamily(
@@ -225,6 +268,7 @@ FAMILIES: tuple[ModelFamily, ...] = (
         layers="model.text_model.layers",
         groups=LLAMA_GROUPS,
         keep_fp=_IDEFICS_FP,
+        ignore=_IDEFICS_IGNORE,
         note="the Idefics3 layout; SmolVLM / SmolVLM2",
     ),
     # Gemma 3: see GEMMA3_GROUPS. Sliding-window and global layers alternate; each layer's
@@ -238,6 +282,8 @@ FAMILIES: tuple[ModelFamily, ...] = (
         groups=GEMMA3_GROUPS,
         keep_fp=(*_LLAVA_FP,),
         image_tokens_per_image="mm_tokens_per_image",
+        serving_keys=(CLIP_SIGLIP_TOWER,),
+        ignore=_LLAVA_IGNORE,
         note="(1 + w) RMSNorms, pre/post feed-forward norms, sliding-window layers",
     ),
 )

@@ -1,17 +1,21 @@
-"""What a model family entry is: its scale groups and where it keeps its decoder layers.
+"""What a model family entry is: its scale groups, where it keeps its decoder layers, how it is saved for serving.
 
-:class:`ScaleGroup` and :class:`ModelFamily` are the shapes of the data in
-``qig.models.families``; :func:`get_module` walks a dotted path with an error
-that names what is missing.
+:class:`ScaleGroup`, :class:`KeyRename` and :class:`ModelFamily` are the shapes
+of the data in ``qig.models.families``; :func:`get_module` walks a dotted path
+with an error that names what is missing.
 
     >>> from qig.models.family import ScaleGroup
     >>> ScaleGroup("mlp_out", prev="mlp.up_proj", linears=("mlp.down_proj",), block="mlp.down_proj").name
     'mlp_out'
+    >>> rule = KeyRename(r"^vision_tower\.(?=encoder\.)", "vision_tower.vision_model.")
+    >>> rule.apply("vision_tower.encoder.layers.0.mlp.fc1.weight")
+    'vision_tower.vision_model.encoder.layers.0.mlp.fc1.weight'
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +54,22 @@ class ScaleGroup:
 
 
 @dataclass(frozen=True)
+class KeyRename:
+    """One rule of a family's serving key layout: a saved key matching ``pattern`` becomes ``re.sub(pattern, repl)``.
+
+    pattern: a regular expression on the key as ``save_pretrained`` writes it
+        (e.g. ``vision_tower.encoder.layers.0.mlp.fc1.weight``); it must not match
+        its own output, so applying the rule twice changes nothing.
+    """
+
+    pattern: str
+    repl: str
+
+    def apply(self, key: str) -> str:
+        return re.sub(self.pattern, self.repl, key, count=1)
+
+
+@dataclass(frozen=True)
 class ModelFamily:
     """Where things are in one architecture family; paths are from the top-level model.
 
@@ -69,6 +89,11 @@ class ModelFamily:
     layer_returns_tuple: a decoder layer returns ``(hidden_states, ...)`` and the model
         takes element 0 (older remote code); the pipeline's layer stand-ins do the same.
     remote_code: the checkpoints ship their own modelling code (``--trust-remote-code``).
+    serving_keys: the serving key layout: renames of the keys ``save_pretrained`` writes, applied to every saved
+        folder (fake-quant, export) so that vLLM's loader for the family reads it; transformers reads both.
+    ignore: compressed-tensors ``ignore`` entries (``re:`` regexes, matched from the start of a module name as
+        compressed-tensors, transformers and vLLM all do) for every linear kept in full precision, in the
+        in-memory, the saved and vLLM's module names alike; none of them may match a decoder linear.
     note: one line for ``qig models``.
     """
 
@@ -84,7 +109,19 @@ class ModelFamily:
     adds_between_layers: bool = False
     layer_returns_tuple: bool = False
     remote_code: bool = False
+    serving_keys: tuple[KeyRename, ...] = ()
+    ignore: tuple[str, ...] = ()
     note: str = ""
+
+    def serving_key(self, key: str) -> str:
+        """A saved key in the family's serving layout (the key itself when no rule matches it)."""
+        for rule in self.serving_keys:
+            key = rule.apply(key)
+        return key
+
+    def ignores(self, name: str) -> bool:
+        """Whether one of the family's ``ignore`` entries matches the module ``name`` (see :func:`ignore_matches`)."""
+        return any(ignore_matches(entry, name) for entry in self.ignore)
 
     def decoder_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
         layers = get_module(model, self.layers)
@@ -142,6 +179,21 @@ class ModelFamily:
             return None
         value = getattr(getattr(model, "config", None), self.image_tokens_per_image, None)
         return int(value) if value is not None else None
+
+
+def ignore_matches(entry: str, name: str) -> bool:
+    """compressed-tensors' rule for one ``ignore`` entry: ``re:`` + a regex matched from the start, else the name.
+
+    vLLM (``is_equal_or_regex_match``) and compressed-tensors (``match_name``) both use ``re.match``.
+
+    >>> ignore_matches("re:.*vision_tower.*", "model.vision_tower.encoder.layers.0.mlp.fc1")
+    True
+    >>> ignore_matches("lm_head", "language_model.lm_head")
+    False
+    """
+    if entry.startswith("re:"):
+        return re.match(entry[3:], name) is not None
+    return entry == name
 
 
 def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:

@@ -1,0 +1,105 @@
+"""Saving a model in its family's serving key layout: the one way qig writes model weights.
+
+``save_pretrained`` writes the keys transformers chooses; vLLM's loader for a
+family may want others (a CLIP or SigLIP tower's ``vision_model.`` level,
+``qig.models.families.CLIP_SIGLIP_TOWER``). :func:`save_model` saves, then
+renames the keys of the saved shards by the family's ``serving_keys`` rules;
+transformers loads the result into the same model.
+
+    >>> from qig.models.layout import save_model
+    >>> save_model(model, "out/tmp-folder")  # doctest: +SKIP
+    12
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+
+from qig.errors import QigError
+from qig.models.family import ModelFamily
+
+log = logging.getLogger(__name__)
+
+INDEX = "model.safetensors.index.json"  # the shard index transformers writes for sharded checkpoints
+
+
+def save_model(model: torch.nn.Module, folder: str | os.PathLike, family: ModelFamily | None = None, **kwargs) -> int:
+    """``model.save_pretrained(folder, **kwargs)``, then the saved keys in the family's serving layout.
+
+    family: the model's entry (default: ``family_for(model)``). Returns the
+    number of keys renamed. ``folder`` should be a temporary folder that is
+    renamed into place afterwards (``qig.fileio.atomic_dir``): the shards are
+    rewritten in it.
+    """
+    if family is None:
+        from qig.models.families import family_for
+
+        family = family_for(model)
+    model.save_pretrained(folder, **kwargs)
+    return apply_layout(folder, family)
+
+
+def apply_layout(folder: str | os.PathLike, family: ModelFamily) -> int:
+    """Rename the keys of every ``*.safetensors`` shard in ``folder`` (and its index) to the family's layout.
+
+    A shard with keys to rename is rewritten next to itself and moved over it
+    (``os.replace``); its tensors and its metadata are kept byte for byte, only
+    the names change. Returns the number of keys renamed.
+
+    >>> from qig.models import FAMILIES
+    >>> apply_layout("out/tmp-folder", FAMILIES[0])  # doctest: +SKIP
+    32
+    """
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    if not family.serving_keys:
+        return 0
+    renamed = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            keys = list(f.keys())
+            names = {k: family.serving_key(k) for k in keys}
+            if all(k == v for k, v in names.items()):
+                continue
+            tensors = {names[k]: f.get_tensor(k) for k in keys}
+            metadata = f.metadata()
+        if len(set(tensors)) != len(keys):
+            raise QigError(f"{shard}: the serving layout of {family.name} maps two keys to one name; fix its rules")
+        tmp = shard.with_name(f".{shard.name}.layout")
+        save_file(tensors, tmp, metadata=metadata)
+        os.chmod(tmp, shard.stat().st_mode & 0o777)  # save_file makes a private file; keep the shard's mode
+        os.replace(tmp, shard)
+        renamed.update({k: v for k, v in names.items() if k != v})
+    index = folder / INDEX
+    if renamed and index.is_file():
+        data = json.loads(index.read_text())
+        data["weight_map"] = {renamed.get(k, k): v for k, v in data.get("weight_map", {}).items()}
+        tmp = index.with_name(f".{index.name}.layout")
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+        os.chmod(tmp, index.stat().st_mode & 0o777)
+        os.replace(tmp, index)
+    if renamed:
+        log.debug("%s: %d keys in the %s serving layout", folder, len(renamed), family.name)
+    return len(renamed)
+
+
+def saved_keys(folder: str | os.PathLike) -> list[str]:
+    """Every tensor name in the ``*.safetensors`` shards of ``folder``, sorted (reads the headers only).
+
+    >>> saved_keys("out/qig-w4")[:1]  # doctest: +SKIP
+    ['language_model.lm_head.weight']
+    """
+    from safetensors import safe_open
+
+    keys = []
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            keys += list(f.keys())
+    return sorted(keys)
