@@ -32,6 +32,7 @@ from qig.evaluate import evaluate_records
 from qig.fileio import temp_dir_beside
 from qig.loading import load_model_and_processor
 from qig.models import family_for
+from qig.models.layout import save_model
 from qig.quant import QuantSpec
 from qig.quant.rtn import rtn_
 
@@ -91,7 +92,7 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_dir_beside(out)
-    model.to(torch.float16).save_pretrained(tmp)
+    save_model(model.to(torch.float16), tmp)  # in the serving key layout, as every folder qig writes
     processor.save_pretrained(tmp)
     stages = training_stages(Path(args.trained))
     (tmp / "training_log.json").write_text(json.dumps({"stages": stages}, indent=1) + "\n")
@@ -168,6 +169,12 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
         "2 KV heads = grouped-query attention, the shape of LLaVA-OneVision). Word-level",
         "tokenizer over the world's vocabulary, ChatML chat template, fp16 weights.",
         "Trained from scratch on qig's visual-QA world (`qig.embedded.world`) on 2 CPU cores.",
+        "",
+        "Key layout: LLaVA's checkpoint layout with the SigLIP tower's `vision_model.` level",
+        "(`vision_tower.vision_model.*`, `multi_modal_projector.*`, `language_model.model.*`,",
+        "`language_model.lm_head.*`), the layout vLLM's LLaVA loader reads and the one every",
+        "folder qig writes uses (`qig.models.families.CLIP_SIGLIP_TOWER`); transformers loads it",
+        "into the same model.",
         "",
         "## Training recipe (`scripts/train_embedded.py`, seeded, reproducible)",
         "",

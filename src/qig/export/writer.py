@@ -46,7 +46,7 @@ from qig.errors import QigError
 from qig.export.params import QuantizedWeight, check_storable, from_params, recover
 from qig.export.scheme import Scheme, scheme_for
 from qig.fileio import atomic_dir
-from qig.loading import load_model_and_processor
+from qig.loading import DTYPES, load_model_and_processor
 from qig.models.family import ModelFamily
 from qig.models.layout import save_model
 from qig.quant import stored
@@ -56,7 +56,6 @@ from qig.runs import CONFIG_KEY, RUN_FILES, RUN_SUBDIR, SEARCH_TENSORS, config_f
 log = logging.getLogger(__name__)
 
 FORMATS = ("compressed-tensors", "fake-quant")
-DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
 
 @dataclass
