@@ -1,0 +1,42 @@
+"""The shipped recipes: every one builds a config for its methods; the embedded one runs end to end with lmms-eval."""
+
+import json
+from pathlib import Path
+
+import pytest
+from _cli import run_cli
+
+from qig.cli import build_parser
+from qig.commands.quantize import build_config, given_options, split_options
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+W_ONLY = ("gptq", "awq", "mbq", "qig")  # the weight-only rows of the paper's tables (rtn takes no calibration keys)
+W_A = ("smoothquant", "mbq", "qig")
+
+
+def test_there_are_recipes_for_the_paper_and_the_embedded_model():
+    names = {p.stem for p in RECIPES}
+    assert {"llava-onevision-7b-w3g128", "llava-onevision-7b-w4a8", "embedded-w3g128"} <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
+def test_every_recipe_builds_each_method_of_its_table(recipe):
+    methods = W_A if "a8" in recipe.stem else W_ONLY
+    for method in methods:
+        args = build_parser().parse_args(["quantize", "--recipe", str(recipe), "--method", method, "--output", "o"])
+        run_opts, method_opts = split_options(given_options(args))
+        config = build_config(run_opts, method_opts)
+        assert config.name == method and config.wbits in (3, 4)
+        assert (config.abits, config.group_size) == ((8, None) if "a8" in recipe.stem else (16, 128))
+
+
+def test_the_embedded_recipe_runs_end_to_end_and_lmms_eval_scores_it(tmp_path, capsys):
+    pytest.importorskip("lmms_eval", reason="lmms-eval is not installed (pip install 'qig[lmms-eval]')")
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "embedded-w3g128.yaml"
+    out = tmp_path / "qig-w3"
+    assert run_cli("quantize", "--recipe", recipe, "--n-samples", 8, "--output", out, "--no-progress") == 0
+    assert json.loads((out / "report.json").read_text())["config"]["wbits"] == 3
+    capsys.readouterr()
+    scores = tmp_path / "lmms.json"
+    assert run_cli("eval", "--model", out, "--tasks", "qig_world", "--limit", 20, "--json", scores) == 0
+    assert "qig_world" in capsys.readouterr().out and scores.is_file()
