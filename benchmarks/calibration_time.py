@@ -38,22 +38,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-
-def method_rows() -> list[str]:
-    """One row per registered method (``qig.methods.CONFIGS``) except GPTQ, whose rows are ``gptq_rows``."""
-    from qig.methods import CONFIGS, GPTQConfig, SearchConfig
-
-    rows = [name for name, cls in CONFIGS.items() if not issubclass(cls, GPTQConfig)]
-    return sorted(rows, key=lambda name: issubclass(CONFIGS[name], SearchConfig))  # rtn, ..., then the searches
-
-
-def gptq_rows() -> list[str]:
-    """``gptq``, ``gptq+<w>`` and ``<w>+gptq`` for every token-weighting method w (``SearchConfig`` subclasses)."""
-    from qig.methods import CONFIGS, GPTQConfig, SearchConfig
-
-    weightings = [name for name, cls in CONFIGS.items() if issubclass(cls, SearchConfig)]
-    gptq = GPTQConfig.name
-    return [gptq, *(f"{gptq}+{w}" for w in weightings), *(f"{w}+{gptq}" for w in weightings)]
+from _rows import gptq_rows, method_rows  # noqa: E402  (benchmarks/, the script's own folder)
 
 
 def default_rows(wbits: int, abits: int, group_size: str | None) -> list[str]:
