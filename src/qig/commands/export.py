@@ -46,10 +46,8 @@ def register(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from qig.export import export
-    from qig.fileio import check_output_dir
 
-    opts = from_args(args, ExportOptions)
-    check_output_dir(opts.output, opts.overwrite)
+    opts = from_args(args, ExportOptions)  # export() checks the output folder before any work
     dtype = None if opts.dtype == "auto" else opts.dtype
     result = export(opts.input, opts.output, fmt=opts.format, overwrite=opts.overwrite, dtype=dtype)
     print(summary(result))

@@ -45,7 +45,7 @@ import torch
 from qig.errors import QigError
 from qig.export.params import QuantizedWeight, check_storable, from_params, recover
 from qig.export.scheme import Scheme, scheme_for
-from qig.fileio import atomic_dir
+from qig.fileio import atomic_dir, check_output_dir, temp_dir_beside
 from qig.loading import DTYPES, load_model_and_processor
 from qig.models.family import ModelFamily
 from qig.models.layout import save_model
@@ -163,7 +163,7 @@ def export(
     """Export the ``qig quantize`` folder ``input_dir`` to ``output_dir`` in format ``fmt`` (see FORMATS).
 
     dtype: "float32", "float16" or "bfloat16" for the unquantized parts and the
-    activations; None keeps the checkpoint's (qig quantize writes float32).
+    activations; None keeps the checkpoint's (qig quantize writes the source's dtype).
     Scales are stored in float32 so the dequantized weights are exact.
     """
     if fmt not in FORMATS:
@@ -171,8 +171,7 @@ def export(
     if dtype is not None and dtype not in DTYPES:
         raise QigError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPES)}")
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise QigError(f"output folder {output_dir} already exists; pass --overwrite to replace it")
+    check_output_dir(output_dir, overwrite)
     run = read_run(input_dir)
     scheme = scheme_for(run.spec, run.abits) if fmt == "compressed-tensors" else None
     if scheme is not None:
@@ -235,11 +234,8 @@ def export_after(write_run, output_dir: str | os.PathLike, fmt: str, overwrite: 
 
     ``qig quantize --format`` uses this: the run's files end up in ``output_dir/qig/``.
     """
-    from qig.fileio import temp_dir_beside
-
     output_dir = Path(output_dir)
-    if output_dir.exists() and not overwrite:
-        raise QigError(f"output folder {output_dir} already exists; pass --overwrite to replace it")
+    check_output_dir(output_dir, overwrite)
     tmp = temp_dir_beside(output_dir)
     try:
         write_run(tmp / "run")
