@@ -45,6 +45,7 @@ under ``"config"``.
 from __future__ import annotations
 
 import logging
+import os
 
 import torch
 
@@ -67,12 +68,23 @@ def quantize(
     device: str | torch.device = "cpu",
     scales: dict[tuple[int, str], torch.Tensor] | None = None,
     progress: bool = True,
+    work_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    offload_streams: str = "auto",
+    fingerprint_extra: dict | None = None,
 ) -> QuantizationResult:
     """Quantize ``model``'s decoder layers in place with ``config``'s method.
 
     calib: the calibration set (``qig.calib``); RTN and ``scales=`` need none.
     device: where each decoder layer is computed ("cpu", "cuda", "cuda:1").
     scales: apply saved scales (``load_scales``) instead of searching.
+    work_dir: a folder where every finished layer is kept as the run goes
+    (``qig.pipeline.journal``); required for a model loaded with ``decoder="disk"``.
+    resume: continue the run whose finished layers are in ``work_dir`` (refused if
+    the model, the calibration data or the config differ from that run's).
+    offload_streams: keep the calibration streams on the host ("cpu"), on the
+    device ("none"), or decide from the memory plan ("auto").
+    fingerprint_extra: more of what the results depend on, compared on resume.
 
     >>> result = quantize(model, AWQConfig(wbits=4, group_size=128), calib)  # doctest: +SKIP
     """
@@ -81,7 +93,26 @@ def quantize(
     check_device(device)
     torch.manual_seed(config.seed)
     model.eval()
-    result = run_layerwise(model, config, calib, device=device, scales=scales, progress=progress)
+    journal = None
+    if work_dir is not None:
+        from qig.pipeline.journal import Journal, fingerprint
+
+        stamp = fingerprint(model, calib, config, {"device": torch.device(device).type, **(fingerprint_extra or {})})
+        if scales is not None:
+            stamp["scales"] = {f"{li}.{g}": float(s.double().sum()) for (li, g), s in sorted(scales.items())}
+        journal = Journal.open(work_dir, stamp, resume=resume)
+    elif resume:
+        raise QigError("resume=True needs the work_dir of the run to continue")
+    result = run_layerwise(
+        model,
+        config,
+        calib,
+        device=device,
+        scales=scales,
+        progress=progress,
+        journal=journal,
+        offload_streams=offload_streams,
+    )
     if getattr(model, "config", None) is not None:
         setattr(model.config, CONFIG_KEY, quantization_entry(config))
     return result

@@ -31,10 +31,15 @@ def load_model_and_processor(
     dtype: torch.dtype | str = torch.float32,
     trust_remote_code: bool = False,
     activation_quantizers: bool = True,
+    decoder: str = "memory",
 ):
     """Load an LVLM and its processor from a local folder (offline); default: the embedded model.
 
     dtype: the weights' dtype, or "auto" for the checkpoint's own.
+    decoder: "memory" loads every weight; "disk" loads everything but the decoder
+    layers, which stay on the meta device and are read from the checkpoint's
+    shards one at a time while ``qig.quantize`` runs (host memory: the rest of the
+    model and a layer; see :func:`load_streamed`).
     A folder that ships its own modelling code (``auto_map`` in config.json, e.g.
     InternVL2) is loaded only with ``trust_remote_code=True``.
 
@@ -73,11 +78,16 @@ def load_model_and_processor(
     auto_model = AutoModelForImageTextToText
     if auto_map and "AutoModelForImageTextToText" not in auto_map:
         from transformers import AutoModel as auto_model
+    if decoder not in ("memory", "disk"):
+        raise QigError(f"decoder={decoder!r}: use 'memory' (load every weight) or 'disk' (stream the layers)")
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        model = auto_model.from_pretrained(
-            path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
-        )
+        if decoder == "disk":
+            model = load_streamed(path, auto_model, dtype, trust_remote_code)
+        else:
+            model = auto_model.from_pretrained(
+                path, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+            )
     except QigError:
         raise
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
@@ -90,7 +100,64 @@ def load_model_and_processor(
 
         n = install_activation_quantizers(family_for(model).decoder_linears(model).values(), activation_spec(abits))
         log.info("%s: W-A model, activations quantized at run time (per token, %d bits) on %d linears", path, abits, n)
+    if decoder == "disk":
+        if torch.device(device).type != "cpu":
+            raise QigError("decoder='disk' loads the model on the CPU; the pipeline brings each layer to the device")
+        return model.eval(), processor
     return model.to(device).eval(), processor
+
+
+STREAMED = "qig_checkpoint"  # the attribute of a streamed model holding its decoder's CheckpointIndex
+
+
+def load_streamed(path: Path, auto_model, dtype, trust_remote_code: bool = False) -> torch.nn.Module:
+    """The model without its decoder layers' weights: those stay on the meta device, indexed on disk.
+
+    transformers loads the model from a config with no decoder layers (every
+    other weight, converted as usual); the layers are built on the meta device
+    from the full config and put in place; the config is the full one again.
+    ``model.qig_checkpoint`` (a ``qig.models.checkpoint.CheckpointIndex``) says
+    where each layer's tensors are. The pipeline reads a layer when it gets to it.
+    """
+    import copy
+
+    from transformers import AutoConfig
+
+    from qig.models import family_for, get_module
+    from qig.models.checkpoint import CheckpointIndex
+
+    config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
+    bare = copy.deepcopy(config)
+    bare.get_text_config().num_hidden_layers = 0  # layer_types keep their length: modules built from them
+    report = logging.getLogger("transformers.modeling_utils")
+    level = report.level
+    report.setLevel(logging.ERROR)  # it lists every decoder tensor as "unexpected": they are, for this config
+    try:
+        model = auto_model.from_pretrained(
+            path, config=bare, dtype=dtype, local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    finally:
+        report.setLevel(level)
+    with torch.device("meta"):
+        full = type(model)._from_config(config, dtype=model.dtype)
+    family = family_for(full)
+    parent, _, name = family.layers.rpartition(".")
+    setattr(get_module(model, parent), name, get_module(full, family.layers))
+    model.config.get_text_config().num_hidden_layers = config.get_text_config().num_hidden_layers
+    buffers = [n for n, _ in family.decoder_layers(model)[0].named_buffers()]
+    if buffers:
+        raise QigError(
+            f"{path}: the {family.name} decoder layers hold buffers ({', '.join(buffers)}) a checkpoint does not "
+            "store, so they cannot be streamed from disk; load the whole model (--model-offload none)"
+        )
+    index = CheckpointIndex.read(path, model, full.state_dict(), family.layers)
+    setattr(model, STREAMED, index)
+    return model
+
+
+def is_streamed(model: torch.nn.Module) -> bool:
+    """Whether the model's decoder layers are read from disk as the pipeline reaches them."""
+    return getattr(model, STREAMED, None) is not None
 
 
 def _saved_abits(config: dict, path: Path) -> int:

@@ -256,7 +256,7 @@ def write_output(
     with atomic_dir(out, overwrite) as tmp:
         check_finite_output(model, result, report, out)
         t = time.perf_counter()
-        save_model(model, tmp)
+        _save_weights(model, tmp, out)
         if processor is not None:
             processor.save_pretrained(tmp)
         result.save(tmp)
@@ -264,6 +264,37 @@ def write_output(
         report.setdefault("timings", {})["save"] = time.perf_counter() - t
         atomic_write_text(tmp / REPORT_JSON, json.dumps(report, indent=1, default=str) + "\n")
     return out
+
+
+def _save_weights(model: torch.nn.Module, tmp: Path, out: Path) -> None:
+    """The model's weights into ``tmp``: ``save_model``, or layer by layer for a model streamed from disk."""
+    from qig.loading import STREAMED
+    from qig.models import family_for
+    from qig.models.layout import save_streamed
+
+    source = getattr(model, STREAMED, None)
+    if source is None:
+        save_model(model, tmp)
+        return
+    if not hasattr(source, "read_layer"):
+        raise QigError("the streamed model's layers were not quantized (run qig.quantize with work_dir first)")
+
+    def read_layer(index: int) -> dict[str, torch.Tensor]:
+        state = source.read_layer(index)
+        _refuse_nonfinite(state.items(), f"quantized model's layer {index} tensor", out)
+        return state
+
+    save_streamed(model, tmp, family_for(model), read_layer)
+
+
+def _refuse_nonfinite(items, what: str, out: Path) -> None:
+    fix = (
+        f"nothing was written to {out}; a folded scale or the quantizer overflowed the model's dtype, or the "
+        "source is corrupt (check the source model and the scales, or load the model in float32)"
+    )
+    for key, t in items:
+        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
+            raise QigError(f"the {what} {key} holds NaN or inf values; {fix}")
 
 
 def check_finite_output(model: torch.nn.Module, result: QuantizationResult, report: dict, out: Path) -> None:
@@ -278,9 +309,7 @@ def check_finite_output(model: torch.nn.Module, result: QuantizationResult, repo
         "source is corrupt (check the source model and the scales, or load the model in float32)"
     )
     for what, tensors in (("quantized model's tensor", model.state_dict()), ("search result's", result.tensors())):
-        for key, t in tensors.items():
-            if t.is_floating_point() and not bool(torch.isfinite(t).all()):
-                raise QigError(f"the {what} {key} holds NaN or inf values; {fix}")
+        _refuse_nonfinite(tensors.items(), what, out)  # a streamed model's layers (meta) are checked as written
     for name, data in ((SEARCH_JSON, result.to_json()), (REPORT_JSON, report)):
         where = _nonfinite_number(data, "")
         if where is not None:

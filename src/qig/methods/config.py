@@ -45,7 +45,9 @@ class QuantConfig:
 
     wbits: weight bits (2-8). group_size: input channels per scale (must divide
     every quantized linear's in_features), or None for per-channel.
-    batch_size: calibration samples per forward. seed: seeds torch for the run.
+    batch_size: calibration samples per forward. batch_tokens: a token budget per
+    forward (samples x padded length); fewer samples go in a batch when
+    batch_size of them would pass it. seed: seeds torch for the run.
     abits: activation bits; 16 keeps activations in floating point (weight-only,
     WxA16: grouped asymmetric weights). 4-15 is a weight-activation mode (W4A8,
     W8A8, W4A4): weights per output channel, symmetric (group_size must be
@@ -60,6 +62,9 @@ class QuantConfig:
         128, "input channels per weight scale, or 'channel' (W-A modes: per channel, the default there)", min=1
     )
     batch_size: int = option(16, "calibration samples per forward", min=1)
+    batch_tokens: int | None = option(
+        None, "token budget per calibration forward: batch_size is cut so samples x padded length fit", min=1
+    )
     seed: int = option(0, "torch seed of the run")
     abits: int = option(
         WEIGHT_ONLY_ABITS,
@@ -78,6 +83,16 @@ class QuantConfig:
                 "out), or abits=16 for grouped weight-only quantization"
             )
         self.spec  # validates bits and group size  # noqa: B018
+
+    def samples_per_batch(self, seq_len: int) -> int:
+        """Samples per calibration forward for samples padded to ``seq_len``: batch_size, cut by batch_tokens.
+
+        >>> QuantConfig(batch_size=16, batch_tokens=4096).samples_per_batch(1000)
+        4
+        """
+        if self.batch_tokens is None:
+            return self.batch_size
+        return max(1, min(self.batch_size, self.batch_tokens // seq_len))
 
     @property
     def spec(self) -> QuantSpec:

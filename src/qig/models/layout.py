@@ -103,3 +103,64 @@ def saved_keys(folder: str | os.PathLike) -> list[str]:
         with safe_open(shard, "pt") as f:
             keys += list(f.keys())
     return sorted(keys)
+
+
+def save_streamed(model: torch.nn.Module, folder: str | os.PathLike, family: ModelFamily, read_layer) -> int:
+    """``save_model`` for a model whose decoder layers are not in memory: one shard per layer, read in turn.
+
+    ``read_layer(index)`` gives a finished layer's state (names inside the layer).
+    Everything else is what ``save_pretrained`` writes for the model without its
+    decoder layers (config, generation config, the other weights, tied weights
+    dropped as usual), put in the first shard; layer l goes to shard l + 2, cast
+    to the dtype the model's (meta) layer has, its keys reverted to the
+    checkpoint names as ``save_pretrained`` reverts them and put in the serving
+    layout. An index names every shard, as ``save_pretrained`` writes one.
+    Host memory: the non-decoder weights and one layer.
+    """
+    from safetensors.torch import save_file
+    from transformers.core_model_loading import revert_weight_conversion
+
+    from qig.models.checkpoint import read_header
+    from qig.models.family import get_module
+
+    folder = Path(folder)
+    layers = family.decoder_layers(model)
+    parent, _, name = family.layers.rpartition(".")
+    holder = get_module(model, parent)
+    setattr(holder, name, torch.nn.ModuleList())
+    try:
+        model.save_pretrained(folder)
+    finally:
+        setattr(holder, name, layers)
+    total = len(layers) + 1
+    shard_name = "model-{:05d}-of-{:05d}.safetensors".format
+    weight_map: dict[str, str] = {}
+    rest = [folder / "model.safetensors"] if (folder / "model.safetensors").is_file() else []
+    if (folder / INDEX).is_file():
+        raise QigError("the model outside its decoder needs several shards; streamed saving supports one")
+    size = 0
+    for path in rest:
+        header = read_header(path)
+        weight_map.update({k: shard_name(1, total) for k in header})
+        size += sum(e["data_offsets"][1] - e["data_offsets"][0] for e in header.values())
+        os.replace(path, folder / shard_name(1, total))
+    for li, layer in enumerate(layers):
+        dtypes = {k: t.dtype for k, t in layer.state_dict().items()}
+        state = read_layer(li)
+        full = {f"{family.layers}.{li}.{k}": v.to(dtypes.get(k, v.dtype)).contiguous() for k, v in state.items()}
+        tensors = {family.serving_key(k): v for k, v in revert_weight_conversion(model, full).items()}
+        path = folder / shard_name(li + 2, total)
+        save_file(tensors, path, metadata={"format": "pt"})
+        os.chmod(path, 0o666 & ~_umask())
+        weight_map.update({k: path.name for k in tensors})
+        size += sum(t.numel() * t.element_size() for t in tensors.values())
+        del state, full, tensors
+    index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return apply_layout(folder, family)
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

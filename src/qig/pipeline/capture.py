@@ -13,8 +13,6 @@ before any layer is quantized.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 import torch
 from torch.func import functional_call
 
@@ -33,7 +31,6 @@ class StopForward(Exception):
     """Raised by a hook to end a forward pass early (its caller catches it)."""
 
 
-@dataclass
 class Chunk:
     """One calibration batch as it moves through the decoder.
 
@@ -43,13 +40,63 @@ class Chunk:
     injections: per layer index, what the model adds to the hidden states after
     that layer, outside the decoder layers ([b, T, C]; Qwen3-VL's DeepStack
     features), replayed by :func:`next_input`.
+
+    store: where x and xq are kept between uses: the compute device (the
+    default), or the host (offloaded streams; pinned memory under CUDA). Reading
+    ``chunk.x`` gives it on the compute device; assigning stores it. With the
+    store on the compute device both are the tensor itself (no copy).
     """
 
-    x: torch.Tensor | None
-    xq: torch.Tensor | None
-    roles: torch.Tensor
-    layer_kwargs: list[dict]
-    injections: dict[int, torch.Tensor] = field(default_factory=dict)
+    def __init__(
+        self,
+        x: torch.Tensor | None,
+        xq: torch.Tensor | None,
+        roles: torch.Tensor,
+        layer_kwargs: list[dict],
+        injections: dict[int, torch.Tensor] | None = None,
+        store: torch.device | None = None,
+    ) -> None:
+        self.roles, self.layer_kwargs, self.injections = roles, layer_kwargs, injections or {}
+        self.device = roles.device
+        self.store = store if store is not None else self.device
+        self._x = self._put(x)
+        self._xq = self._x if xq is x else self._put(xq)
+
+    def _put(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        if t is None or t.device == self.store:
+            return t
+        if self.store.type == "cpu" and t.device.type == "cuda":
+            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            return host.copy_(t)
+        return t.to(self.store)
+
+    def _get(self, t: torch.Tensor | None) -> torch.Tensor | None:
+        return t if t is None or t.device == self.device else t.to(self.device, non_blocking=True)
+
+    @property
+    def x(self) -> torch.Tensor | None:
+        return self._get(self._x)
+
+    @x.setter
+    def x(self, value: torch.Tensor | None) -> None:
+        self._x = self._put(value)
+
+    @property
+    def xq(self) -> torch.Tensor | None:
+        return self._get(self._xq)
+
+    @xq.setter
+    def xq(self, value: torch.Tensor | None) -> None:
+        self._xq = self._put(value)
+
+    @property
+    def batch(self) -> int:
+        return self.roles.shape[0]
+
+    def stored_bytes(self) -> int:
+        """Bytes of x and x^q where they are kept (once when they are one tensor)."""
+        ts = {id(t): t for t in (self._x, self._xq) if t is not None}
+        return sum(t.numel() * t.element_size() for t in ts.values())
 
 
 class _Catcher(torch.nn.Module):
@@ -75,9 +122,17 @@ class _Catcher(torch.nn.Module):
 
 @torch.no_grad()
 def capture(
-    model: torch.nn.Module, family: ModelFamily, calib: CalibrationSet, batch_size: int, device: torch.device
+    model: torch.nn.Module,
+    family: ModelFamily,
+    calib: CalibrationSet,
+    batch_size: int,
+    device: torch.device,
+    store: torch.device | None = None,
 ) -> list[Chunk]:
-    """Inputs of layer 0 and every layer's keyword arguments, per calibration batch, on ``device``."""
+    """Inputs of layer 0 and every layer's keyword arguments, per calibration batch, on ``device``.
+
+    store: where the chunks keep their hidden states (default ``device``; the host for offloaded streams).
+    """
     layers = family.decoder_layers(model)
     originals = list(layers)
     home = next(model.parameters()).device
@@ -103,7 +158,7 @@ def capture(
             check_hidden(x, "the input of decoder layer 0", len(chunks), BEFORE_LAYERS)
             for li, extra in injections.items():
                 check_hidden(extra, f"what the model adds after decoder layer {li}", len(chunks), BEFORE_LAYERS)
-            chunks.append(Chunk(x=x, xq=x, roles=batch.roles.to(device), layer_kwargs=kwargs, injections=injections))
+            chunks.append(Chunk(x, x, batch.roles.to(device), kwargs, injections, store))
     finally:
         model.to(home)
         for i, layer in enumerate(originals):

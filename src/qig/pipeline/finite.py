@@ -22,9 +22,24 @@ def is_finite(t: torch.Tensor) -> bool:
 
 
 def check_decoder_weights(model: torch.nn.Module, family: ModelFamily) -> None:
-    """Refuse a model whose decoder linears (weights, biases) hold NaN or inf: the checkpoint is corrupt."""
-    for path, linear in family.decoder_linears(model).items():
+    """Refuse a model whose decoder linears (weights, biases) hold NaN or inf: the checkpoint is corrupt.
+
+    Layers on the meta device (streamed from disk) are checked as they arrive (:func:`check_layer_weights`).
+    """
+    _check_linears(family.decoder_linears(model).items())
+
+
+def check_layer_weights(layer: torch.nn.Module, index: int, family: ModelFamily) -> None:
+    """The same check for one decoder layer, named as the model names it."""
+    prefix = f"{family.layers}.{index}."
+    _check_linears((prefix + n, m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear))
+
+
+def _check_linears(linears) -> None:
+    for path, linear in linears:
         for name, p in linear.named_parameters(recurse=False):
+            if p.device.type == "meta":
+                continue
             if not is_finite(p.data):
                 raise QigError(
                     f"the model's {path}.{name} holds NaN or inf values; the checkpoint is corrupt "

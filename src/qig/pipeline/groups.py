@@ -12,6 +12,8 @@ inspected block as a function of its input with optional weight overrides.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 from torch.func import functional_call
 
@@ -60,7 +62,7 @@ def block_fn(layer: torch.nn.Module, group: ScaleGroup, chunks: list[Chunk], lay
 
     def run_block(z: torch.Tensor, i: int, overrides: dict[str, torch.Tensor] | None) -> torch.Tensor:
         # z: [k*b, T, C] -> [k*b, T, H]
-        b = chunks[i].x.shape[0]
+        b = chunks[i].batch
         kwargs = {}
         if group.block_takes_layer_kwargs:
             kwargs = _expand_batch(chunks[i].layer_kwargs[layer_index], b, z.shape[0] // b)
@@ -77,12 +79,15 @@ def block_fn(layer: torch.nn.Module, group: ScaleGroup, chunks: list[Chunk], lay
 def group_inputs(
     layer: torch.nn.Module,
     group: ScaleGroup,
-    hidden: list[torch.Tensor],
+    hidden: Iterable[torch.Tensor],
     chunks: list[Chunk],
     layer_index: int,
     overrides: dict[str, torch.Tensor],
 ) -> list[torch.Tensor]:
-    """The input of the group's first linear for each chunk's layer input ``hidden``, the layer stopped there."""
+    """The input of the group's first linear for each chunk's layer input ``hidden``, the layer stopped there.
+
+    hidden may be lazy (a generator): offloaded streams come to the device one chunk at a time.
+    """
     first = get_module(layer, group.linears[0])
     caught: list[torch.Tensor] = []
 
@@ -124,12 +129,12 @@ def group_context(
     they run quantized, with their inputs quantized too in W-A modes (``act_spec``).
     """
     with torch.no_grad():
-        x_in = group_inputs(layer, group, [c.x for c in chunks], chunks, layer_index, {})
+        x_in = group_inputs(layer, group, (c.x for c in chunks), chunks, layer_index, {})
         xq_in = None
         if with_quantized_stream:
             finished = [get_module(layer, key.removesuffix(".weight")) for key in done]
             with quantized_activations(finished, act_spec):
-                xq_in = group_inputs(layer, group, [c.xq for c in chunks], chunks, layer_index, done)
+                xq_in = group_inputs(layer, group, (c.xq for c in chunks), chunks, layer_index, done)
     return GroupContext(
         layer_index=layer_index,
         group=group,

@@ -24,6 +24,8 @@ from qig.models import ModelFamily, ScaleGroup, get_module
 from qig.pipeline.capture import Chunk
 from qig.pipeline.gptq import gptq_layer_
 from qig.pipeline.groups import group_context, layer_linears, weight_stats
+from qig.pipeline.journal import FinishedLayer, Journal
+from qig.pipeline.layers import DecoderLayers, InMemoryLayers
 from qig.pipeline.result import GroupRecord, InspectedGroup
 from qig.pipeline.streams import Streams, cat_rows
 from qig.pipeline.timing import Timer
@@ -114,33 +116,112 @@ def layer_loop(
     device: torch.device,
     timer: Timer,
     progress: bool = True,
+    layers: DecoderLayers | None = None,
+    journal: Journal | None = None,
 ) -> LoopOutput:
-    """Every decoder layer (up to ``mode.depth``) in turn on ``device``: its groups in order, then the layer."""
-    layers = list(family.decoder_layers(model))[: mode.depth]
-    home = next(layers[0].parameters()).device
+    """Every decoder layer (up to ``mode.depth``) in turn on ``device``: its groups in order, then the layer.
+
+    layers: where the layers come from (default: the model, in memory; a streamed
+    model's come from disk). journal: each finished layer is written to it, and the
+    layers it already holds are replayed (:func:`_replay`) instead of computed.
+    """
+    layers = layers if layers is not None else InMemoryLayers(model, family)
+    depth = len(layers) if mode.depth is None else min(mode.depth, len(layers))
+    replayable = _replayable(journal, depth)
     per_group = bool(mode.methods)  # the bar counts groups, else layers
-    steps = sum(len(family.active_groups(m)) for m in layers) if per_group else len(layers)
+    groups = [family.active_groups(layers.modules[li]) for li in range(depth)]
+    steps = sum(len(g) for g in groups) if per_group else depth
     out = LoopOutput()
     search_index = 0
     with tqdm(total=steps, desc=mode.label, disable=not progress) as bar, timer(mode.phase):
-        for li, module in enumerate(layers):
-            module.to(device)
-            layer = LayerState(li, module)
-            for group in family.active_groups(module):
-                bar.set_postfix_str(f"layer {li} {group.name}")
-                with timer(None) as lap:
-                    record = _visit_group(mode, layer, group, search_index, streams, timer)
-                if isinstance(record, GroupRecord):
-                    record.seconds = lap.seconds
-                if record is not None:
-                    out.records.append(record)
-                search_index += 1
-                bar.update(int(per_group))
-            bar.set_postfix_str(f"layer {li} {mode.quantizer}")
-            _finish_layer(mode, layer, family, streams, timer, out)
-            bar.update(int(not per_group))
-            module.to(home)
+        for li in range(depth):
+            with layers.onload(li, device) as module:
+                first = len(out.records)
+                if li in replayable:
+                    bar.set_postfix_str(f"layer {li} from {journal.folder.name}")
+                    _replay(mode, journal.load_layer(li, device), module, family, streams, timer, out)
+                    search_index += len(groups[li])
+                    bar.update(len(groups[li]) if per_group else 1)
+                    continue
+                layer = LayerState(li, module)
+                for group in groups[li]:
+                    bar.set_postfix_str(f"layer {li} {group.name}")
+                    with timer(None) as lap:
+                        record = _visit_group(mode, layer, group, search_index, streams, timer)
+                    if isinstance(record, GroupRecord):
+                        record.seconds = lap.seconds
+                    if record is not None:
+                        out.records.append(record)
+                    search_index += 1
+                    bar.update(int(per_group))
+                bar.set_postfix_str(f"layer {li} {mode.quantizer}")
+                _finish_layer(mode, layer, family, streams, timer, out)
+                if journal is not None:
+                    with timer("journal"):
+                        journal.save_layer(_finished(li, module, out, first))
+                bar.update(int(not per_group))
     return out
+
+
+def _replayable(journal: Journal | None, depth: int) -> set[int]:
+    """The layers 0..k-1 the journal holds finished (a gap ends the prefix: later ones are redone)."""
+    if journal is None:
+        return set()
+    done, have = set(), set(journal.finished())
+    for li in range(depth):
+        if li not in have:
+            break
+        done.add(li)
+    if done:
+        log.info("resuming: layers 0-%d of %d are replayed from %s", max(done), depth, journal.folder)
+    return done
+
+
+def _finished(li: int, module: torch.nn.Module, out: LoopOutput, first: int) -> FinishedLayer:
+    """What the journal keeps of layer ``li``, just finished."""
+    prefix = f"{li}."
+    return FinishedLayer(
+        index=li,
+        state={k: v for k, v in module.state_dict().items()},
+        quantized={k: v for k, v in out.quantized.items() if k.startswith(prefix)},
+        records=[r for r in out.records[first:] if isinstance(r, GroupRecord)],
+        gptq_seconds=out.gptq_seconds[-1] if out.gptq_seconds and len(out.gptq_seconds) == li + 1 else None,
+    )
+
+
+def _replay(
+    mode: Mode,
+    saved: FinishedLayer,
+    module: torch.nn.Module,
+    family: ModelFamily,
+    streams: Streams | None,
+    timer: Timer,
+    out: LoopOutput,
+) -> None:
+    """A finished layer from the journal: its scales re-folded (x through it), its finished state (x^q through it)."""
+    li = saved.index
+    groups = {g.name: g for g in family.active_groups(module)}
+    for name, s in saved.scales():
+        group = groups[name]
+        linears = [get_module(module, p) for p in group.linears]
+        fold_scales_(get_module(module, group.prev), linears, s.to(module_device(module)), offset=group.prev_offset)
+    if streams is not None:
+        with timer("propagate"):
+            streams.advance_fp(module, li)
+    module.load_state_dict(saved.state, strict=True)
+    if mode.act_spec is not None and mode.quantizer == "rtn":  # as _finish_layer
+        install_activation_quantizers(layer_linears(module).values(), mode.act_spec)
+    out.records.extend(saved.records)
+    out.quantized.update(saved.quantized)
+    if saved.gptq_seconds is not None:
+        out.gptq_seconds.append(saved.gptq_seconds)
+    if streams is not None:
+        with timer("propagate"):
+            streams.advance_quantized(module, li)
+
+
+def module_device(module: torch.nn.Module) -> torch.device:
+    return next(module.parameters()).device
 
 
 def _visit_group(

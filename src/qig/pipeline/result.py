@@ -63,6 +63,7 @@ class QuantizationResult:
     roles: torch.Tensor | None = None  # [N, T] int8, the calibration tokens' roles
     applied_from: str | None = None
     quantized: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
+    memory_plan: dict[str, int] = field(default_factory=dict)  # bytes by item (``qig.pipeline.plan``)
 
     def scales(self) -> dict[tuple[int, str], torch.Tensor]:
         """``{(layer, group): s}``, the form ``quantize(..., scales=...)`` takes (searched groups only)."""

@@ -12,21 +12,35 @@ and saved scales that do not fit the model are refused.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import torch
 
 from qig.calib import CalibrationSet
 from qig.errors import QigError
+from qig.loading import STREAMED
 from qig.methods import GPTQConfig, Method, QuantConfig, SearchConfig, method_for
 from qig.models import ModelFamily, family_for, get_module
 from qig.pipeline.capture import capture
 from qig.pipeline.finite import check_decoder_weights
 from qig.pipeline.groups import layer_linears
+from qig.pipeline.journal import Journal, JournalIndex
+from qig.pipeline.layers import layers_for
 from qig.pipeline.loop import Mode, frozen, layer_loop
+from qig.pipeline.plan import memory_plan, streams_store
 from qig.pipeline.result import InspectedGroup, QuantizationResult
 from qig.pipeline.timing import Timer
 from qig.quant.activation import activation_quantization
 from qig.runs import check_scale
+
+log = logging.getLogger(__name__)
+
+
+def prepare_methods(model, family, methods, calib, layers, device, progress) -> None:
+    """Each method's pass before the layer loop (a stand-in until the layer-wise gradient pass is wired)."""
+    for m in methods:
+        m.progress = progress
+        m.prepare(model, family, calib, device)
 
 
 def run_layerwise(
@@ -36,8 +50,15 @@ def run_layerwise(
     device: str | torch.device = "cpu",
     scales: dict[tuple[int, str], torch.Tensor] | None = None,
     progress: bool = True,
+    journal: Journal | None = None,
+    offload_streams: str = "auto",
 ) -> QuantizationResult:
     """Quantize ``model``'s decoder layers in place; return what the search found and the quantized state.
+
+    journal: every finished layer is written to it, and the layers it holds are
+    replayed, not recomputed (resume). A model streamed from disk (``decoder="disk"``)
+    needs one: its finished layers live there, and the model reads them from it
+    afterwards. offload_streams: "auto", "cpu" or "none" (:mod:`qig.pipeline.plan`).
 
     With ``scales`` (``{(layer, group): s}``) the search is skipped: those scales
     are folded and the layers quantized with RTN, without calibration data.
@@ -50,24 +71,36 @@ def run_layerwise(
     family = family_for(model)
     method = method_for(config)
     _refuse(model, family, config, scales)
+    layers = layers_for(model, family)
+    if layers.streamed and journal is None:
+        raise QigError(
+            "the model's decoder layers are streamed from disk, so its finished layers need a work folder; "
+            "pass work_dir= (a folder with room for the quantized model)"
+        )
     timer = Timer()
     if scales is not None or not (method.finds_scales or config.gptq_settings is not None):
         mode = _apply_mode(model, family, config, scales or {})
         with frozen(model):
-            out = layer_loop(model, family, mode, None, device, timer, progress)
+            out = layer_loop(model, family, mode, None, device, timer, progress, layers, journal)
+        _keep_streamed(model, layers, journal, family)
         return QuantizationResult(config=config, groups=out.records, timings=timer.totals, quantized=out.quantized)
     if calib is None:
         raise QigError(f"{config.name} needs calibration data; pass calib (e.g. qig.calib.calibration_for)")
     mode = _search_mode(config, method)
+    carried = (bool(mode.methods), mode.quantized_inputs or mode.quantizer == "gptq")
+    plan = memory_plan(model, family, layers, calib, config, method, device, carried, offload_streams)
+    log.info("%s", plan.describe())
+    store = streams_store(plan, offload_streams, device)
     with frozen(model):
         with timer("prepare"):
-            method.progress = progress
-            method.prepare(model, family, calib, device)
+            prepare_methods(model, family, [method], calib, layers, device, progress)
         with timer("capture"):
-            streams = mode.streams(capture(model, family, calib, config.batch_size, device))
-        out = layer_loop(model, family, mode, streams, device, timer, progress)
+            chunks = capture(model, family, calib, config.samples_per_batch(calib.seq_len), device, store)
+            streams = mode.streams(chunks)
+        out = layer_loop(model, family, mode, streams, device, timer, progress, layers, journal)
         roles = streams.roles()
-        del streams
+        del streams, chunks
+    _keep_streamed(model, layers, journal, family)
     summary = method.summary()
     if mode.gptq is not None:
         summary = {**summary, "gptq": {**dataclasses.asdict(mode.gptq), "seconds_per_layer": out.gptq_seconds}}
@@ -78,7 +111,14 @@ def run_layerwise(
         method_summary=summary,
         roles=roles,
         quantized=out.quantized,
+        memory_plan=plan.items,
     )
+
+
+def _keep_streamed(model, layers, journal: Journal | None, family: ModelFamily) -> None:
+    """A streamed model reads its layers from the journal from now on: they are the quantized ones."""
+    if layers.streamed:
+        setattr(model, STREAMED, JournalIndex(journal.folder, family.layers))
 
 
 def _refuse(model: torch.nn.Module, family: ModelFamily, config: QuantConfig, scales) -> None:
@@ -182,10 +222,10 @@ def collect_token_weights(
         looked_at=wanted,
         depth=max(wanted) + 1,
     )
+    layers = layers_for(model, family)
     with frozen(model):
-        for m in methods:
-            m.progress = progress
-            m.prepare(model, family, calib, device)
-        streams = mode.streams(capture(model, family, calib, configs[0].batch_size, device))
-        out = layer_loop(model, family, mode, streams, device, Timer(), progress)
+        prepare_methods(model, family, list(methods), calib, layers, device, progress)
+        batch = configs[0].samples_per_batch(calib.seq_len)
+        streams = mode.streams(capture(model, family, calib, batch, device))
+        out = layer_loop(model, family, mode, streams, device, Timer(), progress, layers)
     return out.records, {m.config.name: m.summary() for m in methods}

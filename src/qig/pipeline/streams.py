@@ -36,8 +36,9 @@ class Streams:
     def advance_fp(self, layer: torch.nn.Module, layer_index: int) -> None:
         """x <- the FP (folded) layer's output, plus what the model adds after it."""
         for i, c in enumerate(self.chunks):
-            c.x = next_input(layer, c.x, c, layer_index) if self.fp else None
-            check_hidden(c.x, f"layer {layer_index}'s output on the FP stream x", i, FP_OVERFLOW)
+            h = next_input(layer, c.x, c, layer_index) if self.fp else None
+            check_hidden(h, f"layer {layer_index}'s output on the FP stream x", i, FP_OVERFLOW)
+            c.x = h
 
     @torch.no_grad()
     def advance_quantized(
@@ -45,8 +46,9 @@ class Streams:
     ) -> None:
         """x^q <- the quantized layer's output: the layer as it is, or with its weights replaced by ``params``."""
         for i, c in enumerate(self.chunks):
-            c.xq = next_input(layer, c.xq, c, layer_index, params) if self.quantized else None
-            check_hidden(c.xq, f"layer {layer_index}'s output on the quantized stream x^q", i, QUANTIZED_OVERFLOW)
+            h = next_input(layer, c.xq, c, layer_index, params) if self.quantized else None
+            check_hidden(h, f"layer {layer_index}'s output on the quantized stream x^q", i, QUANTIZED_OVERFLOW)
+            c.xq = h
 
     def roles(self) -> torch.Tensor:
         """[N, T] int8, the calibration tokens' roles (every chunk has the same T)."""

@@ -1,0 +1,145 @@
+"""The memory plan of a run, worked out and logged before any work: what is held, how big, and where.
+
+Bytes are counted from shapes (samples x padded tokens x width x dtype), not
+measured: the two calibration streams, one decoder layer, the largest group's
+inputs (x and x^q of the group, and the reference outputs the search scores
+against), QIG's path batch (K path points of one chunk through the block, with
+their gradients), GPTQ's Hessians of one layer, MBQ's stored layer inputs
+(its layer-wise gradient pass), the parts of the model outside the decoder.
+``--offload-streams auto`` keeps the streams on the host when the device would
+not hold them next to everything else (:func:`streams_store`).
+
+    >>> plan = memory_plan(model, family, layers, calib, config, method, torch.device("cuda"))  # doctest: +SKIP
+    >>> print(plan.describe())  # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+
+from qig.errors import QigError
+from qig.models import ModelFamily, get_module
+
+log = logging.getLogger(__name__)
+
+OFFLOAD_CHOICES = ("auto", "cpu", "none")
+DEVICE_SHARE = 0.8  # auto offload: the streams stay on the device if the plan fits in this share of its free memory
+
+
+def gib(n: float) -> str:
+    return f"{n / 2**30:.2f} GiB" if n >= 2**27 else f"{n / 2**20:.1f} MiB"
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes of what a run holds, by item; ``where``: the item's place ("device", "host", "disk")."""
+
+    items: dict[str, int] = field(default_factory=dict)
+    where: dict[str, str] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    device: str = "cpu"
+    device_free: int | None = None
+
+    def add(self, name: str, n: int, where: str) -> None:
+        self.items[name], self.where[name] = int(n), where
+
+    def on(self, where: str) -> int:
+        return sum(n for k, n in self.items.items() if self.where[k] == where)
+
+    def describe(self) -> str:
+        width = max(len(k) for k in self.items)
+        lines = [f"memory plan ({self.device}):"]
+        lines += [f"  {k:<{width}}  {gib(n):>10}  {self.where[k]}" for k, n in self.items.items()]
+        peak = f"device peak about {gib(self.on('device'))}"
+        if self.device_free is not None:
+            peak += f" of {gib(self.device_free)} free"
+        lines.append(f"  {peak}; host about {gib(self.on('host'))}")
+        lines += [f"  {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def memory_plan(
+    model: torch.nn.Module,
+    family: ModelFamily,
+    layers,
+    calib,
+    config,
+    method,
+    device: torch.device,
+    streams: tuple[bool, bool] = (True, True),
+    offload: str = "auto",
+) -> MemoryPlan:
+    """The plan of a calibrated run (see the module doc); ``streams``: whether x and x^q are carried."""
+    if offload not in OFFLOAD_CHOICES:
+        raise QigError(f"offload_streams {offload!r} is not one of {', '.join(OFFLOAD_CHOICES)}")
+    plan = MemoryPlan(device=str(device))
+    first = layers.modules[0]
+    dtype_bytes = next(first.parameters()).element_size()
+    n, t = len(calib), calib.seq_len
+    hidden = family.decoder_linears(model)
+    width = next(iter(hidden.values())).in_features if hidden else 0
+    stream = n * t * width * dtype_bytes
+    plan.add("model outside the decoder", _outside_bytes(model, family), "host")
+    plan.add("one decoder layer", layers.layer_bytes(0), "device")
+    if layers.streamed:
+        plan.add(f"decoder layers ({len(layers)}, read one at a time)", layers.layer_bytes(0) * len(layers), "disk")
+    else:
+        plan.add(f"decoder layers ({len(layers)})", layers.layer_bytes(0) * len(layers), "host")
+    carried = sum(streams)
+    plan.add(f"calibration streams ({carried} x {n} samples x {t} tokens x {width})", carried * stream, "device")
+    widest = max((get_module(first, g.linears[0]).in_features for g in family.active_groups(first)), default=0)
+    if method.finds_scales or method.weights_tokens:
+        group = n * t * widest * dtype_bytes
+        plan.add(f"largest group's inputs and reference outputs (width {widest})", group * (1 + carried), "device")
+    weighting = config if config.name == "qig" else getattr(config, "token_weights", None)
+    if getattr(weighting, "name", None) == "qig":
+        chunk = min(config.batch_size, n) * t * widest * dtype_bytes
+        k = weighting.steps
+        plan.add(f"QIG path batch ({k} points x one chunk, with gradients)", 3 * k * chunk, "device")
+    if config.gptq_settings is not None:
+        ins = {m.in_features for m in first.modules() if isinstance(m, torch.nn.Linear)}
+        plan.add("GPTQ Hessians of one layer (float32)", sum(i * i * 4 for i in ins) * 2, "device")
+    if getattr(method, "needs_answer_gradients", False):
+        plan.add(
+            f"MBQ: every layer's input, for its gradient pass ({len(layers)} layers)", len(layers) * stream, "host"
+        )
+    free = _device_free(device)
+    plan.device_free = free
+    store = streams_store(plan, offload, device)
+    if store.type == "cpu" and device.type != "cpu":
+        key = next(k for k in plan.items if k.startswith("calibration streams"))
+        plan.where[key] = "host"
+        plan.notes.append("the streams are kept on the host and come to the device one chunk at a time")
+    return plan
+
+
+def streams_store(plan: MemoryPlan, offload: str, device: torch.device) -> torch.device:
+    """Where the streams are kept: the device, or the host ("cpu", or "auto" when the device would not hold them)."""
+    if device.type == "cpu" or offload == "none":
+        return device
+    if offload == "cpu":
+        return torch.device("cpu")
+    if plan.device_free is not None and plan.on("device") > DEVICE_SHARE * plan.device_free:
+        return torch.device("cpu")
+    return device
+
+
+def _outside_bytes(model: torch.nn.Module, family: ModelFamily) -> int:
+    decoder = {id(t) for layer in family.decoder_layers(model) for t in (*layer.parameters(), *layer.buffers())}
+    seen: set[int] = set()
+    total = 0
+    for t in (*model.parameters(), *model.buffers()):
+        if id(t) not in decoder and id(t) not in seen and t.device.type != "meta":
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+    return total
+
+
+def _device_free(device: torch.device) -> int | None:
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    free, _total = torch.cuda.mem_get_info(device)
+    return int(free)
