@@ -64,6 +64,8 @@ def main(argv: list[str] | None = None) -> int:
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
+        for note in fileio.resumable_notes():
+            print(note, file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as exc:
         state["reporting"] = True  # a further signal now is ignored: we are on the way out
@@ -74,6 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         if unwritten:
             word += f"; nothing was written to {', '.join(map(str, unwritten))}"
         print(word, file=sys.stderr)
+        for note in fileio.resumable_notes():
+            print(note, file=sys.stderr)
         return code
     finally:
         _restore_signals(previous)

@@ -54,6 +54,8 @@ _WRITE_ERRNOS = {
 
 # Outputs whose temporary was made by this process and not yet put in place (the CLI names them on Ctrl-C).
 _unfinished: dict[Path, None] = {}
+# Partial runs kept for --resume, with how to resume them (the CLI says so when a run stops).
+_resumable: dict[Path, str] = {}
 
 
 def _umask() -> int:
@@ -176,9 +178,23 @@ def unfinished_outputs() -> list[Path]:
     return list(_unfinished)
 
 
+def note_resumable(folder: Path, how: str) -> None:
+    """Remember that ``folder`` keeps a partial run; ``how`` says how to continue it."""
+    _resumable[Path(folder)] = how
+
+
+def forget_resumable(folder: Path) -> None:
+    _resumable.pop(Path(folder), None)
+
+
+def resumable_notes() -> list[str]:
+    return list(_resumable.values())
+
+
 def clear_unfinished() -> None:
     """Forget :func:`unfinished_outputs` (the CLI does at the start of each command)."""
     _unfinished.clear()
+    _resumable.clear()
 
 
 def _marker(folder: Path) -> dict:

@@ -26,6 +26,7 @@ token, quantized at run time (``qig eval`` re-installs their quantizers).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -81,8 +82,20 @@ class RunOptions:
     )
     scales: str | None = option(None, "apply a saved search.safetensors instead of searching", path=True)
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = option(
-        "auto", "dtype of the saved model (auto: the source checkpoint's); the search runs in float32"
+        "auto",
+        "dtype the model is loaded, quantized and saved in (auto: the checkpoint's; on a CPU device a float16 "
+        "checkpoint is quantized in float32, which CPUs run ~10x faster, and saved in float16)",
     )
+    model_offload: Literal["auto", "disk", "none"] = option(
+        "auto",
+        "disk: read each decoder layer from the checkpoint when it is quantized (host memory: the rest of the "
+        "model and a layer); none: load the whole model; auto: disk when the decoder passes a quarter of the "
+        "available host memory",
+    )
+    offload_streams: Literal["auto", "cpu", "none"] = option(
+        "auto", "keep the calibration streams on the host (cpu) or the device (none); auto: the memory plan decides"
+    )
+    resume: bool = option(False, "continue the interrupted run of this --output from its last finished layer")
     report: bool = option(False, "also write token maps of the search's weights to OUT/report")
     no_progress: bool = option(False, "no progress bars")
 
@@ -249,7 +262,7 @@ def run(args) -> int:
     import qig
     from qig.api import summary_table
     from qig.calib import calibration_for
-    from qig.loading import load_model_and_processor, resolve_dtype
+    from qig.loading import load_model_and_processor
     from qig.pipeline.timing import Timer
     from qig.runs import load_scales, versions
 
@@ -264,8 +277,18 @@ def run(args) -> int:
     check_run(run_opts, config, given)
 
     timer = Timer()
+    compute, save = run_dtypes(run_opts.dtype, run_opts.model, run_opts.device)
+    decoder = decoder_place(run_opts.model_offload, run_opts.model)
     with timer("load"):
-        model, processor = load_model_and_processor(run_opts.model, trust_remote_code=run_opts.trust_remote_code)
+        model, processor = load_model_and_processor(
+            run_opts.model, dtype=compute, trust_remote_code=run_opts.trust_remote_code, decoder=decoder
+        )
+    log.info(
+        "model in %s (saved in %s), decoder layers %s",
+        compute,
+        save,
+        "read from disk" if decoder == "disk" else "in memory",
+    )
     calib = None
     if scales is None and config.name != "rtn":
         with timer("calibration_data"):
@@ -278,12 +301,22 @@ def run(args) -> int:
                 seed=run_opts.calib_seed,
                 max_length=run_opts.max_length,
             )
-    with timer("quantize"):
+    work = partial_dir(run_opts.output)
+    with timer("quantize"), keeping_partial(work):
         result = qig.quantize(
-            model, config, calib, device=run_opts.device, scales=scales, progress=not run_opts.no_progress
+            model,
+            config,
+            calib,
+            device=run_opts.device,
+            scales=scales,
+            progress=not run_opts.no_progress,
+            work_dir=work,
+            resume=run_opts.resume,
+            offload_streams=run_opts.offload_streams,
+            fingerprint_extra={"dtype": str(compute).removeprefix("torch."), "scales_file": run_opts.scales},
         )
     result.applied_from = run_opts.scales
-    model.to(resolve_dtype(run_opts.dtype, run_opts.model))  # saved in the source's dtype unless asked otherwise
+    model.to(save)  # saved in the source's dtype unless asked otherwise
     timings = {**timer.totals, **{f"quantize/{k}": v for k, v in result.timings.items()}}
     report = {
         "config": config.to_dict(),
@@ -292,8 +325,13 @@ def run(args) -> int:
         "versions": versions(),
         "n_calibration_samples": len(calib) if calib is not None else 0,
         "timings": timings,
+        "memory_plan": result.memory_plan,
+        "dtypes": {"compute": str(compute).removeprefix("torch."), "saved": str(save).removeprefix("torch.")},
+        "decoder": decoder,
     }
-    out = _write(run_opts, model, processor, result, report)
+    with keeping_partial(work):
+        out = _write(run_opts, model, processor, result, report)
+    _remove_partial(work)
     if run_opts.report:
         from qig.tokenmaps import write_run_report
 
@@ -301,6 +339,89 @@ def run(args) -> int:
     print(summary_table(result))
     print(f"wrote {config.name} {config.label()} model to {out}")
     return 0
+
+
+def run_dtypes(name: str, model_dir: str | None, device: str):
+    """(the dtype the run computes in, the dtype it saves in) for ``--dtype`` on ``device``.
+
+    auto: the checkpoint's, except float16 on a CPU device, which is computed in
+    float32 (CPUs have no fast float16 kernels: ~10x slower, measured on the
+    embedded model) and saved in float16. bfloat16 runs fast on CPUs as it is.
+    """
+    import torch
+
+    from qig.loading import checkpoint_dtype, resolve_dtype
+
+    if name != "auto":
+        dtype = resolve_dtype(name, model_dir)
+        return dtype, dtype
+    source = checkpoint_dtype(model_dir)
+    if source == torch.float16 and torch.device(device).type == "cpu":
+        return torch.float32, source
+    return source, source
+
+
+def decoder_place(choice: str, model_dir: str | None) -> str:
+    """``--model-offload``: "disk" or "memory" for the loader (auto: disk past a quarter of the free host memory)."""
+    if choice == "disk":
+        return "disk"
+    if choice == "none":
+        return "memory"
+    from qig.embedded import default_model_dir
+    from qig.models.checkpoint import read_header, shard_files
+
+    folder = Path(model_dir) if model_dir is not None else default_model_dir()
+    size = 0
+    for shard in shard_files(folder):
+        size += sum(e["data_offsets"][1] - e["data_offsets"][0] for e in read_header(shard).values())
+    available = _available_memory()
+    place = "disk" if available is not None and size > available / 4 else "memory"
+    log.debug("checkpoint %s: %d bytes, %s bytes available: decoder in %s", folder, size, available, place)
+    return place
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def partial_dir(output: str) -> Path:
+    """Where a run keeps its finished layers until its output is written: OUTPUT.partial beside it."""
+    out = Path(output)
+    return out.with_name(out.name + ".partial")
+
+
+@contextlib.contextmanager
+def keeping_partial(work: Path):
+    """If the run stops here, the CLI says where its finished layers are and how to go on."""
+    from qig import fileio
+
+    try:
+        yield
+    except BaseException:
+        done = sorted(work.glob("layer-*.json")) if work.is_dir() else []
+        if done:
+            fileio.note_resumable(
+                work,
+                f"the {len(done)} finished layers are kept in {work}; run the same command with --resume to "
+                f"continue from there (or remove {work} to start over)",
+            )
+        raise
+
+
+def _remove_partial(work: Path) -> None:
+    import shutil
+
+    from qig import fileio
+
+    if work.is_dir():
+        shutil.rmtree(work)
+    fileio.forget_resumable(work)
 
 
 def _write(run_opts: RunOptions, model, processor, result, report) -> Path:

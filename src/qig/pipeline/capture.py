@@ -41,10 +41,11 @@ class Chunk:
     that layer, outside the decoder layers ([b, T, C]; Qwen3-VL's DeepStack
     features), replayed by :func:`next_input`.
 
-    store: where x and xq are kept between uses: the compute device (the
-    default), or the host (offloaded streams; pinned memory under CUDA). Reading
-    ``chunk.x`` gives it on the compute device; assigning stores it. With the
-    store on the compute device both are the tensor itself (no copy).
+    offloaded: x and xq are kept on the host between uses (pinned memory under
+    CUDA) and copied to the compute device each time they are read; assigning
+    copies to the host. Otherwise they stay on the compute device and reading
+    gives the tensor itself (no copy). On a CPU device an offloaded chunk still
+    copies, so the offload path is exercised (and tested) without a GPU.
     """
 
     def __init__(
@@ -54,24 +55,24 @@ class Chunk:
         roles: torch.Tensor,
         layer_kwargs: list[dict],
         injections: dict[int, torch.Tensor] | None = None,
-        store: torch.device | None = None,
+        offloaded: bool = False,
     ) -> None:
         self.roles, self.layer_kwargs, self.injections = roles, layer_kwargs, injections or {}
-        self.device = roles.device
-        self.store = store if store is not None else self.device
+        self.device, self.offloaded = roles.device, offloaded
         self._x = self._put(x)
         self._xq = self._x if xq is x else self._put(xq)
 
     def _put(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None or t.device == self.store:
+        if t is None or not self.offloaded:
             return t
-        if self.store.type == "cpu" and t.device.type == "cuda":
-            host = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
-            return host.copy_(t)
-        return t.to(self.store)
+        if t.device.type == "cuda":
+            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+        return t.to("cpu", copy=True)
 
     def _get(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        return t if t is None or t.device == self.device else t.to(self.device, non_blocking=True)
+        if t is None or not self.offloaded:
+            return t
+        return t.to(self.device, copy=True, non_blocking=True)
 
     @property
     def x(self) -> torch.Tensor | None:
@@ -127,11 +128,11 @@ def capture(
     calib: CalibrationSet,
     batch_size: int,
     device: torch.device,
-    store: torch.device | None = None,
+    offload: bool = False,
 ) -> list[Chunk]:
     """Inputs of layer 0 and every layer's keyword arguments, per calibration batch, on ``device``.
 
-    store: where the chunks keep their hidden states (default ``device``; the host for offloaded streams).
+    offload: the chunks keep their hidden states on the host (see :class:`Chunk`).
     """
     layers = family.decoder_layers(model)
     originals = list(layers)
@@ -158,7 +159,7 @@ def capture(
             check_hidden(x, "the input of decoder layer 0", len(chunks), BEFORE_LAYERS)
             for li, extra in injections.items():
                 check_hidden(extra, f"what the model adds after decoder layer {li}", len(chunks), BEFORE_LAYERS)
-            chunks.append(Chunk(x, x, batch.roles.to(device), kwargs, injections, store))
+            chunks.append(Chunk(x, x, batch.roles.to(device), kwargs, injections, offload))
     finally:
         model.to(home)
         for i, layer in enumerate(originals):

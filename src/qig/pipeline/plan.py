@@ -7,7 +7,7 @@ against), QIG's path batch (K path points of one chunk through the block, with
 their gradients), GPTQ's Hessians of one layer, MBQ's stored layer inputs
 (its layer-wise gradient pass), the parts of the model outside the decoder.
 ``--offload-streams auto`` keeps the streams on the host when the device would
-not hold them next to everything else (:func:`streams_store`).
+not hold them next to everything else (:func:`offloads_streams`).
 
     >>> plan = memory_plan(model, family, layers, calib, config, method, torch.device("cuda"))  # doctest: +SKIP
     >>> print(plan.describe())  # doctest: +SKIP
@@ -108,23 +108,24 @@ def memory_plan(
         )
     free = _device_free(device)
     plan.device_free = free
-    store = streams_store(plan, offload, device)
-    if store.type == "cpu" and device.type != "cpu":
+    if offloads_streams(plan, offload, device):
         key = next(k for k in plan.items if k.startswith("calibration streams"))
         plan.where[key] = "host"
         plan.notes.append("the streams are kept on the host and come to the device one chunk at a time")
     return plan
 
 
-def streams_store(plan: MemoryPlan, offload: str, device: torch.device) -> torch.device:
-    """Where the streams are kept: the device, or the host ("cpu", or "auto" when the device would not hold them)."""
-    if device.type == "cpu" or offload == "none":
-        return device
+def offloads_streams(plan: MemoryPlan, offload: str, device: torch.device) -> bool:
+    """Whether the streams are kept on the host: "cpu" always, "none" never, "auto" when the device is short.
+
+    On a CPU device "auto" never offloads (the host is the device); "cpu" still does, which copies
+    every chunk on each use: the offload path, exercised without a GPU.
+    """
     if offload == "cpu":
-        return torch.device("cpu")
-    if plan.device_free is not None and plan.on("device") > DEVICE_SHARE * plan.device_free:
-        return torch.device("cpu")
-    return device
+        return True
+    if offload == "none" or device.type == "cpu":
+        return False
+    return plan.device_free is not None and plan.on("device") > DEVICE_SHARE * plan.device_free
 
 
 def _outside_bytes(model: torch.nn.Module, family: ModelFamily) -> int:

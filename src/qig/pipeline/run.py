@@ -27,7 +27,7 @@ from qig.pipeline.groups import layer_linears
 from qig.pipeline.journal import Journal, JournalIndex
 from qig.pipeline.layers import layers_for
 from qig.pipeline.loop import Mode, frozen, layer_loop
-from qig.pipeline.plan import memory_plan, streams_store
+from qig.pipeline.plan import memory_plan, offloads_streams
 from qig.pipeline.result import InspectedGroup, QuantizationResult
 from qig.pipeline.timing import Timer
 from qig.quant.activation import activation_quantization
@@ -90,12 +90,12 @@ def run_layerwise(
     carried = (bool(mode.methods), mode.quantized_inputs or mode.quantizer == "gptq")
     plan = memory_plan(model, family, layers, calib, config, method, device, carried, offload_streams)
     log.info("%s", plan.describe())
-    store = streams_store(plan, offload_streams, device)
+    offload = offloads_streams(plan, offload_streams, device)
     with frozen(model):
         with timer("prepare"):
             prepare_methods(model, family, [method], calib, layers, device, progress)
         with timer("capture"):
-            chunks = capture(model, family, calib, config.samples_per_batch(calib.seq_len), device, store)
+            chunks = capture(model, family, calib, config.samples_per_batch(calib.seq_len), device, offload)
             streams = mode.streams(chunks)
         out = layer_loop(model, family, mode, streams, device, timer, progress, layers, journal)
         roles = streams.roles()
