@@ -102,6 +102,9 @@ def test_nothing_non_finite_reaches_the_output(model_dir, tmp_path, capsys, monk
     message = corrupt(monkeypatch)
     argv = ["--model", model_dir, "--method", "rtn", *(["--format", fmt] if fmt else []), "--output", tmp_path / "o"]
     assert run_cli("quantize", *argv, "--no-progress") == 2
-    line = _error_line(capsys)
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("error: ")]
     assert message in line and "nothing was written to" in line
-    assert list(tmp_path.iterdir()) == []  # no output, no temporary folder beside it
+    # no output, no temporary folder beside it; only the finished layers, kept for --resume (and said so)
+    assert [p.name for p in tmp_path.iterdir()] == ["o.partial"]
+    assert f"kept in {tmp_path / 'o.partial'}; run the same command with --resume" in err

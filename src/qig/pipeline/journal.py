@@ -69,7 +69,7 @@ class Journal:
 
     @classmethod
     def open(cls, folder: str | os.PathLike, fingerprint: dict, resume: bool = False) -> Journal:
-        """A new journal in ``folder`` (which must not hold one), or, with ``resume``, the one there.
+        """A new journal in ``folder`` (which must not hold finished layers), or, with ``resume``, the one there.
 
         Resuming refuses a journal whose fingerprint differs from ``fingerprint``, naming the
         entries that differ.
@@ -91,7 +91,7 @@ class Journal:
                     + f". Run it again with the same ones, or remove {folder} to start over"
                 )
             return cls(folder, fingerprint)
-        if saved_path.exists():
+        if saved_path.exists() and cls(folder, fingerprint).finished():
             raise QigError(
                 f"{folder} holds a partial run ({len(cls(folder, fingerprint).finished())} layers finished); pass "
                 f"--resume to continue it, or remove {folder} to start over"

@@ -23,6 +23,7 @@ from qig.methods import GPTQConfig, Method, QuantConfig, SearchConfig, method_fo
 from qig.models import ModelFamily, family_for, get_module
 from qig.pipeline.capture import capture
 from qig.pipeline.finite import check_decoder_weights
+from qig.pipeline.gradients import prepare_methods
 from qig.pipeline.groups import layer_linears
 from qig.pipeline.journal import Journal, JournalIndex
 from qig.pipeline.layers import layers_for
@@ -34,13 +35,6 @@ from qig.quant.activation import activation_quantization
 from qig.runs import check_scale
 
 log = logging.getLogger(__name__)
-
-
-def prepare_methods(model, family, methods, calib, layers, device, progress) -> None:
-    """Each method's pass before the layer loop (a stand-in until the layer-wise gradient pass is wired)."""
-    for m in methods:
-        m.progress = progress
-        m.prepare(model, family, calib, device)
 
 
 def run_layerwise(
