@@ -85,18 +85,32 @@ class Method:
     weights_tokens: the pipeline asks for token weights per group even without
     a search (GPTQ with a weighted Hessian); searching methods always are asked.
     needs_quantized_stream: the pipeline carries x^q (inputs of the partly quantized model).
+    needs_answer_gradients: before the layer loop, the pipeline computes the answer-loss
+    gradient sums at every sub-layer output (``qig.pipeline.gradients``, batches of
+    ``answer_gradient_batch_size`` samples) and hands them to :meth:`use_answer_gradients` (MBQ).
     """
 
     finds_scales: ClassVar[bool] = True
     weights_tokens: bool = False
     needs_quantized_stream: bool = False
+    needs_answer_gradients: bool = False
+    answer_gradient_batch_size: int = 1
 
     def __init__(self, config: QuantConfig) -> None:
         self.config = config
         self.progress = True  # the pipeline sets it from its own ``progress`` argument
 
     def prepare(self, model: torch.nn.Module, family, calib, device: torch.device) -> None:
-        """A pass over the whole model before the layer-wise search (MBQ's gradients); default none."""
+        """A pass over the whole model before the layer-wise search; default none."""
+
+    def use_answer_gradients(self, sums: dict[str, list[dict]]) -> None:
+        """Take the answer-loss gradient sums (asked for by ``needs_answer_gradients``).
+
+        sums: per sub-layer output path (``group.sublayer_output``), per layer,
+        ``{"vis": sum, "n_vis": count, "ans": sum, "n_ans": count}`` of mean_h |dL/dy|
+        over the vision / answer tokens of the calibration set.
+        """
+        raise NotImplementedError(f"{type(self).__name__} asks for no answer-loss gradients")
 
     def token_weights(self, ctx: GroupContext) -> TokenWeights:
         raise NotImplementedError

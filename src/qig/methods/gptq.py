@@ -80,13 +80,13 @@ class GPTQConfig(QuantConfig):
     def weighted_by(cls, method: str, wbits: int = 4, group_size: int | None = 128, **fields) -> GPTQConfig:
         """GPTQ whose Hessian is weighted by ``method``'s token weights (a search method: awq, mbq, qig).
 
-        ``fields`` go to GPTQConfig where it has them (gptq, batch_size, seed), the rest
+        ``fields`` go to GPTQConfig where it has them (gptq, batch_size, batch_tokens, seed), the rest
         to the weighting method's config (e.g. steps=8 for QIG).
 
         >>> GPTQConfig.weighted_by("mbq", wbits=3).token_weights.name
         'mbq'
         """
-        own = {k: fields.pop(k) for k in ("gptq", "batch_size", "seed") if k in fields}
+        own = {k: fields.pop(k) for k in ("gptq", "batch_size", "batch_tokens", "seed") if k in fields}
         allowed = token_weighting_names()
         if method not in allowed:
             raise QigError(f"token weights {method!r} are not available; use one of: {', '.join(allowed)}")
@@ -103,10 +103,18 @@ class GPTQ(Method):
         self.weighting = method_for(config.token_weights) if config.token_weights is not None else None
         self.weights_tokens = self.weighting is not None
         self.needs_quantized_stream = self.weighting is not None and self.weighting.needs_quantized_stream
+        self.needs_answer_gradients = self.weighting is not None and self.weighting.needs_answer_gradients
+        if self.weighting is not None:
+            self.answer_gradient_batch_size = self.weighting.answer_gradient_batch_size
 
     def prepare(self, model, family, calib, device) -> None:
         if self.weighting is not None:
+            self.weighting.progress = self.progress
             self.weighting.prepare(model, family, calib, device)
+
+    def use_answer_gradients(self, sums: dict[str, list[dict]]) -> None:
+        assert self.weighting is not None, "plain GPTQ asks for no answer-loss gradients"
+        self.weighting.use_answer_gradients(sums)
 
     def token_weights(self, ctx: GroupContext) -> TokenWeights:
         assert self.weighting is not None, "plain GPTQ weighs every real token 1; the pipeline does not ask"
