@@ -18,7 +18,7 @@ CASES = {
     "awq": ["--method", "awq", "--wbits", 3, "--n-grid", 5],
     "gptq-qig": ["--method", "gptq", "--token-weights", "qig", "--wbits", 3],
     "qig-w4a8": ["--method", "qig", "--wbits", 4, "--abits", 8, "--n-grid", 5],
-    "awq-streamed": ["--method", "awq", "--wbits", 3, "--n-grid", 5, "--model-offload", "disk"],
+    "mbq-streamed": ["--method", "mbq", "--wbits", 3, "--n-grid", 5, "--model-offload", "disk"],
     "rtn": ["--method", "rtn", "--wbits", 4, "--no-progress"],
 }
 

@@ -24,7 +24,8 @@ def quantize_and_write(folder, decoder, method, out, work, calib_of, **options):
     ("gptq", dict(wbits=3)),
     ("qig", dict(wbits=4, abits=8, group_size=None, n_grid=4)),
     ("rtn", dict(wbits=4)),
-], ids=["gptq", "qig-w4a8", "rtn"])  # fmt: skip
+    ("mbq", dict(wbits=3, n_grid=4)),
+], ids=["gptq", "qig-w4a8", "rtn", "mbq"])  # fmt: skip
 def test_streaming_the_embedded_model(method, options, tmp_path):
     def calib_of(model, proc):
         return qig.calib.calibration_for(model, proc, None, n_samples=4)
