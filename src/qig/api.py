@@ -46,9 +46,11 @@ from __future__ import annotations
 
 import logging
 import os
+from pathlib import Path
 
 import torch
 
+from qig import dist
 from qig.calib import CalibrationSet
 from qig.errors import QigError
 from qig.methods import QuantConfig
@@ -93,29 +95,37 @@ def quantize(
     check_device(device)
     torch.manual_seed(config.seed)
     model.eval()
-    journal = None
-    if work_dir is not None:
-        from qig.pipeline.journal import Journal, fingerprint
-
-        stamp = fingerprint(model, calib, config, {"device": torch.device(device).type, **(fingerprint_extra or {})})
-        if scales is not None:
-            stamp["scales"] = {f"{li}.{g}": float(s.double().sum()) for (li, g), s in sorted(scales.items())}
-        journal = Journal.open(work_dir, stamp, resume=resume)
-    elif resume:
-        raise QigError("resume=True needs the work_dir of the run to continue")
-    result = run_layerwise(
-        model,
-        config,
-        calib,
-        device=device,
-        scales=scales,
-        progress=progress,
-        journal=journal,
-        offload_streams=offload_streams,
-    )
+    with dist.use(dist.from_process_group()) as ranks:
+        journal = None
+        if work_dir is not None:
+            journal = _journal(model, calib, config, device, scales, work_dir, resume, fingerprint_extra, ranks)
+        elif resume:
+            raise QigError("resume=True needs the work_dir of the run to continue")
+        result = run_layerwise(
+            model,
+            config,
+            calib,
+            device=device,
+            scales=scales,
+            progress=progress and ranks.main,
+            journal=journal,
+            offload_streams=offload_streams,
+        )
     if getattr(model, "config", None) is not None:
         setattr(model.config, CONFIG_KEY, quantization_entry(config))
     return result
+
+
+def _journal(model, calib, config, device, scales, work_dir, resume, extra, ranks):
+    """The run's journal: rank 0 opens (or resumes) it; the other ranks read the same folder."""
+    from qig.pipeline.journal import Journal, fingerprint
+
+    stamp = fingerprint(model, calib, config, {"device": torch.device(device).type, **(extra or {})})
+    if scales is not None:
+        stamp["scales"] = {f"{li}.{g}": float(s.double().sum()) for (li, g), s in sorted(scales.items())}
+    journal = Journal.open(work_dir, stamp, resume=resume) if ranks.main else None
+    dist.barrier()  # the folder exists (or rank 0's refusal is raised on every rank)
+    return journal if journal is not None else Journal(Path(work_dir), stamp)
 
 
 def quantization_entry(config: QuantConfig) -> dict:

@@ -59,6 +59,10 @@ class CalibrationSet:
         """Roles of all samples, [N, T] int8 (pad = 0)."""
         return torch.stack([_pad_to(s.roles, self.seq_len, PAD) for s in self.samples])
 
+    def n_batches(self, batch_size: int) -> int:
+        """How many batches :meth:`batches` makes."""
+        return -(-len(self.samples) // batch_size)
+
     def batches(self, batch_size: int) -> Iterator[CalibBatch]:
         """Consecutive batches, each padded to ``seq_len`` so every batch has the same T."""
         if batch_size <= 0:

@@ -259,7 +259,35 @@ def check_run(run_opts: RunOptions, config, given: dict[str, Any]) -> None:
 
 
 def run(args) -> int:
+    """The command; under torchrun every rank runs it, rank 0 writes (``qig.dist``)."""
+    from qig import dist
+
+    run_opts, _ = split_options(given_options(args))  # the device (every rank refuses bad options alike)
+    ranks, device = dist.init_from_env(run_opts.device)
+    if ranks.size > 1 and not ranks.main:
+        logging.getLogger("qig").setLevel(logging.WARNING)  # one rank speaks
+    try:
+        with dist.use(ranks):
+            try:
+                return _run(args, ranks, device)
+            except (dist.RankFailed, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                if ranks.size > 1:  # the other ranks wait in an exchange: they stop with this message
+                    message = str(exc) if isinstance(exc, QigError) else f"{type(exc).__name__}: {exc}"
+                    with contextlib.suppress(dist.RankFailed):
+                        dist.fail(message)
+                raise
+    finally:
+        if ranks.size > 1:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
+
+
+def _run(args, ranks, device: str) -> int:
     import qig
+    from qig import dist
     from qig.api import summary_table
     from qig.calib import calibration_for
     from qig.loading import load_model_and_processor
@@ -307,9 +335,9 @@ def run(args) -> int:
             model,
             config,
             calib,
-            device=run_opts.device,
+            device=device,
             scales=scales,
-            progress=not run_opts.no_progress,
+            progress=not run_opts.no_progress and ranks.main,
             work_dir=work,
             resume=run_opts.resume,
             offload_streams=run_opts.offload_streams,
@@ -324,14 +352,19 @@ def run(args) -> int:
         "source_model": str(Path(run_opts.model).resolve()) if run_opts.model else None,
         "versions": versions(),
         "n_calibration_samples": len(calib) if calib is not None else 0,
+        "processes": ranks.size,
         "timings": timings,
         "memory_plan": result.memory_plan,
         "dtypes": {"compute": str(compute).removeprefix("torch."), "saved": str(save).removeprefix("torch.")},
         "decoder": decoder,
     }
+    if not ranks.main:
+        dist.barrier()  # rank 0 writes; its failure, if any, is raised here too
+        return 0
     with keeping_partial(work):
         out = _write(run_opts, model, processor, result, report)
     _remove_partial(work)
+    dist.barrier()
     if run_opts.report:
         from qig.tokenmaps import write_run_report
 

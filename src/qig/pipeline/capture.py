@@ -17,6 +17,7 @@ import torch
 from torch.func import functional_call
 
 from qig.calib import CalibrationSet
+from qig.dist import current
 from qig.errors import QigError
 from qig.models import ModelFamily
 from qig.pipeline.finite import check_hidden
@@ -142,7 +143,10 @@ def capture(
         for i in range(len(layers)):
             layers[i] = _Catcher(i, i == len(layers) - 1, {}, family.layer_returns_tuple)
         model.to(device)  # everything but the decoder layers, which are out of the tree now
-        for batch in calib.batches(batch_size):
+        mine = set(current().mine(calib.n_batches(batch_size)))  # this rank's chunks (all, for one process)
+        for b, batch in enumerate(calib.batches(batch_size)):
+            if b not in mine:
+                continue
             sink: dict = {}
             for c in layers:
                 c.sink = sink

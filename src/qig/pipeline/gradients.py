@@ -49,6 +49,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qig.calib import ANSWER, VISION, CalibrationSet
+from qig.dist import current, ordered
 from qig.errors import QigError
 from qig.methods import Method
 from qig.models import ModelFamily, get_module
@@ -126,8 +127,9 @@ def answer_gradients(
     paths = sublayer_outputs(family)
     n = len(layers)
     sums = _empty_sums(paths, n)
-    chunks = capture(model, family, calib, batch_size, device)
-    batches = list(calib.batches(batch_size))
+    chunks = capture(model, family, calib, batch_size, device)  # this rank's chunks
+    mine = set(current().mine(calib.n_batches(batch_size)))
+    batches = [b for i, b in enumerate(calib.batches(batch_size)) if i in mine]
     with tqdm(total=2 * n - 1, desc="MBQ gradients (layers)", leave=False, disable=not progress) as bar:
         stored: list[list[torch.Tensor] | None] = _layer_inputs(layers, chunks, device, bar)  # [layer][chunk]
         held = sum(x.numel() * x.element_size() for xs in stored for x in xs)
@@ -137,23 +139,29 @@ def answer_gradients(
 
         grads: list[torch.Tensor | None] = []  # per chunk: dL/d(input of the layer just visited) [b, T, C]
         with layers.onload(n - 1, device) as layer, _head(model, family, device) as head:
+            per_chunk = []
             for x, c, batch in zip(stored[n - 1], chunks, batches, strict=True):
                 inputs = {k: v.to(device) for k, v in batch.inputs.items()}
                 x = x.to(device).detach().requires_grad_(True)
-                with torch.enable_grad(), _watch(layer, n - 1, paths, sums, c.roles):
+                per_chunk.append(_empty_sums(paths, 1))
+                with torch.enable_grad(), _watch(layer, 0, paths, per_chunk[-1], c.roles):
                     loss = answer_loss(head(next_input(layer, x, c, n - 1), inputs), inputs["input_ids"], c.roles)
                     grads.append(None if loss is None else torch.autograd.grad(loss, x)[0].to(HOST))
+            _add_in_chunk_order(sums, n - 1, per_chunk)
         stored[n - 1] = None
         bar.update()
         for li in reversed(range(n - 1)):
             with layers.onload(li, device) as layer:
+                per_chunk = []
                 for i, (x, c) in enumerate(zip(stored[li], chunks, strict=True)):
+                    per_chunk.append(_empty_sums(paths, 1))
                     if grads[i] is None:
                         continue
                     x = x.to(device).detach().requires_grad_(True)
-                    with torch.enable_grad(), _watch(layer, li, paths, sums, c.roles):
+                    with torch.enable_grad(), _watch(layer, 0, paths, per_chunk[-1], c.roles):
                         out = next_input(layer, x, c, li)  # [b, T, C]
                         grads[i] = torch.autograd.grad(out, x, grads[i].to(device))[0].to(HOST)
+                _add_in_chunk_order(sums, li, per_chunk)
             stored[li] = None
             bar.update()
     return sums
@@ -239,6 +247,19 @@ def answer_loss(logits: torch.Tensor, input_ids: torch.Tensor, roles: torch.Tens
     if not target.any():
         return None
     return torch.nn.functional.cross_entropy(logits[:, :-1][target].float(), input_ids[:, 1:][target])
+
+
+def _add_in_chunk_order(sums: GradientSums, layer_index: int, per_chunk: list[GradientSums]) -> None:
+    """Add one layer's per-chunk sums into ``sums``, in global chunk order over every rank (``qig.dist``).
+
+    A single process adds the chunks one after another into the same floats; so
+    does this, whatever the number of ranks, so the sums are the same bits.
+    """
+    for part in ordered(per_chunk):
+        for path, (s,) in part.items():
+            total = sums[path][layer_index]
+            for key, value in s.items():
+                total[key] += value
 
 
 def _empty_sums(paths: list[str], n_layers: int) -> GradientSums:

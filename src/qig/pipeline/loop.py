@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 import torch
 from tqdm.auto import tqdm
 
+from qig.dist import current, merged_notes
 from qig.methods import Method, search_scales
 from qig.models import ModelFamily, ScaleGroup, get_module
 from qig.pipeline.capture import Chunk
@@ -27,7 +28,7 @@ from qig.pipeline.groups import group_context, layer_linears, weight_stats
 from qig.pipeline.journal import FinishedLayer, Journal
 from qig.pipeline.layers import DecoderLayers, InMemoryLayers
 from qig.pipeline.result import GroupRecord, InspectedGroup
-from qig.pipeline.streams import Streams, cat_rows
+from qig.pipeline.streams import Streams, cat_rows, every_chunk
 from qig.pipeline.timing import Timer
 from qig.quant.activation import install_activation_quantizers
 from qig.quant.fold import fold_scales_
@@ -156,7 +157,7 @@ def layer_loop(
                     bar.update(int(per_group))
                 bar.set_postfix_str(f"layer {li} {mode.quantizer}")
                 _finish_layer(mode, layer, family, streams, timer, out)
-                if journal is not None:
+                if journal is not None and current().main:  # the ranks' layers are the same: rank 0 keeps it
                     with timer("journal"):
                         journal.save_layer(_finished(li, module, out, first))
                 bar.update(int(not per_group))
@@ -287,12 +288,13 @@ def _record(mode: Mode, li: int, group: ScaleGroup, ctx, weights: dict, found) -
     if mode.quantizer == "side":  # inspecting: every method's weights, nothing searched
         if not weights:
             return None
-        rows = {name: cat_rows(tw.weights) for name, tw in weights.items()}
-        notes = {name: tw.notes for name, tw in weights.items()}
+        rows = {name: cat_rows(every_chunk(tw.weights)) for name, tw in weights.items()}
+        notes = {name: merged_notes(tw.notes) for name, tw in weights.items()}
         return InspectedGroup(layer=li, group=group.name, weights=rows, notes=notes)
     if weights:
         (tw,) = weights.values()
         searched = found if mode.search else None
+        rows, roles = every_chunk(tw.weights), every_chunk(ctx.roles)  # every rank's chunks, in global order
         return GroupRecord(
             layer=li,
             group=group.name,
@@ -300,9 +302,9 @@ def _record(mode: Mode, li: int, group: ScaleGroup, ctx, weights: dict, found) -
             ratio=searched.ratio if searched else None,
             loss_before=searched.loss_before if searched else None,
             loss_after=searched.loss_after if searched else None,
-            token_weights=cat_rows(tw.weights),
-            weight_stats=weight_stats(tw.weights, ctx.roles),
-            notes=tw.notes,
+            token_weights=cat_rows(rows),
+            weight_stats=weight_stats(rows, roles),
+            notes=merged_notes(tw.notes),
         )
     if found is not None:  # a saved scale, applied
         return GroupRecord(layer=li, group=group.name, scales=found.float().cpu())

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 
+from qig.dist import ordered
 from qig.pipeline.capture import Chunk, next_input
 from qig.pipeline.finite import check_hidden
 
@@ -52,7 +53,12 @@ class Streams:
 
     def roles(self) -> torch.Tensor:
         """[N, T] int8, the calibration tokens' roles (every chunk has the same T)."""
-        return cat_rows([c.roles for c in self.chunks]).to(torch.int8)
+        return cat_rows(every_chunk([c.roles for c in self.chunks])).to(torch.int8)
+
+
+def every_chunk(per_chunk: list[torch.Tensor]) -> list[torch.Tensor]:
+    """Per-chunk tensors of every rank, on the CPU, in global chunk order (this rank's alone for one process)."""
+    return ordered([t.cpu() for t in per_chunk])
 
 
 def cat_rows(ws: list[torch.Tensor]) -> torch.Tensor:
