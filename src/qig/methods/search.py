@@ -5,6 +5,12 @@ Weight-only candidates are ``f_{Q(W*s)/s}(X)`` on the FP stream; W-A
 candidates are ``f_{Q(W*s)}(Q_a(X/s))`` on the quantized stream x^q, both
 scored against the FP block's output on the FP input, f(x).
 
+A bf16 / fp16 model is searched in its dtype: the blocks run in it, the
+channel statistic is a float32 mean, the per-token errors float32 and the
+loss sums float64; a candidate's ``W * s`` is rounded to the weight's dtype as
+its fold would leave it. A candidate whose loss overflows (NaN or inf) is
+never chosen.
+
     >>> result = search_scales(ctx, weights, n_grid=20, loss="mae")  # doctest: +SKIP
     >>> result.scales.shape  # doctest: +SKIP
     torch.Size([256])
@@ -12,15 +18,20 @@ scored against the FP block's output on the FP input, f(x).
 
 from __future__ import annotations
 
+import logging
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
 
+from qig.dist import current, ordered
 from qig.errors import QigError
 from qig.methods.base import GroupContext, real_tokens
 from qig.quant.fold import scaled_fake_quantize
 from qig.quant.spec import fake_quantize
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -35,16 +46,25 @@ class SearchResult:
 
 
 def channel_means(xs: list[torch.Tensor], roles: list[torch.Tensor]) -> torch.Tensor:
-    """m_c = mean over real tokens of |X_tc|, over all chunks: [C] float32."""
-    total, count = None, 0
+    """m_c = mean over real tokens of |X_tc|, over all chunks (of every rank, in chunk order): [C] float32."""
+    parts = []
     for x, r in zip(xs, roles, strict=True):
         real = real_tokens(r)  # [b, T]
-        part = x.float().abs()[real].sum(0)  # [C]
+        parts.append((x.float().abs()[real].sum(0), int(real.sum())))  # [C], count
+    total, count = None, 0
+    for part, n in ordered_on(parts, xs[0].device):
         total = part if total is None else total + part
-        count += int(real.sum())
+        count += n
     if count == 0:
         raise QigError("the calibration chunks hold no real tokens")
     return total / count
+
+
+def ordered_on(parts: list, device: torch.device) -> list:
+    """``qig.dist.ordered`` for (tensor, count) pairs: tensors travel on the CPU, come back to ``device``."""
+    if current().size == 1:
+        return parts
+    return [(t.to(device), n) for t, n in ordered([(t.cpu(), n) for t, n in parts])]
 
 
 def candidate_scales(m: torch.Tensor, n_grid: int) -> Iterator[tuple[float, torch.Tensor]]:
@@ -77,29 +97,35 @@ def score_scales(
     loss: str = "mae",
 ) -> list[float]:
     """The loss sum_t w_t e_t(s) / sum_t w_t of each candidate scale [C], over all chunks."""
-    den = sum(float(w.double().sum()) for w in weights)
+    den = sum(ordered([float(w.double().sum()) for w in weights]))  # every rank's chunks, in chunk order
     if not den > 0:
         raise QigError(
             f"layer {ctx.layer_index} group {ctx.group.name}: every token weight is zero; the calibration set "
             "needs tokens of the roles the method weights (e.g. answer tokens for MBQ)"
         )
-    losses = []
+    nums = []  # per candidate, per chunk
     for s in candidates:
         if ctx.act_spec is None:  # weight-only: f_{Q(W s)/s}(X)
             overrides = {k: scaled_fake_quantize(lin.weight, s, ctx.spec) for k, lin in ctx.linears.items()}
-        else:  # W-A: f_{Q(W s)}(Q_a(X / s))
+        else:  # W-A: f_{Q(W s)}(Q_a(X / s)), W s rounded to the weight's dtype as the fold leaves it
             overrides = {
-                k: fake_quantize(lin.weight.float() * s.view(1, -1), ctx.spec).to(lin.weight.dtype)
+                k: fake_quantize((lin.weight.float() * s.view(1, -1)).to(lin.weight.dtype), ctx.spec)
                 for k, lin in ctx.linears.items()
             }
-        num = 0.0
+        per_chunk = []
         for i, x in enumerate(ctx.search_inputs):
             if ctx.act_spec is None:
                 y = ctx.run_block(x, i, overrides)
-            else:
-                y = ctx.run_quantized(x / s.to(x), i, overrides)
+            else:  # x / s in float32, rounded once to x's dtype
+                y = ctx.run_quantized((x.float() / s.to(x.device)).to(x.dtype), i, overrides)
             e = token_errors(y_ref[i], y, loss)  # [b, T]
-            num += float((e.double() * weights[i].to(e.device).double()).sum())
+            per_chunk.append(float((e.double() * weights[i].to(e.device).double()).sum()))
+        nums.append(per_chunk)
+    losses = []
+    for per_chunk in zip(*ordered(list(zip(*nums, strict=True))), strict=True):  # every rank's chunks, in order
+        num = 0.0
+        for v in per_chunk:
+            num += v
         losses.append(num / den)
     return losses
 
@@ -117,6 +143,16 @@ def search_scales(
     m = channel_means(ctx.search_inputs, ctx.roles)
     grid = list(candidate_scales(m, n_grid))
     losses = score_scales(ctx, weights, y_ref, [s for _, s in grid], loss)
-    best = min(range(len(grid)), key=lambda j: (losses[j], j))  # ties: the smaller r
+    finite = [math.isfinite(v) for v in losses]
+    if not all(finite):
+        log.warning(
+            "layer %d %s: %d of %d candidate scales overflow %s (loss NaN or inf); they are not chosen",
+            ctx.layer_index,
+            ctx.group.name,
+            finite.count(False),
+            len(grid),
+            ctx.x[0].dtype,
+        )
+    best = min(range(len(grid)), key=lambda j: (losses[j] if finite[j] else math.inf, j))  # ties: the smaller r
     r, s = grid[best]
     return SearchResult(scales=s, ratio=r, loss_before=losses[0], loss_after=losses[best], losses=losses)

@@ -24,7 +24,7 @@ import torch
 from qig.errors import QigError
 from qig.methods.base import GroupContext, Method, TokenWeights, real_tokens, register, uniform_weights
 from qig.methods.config import WEIGHT_ONLY_ABITS, QuantConfig
-from qig.methods.search import SearchResult, reference_outputs, score_scales
+from qig.methods.search import SearchResult, ordered_on, reference_outputs, score_scales
 from qig.options import option
 
 EPS = 1e-5
@@ -55,10 +55,10 @@ class SmoothQuantConfig(QuantConfig):
 
 
 def channel_max(xs: list[torch.Tensor], roles: list[torch.Tensor]) -> torch.Tensor:
-    """max over real tokens of |X_tc|, over all chunks: [C] float32."""
+    """max over real tokens of |X_tc|, over all chunks (of every rank): [C] float32."""
+    parts = [(x.float().abs()[real_tokens(r)].amax(0), 0) for x, r in zip(xs, roles, strict=True)]  # [C]
     out = None
-    for x, r in zip(xs, roles, strict=True):
-        part = x.float().abs()[real_tokens(r)].amax(0)  # [C]
+    for part, _ in ordered_on(parts, xs[0].device):
         out = part if out is None else torch.maximum(out, part)
     assert out is not None
     return out

@@ -143,7 +143,13 @@ def capture(
         for i in range(len(layers)):
             layers[i] = _Catcher(i, i == len(layers) - 1, {}, family.layer_returns_tuple)
         model.to(device)  # everything but the decoder layers, which are out of the tree now
-        mine = set(current().mine(calib.n_batches(batch_size)))  # this rank's chunks (all, for one process)
+        ranks, n_chunks = current(), calib.n_batches(batch_size)
+        if n_chunks < ranks.size:
+            raise QigError(
+                f"{len(calib)} calibration samples in batches of {batch_size} make {n_chunks} chunks, fewer than the "
+                f"{ranks.size} processes; use more samples or a smaller --batch-size (or --batch-tokens)"
+            )
+        mine = set(ranks.mine(n_chunks))  # this rank's chunks (all, for one process)
         for b, batch in enumerate(calib.batches(batch_size)):
             if b not in mine:
                 continue
