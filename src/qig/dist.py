@@ -127,6 +127,19 @@ def gather(obj) -> list:
     return _exchange(obj)
 
 
+def broadcast_tensor(t: torch.Tensor, src: int) -> torch.Tensor:
+    """Rank ``src``'s tensor on every rank (``t``: the tensor on ``src``, a buffer of its shape elsewhere)."""
+    ranks = current()
+    if ranks.size == 1:
+        return t
+    import torch.distributed as dist
+
+    _exchange(None)  # the status first: a failed rank is raised here, not waited for
+    t = t.contiguous()
+    dist.broadcast(t, src)
+    return t
+
+
 def ordered(local: list) -> list:
     """Per-chunk values of every rank, in global chunk order (round-robin dealing undone).
 

@@ -12,8 +12,10 @@ def test_gptq_hessians_see_the_inputs_of_the_final_quantized_model(monkeypatch):
     from qig.quant import gptq
 
     seen: list[torch.Tensor] = []
-    add = gptq.Hessian.add
-    monkeypatch.setattr(gptq.Hessian, "add", lambda self, x, *a, **k: (seen.append(x.clone()), add(self, x, *a, **k)))
+    part = gptq.Hessian.part  # each chunk's share, accumulated in chunk order
+    monkeypatch.setattr(
+        gptq.Hessian, "part", lambda self, x, *a, **k: (seen.append(x.clone()), part(self, x, *a, **k))[1]
+    )
     model, calib = tiny_llava(layers=2), calibration(4)
     qig.quantize(model, GPTQConfig(wbits=3, group_size=32), calib, progress=False)
     # per layer, stages [q k v] [o] [gate up] [down], one chunk each

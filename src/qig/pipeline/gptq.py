@@ -14,15 +14,17 @@ group it belongs to, or whose inspected block holds it.
 from __future__ import annotations
 
 import logging
+from collections.abc import Iterator
 
 import torch
 
 from qig.calib import PAD
+from qig.dist import broadcast_tensor, current, gather, ordered
 from qig.errors import QigError
 from qig.models import ModelFamily, ScaleGroup
 from qig.pipeline.capture import Chunk
 from qig.pipeline.groups import layer_linears
-from qig.quant.gptq import GPTQSettings, Hessian, gptq_quantize, normalize_token_weights
+from qig.quant.gptq import GPTQSettings, Hessian, HessianPart, gptq_quantize, normalize_token_weights
 from qig.quant.spec import QuantSpec
 
 log = logging.getLogger(__name__)
@@ -84,15 +86,47 @@ def _stage_hessians(
     weights: dict[str, list[torch.Tensor]],
 ) -> dict[str | None, Hessian]:
     """One Hessian per weight source (None = plain) from the input of ``first``, the layer stopped right there."""
-    hessians = {s: Hessian(first.in_features, chunks[0].xq.device) for s in sources}
+    hessians = {s: Hessian(first.in_features, chunks[0].device) for s in sources}
+    parts: dict[str | None, list[HessianPart]] = {s: [] for s in sources}
     for i, c in enumerate(chunks):
         real = c.roles != PAD  # [b, T]
         try:
             _raise_input_of(layer, first, c, layer_index)
         except _Caught as caught:
             for source, h in hessians.items():
-                h.add(caught.x, real.float() if source is None else weights[source][i], real=real)  # x: [b, T, C]
+                w = real.float() if source is None else weights[source][i]
+                parts[source].append(h.part(caught.x, w, real=real))  # x: [b, T, C]
+    for source, h in hessians.items():
+        for part in _in_chunk_order(parts.pop(source), first.in_features, chunks[0].device):
+            h.accumulate(part)
     return hessians
+
+
+def _in_chunk_order(parts: list[HessianPart], n: int, device: torch.device) -> Iterator[HessianPart]:
+    """Every rank's Hessian parts in global chunk order: each part broadcast by the rank that computed it.
+
+    Every rank then runs the single process's running mean over the same parts in
+    the same order, so H is the single process's bits. Each rank computes the
+    [C, C] products of its own chunks (the costly part) before any is sent.
+    """
+    ranks = current()
+    if ranks.size == 1:
+        yield from parts
+        return
+    meta = ordered([(p.m, p.tokens, p.live.cpu()) for p in parts])
+    mine = iter(parts)
+    for k, (m, tokens, live) in enumerate(meta):
+        owner = k % ranks.size
+        own = next(mine) if owner == ranks.rank else None
+        A = None
+        if m != 0.0:
+            A = broadcast_tensor(own.A if own is not None else torch.empty(n, n, device=device), owner)
+        yield HessianPart(A, m, live.to(device), tokens)
+
+
+def _top(weights: list[torch.Tensor]) -> float:
+    """The largest token weight over every rank's chunks (this rank's alone for one process)."""
+    return max(gather(max((float(w.max()) for w in weights), default=0.0)))
 
 
 class _Caught(Exception):
@@ -139,18 +173,27 @@ def gptq_layer_(
     """
     linears = layer_linears(layer)
     groups = family.active_groups(layer)
-    normalized = {g: normalize_token_weights(ws) for g, ws in group_weights.items()}
+    normalized = {g: normalize_token_weights(ws, _top(ws)) for g, ws in group_weights.items()}
     results: dict[str, dict[str, torch.Tensor]] = {}
     for stage in sequential_stages(layer, chunks[0], layer_index):
         sources = {n: hessian_source(n, groups) if group_weights else None for n in stage}
         sources = {n: s if s in normalized else None for n, s in sources.items()}
         hessians = _stage_hessians(layer, linears[stage[0]], chunks, layer_index, set(sources.values()), normalized)
-        for n in stage:
+        ranks = current()
+        solved = {}
+        for j, n in enumerate(stage):  # weight-parallel: linear j of the stage is solved by rank j % N
+            if j % ranks.size != ranks.rank:
+                continue
             r = gptq_quantize(linears[n].weight.data, hessians[sources[n]], spec, settings)
-            linears[n].weight.copy_(r.weight)
-            results[n] = {"scale": r.scale.cpu(), "zero": r.zero.cpu()}
+            solved[n] = {"weight": r.weight.cpu(), "scale": r.scale.cpu(), "zero": r.zero.cpu()}
             if r.g_idx is not None:
-                results[n]["g_idx"] = r.g_idx.cpu()
+                solved[n]["g_idx"] = r.g_idx.cpu()
             if r.dead:
                 log.info("layer %d %s: %d dead input channel(s) in the GPTQ Hessian", layer_index, n, r.dead)
+        if ranks.size > 1:  # every rank takes every solved linear (one exchange per stage, in rank order)
+            solved = {n: found for part in gather(solved) for n, found in part.items()}
+        for n in stage:
+            found = solved[n]
+            linears[n].weight.copy_(found.pop("weight"))
+            results[n] = found
     return results

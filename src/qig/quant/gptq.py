@@ -18,6 +18,10 @@ processed in order of decreasing Hessian diagonal and groups are formed in
 that order, so the result carries a group index per input column (``g_idx``,
 the compressed-tensors "actorder: group" notion).
 
+Whatever the weight's dtype (bf16, fp16), H, its Cholesky factor and the
+updated weights are float32; each quantized column is rounded to the weight's
+dtype as it will be stored, and that error is the one spread onward.
+
     >>> import torch
     >>> from qig.quant import QuantSpec
     >>> from qig.quant.gptq import GPTQSettings, Hessian, gptq_quantize
@@ -74,6 +78,19 @@ class GPTQSettings:
             )
 
 
+@dataclass
+class HessianPart:
+    """One batch's share of a Hessian: A = sum_t w_t x_t x_t^T [C, C] float32 (None if m = 0), m = sum_t w_t.
+
+    live: [C] channels nonzero on a real token; tokens: real tokens.
+    """
+
+    A: torch.Tensor | None
+    m: float
+    live: torch.Tensor
+    tokens: int
+
+
 class Hessian:
     """Running ``H = 2 X^T diag(w) X / sum_t w_t`` over token batches, in float32.
 
@@ -97,6 +114,13 @@ class Hessian:
 
         Without ``real``, tokens with a positive weight are the real ones.
         """
+        self.accumulate(self.part(x, weights, real))
+
+    @torch.no_grad()
+    def part(
+        self, x: torch.Tensor, weights: torch.Tensor | None = None, real: torch.Tensor | None = None
+    ) -> HessianPart:
+        """One batch's share of H, computed apart from the running mean (any process can compute it)."""
         C = self.H.shape[0]
         x = x.reshape(-1, C).to(self.H.device, torch.float32)  # [n, C]
         w = torch.ones(x.shape[0], device=x.device) if weights is None else weights.reshape(-1).to(x.device).float()
@@ -105,18 +129,24 @@ class Hessian:
         if bool((w < 0).any()) or not bool(torch.isfinite(w).all()):
             raise QigError("token weights must be finite and >= 0")
         r = (w > 0) if real is None else real.reshape(-1).to(x.device).bool()
-        if r.any():
-            self.live |= x[r].ne(0).any(0)
-            self.tokens += int(r.sum())
+        live = x[r].ne(0).any(0) if r.any() else torch.zeros(C, dtype=torch.bool, device=x.device)
         keep = w > 0
         x, w = x[keep], w[keep]  # [m, C], [m]
         m = float(w.double().sum())
         if m == 0.0:
+            return HessianPart(None, 0.0, live, int(r.sum()))
+        xs = x * w.sqrt().unsqueeze(1)  # sqrt(w_t) x_t
+        return HessianPart(xs.t() @ xs, m, live, int(r.sum()))
+
+    @torch.no_grad()
+    def accumulate(self, p: HessianPart) -> None:
+        """H <- (W H + 2 A) / (W + m): the running mean, one part at a time (in the order of the batches)."""
+        self.live |= p.live
+        self.tokens += p.tokens
+        if p.m == 0.0:
             return
-        total = self.weight_sum + m
-        self.H.mul_(self.weight_sum / total)
-        xs = x * (w * (2.0 / total)).sqrt().unsqueeze(1)  # sqrt(2 w_t / total) x_t
-        self.H.addmm_(xs.t(), xs)
+        total = self.weight_sum + p.m
+        self.H.mul_(self.weight_sum / total).add_(p.A, alpha=2.0 / total)
         self.weight_sum = total
 
     def finish(self) -> torch.Tensor:
@@ -212,7 +242,9 @@ def gptq_quantize(
                 scales.append(scale)
                 zeros.append(zero)
             w = W1[:, i]  # [out]
-            q = decode(encode(w, scale, zero, spec), scale, zero)  # the shared rounding, dequantized
+            # The shared rounding, dequantized and rounded to the weight's dtype as it will be stored:
+            # the error fed forward is the stored weight's (a bf16 / fp16 weight's rounding included).
+            q = decode(encode(w, scale, zero, spec), scale, zero).to(weight.dtype).float()
             Q[:, col] = q
             err = (w - q) / Hinv1[i, i]
             W1[:, i:] -= err.unsqueeze(1) @ Hinv1[i, i:].unsqueeze(0)
@@ -266,13 +298,15 @@ def _upper_cholesky_of_inverse(H: torch.Tensor) -> torch.Tensor:
     )
 
 
-def normalize_token_weights(weights: list[torch.Tensor]) -> list[torch.Tensor]:
+def normalize_token_weights(weights: list[torch.Tensor], top: float | None = None) -> list[torch.Tensor]:
     """Token weights divided by their largest value over all chunks (so equal weights become exactly 1).
 
     H is invariant to a common scale of the weights; this makes it exact too:
     a constant weight gives bit-for-bit the plain (unweighted) Hessian.
+    top: the largest value, when it is taken over more chunks than ``weights`` (every rank's).
     """
-    top = max(float(w.max()) for w in weights) if weights else 0.0
+    if top is None:
+        top = max(float(w.max()) for w in weights) if weights else 0.0
     if not top > 0:
         raise QigError("every token weight is zero; the weighted Hessian needs tokens with a positive weight")
     return [w.float() / top for w in weights]
