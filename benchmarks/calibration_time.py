@@ -4,6 +4,7 @@
     python benchmarks/calibration_time.py --repeats 3 --device cuda
     python benchmarks/calibration_time.py --methods awq gptq gptq+qig awq+gptq
     python benchmarks/calibration_time.py --wbits 4 --abits 8    # W4A8: rtn, smoothquant, awq, mbq, qig
+    python benchmarks/calibration_time.py --nproc 2 --methods awq qig gptq   # 1 vs 2 processes (torchrun)
 
 The rows come from the method registry (``qig.methods.CONFIGS``): by default
 every method except GPTQ whose config accepts the setting; ``--methods`` also
@@ -17,6 +18,12 @@ and over SmoothQuant's.
 
 Rows with GPTQ also print GPTQ's time per decoder layer (Hessians and the
 column-by-column quantization, from the run's search.json).
+
+``--nproc N`` runs every row twice, interleaved: in one process and under
+``torchrun --nproc-per-node N`` (data-parallel calibration, ``qig.dist``), and
+prints the 1 -> N ratio of the calibration time. On a CPU the N processes share
+its cores (each gets 1/N of the threads), so the ratio there says little about
+N GPUs.
 
 Each run is the whole ``qig quantize`` flow (load, calibration data, search,
 quantization, save) in a fresh subprocess, so peak memory is per method: the
@@ -89,7 +96,9 @@ def child(args) -> int:
 
     if args.device.startswith("cuda"):
         torch.cuda.reset_peak_memory_stats()
-    with tempfile.TemporaryDirectory() as tmp:
+    main_rank = os.environ.get("RANK", "0") == "0"
+    with tempfile.TemporaryDirectory() as own:
+        tmp = args.child_output or own  # under torchrun every rank writes (rank 0) and reads the same folder
         argv = ["quantize", *row_flags(args.child), *_setting_flags(args)]
         argv += ["--output", os.path.join(tmp, "out"), "--no-progress"]
         t = time.perf_counter()
@@ -100,6 +109,8 @@ def child(args) -> int:
             finally:
                 sys.stdout = stdout
         seconds = time.perf_counter() - t
+        if rc != 0 or not main_rank:
+            return rc
         report = json.load(open(os.path.join(tmp, "out", "report.json")))
         summary = json.load(open(os.path.join(tmp, "out", "search.json")))["method_summary"]
     gptq_layers = summary.get("gptq", {}).get("seconds_per_layer")
@@ -141,7 +152,9 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="cpu")
     p.add_argument("--repeats", type=int, default=1, help="interleaved repeats; the median is reported")
     p.add_argument("--json", default=None, help="write all runs here")
+    p.add_argument("--nproc", type=int, default=1, help="also run each row in N processes (torchrun); 1 -> N ratio")
     p.add_argument("--child", default=None, help=argparse.SUPPRESS)
+    p.add_argument("--child-output", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.child:
         return child(args)
@@ -150,25 +163,57 @@ def main(argv=None) -> int:
     if args.base is None:
         args.base = "mbq" if args.abits < 16 else "awq"
 
+    procs = [1] if args.nproc <= 1 else [1, args.nproc]
     runs: dict[str, list[dict]] = {m: [] for m in args.methods}
+    parallel: dict[str, list[dict]] = {m: [] for m in args.methods}
     for r in range(args.repeats):
         for m in args.methods:
-            cmd = [sys.executable, os.path.abspath(__file__), "--child", m, *_setting_flags(args)]
-            proc = subprocess.run(cmd, capture_output=True, text=True)
-            if proc.returncode != 0:
-                print(proc.stderr[-3000:], file=sys.stderr)
-                raise SystemExit(f"{m} failed (exit {proc.returncode})")
-            out = json.loads(proc.stdout.strip().splitlines()[-1])
-            runs[m].append(out)
+            for n in procs:
+                out = _run_child(m, n, args)
+                (runs if n == 1 else parallel)[m].append(out)
+                if n > 1:
+                    print(f"repeat {r} {m} x{n}: {out['seconds']:.1f}s", file=sys.stderr, flush=True)
             per_layer = out.get("gptq_seconds_per_layer")
             gptq = f", GPTQ {statistics.mean(per_layer):.2f}s/layer" if per_layer else ""
+            out = runs[m][-1]
             line = f"repeat {r} {m}: {out['seconds']:.1f}s, peak {out['peak_mib']:.0f} MiB{gptq}"
             print(line, file=sys.stderr, flush=True)
     print(format_table(runs, args))
+    if args.nproc > 1:
+        print(format_parallel(runs, parallel, args.nproc))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(runs, f, indent=1)
     return 0
+
+
+def _run_child(method: str, nproc: int, args) -> dict:
+    """One row in a fresh process (or ``nproc`` of them under torchrun): its JSON line."""
+    with tempfile.TemporaryDirectory() as tmp:
+        script = [os.path.abspath(__file__), "--child", method, "--child-output", tmp, *_setting_flags(args)]
+        if nproc == 1:
+            cmd = [sys.executable, *script]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(nproc), *script]
+        env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+        proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if proc.returncode != 0:
+        print(proc.stderr[-3000:], file=sys.stderr)
+        raise SystemExit(f"{method} x{nproc} failed (exit {proc.returncode})")
+    lines = [line for line in proc.stdout.strip().splitlines() if line.startswith("{")]
+    return json.loads(lines[-1])
+
+
+def format_parallel(single: dict[str, list[dict]], parallel: dict[str, list[dict]], n: int) -> str:
+    """The 1 -> n process ratio per row, end to end and of the quantize phase (medians)."""
+    lines = [f"{'method':<10} {'1 process':>10} {f'{n} processes':>12} {'ratio':>6} {'quantize 1':>11} {f'{n}':>7}"]
+    for m in single:
+        a = statistics.median(r["seconds"] for r in single[m])
+        b = statistics.median(r["seconds"] for r in parallel[m])
+        qa = statistics.median(r["timings"].get("quantize", 0.0) for r in single[m])
+        qb = statistics.median(r["timings"].get("quantize", 0.0) for r in parallel[m])
+        lines.append(f"{m:<10} {a:>9.1f}s {b:>11.1f}s {a / b:>6.2f} {qa:>10.1f}s {qb:>6.1f}s")
+    return "\n".join(lines)
 
 
 def format_table(runs: dict[str, list[dict]], args) -> str:
