@@ -121,6 +121,22 @@ def test_a_failing_rank_stops_every_rank_with_its_message_and_nothing_is_written
     # layers 0-2 were finished before the failure (layer 2 fails on its way out, on rank 1): kept for --resume
     kept = sorted(p.name for p in (tmp_path / "out.partial").glob("layer-*.json"))
     assert kept == ["layer-00000.json", "layer-00001.json", "layer-00002.json"]
+    # both ranks resume from rank 0's journal; the result is one uninterrupted process's
+    codes = mp.Manager().dict()
+    mp.spawn(_cli_worker_plain, args=(2, _free_port(), [*argv, "--resume"], codes), nprocs=2, join=True)
+    assert dict(codes) == {0: 0, 1: 0} and not (tmp_path / "out.partial").exists()
+    from _cli import run_cli
+    from _tensors import model_tensors
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        whole = tmp_path / "whole"
+        assert run_cli(*[a if a != str(out) else whole for a in argv]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert same(model_tensors(whole), model_tensors(out))
+    assert (whole / "search.safetensors").read_bytes() == (out / "search.safetensors").read_bytes()
 
 
 def test_too_few_chunks_for_the_ranks_is_refused(tmp_path, capfd):
