@@ -5,6 +5,7 @@
     python benchmarks/accuracy.py --settings w3g128 w2g64 --methods rtn gptq gptq+qig awq+gptq qig+gptq
     python benchmarks/accuracy.py --settings w4a8 w8a8 w4a4 --eval-seeds 1234 1 2   # weight-activation
     python benchmarks/accuracy.py --settings w4a8 --methods mbq qig "qig[tokens=vision+answer]" --fidelity
+    python benchmarks/accuracy.py --dtype float32 bfloat16 --settings w3g128 --methods fp rtn awq gptq
 
 The rows come from the method registry (``qig.methods.CONFIGS``): by default
 fp and every registered method except GPTQ that applies to the setting, i.e.
@@ -32,9 +33,15 @@ mean KL of the answer tokens' distributions; what ``qig eval --reference``
 reports) and prints, per searched row, the share of the token weights that
 vision, prompt and answer tokens receive (mean over groups).
 
+``--dtype float32 bfloat16`` runs every row in each dtype side by side: the
+model is loaded, quantized, saved and scored in that dtype (the same
+calibration set for all), and a last table gives, per row and eval seed, the
+accuracy in each dtype and its paired difference to the first dtype.
+
 Each method quantizes a fresh copy of the model with the same calibration set
 (the embedded calib split unless --calib), the result is saved to a temporary
-folder and scored by ``qig.evaluate.run_eval`` on each eval seed.
+folder, reloaded from it in the row's dtype (a W-A model with its activation
+quantizers, as ``qig eval`` loads it) and scored on each eval seed.
 """
 
 from __future__ import annotations
@@ -54,6 +61,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from _rows import gptq_rows, method_rows  # noqa: E402  (benchmarks/, the script's own folder)
 
 FP_ROW = "fp"  # the unquantized model
+DTYPES = ("float32", "bfloat16", "float16")
+DTYPE_GAP = 0.5  # points: the largest accuracy difference to the first dtype a row may show
 
 
 def all_rows() -> list[str]:
@@ -148,6 +157,13 @@ def main(argv=None) -> int:
     p.add_argument("--image-folder", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--qig-steps", type=int, default=None, help="QIG quadrature points (default: the config's)")
+    p.add_argument(
+        "--dtype",
+        nargs="+",
+        choices=DTYPES,
+        default=["float32"],
+        help="dtype(s) the model is quantized and scored in; several: side by side, differences to the first",
+    )
     p.add_argument("--json", default=None, help="write all results here")
     args = p.parse_args(argv)
     for row in args.methods or []:
@@ -162,15 +178,21 @@ def main(argv=None) -> int:
     import qig
     from qig.calib import calibration_for
     from qig.embedded import world
-    from qig.evaluate import ReferenceOutputs, eval_split, reference_outputs, run_eval
+    from qig.evaluate import ReferenceOutputs, eval_split, evaluate_records, reference_outputs
     from qig.loading import load_model_and_processor
     from qig.quant.activation import remove_activation_quantizers
     from qig.runs import CONFIG_KEY
 
     seeds = args.eval_seeds or [world.DEFAULT_EVAL_SEED]
-    model, processor = load_model_and_processor(args.model)
-    fp_state = {k: v.clone() for k, v in model.state_dict().items()}
+    dtypes = list(dict.fromkeys(args.dtype))
+    models = {d: load_model_and_processor(args.model, dtype=getattr(torch, d)) for d in dtypes}
+    fp_states = {d: {k: v.clone() for k, v in m.state_dict().items()} for d, (m, _) in models.items()}
+    model, processor = models[dtypes[0]]
     calib = calibration_for(model, processor, args.calib, image_folder=args.image_folder, n_samples=args.n_samples)
+
+    def label(setting: str, dtype: str) -> str:
+        """A setting's key in the tables: the setting alone for the default float32 run, else with its dtype."""
+        return setting if dtypes == ["float32"] else f"{setting} {dtype}"
 
     cached: dict[int, ReferenceOutputs] = {}
 
@@ -180,6 +202,11 @@ def main(argv=None) -> int:
             fp_model, fp_proc = load_model_and_processor(args.model, args.device)
             cached[seed] = reference_outputs(fp_model, fp_proc, eval_split(seed, args.limit))
         return cached[seed]
+
+    def score(folder: str, seed: int, dtype: str, ref: ReferenceOutputs | None) -> dict:
+        """``qig eval``'s report of a saved row, the model reloaded in ``dtype`` (float32: as ``run_eval``)."""
+        scored, scored_proc = load_model_and_processor(folder, args.device, dtype=getattr(torch, dtype))
+        return evaluate_records(scored, scored_proc, eval_split(seed, args.limit), reference=ref)
 
     results: dict[str, dict[str, dict[int, float]]] = {}
     fidelity: dict[str, dict[str, dict[int, dict]]] = {}
@@ -192,53 +219,93 @@ def main(argv=None) -> int:
                 if not applies(method, abits):
                     print(f"{setting} {method}: not a row of this setting, skipped", file=sys.stderr)
                     continue
-                if method == "fp" and "fp" in {m for r in results.values() for m in r}:
-                    results.setdefault(setting, {})["fp"] = next(r["fp"] for r in results.values() if "fp" in r)
-                    continue
-                remove_activation_quantizers(model)  # the previous row's W-A model
-                if hasattr(model.config, CONFIG_KEY):
-                    delattr(model.config, CONFIG_KEY)  # the FP row saves a plain FP config
-                model.load_state_dict(fp_state)
-                t = time.perf_counter()
-                if method != "fp":
-                    config = make_row_config(method, wbits, group, args.qig_steps, abits)
-                    result = qig.quantize(model, config, calib, device=args.device, progress=False)
-                    if share := role_shares(result):
-                        shares.setdefault(setting, {})[method] = share
-                seconds = time.perf_counter() - t
-                folder = os.path.join(tmp, f"{setting}-{re.sub(r'[^a-z0-9+.=-]', '_', method)}")
-                model.save_pretrained(folder)
-                processor.save_pretrained(folder)
-                accs = {}
-                for seed in seeds:
-                    ref = references(seed) if args.fidelity and method != "fp" else None
-                    rep = run_eval(model_dir=folder, seed=seed, limit=args.limit, device=args.device, reference=ref)
-                    if ref is not None:
-                        fidelity.setdefault(setting, {}).setdefault(method, {})[seed] = rep["fidelity"]
-                    accs[seed] = rep["accuracy"]
-                    correct.setdefault(setting, {}).setdefault(method, {})[seed] = [
-                        r["correct"] for r in rep["predictions"]
-                    ]
-                results.setdefault(setting, {})[method] = accs
-                print(
-                    f"{setting} {method:<8} quantize {seconds:6.1f}s  "
-                    + "  ".join(f"seed {s}: {100 * a:.1f}%" for s, a in accs.items()),
-                    file=sys.stderr,
-                    flush=True,
-                )
-                del accs
-            torch.manual_seed(0)
+                for dtype in dtypes:
+                    key = label(setting, dtype)
+                    scored_fp = [k for k, r in results.items() if k.endswith(key.removeprefix(setting)) and "fp" in r]
+                    if method == "fp" and scored_fp:  # FP in this dtype does not depend on the setting
+                        results.setdefault(key, {})["fp"] = results[scored_fp[0]]["fp"]
+                        correct.setdefault(key, {})["fp"] = correct[scored_fp[0]]["fp"]
+                        continue
+                    model, processor = models[dtype]
+                    remove_activation_quantizers(model)  # the previous row's W-A model
+                    if hasattr(model.config, CONFIG_KEY):
+                        delattr(model.config, CONFIG_KEY)  # the FP row saves a plain FP config
+                    model.load_state_dict(fp_states[dtype])
+                    t = time.perf_counter()
+                    if method != "fp":
+                        config = make_row_config(method, wbits, group, args.qig_steps, abits)
+                        result = qig.quantize(model, config, calib, device=args.device, progress=False)
+                        if share := role_shares(result):
+                            shares.setdefault(key, {})[method] = share
+                    seconds = time.perf_counter() - t
+                    folder = os.path.join(tmp, f"{key}-{re.sub(r'[^a-z0-9+.=-]', '_', method)}".replace(" ", "-"))
+                    model.save_pretrained(folder)
+                    processor.save_pretrained(folder)
+                    accs = {}
+                    for seed in seeds:
+                        ref = references(seed) if args.fidelity and method != "fp" else None
+                        rep = score(folder, seed, dtype, ref)
+                        if ref is not None:
+                            fidelity.setdefault(key, {}).setdefault(method, {})[seed] = rep["fidelity"]
+                        accs[seed] = rep["accuracy"]
+                        correct.setdefault(key, {}).setdefault(method, {})[seed] = [
+                            r["correct"] for r in rep["predictions"]
+                        ]
+                    results.setdefault(key, {})[method] = accs
+                    print(
+                        f"{key} {method:<8} quantize {seconds:6.1f}s  "
+                        + "  ".join(f"seed {s}: {100 * a:.1f}%" for s, a in accs.items()),
+                        file=sys.stderr,
+                        flush=True,
+                    )
+                    del accs
+                torch.manual_seed(0)
     print(format_table(results, seeds))
     print()
     print(format_paired(correct, seeds))
     if fidelity:
         print()
         print(format_fidelity(fidelity, shares, seeds))
+    if len(dtypes) > 1:
+        print()
+        print(format_dtypes(correct, args.settings, dtypes, seeds))
     if args.json:
         with open(args.json, "w") as f:
-            out = {"eval_seeds": seeds, "limit": args.limit, "n_samples": args.n_samples, "results": results}
-            json.dump(out | {"fidelity": fidelity, "token_weight_shares": shares, "correct": correct}, f, indent=1)
+            out = {"eval_seeds": seeds, "limit": args.limit, "n_samples": args.n_samples, "dtypes": dtypes}
+            out |= {"results": results, "fidelity": fidelity, "token_weight_shares": shares, "correct": correct}
+            json.dump(out, f, indent=1)
     return 0
+
+
+def format_dtypes(correct: dict, settings: list[str], dtypes: list[str], seeds: list[int]) -> str:
+    """Per setting and row: accuracy in each dtype per seed, and each dtype's paired difference to the first."""
+    base, others = dtypes[0], dtypes[1:]
+    lines = [f"accuracy per dtype; difference to {base} on the same questions (points, +- one standard error):"]
+    for setting in settings:
+        rows = {d: correct.get(f"{setting} {d}", {}) for d in dtypes}
+        methods = [m for m in rows[base] if all(m in rows[d] for d in others)]
+        if not methods:
+            continue
+        width = max(len(m) for m in methods)
+        head = [f"{d} s{s}" for s in seeds for d in dtypes] + [f"{d} - {base} s{s}" for s in seeds for d in others]
+        widths = [max(len(h), 12) for h in head]
+        lines.append(f"{setting:<{width}} " + " ".join(f"{h:>{w}}" for h, w in zip(head, widths, strict=True)))
+        worst = (0.0, "")
+        for m in methods:
+            cells = [f"{100 * sum(rows[d][m][s]) / len(rows[d][m][s]):.1f}%" for s in seeds for d in dtypes]
+            for s in seeds:
+                for d in others:
+                    diff, se = paired_difference(rows[d][m][s], rows[base][m][s])
+                    cells.append(f"{diff:+.1f} +- {se:.1f}")
+                    worst = max(worst, (abs(diff), f"{m} {d} seed {s}"))
+            lines.append(f"{m:<{width}} " + " ".join(f"{c:>{w}}" for c, w in zip(cells, widths, strict=True)))
+        ok = "yes" if worst[0] <= DTYPE_GAP else "NO"
+        where = f", {worst[1]}" if worst[0] > 0 else ""
+        lines.append(
+            f"{setting}: every row within {DTYPE_GAP} points of {base} in {', '.join(others)}: {ok} "
+            f"(largest |difference| {worst[0]:.1f}{where})"
+        )
+    return "\n".join(lines)
 
 
 def role_shares(result) -> dict[str, float]:

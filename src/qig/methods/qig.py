@@ -27,6 +27,7 @@ every group of a partly trained embedded model (>= 0.998 where x' = x^q).
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import ClassVar, Literal
@@ -45,7 +46,7 @@ from qig.methods.base import (
 )
 from qig.methods.config import WEIGHT_ONLY_ABITS, SearchConfig
 from qig.options import option
-from qig.quant.spec import fake_quantize
+from qig.quant.spec import compute_dtype, fake_quantize
 
 log = logging.getLogger(__name__)
 
@@ -130,20 +131,37 @@ def integrated_gradients(
     nodes: torch.Tensor,
     weights: torch.Tensor,
 ) -> torch.Tensor:
-    """IG of F(z) = sum_t mean_h |f(z) - f_q(z)|_t from x_ref to x: [b, T, C].
+    """IG of F(z) = sum_t mean_h |f(z) - f_q(z)|_t from x_ref to x: [b, T, C] (float32).
 
-    f, f_q map [K*b, T, C] -> [K*b, T, H]. All K path points run as one batch.
+    f, f_q map [K*b, T, C] -> [K*b, T, H]. All K path points run as one batch,
+    in x's dtype; the path points are computed in float32 and rounded once, and
+    the gradients are summed over the nodes in float32. In float16 the loss is
+    multiplied by a power of two near H before the backward pass and the
+    gradients divided by it in float32 (they would otherwise fall into float16's
+    subnormals); a scaled backward that overflows is redone unscaled.
     """
     K, (b, T, C) = nodes.numel(), x.shape
-    a = nodes.to(device=x.device, dtype=x.dtype).view(K, 1, 1, 1)
-    delta = x - x_ref  # [b, T, C]
+    wide = compute_dtype(x.dtype)
+    a = nodes.to(device=x.device, dtype=wide).view(K, 1, 1, 1)
+    delta = x.to(wide) - x_ref.to(wide)  # [b, T, C]
     with torch.enable_grad():
-        z = (x_ref.unsqueeze(0) + a * delta.unsqueeze(0)).reshape(K * b, T, C).requires_grad_(True)
+        z = (x_ref.to(wide).unsqueeze(0) + a * delta.unsqueeze(0)).to(x.dtype)
+        z = z.reshape(K * b, T, C).requires_grad_(True)
         y, y_q = f(z), f_q(z)  # [K*b, T, H]
         F = quantization_error(y.view(K, b, T, -1), y_q.view(K, b, T, -1), real)  # [K]
         total = (F * weights.to(device=F.device, dtype=F.dtype)).sum()
-        (grad,) = torch.autograd.grad(total, z)  # sum_k w_k dF/dz_k, per path point
-    return delta * grad.view(K, b, T, C).sum(0)
+        scale = _loss_scale(x.dtype, y.shape[-1])
+        (grad,) = torch.autograd.grad(total * scale if scale != 1 else total, z, retain_graph=scale != 1)
+        if scale != 1 and not bool(torch.isfinite(grad).all()):
+            (grad,) = torch.autograd.grad(total, z)
+            scale = 1.0
+    summed = grad.view(K, b, T, C).to(wide).sum(0)  # sum_k w_k dF/dz_k, in float32
+    return delta * (summed / scale if scale != 1 else summed)
+
+
+def _loss_scale(dtype: torch.dtype, width: int) -> float:
+    """1, or in float16 the power of two nearest ``width`` (F's per-output gradient is 1/width)."""
+    return float(2 ** round(math.log2(width))) if dtype == torch.float16 else 1.0
 
 
 def token_scores(ig: torch.Tensor, real: torch.Tensor) -> torch.Tensor:

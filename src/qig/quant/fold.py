@@ -2,7 +2,9 @@
 
 For a scale ``s`` (one per input channel of the linears): the previous op's
 output channels are divided by ``s`` (a norm's weight and bias, or a linear's
-rows and bias), the linears' columns are multiplied by ``s``.
+rows and bias), the linears' columns are multiplied by ``s``. A bf16 / fp16
+model is folded in float32 and cast back once, so each weight is rounded to
+its dtype once, not once per operation.
 
     >>> import torch
     >>> from qig.quant.fold import fold_scales_
@@ -17,6 +19,7 @@ from collections.abc import Sequence
 import torch
 
 from qig.errors import QigError
+from qig.quant.spec import QuantSpec, compute_dtype, fake_quantize
 
 
 @torch.no_grad()
@@ -27,6 +30,8 @@ def fold_scales_(
 
     offset: a norm that multiplies by ``offset + weight`` (Gemma's RMSNorm: ``1 + w``) gets
     ``w' = (offset + w) / s - offset``, so that its factor is divided by ``s``.
+    Computed in float32 (``compute_dtype``) and cast back once; a fold that would
+    overflow the model's dtype is refused before any tensor is changed.
     """
     weight = getattr(prev, "weight", None)
     if weight is None:
@@ -34,25 +39,43 @@ def fold_scales_(
     C = scales.numel()
     if weight.shape[0] != C:
         raise QigError(f"scale of {C} channels does not match the {weight.shape[0]} outputs of {type(prev).__name__}")
-    if weight.dim() == 1:  # norm: weight [C]
-        weight.add_(offset).div_(scales.to(weight)).sub_(offset)
-    else:  # linear: weight [C, in]
-        weight.div_(scales.to(weight).view(-1, 1))
-    bias = getattr(prev, "bias", None)
-    if bias is not None:
-        bias.div_(scales.to(bias))
     for lin in linears:
         if lin.in_features != C:
             raise QigError(f"scale of {C} channels does not match in_features {lin.in_features} of a linear")
-        lin.weight.mul_(scales.to(lin.weight).view(1, -1))  # weight [out, C]
+    s = scales.to(weight.device, compute_dtype(weight.dtype))  # [C]
+    folded: list[tuple[torch.Tensor, torch.Tensor]] = []  # (parameter, its new value in the compute dtype)
+    if weight.dim() == 1:  # norm: weight [C]
+        folded.append((weight, (weight.to(s.dtype) + offset) / s - offset))
+    else:  # linear: weight [C, in]
+        folded.append((weight, weight.to(s.dtype) / s.view(-1, 1)))
+    bias = getattr(prev, "bias", None)
+    if bias is not None:
+        folded.append((bias, bias.to(s.dtype) / s.to(bias.device)))
+    for lin in linears:  # weight [out, C]
+        folded.append((lin.weight, lin.weight.to(s.dtype) * s.to(lin.weight.device).view(1, -1)))
+    for param, value in folded:
+        if param.dtype != value.dtype and _overflows(value, param.dtype):
+            raise QigError(
+                f"folding a channel scale (from {float(s.min()):.3g} to {float(s.max()):.3g}) into "
+                f"{type(prev).__name__} and its linears overflows {param.dtype}, which holds values up to "
+                f"{torch.finfo(param.dtype).max:.3g}; load the model in bfloat16 or float32"
+            )
+    for param, value in folded:
+        param.copy_(value)  # the one cast back to the parameter's dtype
 
 
-def scaled_fake_quantize(weight: torch.Tensor, scales: torch.Tensor, spec) -> torch.Tensor:
+def _overflows(value: torch.Tensor, dtype: torch.dtype) -> bool:
+    """Whether finite ``value`` becomes inf when cast to the narrower ``dtype``."""
+    return bool(torch.isfinite(value).all()) and not bool(torch.isfinite(value.to(dtype)).all())
+
+
+def scaled_fake_quantize(weight: torch.Tensor, scales: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     """``Q(W * s) / s``: the weight a candidate scale leaves, quantized by the production quantizer.
 
-    weight: [out, C]; scales: [C]. Returns a tensor like ``weight``.
+    weight: [out, C]; scales: [C]. Returns a tensor like ``weight``. ``W * s`` is
+    rounded to the weight's dtype first, as ``fold_scales_`` leaves it, so a
+    bf16 candidate is quantized exactly as its fold would be.
     """
-    from qig.quant.spec import fake_quantize
-
     s = scales.to(device=weight.device, dtype=torch.float32).view(1, -1)
-    return (fake_quantize(weight.float() * s, spec) / s).to(weight.dtype)
+    folded = (weight.float() * s).to(weight.dtype)  # what the fold leaves in the weight's dtype
+    return (fake_quantize(folded, spec).float() / s).to(weight.dtype)

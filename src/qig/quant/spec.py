@@ -85,6 +85,18 @@ def activation_spec(bits: int) -> QuantSpec:
     return QuantSpec(bits=bits, group_size=None, symmetric=True, dynamic=True)
 
 
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """What qig computes in for tensors of ``dtype``: float32, or the tensor's own dtype if wider.
+
+    bf16 and fp16 models are searched and quantized in their dtype, with sums,
+    folds and quantizer parameters in float32.
+
+    >>> compute_dtype(torch.bfloat16), compute_dtype(torch.float64)
+    (torch.float32, torch.float64)
+    """
+    return torch.promote_types(dtype, torch.float32)
+
+
 def _grouped(w: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
     # w: [out, in] -> [out * n_groups, group]
     spec.check(w.shape[-1])
