@@ -120,6 +120,7 @@ def save_streamed(model: torch.nn.Module, folder: str | os.PathLike, family: Mod
     from safetensors.torch import save_file
     from transformers.core_model_loading import revert_weight_conversion
 
+    from qig.hostmem import trim
     from qig.models.checkpoint import read_header
     from qig.models.family import get_module
 
@@ -155,6 +156,7 @@ def save_streamed(model: torch.nn.Module, folder: str | os.PathLike, family: Mod
         weight_map.update({k: path.name for k in tensors})
         size += sum(t.numel() * t.element_size() for t in tensors.values())
         del state, full, tensors
+        trim()  # one layer at a time: give it back before the next
     index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return apply_layout(folder, family)

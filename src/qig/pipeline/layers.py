@@ -23,6 +23,7 @@ from collections.abc import Iterator
 
 import torch
 
+from qig.hostmem import trim
 from qig.models import ModelFamily
 
 
@@ -91,6 +92,7 @@ class CheckpointLayers(DecoderLayers):
             yield module
         finally:
             module.to("meta")
+            trim()  # else the freed layer stays in the allocator's heap and host memory grows with the depth
 
 
 def layers_for(model: torch.nn.Module, family: ModelFamily) -> DecoderLayers:
