@@ -90,6 +90,11 @@ def load_model_and_processor(
             )
     except QigError:
         raise
+    except ImportError as exc:  # e.g. a processor that needs torchvision
+        raise QigError(
+            f"could not load the model in {path}: a package it needs is missing ({' '.join(str(exc).split())}); "
+            "install it (for torchvision: the build that matches your torch) and run again"
+        ) from exc
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise QigError(f"could not load the model in {path}: {exc.__class__.__name__}: {exc}") from exc
     abits = _saved_abits(config, path)
