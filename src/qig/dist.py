@@ -20,7 +20,7 @@ it (:func:`fail`), so one bad shard stops the whole run with its reason.
     >>> ranks = current()  # outside a process group: one rank
     >>> ranks.size, ranks.mine(3)
     (1, [0, 1, 2])
-    >>> ordered([[0, 1, 2]])
+    >>> ordered([0, 1, 2])  # one rank: its own chunks, as they are
     [0, 1, 2]
 """
 
