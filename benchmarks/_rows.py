@@ -18,3 +18,12 @@ def gptq_rows() -> list[str]:
     weightings = [name for name, cls in CONFIGS.items() if issubclass(cls, SearchConfig)]
     gptq = GPTQConfig.name
     return [gptq, *(f"{gptq}+{w}" for w in weightings), *(f"{w}+{gptq}" for w in weightings)]
+
+
+def row_flags(row: str) -> list[str]:
+    """``qig quantize`` flags of a row: a method, "gptq+<token weights>" or "<search>+gptq"."""
+    if row.startswith("gptq+"):
+        return ["--method", "gptq", "--token-weights", row.split("+", 1)[1]]
+    if row.endswith("+gptq"):
+        return ["--method", row.split("+", 1)[0], "--quantizer", "gptq"]
+    return ["--method", row]

@@ -45,7 +45,7 @@ import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from _rows import gptq_rows, method_rows  # noqa: E402  (benchmarks/, the script's own folder)
+from _rows import gptq_rows, method_rows, row_flags  # noqa: E402  (benchmarks/, the script's own folder)
 
 
 def default_rows(wbits: int, abits: int, group_size: str | None) -> list[str]:
@@ -63,15 +63,6 @@ def default_rows(wbits: int, abits: int, group_size: str | None) -> list[str]:
             continue
         rows.append(row)
     return rows
-
-
-def row_flags(row: str) -> list[str]:
-    """``qig quantize`` flags of a row: a method, "gptq+<token weights>" or "<search>+gptq"."""
-    if row.startswith("gptq+"):
-        return ["--method", "gptq", "--token-weights", row.split("+", 1)[1]]
-    if row.endswith("+gptq"):
-        return ["--method", row.split("+", 1)[0], "--quantizer", "gptq"]
-    return ["--method", row]
 
 
 def _vm_hwm_mib() -> float | None:

@@ -61,20 +61,11 @@ from _random_models import (  # noqa: E402  (benchmarks/, the script's own folde
     decoder_layer_params,
     vision_tokens,
 )
-from _rows import gptq_rows, method_rows  # noqa: E402
+from _rows import gptq_rows, method_rows, row_flags  # noqa: E402
 
 GIB = 2**30
 DEFAULT_METHODS = ["rtn", "awq", "qig", "gptq", "mbq"]
 MAX_LENGTH = 32768  # the built models' max_position_embeddings; the cap only cuts, so it never binds here
-
-
-def row_flags(row: str) -> list[str]:
-    """``qig quantize`` flags of a row: a method, "gptq+<token weights>" or "<search>+gptq" (as calibration_time)."""
-    if row.startswith("gptq+"):
-        return ["--method", "gptq", "--token-weights", row.split("+", 1)[1]]
-    if row.endswith("+gptq"):
-        return ["--method", row.split("+", 1)[0], "--quantizer", "gptq"]
-    return ["--method", row]
 
 
 def uses_calibration(row: str) -> bool:

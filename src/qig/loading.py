@@ -202,23 +202,16 @@ def checkpoint_dtype(model_dir: str | os.PathLike | None = None) -> torch.dtype:
     >>> checkpoint_dtype()  # the embedded model ships in float16
     torch.float16
     """
-    import json
-    import struct
     from collections import Counter
 
     from qig.embedded import default_model_dir
+    from qig.models.checkpoint import read_header
 
     path = Path(model_dir) if model_dir is not None else default_model_dir()
     counts: Counter[str] = Counter()
     for shard in sorted(path.glob("*.safetensors")):
-        try:
-            with shard.open("rb") as f:
-                (n,) = struct.unpack("<Q", f.read(8))
-                header = json.loads(f.read(n))
-        except (OSError, ValueError, struct.error) as exc:
-            raise QigError(f"{shard} is not a readable safetensors file: {exc}") from exc
-        for key, entry in header.items():
-            if key != "__metadata__" and entry.get("dtype") in _SAFETENSORS_DTYPES:
+        for entry in read_header(shard).values():
+            if entry.get("dtype") in _SAFETENSORS_DTYPES:
                 counts[_SAFETENSORS_DTYPES[entry["dtype"]]] += 1
     return DTYPES[counts.most_common(1)[0][0]] if counts else torch.float32
 
