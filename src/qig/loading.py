@@ -21,6 +21,7 @@ from pathlib import Path
 import torch
 
 from qig.errors import QigError
+from qig.models.checkpoint import STREAMED, is_streamed  # noqa: F401  (public here: loading's callers ask)
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,6 @@ def load_model_and_processor(
     return model.to(device).eval(), processor
 
 
-STREAMED = "qig_checkpoint"  # the attribute of a streamed model holding its decoder's CheckpointIndex
-
-
 def load_streamed(path: Path, auto_model, dtype, trust_remote_code: bool = False) -> torch.nn.Module:
     """The model without its decoder layers' weights: those stay on the meta device, indexed on disk.
 
@@ -158,11 +156,6 @@ def load_streamed(path: Path, auto_model, dtype, trust_remote_code: bool = False
     index = CheckpointIndex.read(path, model, full.state_dict(), family.layers)
     setattr(model, STREAMED, index)
     return model
-
-
-def is_streamed(model: torch.nn.Module) -> bool:
-    """Whether the model's decoder layers are read from disk as the pipeline reaches them."""
-    return getattr(model, STREAMED, None) is not None
 
 
 def _saved_abits(config: dict, path: Path) -> int:

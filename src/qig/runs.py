@@ -268,8 +268,8 @@ def write_output(
 
 def _save_weights(model: torch.nn.Module, tmp: Path, out: Path) -> None:
     """The model's weights into ``tmp``: ``save_model``, or layer by layer for a model streamed from disk."""
-    from qig.loading import STREAMED
     from qig.models import family_for
+    from qig.models.checkpoint import STREAMED
     from qig.models.layout import save_streamed
 
     source = getattr(model, STREAMED, None)

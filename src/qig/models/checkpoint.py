@@ -26,6 +26,12 @@ import torch
 from qig.errors import QigError
 
 INDEX = "model.safetensors.index.json"
+STREAMED = "qig_checkpoint"  # the attribute of a streamed model holding where its decoder layers are read from
+
+
+def is_streamed(model: torch.nn.Module) -> bool:
+    """Whether the model's decoder layers are read from disk as the pipeline reaches them."""
+    return getattr(model, STREAMED, None) is not None
 
 
 def shard_files(folder: Path) -> list[Path]:
@@ -112,14 +118,3 @@ class CheckpointIndex:
             except (OSError, SafetensorError) as exc:
                 raise QigError(f"could not read {shard}: {exc}; the checkpoint changed or is corrupt") from exc
         return out
-
-    def bytes_under(self, prefix: str) -> int:
-        """Bytes on disk of the tensors under ``prefix`` (from the headers)."""
-        total = 0
-        headers: dict[Path, dict] = {}
-        for name, (shard, key) in self.where.items():
-            if name.startswith(prefix):
-                header = headers.setdefault(shard, read_header(shard))
-                start, end = header[key]["data_offsets"]
-                total += end - start
-        return total

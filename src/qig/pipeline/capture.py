@@ -95,11 +95,6 @@ class Chunk:
     def batch(self) -> int:
         return self.roles.shape[0]
 
-    def stored_bytes(self) -> int:
-        """Bytes of x and x^q where they are kept (once when they are one tensor)."""
-        ts = {id(t): t for t in (self._x, self._xq) if t is not None}
-        return sum(t.numel() * t.element_size() for t in ts.values())
-
 
 class _Catcher(torch.nn.Module):
     """Stands in for a decoder layer during capture: records its call, passes hidden states on.

@@ -173,9 +173,6 @@ class Journal:
             )
         return FinishedLayer(index, state, quantized, records, info.get("gptq_seconds"))
 
-    def state_bytes(self, index: int) -> int:
-        return layer_file(self.folder, index, "safetensors").stat().st_size
-
 
 class JournalIndex:
     """A streamed model's decoder layers once the run is done: read from the journal's finished states.
@@ -233,8 +230,8 @@ def fingerprint(model: torch.nn.Module, calib, config, run: dict | None = None) 
     """
     import hashlib
 
-    from qig.loading import STREAMED
     from qig.models import family_for
+    from qig.models.checkpoint import STREAMED
 
     def digest(tensors) -> str:
         h = hashlib.sha256()

@@ -97,7 +97,7 @@ class CheckpointLayers(DecoderLayers):
 
 def layers_for(model: torch.nn.Module, family: ModelFamily) -> DecoderLayers:
     """The model's layers: streamed from its checkpoint when it was loaded with ``decoder="disk"``."""
-    from qig.loading import STREAMED
+    from qig.models.checkpoint import STREAMED
 
     index = getattr(model, STREAMED, None)
     return InMemoryLayers(model, family) if index is None else CheckpointLayers(model, family, index)

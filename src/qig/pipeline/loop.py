@@ -159,7 +159,7 @@ def layer_loop(
                 _finish_layer(mode, layer, family, streams, timer, out)
                 if journal is not None and current().main:  # the ranks' layers are the same: rank 0 keeps it
                     with timer("journal"):
-                        journal.save_layer(_finished(li, module, out, first))
+                        journal.save_layer(_finished(mode, li, module, out, first))
                 bar.update(int(not per_group))
     return out
 
@@ -178,15 +178,15 @@ def _replayable(journal: Journal | None, depth: int) -> set[int]:
     return done
 
 
-def _finished(li: int, module: torch.nn.Module, out: LoopOutput, first: int) -> FinishedLayer:
+def _finished(mode: Mode, li: int, module: torch.nn.Module, out: LoopOutput, first: int) -> FinishedLayer:
     """What the journal keeps of layer ``li``, just finished."""
     prefix = f"{li}."
     return FinishedLayer(
         index=li,
-        state={k: v for k, v in module.state_dict().items()},
+        state=dict(module.state_dict()),
         quantized={k: v for k, v in out.quantized.items() if k.startswith(prefix)},
         records=[r for r in out.records[first:] if isinstance(r, GroupRecord)],
-        gptq_seconds=out.gptq_seconds[-1] if out.gptq_seconds and len(out.gptq_seconds) == li + 1 else None,
+        gptq_seconds=out.gptq_seconds[-1] if mode.quantizer == "gptq" else None,  # one per finished layer
     )
 
 

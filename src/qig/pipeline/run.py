@@ -18,9 +18,9 @@ import torch
 
 from qig.calib import CalibrationSet
 from qig.errors import QigError
-from qig.loading import STREAMED
 from qig.methods import GPTQConfig, Method, QuantConfig, SearchConfig, method_for
 from qig.models import ModelFamily, family_for, get_module
+from qig.models.checkpoint import STREAMED
 from qig.pipeline.capture import capture
 from qig.pipeline.finite import check_decoder_weights
 from qig.pipeline.gradients import prepare_methods
