@@ -1,4 +1,4 @@
-"""AWQ: the shared search with weight 1 on every real (non-pad) token.
+"""AWQ: the shared search with weight 1 on every real (non-pad) token (pads too under ``pad_tokens="count"``).
 
 >>> from qig.methods import method_for, AWQConfig
 >>> method_for(AWQConfig(wbits=3)).needs_quantized_stream
@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from qig.methods.base import GroupContext, Method, TokenWeights, register, uniform_weights
+from qig.methods.base import GroupContext, Method, TokenWeights, counted_tokens, register
 from qig.methods.config import SearchConfig
 
 
@@ -28,4 +28,4 @@ class AWQConfig(SearchConfig):
 @register(AWQConfig)
 class AWQ(Method):
     def token_weights(self, ctx: GroupContext) -> TokenWeights:
-        return TokenWeights([uniform_weights(r) for r in ctx.roles], {})
+        return TokenWeights([counted_tokens(r, self.config.pad_tokens).float() for r in ctx.roles], {})

@@ -37,7 +37,8 @@ class GroupContext:
     not ask for the quantized stream. roles: per chunk [b, T] (qig.calib roles).
     linears: the group's linears by their key inside the block ("" = the block).
     spec / act_spec: the weight quantizer, and the activation quantizer of W-A
-    modes (None in weight-only modes).
+    modes (None in weight-only modes). block_linears: every linear of the
+    inspected block, by key inside it (None: the group's linears only).
     """
 
     layer_index: int
@@ -50,6 +51,7 @@ class GroupContext:
     run_block: BlockFn
     spec: QuantSpec
     act_spec: QuantSpec | None = None
+    block_linears: dict[str, torch.nn.Linear] | None = None
 
     @property
     def search_inputs(self) -> list[torch.Tensor]:
@@ -60,12 +62,18 @@ class GroupContext:
             raise QigError(f"layer {self.layer_index} group {self.group.name}: W-A modes need the quantized stream")
         return self.xq
 
-    def run_quantized(self, z: torch.Tensor, i: int, weights: dict[str, torch.Tensor]) -> torch.Tensor:
-        """The block with the group's linears quantized: ``weights`` given, inputs per token in W-A modes.
+    def run_quantized(
+        self,
+        z: torch.Tensor,
+        i: int,
+        weights: dict[str, torch.Tensor],
+        linears: dict[str, torch.nn.Linear] | None = None,
+    ) -> torch.Tensor:
+        """The block with ``linears`` (default: the group's) quantized: ``weights`` given, inputs in W-A modes.
 
         z: [k*b, T, C] -> [k*b, T, H]. The block's other linears stay as they are.
         """
-        with quantized_activations(self.linears.values(), self.act_spec):
+        with quantized_activations((self.linears if linears is None else linears).values(), self.act_spec):
             return self.run_block(z, i, weights)
 
 
@@ -139,6 +147,11 @@ def token_mask(roles: torch.Tensor, only: tuple[int, ...] | None = None) -> torc
 def uniform_weights(roles: torch.Tensor, only: tuple[int, ...] | None = None) -> torch.Tensor:
     """1 on every real token (or only on the given roles), 0 elsewhere: [b, T] float32."""
     return token_mask(roles, only).float()
+
+
+def counted_tokens(roles: torch.Tensor, pad_tokens: str) -> torch.Tensor:
+    """The positions that count as tokens: the real ones ("skip"), or every one, pads too ("count"): [b, T]."""
+    return torch.ones_like(roles, dtype=torch.bool) if pad_tokens == "count" else real_tokens(roles)
 
 
 VISION_AND_ANSWER = (VISION, ANSWER)

@@ -139,6 +139,9 @@ class SearchConfig(QuantConfig):
     and are scored against the FP block's output on the FP input, f(x)
     ("fp", METHOD.md section 6), or on x^q, f(x^q) ("quantized", the official
     QIG code's W4A8 choice). Weight-only searches always use f(x).
+    pad_tokens: pad positions are no tokens ("skip", METHOD.md), or count as
+    tokens in the channel statistic and, where the method weighs them, in the
+    loss ("count": the official code, which searches on the padded batch).
     """
 
     n_grid: int = option(20, "scale candidates of the search", min=1)
@@ -147,6 +150,9 @@ class SearchConfig(QuantConfig):
     gptq: GPTQSettings = option(GPTQSettings(), "GPTQ's settings (quantizer gptq)")  # frozen: a shared default
     reference_output: Literal["fp", "quantized"] = option(
         "fp", "W-A modes: score candidates against f(x) or f(x^q) (the official QIG code)"
+    )
+    pad_tokens: Literal["skip", "count"] = option(
+        "skip", "pad positions in the channel statistic and the token weights (count: the official code)"
     )
 
     def __post_init__(self) -> None:

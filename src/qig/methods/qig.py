@@ -26,6 +26,7 @@ every group of a partly trained embedded model (>= 0.998 where x' = x^q).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 from collections.abc import Callable
@@ -40,6 +41,7 @@ from qig.methods.base import (
     GroupContext,
     Method,
     TokenWeights,
+    counted_tokens,
     register,
     token_mask,
     uniform_weights,
@@ -64,6 +66,11 @@ class QIGConfig(SearchConfig):
     artefact; 0 = off). tokens: which tokens QIG attributes and weights: every
     real token ("all", METHOD.md), or only vision and answer tokens
     ("vision+answer", MBQ's token set: prompt and template tokens weigh 0).
+    fq_linears: which linears f_q quantizes: the group's ("group", METHOD.md) or
+    every linear of the inspected block ("block": the official code, e.g. o_proj
+    too when the group is q/k/v). fq_gradient: F is differentiated through f and
+    f_q ("through", METHOD.md; W-A: straight through the activation quantizer)
+    or through f only ("none": the official W-A code runs f_q without autograd).
 
     >>> QIGConfig(steps=8, quadrature="gauss-legendre").baseline
     'quantized'
@@ -79,6 +86,10 @@ class QIGConfig(SearchConfig):
         0, "QIG: the first N group searches weigh vision+answer tokens uniformly (the official code; compat: 5)", min=0
     )
     tokens: Literal["all", "vision+answer"] = option("all", "QIG: tokens attributed and weighted")
+    fq_linears: Literal["group", "block"] = option("group", "QIG: linears f_q quantizes (compat: block)")
+    fq_gradient: Literal["through", "none"] = option(
+        "through", "QIG: F's gradient through f_q too, or through f only (compat W-A: none)"
+    )
 
     @classmethod
     def compat(cls, **overrides) -> QIGConfig:
@@ -86,18 +97,39 @@ class QIGConfig(SearchConfig):
 
         Weight-only (abits 16): x' = 0 always, 32-point Riemann, MAE loss, the
         first five group searches with uniform weights over vision and answer
-        tokens. W-A (abits < 16, e.g. W4A8): the same, except x' = x^q (the
-        quantized stream), IQR bounds not applied (clip "none") and the search
-        scored against f(x^q) instead of f(x). ``overrides`` win over the preset.
+        tokens (each sample's summing to 1), f_q with every linear of the
+        inspected block quantized, and pad positions counted as tokens (in F,
+        the scores, the quartiles, the channel statistic and the loss). W-A
+        (abits < 16, e.g. W4A8): the same, except x' = x^q (the quantized
+        stream), no uniform phase (the official W-A search always attributes),
+        IQR bounds not applied (clip "none"), F differentiated through f only,
+        and the search scored against f(x^q) instead of f(x). ``overrides`` win
+        over the preset. ``benchmarks/official_compare.py`` checks it against
+        the official code group by group.
 
         >>> QIGConfig.compat(wbits=4, abits=8, group_size=None).reference_output
         'quantized'
         >>> QIGConfig.compat(wbits=3, clip="none").clip
         'none'
         """
-        fields = dict(baseline="zero", clip="iqr", steps=32, quadrature="riemann", loss="mae", uniform_first_groups=5)
+        fields = dict(
+            baseline="zero",
+            clip="iqr",
+            steps=32,
+            quadrature="riemann",
+            loss="mae",
+            uniform_first_groups=5,
+            fq_linears="block",
+            pad_tokens="count",
+        )
         if overrides.get("abits", WEIGHT_ONLY_ABITS) < WEIGHT_ONLY_ABITS:
-            fields.update(baseline="quantized", clip="none", reference_output="quantized")
+            fields.update(
+                baseline="quantized",
+                clip="none",
+                reference_output="quantized",
+                uniform_first_groups=0,
+                fq_gradient="none",
+            )
         fields.update(overrides)
         return cls(**fields)
 
@@ -211,10 +243,12 @@ class QIG(Method):
     def token_weights(self, ctx: GroupContext) -> TokenWeights:
         cfg: QIGConfig = self.config
         if ctx.search_index < cfg.uniform_first_groups:
-            # The official code's counter artefact, reproduced only under the compat preset.
+            # The official code's counter artefact, reproduced only under the compat preset: each sample sums to 1.
             w = [uniform_weights(r, VISION_AND_ANSWER) for r in ctx.roles]
+            w = [x / x.sum(-1, keepdim=True).clamp(min=1) for x in w]
             return TokenWeights(w, {"baseline": "none (uniform vision+answer, compat)", "uniform_fallback": 0})
-        quantized = {k: fake_quantize(lin.weight.data, ctx.spec) for k, lin in ctx.linears.items()}
+        fq = ctx.linears if cfg.fq_linears == "group" or ctx.block_linears is None else ctx.block_linears
+        quantized = {k: fake_quantize(lin.weight.data, ctx.spec) for k, lin in fq.items()}
         baseline = cfg.baseline
         if baseline == "quantized" and (
             ctx.xq is None or all(torch.equal(a, b) for a, b in zip(ctx.x, ctx.xq, strict=True))
@@ -228,10 +262,18 @@ class QIG(Method):
         out, dead = [], 0
         for i, (x, roles) in enumerate(zip(ctx.x, ctx.roles, strict=True)):
             x_ref = torch.zeros_like(x) if baseline == "zero" else ctx.xq[i]
-            real = token_mask(roles, VISION_AND_ANSWER if cfg.tokens == "vision+answer" else None)
+            if cfg.tokens == "vision+answer":
+                real = token_mask(roles, VISION_AND_ANSWER)
+            else:
+                real = counted_tokens(roles, cfg.pad_tokens)
+
+            def f_q(z, i=i):
+                with torch.no_grad() if cfg.fq_gradient == "none" else contextlib.nullcontext():
+                    return ctx.run_quantized(z, i, quantized, fq)
+
             ig = integrated_gradients(
                 lambda z, i=i: ctx.run_block(z, i, None),
-                lambda z, i=i: ctx.run_quantized(z, i, quantized),
+                f_q,
                 x,
                 x_ref,
                 real,

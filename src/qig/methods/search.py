@@ -27,7 +27,7 @@ import torch
 
 from qig.dist import current, ordered
 from qig.errors import QigError
-from qig.methods.base import GroupContext, real_tokens
+from qig.methods.base import GroupContext, counted_tokens
 from qig.quant.fold import scaled_fake_quantize
 from qig.quant.spec import fake_quantize
 
@@ -45,11 +45,11 @@ class SearchResult:
     losses: list[float] = field(default_factory=list)
 
 
-def channel_means(xs: list[torch.Tensor], roles: list[torch.Tensor]) -> torch.Tensor:
-    """m_c = mean over real tokens of |X_tc|, over all chunks (of every rank, in chunk order): [C] float32."""
+def channel_means(xs: list[torch.Tensor], roles: list[torch.Tensor], pad_tokens: str = "skip") -> torch.Tensor:
+    """m_c = mean over real tokens (pads too: "count") of |X_tc|, over all chunks (every rank's, in order): [C]."""
     parts = []
     for x, r in zip(xs, roles, strict=True):
-        real = real_tokens(r)  # [b, T]
+        real = counted_tokens(r, pad_tokens)  # [b, T]
         parts.append((x.float().abs()[real].sum(0), int(real.sum())))  # [C], count
     total, count = None, 0
     for part, n in ordered_on(parts, xs[0].device):
@@ -132,15 +132,20 @@ def score_scales(
 
 @torch.no_grad()
 def search_scales(
-    ctx: GroupContext, weights: list[torch.Tensor], n_grid: int = 20, loss: str = "mae", reference: str = "fp"
+    ctx: GroupContext,
+    weights: list[torch.Tensor],
+    n_grid: int = 20,
+    loss: str = "mae",
+    reference: str = "fp",
+    pad_tokens: str = "skip",
 ) -> SearchResult:
     """Pick the candidate scale minimising sum_t w_t e_t(s) / sum_t w_t over all chunks.
 
-    weights: per chunk [b, T] (pad tokens must be 0). Ties go to the smaller r.
-    reference: see ``SearchConfig.reference_output`` (W-A modes only).
+    weights: per chunk [b, T] (0 on pad tokens, unless the method counts them). Ties go to the smaller r.
+    reference / pad_tokens: see ``SearchConfig.reference_output`` (W-A modes only) and ``pad_tokens``.
     """
     y_ref = reference_outputs(ctx, reference)
-    m = channel_means(ctx.search_inputs, ctx.roles)
+    m = channel_means(ctx.search_inputs, ctx.roles, pad_tokens)
     grid = list(candidate_scales(m, n_grid))
     losses = score_scales(ctx, weights, y_ref, [s for _, s in grid], loss)
     finite = [math.isfinite(v) for v in losses]

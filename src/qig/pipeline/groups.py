@@ -135,6 +135,7 @@ def group_context(
             finished = [get_module(layer, key.removesuffix(".weight")) for key in done]
             with quantized_activations(finished, act_spec):
                 xq_in = group_inputs(layer, group, (c.xq for c in chunks), chunks, layer_index, done)
+    block = get_module(layer, group.block)
     return GroupContext(
         layer_index=layer_index,
         group=group,
@@ -146,6 +147,7 @@ def group_context(
         run_block=block_fn(layer, group, chunks, layer_index),
         spec=spec,
         act_spec=act_spec,
+        block_linears={n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)},
     )
 
 

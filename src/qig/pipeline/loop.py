@@ -145,6 +145,8 @@ def layer_loop(
                     bar.update(len(groups[li]) if per_group else 1)
                     continue
                 layer = LayerState(li, module)
+                if mode.quantized_inputs:  # x^q meets the linears no group scales (o_proj under GQA) quantized
+                    layer.done.update(_ungrouped(module, groups[li], mode.spec))
                 for group in groups[li]:
                     bar.set_postfix_str(f"layer {li} {group.name}")
                     with timer(None) as lap:
@@ -162,6 +164,12 @@ def layer_loop(
                         journal.save_layer(_finished(mode, li, module, out, first))
                 bar.update(int(not per_group))
     return out
+
+
+def _ungrouped(module: torch.nn.Module, groups: list[ScaleGroup], spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """The layer's linears in no scale group, quantized as they will be ("path.weight": W), for x^q."""
+    grouped = {p for g in groups for p in g.linears}
+    return {f"{n}.weight": fake_quantize(m.weight.data, spec) for n, m in layer_linears(module).items() if n not in grouped}
 
 
 def _replayable(journal: Journal | None, depth: int) -> set[int]:
@@ -272,7 +280,7 @@ def _fold(mode: Mode, layer: LayerState, group: ScaleGroup, ctx, weights: dict, 
             found = method.scales(ctx, w)  # closed form (SmoothQuant), or None: the search
             if found is None:
                 c = method.config
-                found = search_scales(ctx, w, c.n_grid, c.loss, c.reference_output)
+                found = search_scales(ctx, w, c.n_grid, c.loss, c.reference_output, c.pad_tokens)
         s = found.scales
     elif mode.saved and (layer.index, group.name) in mode.saved:
         found = s = mode.saved[(layer.index, group.name)]
