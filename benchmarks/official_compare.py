@@ -9,10 +9,11 @@
 none of it. Its ``auto_scale_block`` (W3A16, ``qmllm/methods/qig``),
 ``auto_scale_block_wa_distort`` (W4A8) and the MBQ code's ``auto_scale_block``
 without reweighting (the AWQ baseline, ``qmllm/methods/mbq``) are imported
-from there and run on the CPU (their ``.cuda()`` calls made no-ops for the
-duration), unedited. Their inner values (token weights, the loss of each
-candidate, the chosen ratio, seconds per phase) are read with a trace
-function on their nested functions, from outside.
+from there and run on the CPU, unedited (for the duration their ``.cuda()``
+calls are no-ops and ``Tensor.cpu()`` copies, as it does from a GPU). Their
+inner values (token weights, the loss of each candidate, the chosen ratio,
+seconds per phase) are read with a trace function on their nested functions,
+from outside.
 
 For each row, qig runs its layer loop (``qig.pipeline.run_layerwise``, all
 calibration samples in one batch: the official code's single batch) and, at the
@@ -87,16 +88,24 @@ def load_official(src: Path) -> dict:
 
 @contextlib.contextmanager
 def cpu_only():
-    """The official code's ``.cuda()`` calls as no-ops (it runs on the CPU here)."""
+    """The official code on the CPU: ``.cuda()`` a no-op, ``Tensor.cpu()`` a copy, as it is from a GPU.
+
+    The official searches save the block's state with ``v.cpu()`` and restore it
+    after each candidate; on a CPU tensor ``.cpu()`` would return the tensor
+    itself, the candidates' in-place ``weight.mul_(s)`` would reach the saved
+    state, and the W-A search would compound every candidate's scale.
+    """
     import torch
 
-    saved = torch.nn.Module.cuda, torch.Tensor.cuda
+    saved = torch.nn.Module.cuda, torch.Tensor.cuda, torch.Tensor.cpu
+    to_cpu = torch.Tensor.cpu
     torch.nn.Module.cuda = lambda self, *a, **k: self
     torch.Tensor.cuda = lambda self, *a, **k: self
+    torch.Tensor.cpu = lambda self, *a, **k: self.clone() if self.device.type == "cpu" else to_cpu(self, *a, **k)
     try:
         yield
     finally:
-        torch.nn.Module.cuda, torch.Tensor.cuda = saved
+        torch.nn.Module.cuda, torch.Tensor.cuda, torch.Tensor.cpu = saved
 
 
 class OfficialTrace:
@@ -190,12 +199,15 @@ def run_official(official, setting: str, row: str, layer, chunk, li: int, trace:
 
 def spearman_rows(a, b, real) -> list[float]:
     """Spearman of a and b per sample over its real tokens ([N, T] each)."""
+    import torch
     from scipy.stats import spearmanr
 
     out = []
     for i in range(a.shape[0]):
         m = real[i]
-        if int(m.sum()) > 2:
+        if torch.equal(a[i][m], b[i][m]):
+            out.append(1.0)  # equal, constant rows included (both all zero: the empty W-A path)
+        elif int(m.sum()) > 2:
             out.append(float(spearmanr(a[i][m].numpy(), b[i][m].numpy()).statistic))
     return out
 
@@ -229,10 +241,10 @@ def run_row(official, setting: str, row: str, model_dir, n_samples: int) -> dict
     layers: dict[int, dict] = {}
     groups: list[dict] = []
     losses: list[list[float]] = []
-    visit, search = loop._visit_group, loop.search_scales
+    visit, fold = loop._visit_group, loop._fold
 
-    def traced_search(*args, **kwargs):
-        found = search(*args, **kwargs)
+    def traced_fold(*args, **kwargs):
+        found = fold(*args, **kwargs)  # a SearchResult: the shared search's, or a method's own (s = 1)
         losses.append(list(found.losses))
         return found
 
@@ -278,11 +290,11 @@ def run_row(official, setting: str, row: str, model_dir, n_samples: int) -> dict
 
     cls = type(method_for(config))
     inner, wrapped = timed_weights(cls)
-    loop._visit_group, loop.search_scales, cls.token_weights = traced_visit, traced_search, wrapped
+    loop._visit_group, loop._fold, cls.token_weights = traced_visit, traced_fold, wrapped
     try:
         run_layerwise(model, config, calib, device="cpu", progress=False)
     finally:
-        loop._visit_group, loop.search_scales, cls.token_weights = visit, search, inner
+        loop._visit_group, loop._fold, cls.token_weights = visit, fold, inner
     return {"layers": layers, "groups": groups}
 
 
@@ -339,7 +351,9 @@ def report(setting: str, row: str, runs: list[dict], show_losses: bool) -> dict:
             print("      official:", " ".join(f"{v:.6g}" for v in r["official_losses"]))
     matched = sum(r["qig_ratio"] == r["official_ratio"] for r in rows)
     rhos = [r["spearman_mean"] for r in rows if "spearman_mean" in r]
-    print(f"same ratio in {matched} of {len(rows)} groups" + (f"; lowest mean Spearman {min(rhos):.4f}" if rhos else ""))
+    print(
+        f"same ratio in {matched} of {len(rows)} groups" + (f"; lowest mean Spearman {min(rhos):.4f}" if rhos else "")
+    )
     per_layer = []
     for li in sorted(runs[0]["layers"]):
         off = statistics.median(r["layers"][li]["official"] for r in runs)

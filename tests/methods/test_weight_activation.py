@@ -81,7 +81,7 @@ def test_smoothing_scales_balance_the_channel_maxima():
 
 def test_compat_preset_takes_the_official_w4a8_choices():
     wa = QIGConfig.compat(**W4A8)
-    assert (wa.baseline, wa.clip, wa.reference_output, wa.steps) == ("quantized", "none", "quantized", 32)
+    assert (wa.baseline, wa.clip, wa.reference_output, wa.steps) == ("quantized-always", "none", "quantized", 32)
     weight_only = QIGConfig.compat(wbits=3)
     assert (weight_only.baseline, weight_only.clip, weight_only.reference_output) == ("zero", "iqr", "fp")
     assert make_config("qig", preset="compat", **W4A8) == wa

@@ -9,8 +9,9 @@ Integrated gradients from a reference x' to the input x:
 
     IG = (x - x') * sum_k w_k dF/dz (x' + a_k (x - x'))      # quadrature (a_k, w_k) on [0, 1]
 
-The K path points go through f and f_q as one batch [K*b, T, C] with one
-backward, and f_q's weights are quantized once per group. Per token,
+The K path points go through f and f_q in batches [P*b, T, C] of up to
+PATH_TOKENS tokens (all K at once for a small chunk), one backward each, and
+f_q's weights are quantized once per group. Per token,
 q_t = mean_c |IG_tc|, normalised per sample, IQR-clipped over the sample's
 real tokens and normalised again: lambda_t.
 
@@ -36,6 +37,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import torch
 
+from qig.dist import ordered
 from qig.methods.base import (
     VISION_AND_ANSWER,
     GroupContext,
@@ -47,6 +49,7 @@ from qig.methods.base import (
     uniform_weights,
 )
 from qig.methods.config import WEIGHT_ONLY_ABITS, SearchConfig
+from qig.methods.search import SearchResult
 from qig.options import option
 from qig.quant.spec import compute_dtype, fake_quantize
 
@@ -58,7 +61,10 @@ class QIGConfig(SearchConfig):
     """QIG: tokens weighted by quantization-aware integrated gradients (METHOD.md section 5).
 
     baseline: reference input x' = the quantized stream ("quantized", falls back
-    to zero where it equals x) or always zero ("zero"). clip: IQR clipping of the
+    to zero where it equals x), always zero ("zero"), or the quantized stream
+    even where it equals x ("quantized-always", the official W-A code: there
+    the path is empty, every weight is 0 and the group keeps s = 1, and a
+    sample whose attribution is all zero weighs 0 instead of uniformly). clip: IQR clipping of the
     token scores ("iqr") or none. steps / quadrature: K points of Gauss-Legendre
     on [0, 1] or the official left-and-right Riemann grid linspace(0, 1, K) with
     weights 1/K. uniform_first_groups: the first N group searches of a run use
@@ -78,7 +84,9 @@ class QIGConfig(SearchConfig):
 
     name: ClassVar[str] = "qig"
     presets: ClassVar[tuple[str, ...]] = ("compat",)
-    baseline: Literal["quantized", "zero"] = option("quantized", "QIG: reference input x' (x^q, or zero)")
+    baseline: Literal["quantized", "zero", "quantized-always"] = option(
+        "quantized", "QIG: reference input x' (x^q, or zero; quantized-always: x^q with no fallback, compat W-A)"
+    )
     clip: Literal["iqr", "none"] = option("iqr", "QIG: token-score clipping")
     steps: int = option(2, "QIG: quadrature points (compat: 32)", min=1)
     quadrature: Literal["gauss-legendre", "riemann"] = option("gauss-legendre", "QIG: path rule (compat: riemann)")
@@ -124,7 +132,7 @@ class QIGConfig(SearchConfig):
         )
         if overrides.get("abits", WEIGHT_ONLY_ABITS) < WEIGHT_ONLY_ABITS:
             fields.update(
-                baseline="quantized",
+                baseline="quantized-always",
                 clip="none",
                 reference_output="quantized",
                 uniform_first_groups=0,
@@ -154,6 +162,14 @@ def quantization_error(y: torch.Tensor, y_q: torch.Tensor, real: torch.Tensor) -
     return (per_token * real.to(per_token.dtype)).sum(dim=(1, 2))
 
 
+PATH_TOKENS = 4096  # tokens per pass of the path points through f and f_q (measured fastest on CPU, 2-5k)
+
+
+def points_per_pass(tokens_per_point: int, steps: int) -> int:
+    """How many of the K path points go through the block together: as many as fit in PATH_TOKENS, at least 1."""
+    return max(1, min(steps, PATH_TOKENS // max(tokens_per_point, 1)))
+
+
 def integrated_gradients(
     f: Callable[[torch.Tensor], torch.Tensor],
     f_q: Callable[[torch.Tensor], torch.Tensor],
@@ -162,20 +178,34 @@ def integrated_gradients(
     real: torch.Tensor,
     nodes: torch.Tensor,
     weights: torch.Tensor,
+    per_pass: int | None = None,
 ) -> torch.Tensor:
     """IG of F(z) = sum_t mean_h |f(z) - f_q(z)|_t from x_ref to x: [b, T, C] (float32).
 
-    f, f_q map [K*b, T, C] -> [K*b, T, H]. All K path points run as one batch,
-    in x's dtype; the path points are computed in float32 and rounded once, and
-    the gradients are summed over the nodes in float32. In float16 the loss is
-    multiplied by a power of two near H before the backward pass and the
-    gradients divided by it in float32 (they would otherwise fall into float16's
-    subnormals); a scaled backward that overflows is redone unscaled.
+    f, f_q map [P*b, T, C] -> [P*b, T, H]. The K path points run as batches of
+    ``per_pass`` (default: all K at once) with one backward each, in x's dtype;
+    the path points are computed in float32 and rounded once, and the gradients
+    are summed over the nodes in float32. In float16 the loss is multiplied by a
+    power of two near H before the backward pass and the gradients divided by it
+    in float32 (they would otherwise fall into float16's subnormals); a scaled
+    backward that overflows is redone unscaled.
     """
-    K, (b, T, C) = nodes.numel(), x.shape
+    K = nodes.numel()
+    per_pass = K if per_pass is None else per_pass
     wide = compute_dtype(x.dtype)
-    a = nodes.to(device=x.device, dtype=wide).view(K, 1, 1, 1)
     delta = x.to(wide) - x_ref.to(wide)  # [b, T, C]
+    summed = None
+    for j in range(0, K, per_pass):
+        part = _node_gradients(f, f_q, x, x_ref, delta, real, nodes[j : j + per_pass], weights[j : j + per_pass])
+        summed = part if summed is None else summed + part
+    return delta * summed
+
+
+def _node_gradients(f, f_q, x, x_ref, delta, real, nodes, weights) -> torch.Tensor:
+    """sum_k w_k dF/dz at the path points x_ref + a_k (x - x_ref) of ``nodes``, in one batch: [b, T, C] float32."""
+    K, (b, T, C) = nodes.numel(), x.shape
+    wide = delta.dtype
+    a = nodes.to(device=x.device, dtype=wide).view(K, 1, 1, 1)
     with torch.enable_grad():
         z = (x_ref.to(wide).unsqueeze(0) + a * delta.unsqueeze(0)).to(x.dtype)
         z = z.reshape(K * b, T, C).requires_grad_(True)
@@ -188,7 +218,7 @@ def integrated_gradients(
             (grad,) = torch.autograd.grad(total, z)
             scale = 1.0
     summed = grad.view(K, b, T, C).to(wide).sum(0)  # sum_k w_k dF/dz_k, in float32
-    return delta * (summed / scale if scale != 1 else summed)
+    return summed / scale if scale != 1 else summed
 
 
 def _loss_scale(dtype: torch.dtype, width: int) -> float:
@@ -216,20 +246,22 @@ def iqr_clip(q: torch.Tensor, real: torch.Tensor) -> torch.Tensor:
     return out * real.float()
 
 
-def lambdas(ig: torch.Tensor, real: torch.Tensor, clip: str = "iqr") -> tuple[torch.Tensor, int]:
+def lambdas(ig: torch.Tensor, real: torch.Tensor, clip: str = "iqr", dead: str = "uniform") -> tuple[torch.Tensor, int]:
     """Token weights from IG: normalised, clipped, normalised again per sample.
 
-    Returns ([b, T] weights summing to 1 per sample, number of samples that fell
-    back to uniform weights because their attribution was all zero).
+    Returns ([b, T] weights summing to 1 per sample, number of samples whose
+    attribution was all zero: they weigh uniformly, or 0 with ``dead="zero"``).
     """
     q = token_scores(ig, real)
     if clip == "iqr":
         q = iqr_clip(q, real)
     total = q.sum(-1, keepdim=True)  # [b, 1]
-    uniform = real.float() / real.float().sum(-1, keepdim=True).clamp(min=1)
-    dead = (total <= 0).squeeze(-1)
-    lam = torch.where(total > 0, q / total.clamp(min=1e-30), uniform)
-    return lam, int(dead.sum())
+    if dead == "zero":
+        fallback = torch.zeros_like(q)
+    else:
+        fallback = real.float() / real.float().sum(-1, keepdim=True).clamp(min=1)
+    lam = torch.where(total > 0, q / total.clamp(min=1e-30), fallback)
+    return lam, int((total <= 0).sum())
 
 
 @register(QIGConfig)
@@ -250,9 +282,15 @@ class QIG(Method):
         fq = ctx.linears if cfg.fq_linears == "group" or ctx.block_linears is None else ctx.block_linears
         quantized = {k: fake_quantize(lin.weight.data, ctx.spec) for k, lin in fq.items()}
         baseline = cfg.baseline
-        if baseline == "quantized" and (
+        empty = baseline != "zero" and (
             ctx.xq is None or all(torch.equal(a, b) for a, b in zip(ctx.x, ctx.xq, strict=True))
-        ):
+        )
+        if empty and baseline == "quantized-always":  # x' = x: IG is exactly 0, so is every weight
+            log.info(
+                "layer %d %s: x^q equals x here; every weight is 0 (quantized-always)", ctx.layer_index, ctx.group.name
+            )
+            return TokenWeights([torch.zeros_like(r, dtype=torch.float32) for r in ctx.roles], {"baseline": baseline})
+        if empty:
             log.info(
                 "layer %d %s: the quantized stream equals the FP stream here; QIG uses x' = 0",
                 ctx.layer_index,
@@ -279,15 +317,28 @@ class QIG(Method):
                 real,
                 self.nodes,
                 self.weights,
+                points_per_pass(x.shape[0] * x.shape[1], self.nodes.numel()),
             )  # [b, T, C]
-            lam, n_dead = lambdas(ig, real, cfg.clip)
+            lam, n_dead = lambdas(ig, real, cfg.clip, "zero" if cfg.baseline == "quantized-always" else "uniform")
             out.append(lam)
             dead += n_dead
         if dead:
             log.warning(
-                "layer %d %s: %d sample(s) had zero attribution; uniform weights used",
+                "layer %d %s: %d sample(s) had zero attribution; %s",
                 ctx.layer_index,
                 ctx.group.name,
                 dead,
+                "they weigh 0" if cfg.baseline == "quantized-always" else "uniform weights used",
             )
         return TokenWeights(out, {"baseline": baseline, "uniform_fallback": dead})
+
+    def scales(self, ctx: GroupContext, weights: list[torch.Tensor]) -> SearchResult | None:
+        """None (the shared search), or s = 1 where every weight is 0 under "quantized-always" (the official code).
+
+        There the official loss is 0 / eps = 0 for every candidate and its first-wins rule keeps r = 0.
+        """
+        if self.config.baseline != "quantized-always" or sum(ordered([float(w.sum()) for w in weights])) > 0:
+            return None
+        s = torch.ones(ctx.x[0].shape[-1], dtype=torch.float32, device=ctx.x[0].device)
+        n = self.config.n_grid
+        return SearchResult(scales=s, ratio=0.0, loss_before=0.0, loss_after=0.0, losses=[0.0] * n)

@@ -169,7 +169,9 @@ def layer_loop(
 def _ungrouped(module: torch.nn.Module, groups: list[ScaleGroup], spec: QuantSpec) -> dict[str, torch.Tensor]:
     """The layer's linears in no scale group, quantized as they will be ("path.weight": W), for x^q."""
     grouped = {p for g in groups for p in g.linears}
-    return {f"{n}.weight": fake_quantize(m.weight.data, spec) for n, m in layer_linears(module).items() if n not in grouped}
+    return {
+        f"{n}.weight": fake_quantize(m.weight.data, spec) for n, m in layer_linears(module).items() if n not in grouped
+    }
 
 
 def _replayable(journal: Journal | None, depth: int) -> set[int]:
