@@ -26,6 +26,7 @@ VALUES = {
     "damp": 0.05,
     "act_order": True,
     "reference_output": "quantized",
+    "pad_tokens": "count",
     "token_weights": "qig",
     "grad_batch_size": 2,
     "baseline": "zero",
@@ -34,6 +35,8 @@ VALUES = {
     "quadrature": "riemann",
     "uniform_first_groups": 3,
     "tokens": "vision+answer",
+    "fq_linears": "block",
+    "fq_gradient": "none",
     "alpha": 0.7,
     "compat": True,
 }
