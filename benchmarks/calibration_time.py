@@ -90,7 +90,7 @@ def child(args) -> int:
     main_rank = os.environ.get("RANK", "0") == "0"
     with tempfile.TemporaryDirectory() as own:
         tmp = args.child_output or own  # under torchrun every rank writes (rank 0) and reads the same folder
-        argv = ["quantize", *row_flags(args.child), *_setting_flags(args)]
+        argv = ["quantize", *row_flags(args.child), *_setting_flags(args, calibrated(args.child))]
         argv += ["--output", os.path.join(tmp, "out"), "--no-progress"]
         t = time.perf_counter()
         with open(os.devnull, "w") as devnull:
@@ -121,11 +121,20 @@ def child(args) -> int:
     return rc
 
 
-def _setting_flags(args) -> list[str]:
+def calibrated(row: str) -> bool:
+    """Whether a row reads calibration data (RTN does not, and ``qig quantize`` refuses --n-samples for it)."""
+    from qig.methods import CONFIGS, RTNConfig
+
+    name = "gptq" if "gptq" in row.split("+") else row
+    return not issubclass(CONFIGS[name], RTNConfig)
+
+
+def _setting_flags(args, calibration: bool = True) -> list[str]:
     """The flags shared by the benchmark and the ``qig quantize`` run of each row."""
     flags = ["--wbits", str(args.wbits), "--abits", str(args.abits)]
     flags += ["--group-size", str(args.group_size)] if args.group_size is not None else []
-    flags += ["--n-samples", str(args.n_samples), "--device", args.device]
+    flags += ["--n-samples", str(args.n_samples)] if calibration else []
+    flags += ["--device", args.device]
     return flags + (["--model", args.model] if args.model else [])
 
 

@@ -350,7 +350,7 @@ def report(setting: str, row: str, runs: list[dict], show_losses: bool) -> dict:
             print("      qig:     ", " ".join(f"{v:.6g}" for v in r["qig_losses"]))
             print("      official:", " ".join(f"{v:.6g}" for v in r["official_losses"]))
     matched = sum(r["qig_ratio"] == r["official_ratio"] for r in rows)
-    rhos = [r["spearman_mean"] for r in rows if "spearman_mean" in r]
+    rhos = [r["spearman_mean"] for r in rows if "spearman_mean" in r and r["spearman_mean"] == r["spearman_mean"]]
     print(
         f"same ratio in {matched} of {len(rows)} groups" + (f"; lowest mean Spearman {min(rhos):.4f}" if rhos else "")
     )

@@ -4,7 +4,8 @@
     python benchmarks/quadrature.py --steps 2 3 --n-samples 64 --baseline zero
 
 For every group of every decoder layer, QIG's token weights (lambda, after
-the IQR clip) under K-node Gauss-Legendre and under the 32-step Riemann
+the IQR clip) under K-node Gauss-Legendre (K in every group, attention
+blocks included; the default is 2, and 3 in attention blocks) and under the 32-step Riemann
 rule, on the same streams (``qig.pipeline.run.collect_token_weights``: x^q
 through the layers below quantized by RTN, nothing searched), are compared
 by their Spearman rank correlation per calibration sample over its real
@@ -60,7 +61,7 @@ def main(argv=None) -> int:
     calib = calibration_for(model, processor, n_samples=args.n_samples)
     common = dict(wbits=args.wbits, group_size=args.group_size, baseline=args.baseline)
     rules = {"riemann-32": QIGConfig(steps=32, quadrature="riemann", **common)}
-    rules.update({f"gauss-legendre-{k}": QIGConfig(steps=k, **common) for k in args.steps})
+    rules.update({f"gauss-legendre-{k}": QIGConfig(steps=k, attention_steps=1, **common) for k in args.steps})
     n_layers = len(family_for(model).decoder_layers(model))
     weights, seconds = {}, {}
     for name, config in rules.items():

@@ -32,6 +32,7 @@ VALUES = {
     "baseline": "zero",
     "clip": "none",
     "steps": 4,
+    "attention_steps": 5,
     "quadrature": "riemann",
     "uniform_first_groups": 3,
     "tokens": "vision+answer",

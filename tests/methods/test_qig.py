@@ -121,3 +121,33 @@ def test_quadrature_weights_sum_to_one(kind):
     nodes, w = quadrature(kind, 8)
     assert float(w.sum()) == pytest.approx(1.0)
     assert 0 <= float(nodes.min()) and float(nodes.max()) <= 1
+
+
+def test_path_points_in_several_passes_give_the_same_attribution():
+    block = ToyMLP(seed=3).requires_grad_(False)
+    f, f_q = _pair(block)
+    x, x_ref, real = _inputs(b=2, t=16, seed=5)
+    nodes, weights = quadrature("riemann", 6)
+    whole = integrated_gradients(f, f_q, x, x_ref, real, nodes, weights)
+    for per_pass in (1, 4):
+        split = integrated_gradients(f, f_q, x, x_ref, real, nodes, weights, per_pass)
+        assert torch.allclose(split, whole, rtol=1e-5, atol=1e-7)
+
+
+def test_the_search_chooses_the_same_scales_whatever_the_path_passes(monkeypatch):
+    """The speed setting (path points per pass) leaves the chosen scales as they are."""
+    from _tiny import calibration, tiny_llava
+
+    import qig
+    import qig.methods.qig as qig_method
+
+    calib = calibration(4, seed=2)
+    results = []
+    for tokens in (qig_method.PATH_TOKENS, 1):  # all K points in one pass, then one point per pass
+        monkeypatch.setattr(qig_method, "PATH_TOKENS", tokens)
+        model = tiny_llava(outliers=True)
+        result = qig.quantize(model, QIGConfig(wbits=3, group_size=32, steps=4), calib, progress=False)
+        results.append({(g.layer, g.group): (g.ratio, g.scales) for g in result.groups})
+    assert results[0].keys() == results[1].keys()
+    for key, (ratio, scales) in results[0].items():
+        assert results[1][key][0] == ratio and torch.equal(results[1][key][1], scales), key

@@ -98,7 +98,7 @@ def memory_plan(
     weighting = config if config.name == "qig" else getattr(config, "token_weights", None)
     if getattr(weighting, "name", None) == "qig":
         chunk = min(config.batch_size, n) * t * widest * dtype_bytes
-        k = points_per_pass(min(config.batch_size, n) * t, weighting.steps)
+        k = points_per_pass(min(config.batch_size, n) * t, max(weighting.steps, weighting.attention_steps))
         plan.add(f"QIG path batch ({k} points x one chunk, with gradients)", 3 * k * chunk, "device")
     if config.gptq_settings is not None:
         ins = {m.in_features for m in first.modules() if isinstance(m, torch.nn.Linear)}
