@@ -23,7 +23,8 @@ inputs captured by a forward pass as the official ``run_qig`` does, the layer's
 keyword arguments, the vision / answer masks, and in W4A8 the layer input on
 the quantized stream (the official ``inps_distort``).
 
-Rows: ``awq`` (qig's AWQ vs the MBQ code without reweighting, W3 only),
+Rows: ``awq`` (qig's AWQ vs the MBQ code without reweighting, W3 only;
+``awq-pads``: qig's AWQ counting pad positions as tokens, as that code does),
 ``qig-compat`` (``QIGConfig.compat()`` vs the official QIG) and ``qig`` (qig's
 defaults vs the official QIG: a speed comparison; its ratios may differ by design).
 Per group it prints both chosen ratios, the Spearman (per sample, over real
@@ -63,7 +64,7 @@ OFFICIAL_FILES = {
 SEARCHES = ("_search_module_scale", "_search_module_scale_wa_distort")
 WEIGHTINGS = ("_compute_token_importance_weights", "_uniform_weights")
 SETTINGS = {"w3g128": dict(wbits=3, group_size=128, abits=16), "w4a8": dict(wbits=4, group_size=None, abits=8)}
-ROWS = ("awq", "qig-compat", "qig")
+ROWS = ("awq", "awq-pads", "qig-compat", "qig")
 
 
 def load_official(src: Path) -> dict:
@@ -183,7 +184,7 @@ def run_official(official, setting: str, row: str, layer, chunk, li: int, trace:
     try:
         with cpu_only(), torch.no_grad():
             feats = linear_inputs(layer, chunk.x, kwargs)
-            if row == "awq":
+            if row.startswith("awq"):
                 official["mbq"](layer, kwargs, s["wbits"], q_config, feats, None, None, reweight, loss_mode="mae")
             elif s["abits"] < 16:
                 official["qig_wa"](
@@ -217,8 +218,8 @@ def qig_config(setting: str, row: str, n: int):
 
     s = SETTINGS[setting]
     common = dict(wbits=s["wbits"], group_size=s["group_size"], abits=s["abits"], batch_size=n)
-    if row == "awq":
-        return AWQConfig(**common)
+    if row.startswith("awq"):
+        return AWQConfig(**common, pad_tokens="count" if row == "awq-pads" else "skip")
     return QIGConfig.compat(**common) if row == "qig-compat" else QIGConfig(**common)
 
 
@@ -396,7 +397,7 @@ def main(argv=None) -> int:
     results = []
     for setting in args.settings:
         for row in args.rows:
-            if row == "awq" and SETTINGS[setting]["abits"] < 16:
+            if row.startswith("awq") and SETTINGS[setting]["abits"] < 16:
                 continue  # the MBQ code's AWQ-style search is compared weight-only
             runs = [run_row(official, setting, row, args.model, args.n_samples) for _ in range(args.repeats)]
             results.append(report(setting, row, runs, args.losses))
