@@ -25,7 +25,8 @@ token weights; AWQ's weigh every token 1, so it is plain GPTQ), ``awq+gptq`` /
 ``--gptq`` adds rtn and every GPTQ row to the selected rows.
 
 Row options: ``qig[tokens=vision+answer]``, ``qig[baseline=zero]``,
-``awq[loss=mse]`` ... run that row's config with these fields changed (values
+``awq[loss=mse]``, ``gptq+qig[attention_steps=3]`` (a GPTQ row's options go
+to its token weighting, unless GPTQ has the field) ... run that row's config with these fields changed (values
 parsed as JSON where they can be, else taken as text), for ablations side by side.
 
 ``--fidelity`` also scores each row against the FP model (answer agreement,
@@ -97,13 +98,13 @@ def make_row_config(row: str, wbits: int, group: int | None, qig_steps: int | No
     from qig.methods import GPTQConfig, make_config
 
     row, options = split_row(row)
-    if options:
-        return dataclasses.replace(make_row_config(row, wbits, group, qig_steps, abits), **options)
     qig_extra = {"steps": qig_steps} if qig_steps else {}
-    if row.startswith("gptq+"):
+    if row.startswith("gptq+"):  # options go to GPTQ where it has them, the rest to the token weighting
         weights = row.split("+", 1)[1]
         extra = qig_extra if weights == "qig" else {}
-        return GPTQConfig.weighted_by(weights, wbits=wbits, group_size=group, abits=abits, **extra)
+        return GPTQConfig.weighted_by(weights, wbits=wbits, group_size=group, abits=abits, **extra, **options)
+    if options:
+        return dataclasses.replace(make_row_config(row, wbits, group, qig_steps, abits), **options)
     if row.endswith("+gptq"):
         search = row.split("+", 1)[0]
         extra = qig_extra if search == "qig" else {}

@@ -5,7 +5,7 @@
 
 For every group of every decoder layer, QIG's token weights (lambda, after
 the IQR clip) under K-node Gauss-Legendre (K in every group, attention
-blocks included; the default is 2, and 3 in attention blocks) and under the 32-step Riemann
+blocks included; the default is 2, ``attention_steps`` raises it there) and under the 32-step Riemann
 rule, on the same streams (``qig.pipeline.run.collect_token_weights``: x^q
 through the layers below quantized by RTN, nothing searched), are compared
 by their Spearman rank correlation per calibration sample over its real

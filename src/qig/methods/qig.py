@@ -15,13 +15,16 @@ f_q's weights are quantized once per group. Per token,
 q_t = mean_c |IG_tc|, normalised per sample, IQR-clipped over the sample's
 real tokens and normalised again: lambda_t.
 
-Cost choice: Gauss-Legendre with 2 nodes is the default, 3 in attention
-blocks. Against the official 32-point Riemann rule on the same baseline
-(``benchmarks/quadrature.py``, embedded model, 32 samples, every layer),
-Spearman of the token weights per sample, mean / min: attention input 0.9975
-/ 0.9790 with 3 nodes (0.9949 / 0.9659 with 2, below 0.97 at its worst
-sample), MLP input 0.9998 / 0.9990 and MLP output 0.9993 / 0.9885 with 2;
-toy blocks >= 0.99 (tests/methods/test_qig.py).
+Cost choice: Gauss-Legendre with 2 nodes is the default. Against the
+official 32-point Riemann rule on the same baseline (``benchmarks/quadrature.py``,
+embedded model, 32 samples, every layer), Spearman of the token weights per
+sample, mean / min: MLP input 0.9998 / 0.9990, MLP output 0.9993 / 0.9885,
+attention input 0.9949 / 0.9659 -- below 0.97 at its worst sample; 3 nodes
+there (``attention_steps=3``) give 0.9975 / 0.9790, 4 give 0.9992 / 0.9914.
+The closer ranking did not make a better model: GPTQ with the QIG-weighted
+Hessian kept more KL to FP with 3 attention nodes than with 2 (README,
+``benchmarks/results/accuracy_w3_gptq_qig.txt``). Toy blocks: >= 0.99
+(tests/methods/test_qig.py).
 
     >>> nodes, weights = quadrature("gauss-legendre", 4)
     >>> round(float(weights.sum()), 6)
@@ -94,7 +97,7 @@ class QIGConfig(SearchConfig):
     clip: Literal["iqr", "none"] = option("iqr", "QIG: token-score clipping")
     steps: int = option(2, "QIG: quadrature points (compat: 32)", min=1)
     attention_steps: int = option(
-        3, "QIG: quadrature points of attention blocks, if more than steps (their ranking needs 3)", min=1
+        2, "QIG: quadrature points of attention blocks, if more than steps (3: ranking as 32 Riemann points)", min=1
     )
     quadrature: Literal["gauss-legendre", "riemann"] = option("gauss-legendre", "QIG: path rule (compat: riemann)")
     uniform_first_groups: int = option(
