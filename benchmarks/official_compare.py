@@ -198,21 +198,6 @@ def run_official(official, setting: str, row: str, layer, chunk, li: int, trace:
     return time.perf_counter() - start
 
 
-def spearman_rows(a, b, real) -> list[float]:
-    """Spearman of a and b per sample over its real tokens ([N, T] each)."""
-    import torch
-    from scipy.stats import spearmanr
-
-    out = []
-    for i in range(a.shape[0]):
-        m = real[i]
-        if torch.equal(a[i][m], b[i][m]):
-            out.append(1.0)  # equal, constant rows included (both all zero: the empty W-A path)
-        elif int(m.sum()) > 2:
-            out.append(float(spearmanr(a[i][m].numpy(), b[i][m].numpy()).statistic))
-    return out
-
-
 def qig_config(setting: str, row: str, n: int):
     from qig.methods import AWQConfig, QIGConfig
 
@@ -256,7 +241,7 @@ def run_row(official, setting: str, row: str, model_dir, n_samples: int) -> dict
             seconds = run_official(official, setting, row, layer.module, chunk, layer.index, trace)
             layers[layer.index] = {"official": seconds, "official_groups": trace.groups[first:], "qig": 0.0}
             layers[layer.index]["real"] = (chunk.roles != PAD).cpu()
-        start = time.perf_counter()
+        start, weighing = time.perf_counter(), timer.totals.get("token_weights", 0.0)
         record = visit(mode, layer, group, search_index, streams, timer)
         seconds = time.perf_counter() - start
         layers[layer.index]["qig"] += seconds
@@ -268,38 +253,22 @@ def run_row(official, setting: str, row: str, model_dir, n_samples: int) -> dict
                 "weights": record.token_weights,
                 "losses": losses[-1],
                 "seconds": seconds,
-                "weights_seconds": _weights_seconds[-1] if _weights_seconds else 0.0,
+                "weights_seconds": timer.totals["token_weights"] - weighing,  # the loop's own timing of the phase
             }
         )
         return record
 
-    _weights_seconds: list[float] = []
-
-    def timed_weights(method_cls):
-        inner = method_cls.token_weights
-
-        def token_weights(self, ctx):
-            start = time.perf_counter()
-            try:
-                return inner(self, ctx)
-            finally:
-                _weights_seconds.append(time.perf_counter() - start)
-
-        return inner, token_weights
-
-    from qig.methods import method_for
-
-    cls = type(method_for(config))
-    inner, wrapped = timed_weights(cls)
-    loop._visit_group, loop._fold, cls.token_weights = traced_visit, traced_fold, wrapped
+    loop._visit_group, loop._fold = traced_visit, traced_fold
     try:
         run_layerwise(model, config, calib, device="cpu", progress=False)
     finally:
-        loop._visit_group, loop._fold, cls.token_weights = visit, fold, inner
+        loop._visit_group, loop._fold = visit, fold
     return {"layers": layers, "groups": groups}
 
 
 def compare(run: dict) -> list[dict]:
+    from _ranks import spearman_rows  # benchmarks/, the script's own folder
+
     """qig's groups beside the official ones, layer by layer (the official code skips no group qig keeps)."""
     rows = []
     by_layer = defaultdict(list)

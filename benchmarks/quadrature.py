@@ -24,21 +24,6 @@ import time
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def spearman_rows(a, b, real) -> list[float]:
-    """Spearman of a and b per sample over its real tokens ([N, T] each); equal rows count 1."""
-    import torch
-    from scipy.stats import spearmanr
-
-    out = []
-    for i in range(a.shape[0]):
-        m = real[i]
-        if torch.equal(a[i][m], b[i][m]):
-            out.append(1.0)
-        elif int(m.sum()) > 2:
-            out.append(float(spearmanr(a[i][m].numpy(), b[i][m].numpy()).statistic))
-    return out
-
-
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default=None, help="model folder (default: the embedded model)")
@@ -50,6 +35,7 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
 
     import torch
+    from _ranks import spearman_rows  # benchmarks/, the script's own folder
 
     from qig.calib import PAD, calibration_for
     from qig.loading import load_model_and_processor

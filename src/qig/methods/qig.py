@@ -280,8 +280,8 @@ class QIG(Method):
 
     def __init__(self, config: QIGConfig) -> None:
         super().__init__(config)
-        self.nodes, self.weights = quadrature(config.quadrature, config.steps)
-        self.attention_nodes = quadrature(config.quadrature, max(config.steps, config.attention_steps))
+        self.path = quadrature(config.quadrature, config.steps)  # (nodes, weights)
+        self.attention_path = quadrature(config.quadrature, max(config.steps, config.attention_steps))
 
     def token_weights(self, ctx: GroupContext) -> TokenWeights:
         cfg: QIGConfig = self.config
@@ -308,7 +308,8 @@ class QIG(Method):
                 ctx.group.name,
             )
             baseline = "zero"
-        nodes = self.attention_nodes if ctx.group.block_takes_layer_kwargs else (self.nodes, self.weights)
+        nodes, node_weights = self.attention_path if ctx.group.block_takes_layer_kwargs else self.path
+        dead_weigh = "zero" if cfg.baseline == "quantized-always" else "uniform"  # samples of zero attribution
         out, dead = [], 0
         for i, (x, roles) in enumerate(zip(ctx.x, ctx.roles, strict=True)):
             x_ref = torch.zeros_like(x) if baseline == "zero" else ctx.xq[i]
@@ -327,10 +328,11 @@ class QIG(Method):
                 x,
                 x_ref,
                 real,
-                *nodes,
-                points_per_pass(x.shape[0] * x.shape[1], nodes[0].numel()),
+                nodes,
+                node_weights,
+                points_per_pass(x.shape[0] * x.shape[1], nodes.numel()),
             )  # [b, T, C]
-            lam, n_dead = lambdas(ig, real, cfg.clip, "zero" if cfg.baseline == "quantized-always" else "uniform")
+            lam, n_dead = lambdas(ig, real, cfg.clip, dead_weigh)
             out.append(lam)
             dead += n_dead
         if dead:
@@ -339,7 +341,7 @@ class QIG(Method):
                 ctx.layer_index,
                 ctx.group.name,
                 dead,
-                "they weigh 0" if cfg.baseline == "quantized-always" else "uniform weights used",
+                "they weigh 0" if dead_weigh == "zero" else "uniform weights used",
             )
         return TokenWeights(out, {"baseline": baseline, "uniform_fallback": dead})
 

@@ -340,7 +340,7 @@ def _finish_layer(
         out.quantized.update({f"{li}.{n}": p for n, p in found.items()})
         out.gptq_seconds.append(lap.seconds)
         log.debug("layer %d: GPTQ in %.2fs", li, lap.seconds)
-    else:  # "side": the finished groups' quantized weights, and the other linears' (o_proj under GQA)
+    else:  # "side": the finished groups' quantized weights (and the ungrouped linears', in done since the start)
         params = {f"{n}.weight": m.weight.data for n, m in layer_linears(module).items()}
         params = {k: layer.done[k] if k in layer.done else fake_quantize(w, mode.spec) for k, w in params.items()}
     if streams is not None:
