@@ -267,6 +267,9 @@ def main(argv=None) -> int:
     if fidelity:
         print()
         print(format_fidelity(fidelity, shares, seeds))
+    if len(seeds) > 1:
+        print()
+        print(format_pooled(correct, fidelity, seeds))
     if len(dtypes) > 1:
         print()
         print(format_dtypes(correct, args.settings, dtypes, seeds))
@@ -337,6 +340,7 @@ PAIRS = [
     ("mbq", "rtn"),
     ("awq", "rtn"),
     ("qig", "awq"),
+    ("mbq", "awq"),
     ("gptq", "rtn"),
     ("gptq+qig", "gptq"),
 ]
@@ -348,6 +352,63 @@ def paired_difference(a: list[int], b: list[int]) -> tuple[float, float]:
 
     d = [x - y for x, y in zip(a, b, strict=True)]
     return 100 * sum(d) / len(d), 100 * statistics.pstdev(d) / len(d) ** 0.5
+
+
+def recovered_share(method: list[int], rtn: list[int], fp: list[int]) -> tuple[float, float]:
+    """Share of RTN's loss a row wins back, sum(method - rtn) / sum(fp - rtn), and its standard error.
+
+    Per question a = method - rtn and b = fp - rtn (paired); the ratio's standard error by the delta
+    method, sqrt(var(a - R b) / n) / mean(b).
+    """
+    import statistics
+
+    a = [m - r for m, r in zip(method, rtn, strict=True)]
+    b = [f - r for f, r in zip(fp, rtn, strict=True)]
+    if sum(b) == 0:
+        return float("nan"), float("nan")
+    share = sum(a) / sum(b)
+    resid = [x - share * y for x, y in zip(a, b, strict=True)]
+    return share, statistics.pstdev(resid) / len(resid) ** 0.5 / (sum(b) / len(b))
+
+
+def format_pooled(correct: dict, fidelity: dict, seeds: list[int]) -> str:
+    """Over all eval seeds: RTN's loss, the share of it each row recovers, and the pairs' differences.
+
+    Accuracy: every question of every seed pooled (paired, so the SE is the paired one). KL: the mean
+    of the per-seed differences of the mean KL, with the standard error of that mean over seeds.
+    """
+    import statistics
+
+    def pooled(per_seed: dict) -> list[int]:
+        return [x for s in seeds for x in per_seed[s]]
+
+    n = len(seeds)
+    head = "accuracy: questions pooled, paired SE; KL: per-seed differences, SE over seeds"
+    lines = [f"over all {n} eval seeds ({head}):"]
+    for setting, rows in correct.items():
+        if FP_ROW in rows and "rtn" in rows:
+            fp, rtn = pooled(rows[FP_ROW]), pooled(rows["rtn"])
+            loss, se = paired_difference(fp, rtn)
+            lines.append(f"{setting}: RTN loses {loss:.1f} +- {se:.1f} points to FP")
+            for m in rows:
+                if m not in (FP_ROW, "rtn"):
+                    share, share_se = recovered_share(pooled(rows[m]), rtn, fp)
+                    lines.append(f"{setting} {m}: recovers {100 * share:.1f}% +- {100 * share_se:.1f}% of it")
+        kl = fidelity.get(setting, {})
+        variants = [(r, split_row(r)[0]) for r in rows if "[" in r]
+        for a, b in PAIRS + variants:
+            if a in rows and b in rows:
+                d, se = paired_difference(pooled(rows[a]), pooled(rows[b]))
+                text = f"{setting} {a} - {b}: accuracy {d:+.2f} +- {se:.2f}"
+                if a in kl and b in kl and n > 1:
+                    diffs = [kl[a][s]["kl"] - kl[b][s]["kl"] for s in seeds]
+                    rel = statistics.mean(diffs) / statistics.mean(kl[b][s]["kl"] for s in seeds)
+                    text += (
+                        f"; KL {statistics.mean(diffs):+.5f} +- {statistics.stdev(diffs) / n**0.5:.5f} "
+                        f"({100 * rel:+.0f}%), lower on {sum(x < 0 for x in diffs)} of {n} seeds"
+                    )
+                lines.append(text)
+    return "\n".join(lines)
 
 
 def format_paired(correct: dict, seeds: list[int]) -> str:

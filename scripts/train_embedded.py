@@ -193,6 +193,50 @@ def _attention_mass_loss(probs, rows, pos, heads, target, cols=None) -> torch.Te
     return -torch.log((p * target).sum(-1) + 1e-4).mean()
 
 
+def _channels(text: str) -> list[int]:
+    return [int(c) for c in text.split(",") if c.strip()]
+
+
+def fixed_offsets(model, tokenizer, args) -> list[tuple[torch.nn.Parameter, tuple, torch.Tensor]]:
+    """Plant massive activations on a few tokens and return them as (parameter, index, value) to hold.
+
+    ``--sink-tokens`` / ``--sink-channels`` / ``--sink-offset``: those tokens' embedding rows get
+    +offset in those residual channels, so every occurrence of the token carries a massive activation
+    in a few channels through the whole residual stream, as attention-sink and delimiter tokens do in
+    real LLMs (tens to hundreds of times the median channel). ``--sink-gain`` multiplies the sink
+    channels' weight in every decoder RMSNorm, so that at the linears' inputs the sink tokens' massive
+    channels stay massive (a one-hot-like normalised vector would otherwise cap them at sqrt(hidden /
+    channels)); every other token's value in those channels is amplified too. These entries are held
+    at their values for the whole run (their gradient is zeroed, and they are restored after each
+    optimizer step): the model must learn to live with them, unlike a function-preserving rescale.
+    """
+    held = []
+    emb = model.get_input_embeddings().weight
+    tokens = [t for t in args.sink_tokens.split(",") if t]
+    if tokens and args.sink_offset:
+        ids = tokenizer.convert_tokens_to_ids(tokens)
+        if tokenizer.unk_token_id in ids:
+            raise SystemExit(f"--sink-tokens: {tokens} has a token the tokenizer does not know")
+        if not _channels(args.sink_channels):
+            raise SystemExit("--sink-offset needs --sink-channels (comma-separated residual channel indices)")
+        rows, cols = torch.tensor(ids), torch.tensor(_channels(args.sink_channels))
+        index = (rows[:, None], cols[None, :])
+        with torch.no_grad():
+            emb[index] += args.sink_offset
+        held.append((emb, index, emb[index].detach().clone()))
+        if args.sink_gain != 1.0:  # every decoder norm amplifies the sink channels, for every token
+            for layer in model.model.language_model.layers:
+                for norm in (layer.input_layernorm, layer.post_attention_layernorm):
+                    with torch.no_grad():
+                        norm.weight[cols] *= args.sink_gain
+                    held.append((norm.weight, (cols,), norm.weight[cols].detach().clone()))
+    for param, index, _ in held:
+        mask = torch.ones_like(param)
+        mask[index] = 0.0
+        param.register_hook(lambda g, mask=mask: g * mask)
+    return held
+
+
 def _add_head_loss_args(ap, name: str, help: str, layer: int, heads: str, heads_help: str) -> None:
     """--NAME-weight, --NAME-layer, --NAME-heads: a loss on two attention heads of one decoder layer."""
     ap.add_argument(f"--{name}-weight", type=float, default=1.0, help=help)
@@ -265,6 +309,10 @@ def main() -> None:
         default=True,
         help="bfloat16 autocast (about 1.4x faster on AVX512-BF16 CPUs)",
     )
+    ap.add_argument("--sink-tokens", default="", help="tokens (comma-separated) whose embedding carries --sink-offset")
+    ap.add_argument("--sink-channels", default="", help="residual channels (comma-separated) of the sink offset")
+    ap.add_argument("--sink-offset", type=float, default=0.0, help="massive activation added to the sink tokens")
+    ap.add_argument("--sink-gain", type=float, default=1.0, help="sink channels' factor in every decoder norm")
     ap.add_argument("--init", default=None, help="start from this checkpoint (a previous stage) instead of scratch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
@@ -281,6 +329,7 @@ def main() -> None:
         model = LlavaForConditionalGeneration.from_pretrained(args.init, dtype=torch.float32).train()
     else:
         model = embedded.build_model(processor.tokenizer, seed=args.seed).float().train()
+    fixed = fixed_offsets(model, processor.tokenizer, args)
     # Auxiliary heads (discarded after training): from each projected vision
     # token, predict the object kind and colour of its patch. Dense per-patch
     # supervision teaches the vision tower long before the language loss alone would.
@@ -391,6 +440,9 @@ def main() -> None:
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
+        with torch.no_grad():
+            for param, index, value in fixed:
+                param[index] = value
         run_loss = lm_loss.item() if run_loss is None else 0.95 * run_loss + 0.05 * lm_loss.item()
         minutes = (time.time() - t0) / 60
         last = step == args.steps - 1 or minutes >= args.max_minutes
