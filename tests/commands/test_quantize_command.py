@@ -230,3 +230,25 @@ def _tensor_bytes(path) -> int:
 
     with safe_open(str(path), "pt") as f:
         return sum(f.get_tensor(k).numel() * f.get_tensor(k).element_size() for k in f.keys())
+
+
+@pytest.mark.parametrize(("value", "expected"), [("channel", None), ("per-channel", None), ("64", 64)])
+def test_group_size_channel_on_the_command_line_means_per_channel(model_dir, tmp_path, value, expected):
+    # 'channel' parses to None, which an argparse default also is: it must not read as "not given" (g128).
+    out = tmp_path / "rtn"
+    argv = ["quantize", "--model", model_dir, "--method", "rtn", "--wbits", 4, "--group-size", value]
+    assert run_cli(*argv, "--output", out, "--no-progress") == 0
+    config = json.loads((out / "config.json").read_text())["qig_quantization"]
+    assert config["group_size"] == expected
+    assert json.loads((out / "report.json").read_text())["config"]["group_size"] == expected
+
+
+def test_inspect_reads_group_size_channel_as_per_channel():
+    from qig.cli import build_parser
+    from qig.commands.flags import from_args
+    from qig.commands.inspect import InspectOptions
+
+    args = build_parser().parse_args(["inspect", "--output", "maps", "--group-size", "channel"])
+    assert from_args(args, InspectOptions).group_size is None
+    args = build_parser().parse_args(["inspect", "--output", "maps"])
+    assert from_args(args, InspectOptions).group_size == 128

@@ -33,6 +33,21 @@ from qig.errors import QigError
 from qig.options import FlatOption, flat_options
 
 
+@dataclasses.dataclass(frozen=True)
+class Given:
+    """A flag's parsed value that is None on purpose (``--group-size channel``), kept apart from "not given".
+
+    Flags default to None to mean "left out"; a parser whose real answer is None returns ``Given(None)``
+    and ``given`` / ``unwrap`` take it out again.
+    """
+
+    value: Any
+
+
+def unwrap(value: Any) -> Any:
+    return value.value if isinstance(value, Given) else value
+
+
 def add_flags(parser, cls: type, types: dict[str, Any] | None = None) -> dict[str, FlatOption]:
     """A flag per option of ``cls`` (nested settings flattened); returns the options by key.
 
@@ -70,7 +85,7 @@ def add_flag(parser, opt: FlatOption, suffix: str = "", **overrides: Any) -> Non
 
 def given(args, options: dict[str, FlatOption]) -> dict[str, Any]:
     """The options given on the command line (a flag left out is absent, not its default)."""
-    return {k: getattr(args, k) for k in options if getattr(args, k, None) is not None}
+    return {k: unwrap(getattr(args, k)) for k in options if getattr(args, k, None) is not None}
 
 
 def from_args(args, cls: type):

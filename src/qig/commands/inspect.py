@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from qig.commands.flags import add_flags, from_args
-from qig.commands.quantize import parse_group_size
+from qig.commands.quantize import group_size_flag
 from qig.errors import QigError
 from qig.options import check_fields, option
 
@@ -70,7 +70,7 @@ def register(sub) -> argparse.ArgumentParser:
     p = sub.add_parser(
         "inspect", help="token-sensitivity maps (QIG vs MBQ vs AWQ token weights) as pictures + HTML, no quantization"
     )
-    add_flags(p, InspectOptions, types={"group_size": parse_group_size})
+    add_flags(p, InspectOptions, types={"group_size": group_size_flag})
     p.set_defaults(func=run)
     return p
 

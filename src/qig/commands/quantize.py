@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from qig.calib import DEFAULT_MAX_LENGTH, DEFAULT_N_SAMPLES
-from qig.commands.flags import add_flag, add_flags
+from qig.commands.flags import Given, add_flag, add_flags, unwrap
 from qig.errors import QigError
 from qig.methods.config import (
     CONFIGS,
@@ -131,7 +131,7 @@ def _add_method_flag(parser, opt: FlatOption, holders: list[str]) -> None:
     suffix = f" [{', '.join(holders)}]" if len(holders) < len(CONFIGS) else ""
     overrides: dict[str, Any] = {}
     if opt.key == "group_size":
-        overrides["type"] = parse_group_size
+        overrides["type"] = group_size_flag
     elif opt.kind.base is not None and dataclasses.is_dataclass(opt.kind.base):  # a borrowed config: a name
         overrides["choices"] = ("uniform", *token_weighting_names())
     add_flag(parser, opt, suffix, **overrides)
@@ -148,13 +148,18 @@ def parse_group_size(value) -> int | None:
     raise QigError(f"group_size {value!r} must be an integer such as 128, or 'channel'")
 
 
+def group_size_flag(value: str) -> Given:
+    """``--group-size`` as argparse reads it: 'channel' is None, which a flag's default would read as "not given"."""
+    return Given(parse_group_size(value))
+
+
 def given_options(args) -> dict[str, Any]:
     """The options the user gave: recipe keys, overridden by flags; nothing filled in from defaults."""
     given = _read_recipe(args.recipe) if args.recipe else {}
     for key in _known_keys():
         value = getattr(args, key, None)
         if value is not None:
-            given[key] = value
+            given[key] = unwrap(value)
     if "group_size" in given:
         given["group_size"] = parse_group_size(given["group_size"])
     return given
