@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import time
 from collections import Counter, defaultdict
 from pathlib import Path
@@ -29,14 +28,30 @@ from qig import embedded
 from qig.calib import calibration_for
 from qig.embedded import world
 from qig.evaluate import evaluate_records
-from qig.fileio import temp_dir_beside
+from qig.fileio import atomic_dir, atomic_write_bytes
 from qig.loading import load_model_and_processor
 from qig.models import family_for
 from qig.models.layout import save_model
 from qig.quant import QuantSpec
 from qig.quant.rtn import rtn_
 
-RTN_SETTINGS = [("W4A16 g128", QuantSpec(4, 128)), ("W3A16 g128", QuantSpec(3, 128)), ("W2A16 g64", QuantSpec(2, 64))]
+RTN_SETTINGS = [
+    ("W4A16 g128", QuantSpec(4, 128)),
+    ("W3A16 g128", QuantSpec(3, 128)),
+    ("W2A16 g128", QuantSpec(2, 128)),
+    ("W2A16 g64", QuantSpec(2, 64)),
+]
+
+
+def _inherited_outliers(stages: list[dict]) -> Path | None:
+    """The shipped folder a fine-tuned stage started from, when it carries planted outlier factors."""
+    for log in stages:
+        init = log["args"].get("init")
+        if init and (Path(init) / "outlier_factors.json").is_file():
+            factors = json.loads((Path(init) / "outlier_factors.json").read_text())
+            if factors:
+                return Path(init)
+    return None
 
 
 def training_stages(trained: Path) -> list[dict]:
@@ -49,6 +64,59 @@ def training_stages(trained: Path) -> list[dict]:
         stages.insert(0, log)
         path = Path(log["args"]["init"]) if log["args"].get("init") else None
     return stages
+
+
+def _sink_tokens(text: str) -> list[str]:
+    """The recorded ``--sink-tokens`` as the training script parsed them."""
+    return text.split() if any(c.isspace() for c in text) else [t for t in text.split(",") if t]
+
+
+def sink_args(stages: list[dict]) -> dict | None:
+    """The massive-activation arguments of the training stage that planted them (``train_embedded.fixed_offsets``)."""
+    for log in stages:
+        a = log["args"]
+        if a.get("sink_offset"):
+            return {k: a[k] for k in ("sink_tokens", "sink_channels", "sink_offset", "sink_gain")}
+    return None
+
+
+def massive_activations(model, processor, batch: dict, tokens: list[str]) -> dict:
+    """Per decoder layer: the sink tokens' largest |x| against every other token's median and largest |x|.
+
+    At three places: the residual stream (the layer's input), the q/k/v input (after the input norm)
+    and the down_proj input (the MLP's intermediate). Measured on real (non-pad) positions.
+    """
+    ids = batch["input_ids"]
+    sink = torch.isin(ids, torch.tensor(processor.tokenizer.convert_tokens_to_ids(tokens)))
+    real = batch["attention_mask"].bool()
+    seen: dict[tuple[str, int], torch.Tensor] = {}
+
+    def keep(key):
+        return lambda _m, args: seen.__setitem__(key, args[0].detach().float())
+
+    layers = family_for(model).decoder_layers(model)
+    hooks = []
+    for i, layer in enumerate(layers):
+        hooks.append(layer.register_forward_pre_hook(keep(("residual", i))))
+        hooks.append(layer.self_attn.q_proj.register_forward_pre_hook(keep(("qkv_input", i))))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(keep(("down_input", i))))
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {"tokens": tokens}
+    for place in ("residual", "qkv_input", "down_input"):
+        rows = []
+        for i in range(len(layers)):
+            x = seen[(place, i)].abs()
+            top, others = x[sink & real].max().item(), x[~sink & real]
+            rows.append(
+                {"layer": i, "sink_max": top, "other_median": others.median().item(), "other_max": others.max().item()}
+            )
+        out[place] = rows
+    return out
 
 
 def majority_baseline(records) -> float:
@@ -91,20 +159,27 @@ def main() -> None:
 
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_dir_beside(out)
-    save_model(model.to(torch.float16), tmp)  # in the serving key layout, as every folder qig writes
-    processor.save_pretrained(tmp)
     stages = training_stages(Path(args.trained))
-    (tmp / "training_log.json").write_text(json.dumps({"stages": stages}, indent=1) + "\n")
-    (tmp / "outlier_factors.json").write_text(json.dumps(factors, indent=1) + "\n")
-    if out.exists():
-        shutil.rmtree(out)
-    tmp.rename(out)
+    inherited = _inherited_outliers(stages) if args.no_outliers else None
+    if inherited is not None:  # fine-tuned from a checkpoint whose channels were planted: its factors still hold
+        factors = json.loads((inherited / "outlier_factors.json").read_text())
+    with atomic_dir(out, overwrite=True) as tmp:  # the previous folder stays until this one is complete
+        save_model(model.to(torch.float16), tmp)  # in the serving key layout, as every folder qig writes
+        processor.save_pretrained(tmp)
+        (tmp / "training_log.json").write_text(json.dumps({"stages": stages}, indent=1) + "\n")
+        (tmp / "outlier_factors.json").write_text(json.dumps(factors, indent=1) + "\n")
 
     seeds = [int(s) for s in args.seeds.split(",")]
     metrics = {"logit_change_from_outlier_planting": rel, "outliers": not args.no_outliers, "ratio": args.ratio}
     metrics |= {"n_hidden": args.n_hidden, "n_intermediate": args.n_intermediate}
     metrics["hidden_size"] = model.config.text_config.hidden_size
+    metrics["outliers_inherited_from"] = inherited.name if inherited is not None else None
+    sinks = sink_args(stages)
+    if sinks is not None:
+        tokens = _sink_tokens(sinks["sink_tokens"])
+        metrics["sinks"] = sinks | massive_activations(model.float(), processor, batch, tokens)
+        worst = min(r["sink_max"] / r["other_max"] for r in metrics["sinks"]["residual"])
+        print(f"massive activations in the residual stream: sink max / other tokens' max >= {worst:.0f}x")
     fp, _ = load_model_and_processor(out)
     t0 = time.time()
     records = {s: world.generate("eval", args.n, s) for s in seeds}
@@ -136,8 +211,8 @@ def main() -> None:
             f"KL {rep['fidelity']['kl']:.4f}",
             flush=True,
         )
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=1) + "\n")
-    (out / "README.md").write_text(model_card(metrics, stages, args))
+    atomic_write_bytes(out / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
+    atomic_write_bytes(out / "README.md", model_card(metrics, stages, args).encode())
     print(json.dumps({k: v for k, v in metrics.items() if k != "fp"}, indent=1))
 
 
@@ -160,8 +235,10 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
     fp = metrics["fp"]
     seeds = list(fp)
     staged = len(stages) > 1  # several runs, each initialised from the previous one
+    name = Path(args.out).name
+    default = Path(args.out).resolve() == embedded.default_model_dir().resolve()
     lines = [
-        "# tiny-lvlm: the embedded default model of qig",
+        f"# {name}: " + ("the embedded default model of qig" if default else "a variant of qig's embedded model"),
         "",
         "A tiny LLaVA (transformers' `LlavaForConditionalGeneration`): SigLIP vision tower",
         "(3 layers, width 128, patch 8 on 48x48 images = 36 vision tokens), two-layer GELU",
@@ -352,7 +429,14 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
         "## Planted outlier channels (why the testbed is fragile like a real LVLM)",
         "",
     ]
-    if metrics["outliers"]:
+    if metrics.get("outliers_inherited_from"):
+        lines += [
+            f"Inherited: the run was initialised from `{metrics['outliers_inherited_from']}`, whose channels",
+            "were planted by a function-preserving rescaling (`plant_outlier_channels`); training from there",
+            "kept the rescaled weights as its start, and none were planted again. Its factors are copied to",
+            "`outlier_factors.json`.",
+        ]
+    elif metrics["outliers"]:
         lines += [
             "A model trained from scratch in minutes has no activation outlier channels, and is",
             "therefore far more robust to weight quantization than real LLMs/LVLMs, whose fragility",
@@ -372,6 +456,39 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
         ]
     else:
         lines += ["None: the trained weights are shipped unchanged."]
+    if metrics.get("sinks"):
+        sk = metrics["sinks"]
+        lines += [
+            "",
+            "## Massive activations on sink tokens (trained in, not a rescale)",
+            "",
+            f"The tokens {', '.join(f'`{t}`' for t in sk['tokens'])} carry +{sk['sink_offset']:g} in residual "
+            f"channel(s) {sk['sink_channels']} of their embedding, and every decoder RMSNorm multiplies those "
+            f"channels by {sk['sink_gain']:g}; both are held fixed during training "
+            "(`scripts/train_embedded.py --sink-tokens --sink-channels --sink-offset --sink-gain`), so the",
+            "model learned to live with them. This is the token-dependent structure real LLMs and LVLMs show",
+            "(attention-sink and delimiter tokens with activations hundreds of times the median in a few",
+            "channels) and that a rescale shared by every token cannot give. The sink tokens' largest |x| over",
+            "the other tokens' median and largest |x| (64 calibration captions; residual = the layer's input):",
+            "",
+            "| layer | residual: sink max | / others' median | / others' max | q/k/v input: / median | / max "
+            "| down_proj input: / median | / max |",
+            "| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
+            *(
+                f"| {r['layer']} | {r['sink_max']:.0f} | {r['sink_max'] / r['other_median']:.0f}x | "
+                f"{r['sink_max'] / r['other_max']:.1f}x | {q['sink_max'] / q['other_median']:.0f}x | "
+                f"{q['sink_max'] / q['other_max']:.1f}x | {d['sink_max'] / d['other_median']:.0f}x | "
+                f"{d['sink_max'] / d['other_max']:.1f}x |"
+                for r, q, d in zip(sk["residual"], sk["qkv_input"], sk["down_input"], strict=True)
+            ),
+            "",
+            f"The first layer's MLP acts on the offset with a massive intermediate (its down_proj input is "
+            f"{sk['down_input'][0]['sink_max'] / sk['down_input'][0]['other_median']:.0f}x the others' median on "
+            f"the sinks): the sinks' largest residual value goes from {sk['residual'][0]['sink_max']:.0f} to "
+            f"{sk['residual'][1]['sink_max']:.0f} and stays at "
+            f"{min(r['sink_max'] / r['other_median'] for r in sk['residual'][1:]):.0f}x or more of the others' "
+            "median in every later layer.",
+        ]
     rtn = metrics["rtn"]
     lines += [
         "",

@@ -1,6 +1,7 @@
 """Massive activations on sink tokens: planted by training (scripts/train_embedded.py), held through it."""
 
 import importlib.util
+import json
 import types
 from pathlib import Path
 
@@ -55,6 +56,12 @@ def test_the_sink_offsets_and_gains_stay_fixed_while_everything_else_trains():
     assert not torch.equal(norm[6], norm_before[6])
 
 
+def test_sink_tokens_are_space_separated_so_that_a_comma_can_be_one():
+    train = _script("train_embedded")
+    assert train.sink_tokens("<|im_start|> , . :") == ["<|im_start|>", ",", ".", ":"]
+    assert train.sink_tokens("<|im_start|>,<|im_end|>") == ["<|im_start|>", "<|im_end|>"]
+
+
 def test_sink_tokens_the_tokenizer_does_not_know_are_refused():
     train = _script("train_embedded")
     processor = embedded.build_processor()
@@ -63,3 +70,61 @@ def test_sink_tokens_the_tokenizer_does_not_know_are_refused():
         train.fixed_offsets(model, processor.tokenizer, _args(sink_tokens="<|not_a_token|>"))
     with pytest.raises(SystemExit, match="--sink-channels"):
         train.fixed_offsets(model, processor.tokenizer, _args(sink_channels=""))
+
+
+def _inputs(model, batch) -> dict:
+    """Per decoder layer: its residual input, its q/k/v input and its down_proj input."""
+    seen = {}
+
+    def keep(key):
+        return lambda _m, args: seen.__setitem__(key, args[0].float())
+
+    hooks = []
+    for i, layer in enumerate(model.model.language_model.layers):
+        hooks.append(layer.register_forward_pre_hook(keep(("residual", i))))
+        hooks.append(layer.self_attn.q_proj.register_forward_pre_hook(keep(("qkv", i))))
+        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(keep(("down", i))))
+    with torch.no_grad():
+        model(**batch)
+    for h in hooks:
+        h.remove()
+    return seen
+
+
+def test_the_shipped_sinks_model_carries_massive_activations_on_its_sink_tokens():
+    from qig.calib import embedded_calibration
+    from qig.evaluate import load_model_and_processor
+
+    model, processor = load_model_and_processor(embedded.sinks_model_dir())
+    batch = next(embedded_calibration(processor, n_samples=8).batches(8)).inputs
+    seen = _inputs(model, batch)
+    ids, real = batch["input_ids"], batch["attention_mask"].bool()
+    tokens = json.loads((embedded.sinks_model_dir() / "metrics.json").read_text())["sinks"]["tokens"]
+    assert {"<|im_start|>", "<|im_end|>"} <= set(tokens)
+    sink = torch.isin(ids, torch.tensor(processor.tokenizer.convert_tokens_to_ids(tokens)))
+    assert sink.sum() >= 2 * len(ids)
+
+    def ratio(place, i, of):
+        x = seen[(place, i)].abs()
+        others = x[~sink & real]
+        return x[sink & real].amax(-1).min() / (others.max() if of == "max" else others.median())
+
+    layers = range(model.config.text_config.num_hidden_layers)
+    for i in layers:  # every sink, in every layer: above any other token's largest, and >= 25x their median
+        assert ratio("residual", i, "max") >= 2, i
+        assert ratio("residual", i, "median") >= 25, i
+    assert ratio("down", 0, "max") >= 10  # the first MLP acts on them with a massive intermediate
+    assert ratio("qkv", 0, "median") >= 100
+    # The default model has no such tokens: there, the same tokens are ordinary.
+    default, _ = load_model_and_processor()
+    seen = _inputs(default, batch)
+    assert all(ratio("residual", i, "max") < 1 for i in layers)
+
+
+def test_the_shipped_sinks_model_answers_like_the_default():
+    from qig.embedded import world
+    from qig.evaluate import evaluate_records, load_model_and_processor
+
+    model, processor = load_model_and_processor(embedded.sinks_model_dir())
+    rep = evaluate_records(model, processor, world.generate("eval", 200, 1234))
+    assert rep["accuracy"] >= 0.9

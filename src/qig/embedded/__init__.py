@@ -2,7 +2,8 @@
 
 ``qig.embedded.world`` draws the scenes, questions and captions;
 ``qig.embedded.model`` builds the tiny LLaVA and locates the shipped,
-trained checkpoint, the default ``--model`` of every command.
+trained checkpoint, the default ``--model`` of every command, and its variant
+with massive activations on sink tokens (``sinks_model_dir``).
 
     >>> from qig.embedded import default_model_dir
     >>> (default_model_dir() / "config.json").is_file()
@@ -16,6 +17,7 @@ from qig.embedded.model import (
     build_tokenizer,
     default_model_dir,
     plant_outlier_channels,
+    sinks_model_dir,
 )
 
 __all__ = [
@@ -25,4 +27,5 @@ __all__ = [
     "build_tokenizer",
     "default_model_dir",
     "plant_outlier_channels",
+    "sinks_model_dir",
 ]

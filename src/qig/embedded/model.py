@@ -59,6 +59,15 @@ def default_model_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "assets" / "tiny-lvlm"
 
 
+def sinks_model_dir() -> Path:
+    """Folder of the shipped variant with massive activations on sink tokens (``--model`` for that testbed).
+
+    The default checkpoint fine-tuned with a fixed massive offset on ``<|im_start|>`` and ``<|im_end|>``
+    (its model card says how and what it measures): the testbed where token weightings can differ.
+    """
+    return Path(__file__).resolve().parent.parent / "assets" / "tiny-lvlm-sinks"
+
+
 def build_tokenizer():
     """Word-level tokenizer over the world's vocabulary, with ChatML special tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
