@@ -23,10 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from train_embedded import sink_tokens  # scripts/, this script's own folder
 
 from qig import embedded
 from qig.calib import calibration_for
 from qig.embedded import world
+from qig.embedded.model import forward_inputs
 from qig.evaluate import evaluate_records
 from qig.fileio import atomic_dir, atomic_write_bytes
 from qig.loading import load_model_and_processor
@@ -66,11 +68,6 @@ def training_stages(trained: Path) -> list[dict]:
     return stages
 
 
-def _sink_tokens(text: str) -> list[str]:
-    """The recorded ``--sink-tokens`` as the training script parsed them."""
-    return text.split() if any(c.isspace() for c in text) else [t for t in text.split(",") if t]
-
-
 def sink_args(stages: list[dict]) -> dict | None:
     """The massive-activation arguments of the training stage that planted them (``train_embedded.fixed_offsets``)."""
     for log in stages:
@@ -89,23 +86,13 @@ def massive_activations(model, processor, batch: dict, tokens: list[str]) -> dic
     ids = batch["input_ids"]
     sink = torch.isin(ids, torch.tensor(processor.tokenizer.convert_tokens_to_ids(tokens)))
     real = batch["attention_mask"].bool()
-    seen: dict[tuple[str, int], torch.Tensor] = {}
-
-    def keep(key):
-        return lambda _m, args: seen.__setitem__(key, args[0].detach().float())
-
     layers = family_for(model).decoder_layers(model)
-    hooks = []
+    modules = {}
     for i, layer in enumerate(layers):
-        hooks.append(layer.register_forward_pre_hook(keep(("residual", i))))
-        hooks.append(layer.self_attn.q_proj.register_forward_pre_hook(keep(("qkv_input", i))))
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(keep(("down_input", i))))
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        for h in hooks:
-            h.remove()
+        modules[("residual", i)] = layer
+        modules[("qkv_input", i)] = layer.self_attn.q_proj
+        modules[("down_input", i)] = layer.mlp.down_proj
+    seen = forward_inputs(model, batch, modules)
     out = {"tokens": tokens}
     for place in ("residual", "qkv_input", "down_input"):
         rows = []
@@ -176,7 +163,7 @@ def main() -> None:
     metrics["outliers_inherited_from"] = inherited.name if inherited is not None else None
     sinks = sink_args(stages)
     if sinks is not None:
-        tokens = _sink_tokens(sinks["sink_tokens"])
+        tokens = sink_tokens(sinks["sink_tokens"])
         metrics["sinks"] = sinks | massive_activations(model.float(), processor, batch, tokens)
         worst = min(r["sink_max"] / r["other_max"] for r in metrics["sinks"]["residual"])
         print(f"massive activations in the residual stream: sink max / other tokens' max >= {worst:.0f}x")

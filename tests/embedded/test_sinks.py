@@ -74,21 +74,14 @@ def test_sink_tokens_the_tokenizer_does_not_know_are_refused():
 
 def _inputs(model, batch) -> dict:
     """Per decoder layer: its residual input, its q/k/v input and its down_proj input."""
-    seen = {}
+    from qig.embedded.model import forward_inputs
 
-    def keep(key):
-        return lambda _m, args: seen.__setitem__(key, args[0].float())
-
-    hooks = []
+    modules = {}
     for i, layer in enumerate(model.model.language_model.layers):
-        hooks.append(layer.register_forward_pre_hook(keep(("residual", i))))
-        hooks.append(layer.self_attn.q_proj.register_forward_pre_hook(keep(("qkv", i))))
-        hooks.append(layer.mlp.down_proj.register_forward_pre_hook(keep(("down", i))))
-    with torch.no_grad():
-        model(**batch)
-    for h in hooks:
-        h.remove()
-    return seen
+        modules[("residual", i)] = layer
+        modules[("qkv", i)] = layer.self_attn.q_proj
+        modules[("down", i)] = layer.mlp.down_proj
+    return forward_inputs(model, batch, modules)
 
 
 def test_the_shipped_sinks_model_carries_massive_activations_on_its_sink_tokens():

@@ -150,6 +150,24 @@ def build_model(tokenizer, seed: int = 0):
     return model
 
 
+def forward_inputs(model, batch: dict, modules: dict) -> dict:
+    """Run ``model(**batch)`` once without gradients; return each module's first input (float32) by its key."""
+    import torch
+
+    seen = {}
+    hooks = [
+        module.register_forward_pre_hook(lambda _m, args, key=key: seen.__setitem__(key, args[0].detach().float()))
+        for key, module in modules.items()
+    ]
+    try:
+        with torch.no_grad():
+            model(**batch)
+    finally:
+        for h in hooks:
+            h.remove()
+    return seen
+
+
 def plant_outlier_channels(
     model,
     batch: dict,
@@ -186,26 +204,14 @@ def plant_outlier_channels(
     family = family_for(model)
     layers = family.decoder_layers(model)
     mask = batch["attention_mask"].reshape(-1).bool()
-    stats: dict[tuple[int, str], torch.Tensor] = {}  # (layer, group or "resid") -> mean |x| per channel [C]
-
-    def record(key):
-        def hook(_mod, args):
-            x = args[0].detach().float().abs().reshape(-1, args[0].shape[-1])  # [tokens, C]
-            stats[key] = x[mask].mean(0)
-
-        return hook
-
-    hooks = []
+    modules = {}
     for i, layer in enumerate(layers):
-        hooks.append(layer.register_forward_pre_hook(record((i, "resid"))))
+        modules[(i, "resid")] = layer
         for g in family.active_groups(layer):
-            hooks.append(get_module(layer, g.linears[0]).register_forward_pre_hook(record((i, g.name))))
-    try:
-        with torch.no_grad():
-            model(**batch)
-    finally:
-        for h in hooks:
-            h.remove()
+            modules[(i, g.name)] = get_module(layer, g.linears[0])
+    # (layer, group or "resid") -> mean |x| per channel [C] over the real tokens
+    inputs = forward_inputs(model, batch, modules)
+    stats = {k: x.abs().reshape(-1, x.shape[-1])[mask].mean(0) for k, x in inputs.items()}
 
     resid = torch.stack([stats[(i, "resid")] for i in range(len(layers))]).mean(0)  # [C]
     hidden_channels = torch.argsort(resid, descending=True)[:n_hidden]
