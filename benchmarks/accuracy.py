@@ -34,6 +34,13 @@ mean KL of the answer tokens' distributions; what ``qig eval --reference``
 reports) and prints, per searched row, the share of the token weights that
 vision, prompt and answer tokens receive (mean over groups).
 
+With several eval seeds a last section pools them: RTN's loss to FP, the
+share of it each row recovers (sum(row - rtn) / sum(fp - rtn) over every
+question, delta-method standard error), and each pair's paired accuracy
+difference with the mean per-seed KL difference (SE over seeds).
+``--model src/qig/assets/tiny-lvlm-sinks`` runs on the embedded model with
+massive activations on sink tokens, where the weightings differ.
+
 ``--dtype float32 bfloat16`` runs every row in each dtype side by side: the
 model is loaded, quantized, saved and scored in that dtype (the same
 calibration set for all), and a last table gives, per row and eval seed, the
