@@ -62,8 +62,9 @@ def default_model_dir() -> Path:
 def sinks_model_dir() -> Path:
     """Folder of the shipped variant with massive activations on sink tokens (``--model`` for that testbed).
 
-    The default checkpoint fine-tuned with a fixed massive offset on ``<|im_start|>`` and ``<|im_end|>``
-    (its model card says how and what it measures): the testbed where token weightings can differ.
+    The default checkpoint fine-tuned with a fixed massive offset on the chat template's and the
+    punctuation's tokens (``<|im_start|> <|im_end|> . , :``; its model card says how and what it
+    measures): the testbed where token weightings can differ.
     """
     return Path(__file__).resolve().parent.parent / "assets" / "tiny-lvlm-sinks"
 
