@@ -6,8 +6,8 @@ r"""Train the embedded tiny LVLM from scratch on the visual-QA world (CPU, seede
 The shipped variant with massive activations on sink tokens (``tiny-lvlm-sinks``, 10 minutes):
 
     python scripts/train_embedded.py --init src/qig/assets/tiny-lvlm --out runs/sinks --steps 800 --lr 3e-4 \
-        --warmup 20 --eval-every 200 --eval-n 400 --sink-tokens "<|im_start|>,<|im_end|>" --sink-channels 87 \
-        --sink-offset 1000 --sink-gain 30
+        --warmup 20 --eval-every 200 --eval-n 400 --sink-tokens "<|im_start|> <|im_end|> . , :" \
+        --sink-channels 87 --sink-offset 1000 --sink-gain 30
     python scripts/finalize_embedded.py --trained runs/sinks --out src/qig/assets/tiny-lvlm-sinks --no-outliers
 
 The defaults are the shipped model's recipe (the model card records it and
