@@ -225,7 +225,20 @@ def fixed_offsets(model, tokenizer, args) -> list[tuple[torch.nn.Parameter, tupl
     held = []
     emb = model.get_input_embeddings().weight
     tokens = sink_tokens(args.sink_tokens)
-    if tokens and args.sink_offset:
+    given = [
+        f
+        for f, on in (
+            ("--sink-tokens", tokens),
+            ("--sink-channels", args.sink_channels),
+            ("--sink-gain", args.sink_gain != 1.0),
+        )
+        if on
+    ]
+    if given and not args.sink_offset:
+        raise SystemExit(f"{', '.join(given)} given without --sink-offset, the massive activation they shape: pass it")
+    if args.sink_offset and not tokens:
+        raise SystemExit("--sink-offset needs --sink-tokens (the tokens that carry it, space-separated)")
+    if tokens:
         ids = tokenizer.convert_tokens_to_ids(tokens)
         if tokenizer.unk_token_id in ids:
             raise SystemExit(f"--sink-tokens: {tokens} has a token the tokenizer does not know")

@@ -70,6 +70,16 @@ def test_sink_tokens_the_tokenizer_does_not_know_are_refused():
         train.fixed_offsets(model, processor.tokenizer, _args(sink_tokens="<|not_a_token|>"))
     with pytest.raises(SystemExit, match="--sink-channels"):
         train.fixed_offsets(model, processor.tokenizer, _args(sink_channels=""))
+    # a sink flag without the offset it shapes is refused, not ignored
+    with pytest.raises(SystemExit, match="^--sink-gain given without --sink-offset"):
+        train.fixed_offsets(model, processor.tokenizer, _args(sink_tokens="", sink_channels="", sink_offset=0.0))
+    with pytest.raises(SystemExit, match="^--sink-tokens, --sink-channels given without --sink-offset"):
+        train.fixed_offsets(model, processor.tokenizer, _args(sink_offset=0.0, sink_gain=1.0))
+    with pytest.raises(SystemExit, match="--sink-offset needs --sink-tokens"):
+        train.fixed_offsets(model, processor.tokenizer, _args(sink_tokens=""))
+    # nothing given: nothing planted
+    plain = _args(sink_tokens="", sink_channels="", sink_offset=0.0, sink_gain=1.0)
+    assert train.fixed_offsets(model, processor.tokenizer, plain) == []
 
 
 def _inputs(model, batch) -> dict:
