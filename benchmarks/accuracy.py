@@ -361,6 +361,12 @@ def paired_difference(a: list[int], b: list[int]) -> tuple[float, float]:
     return 100 * sum(d) / len(d), 100 * statistics.pstdev(d) / len(d) ** 0.5
 
 
+def compared_pairs(rows: dict) -> list[tuple[str, str]]:
+    """The orderings the issues ask about, and each ablation row against its plain row, where both ran."""
+    variants = [(r, split_row(r)[0]) for r in rows if "[" in r]
+    return [(a, b) for a, b in PAIRS + variants if a in rows and b in rows]
+
+
 def recovered_share(method: list[int], rtn: list[int], fp: list[int]) -> tuple[float, float]:
     """Share of RTN's loss a row wins back, sum(method - rtn) / sum(fp - rtn), and its standard error.
 
@@ -402,19 +408,17 @@ def format_pooled(correct: dict, fidelity: dict, seeds: list[int]) -> str:
                     share, share_se = recovered_share(pooled(rows[m]), rtn, fp)
                     lines.append(f"{setting} {m}: recovers {100 * share:.1f}% +- {100 * share_se:.1f}% of it")
         kl = fidelity.get(setting, {})
-        variants = [(r, split_row(r)[0]) for r in rows if "[" in r]
-        for a, b in PAIRS + variants:
-            if a in rows and b in rows:
-                d, se = paired_difference(pooled(rows[a]), pooled(rows[b]))
-                text = f"{setting} {a} - {b}: accuracy {d:+.2f} +- {se:.2f}"
-                if a in kl and b in kl and n > 1:
-                    diffs = [kl[a][s]["kl"] - kl[b][s]["kl"] for s in seeds]
-                    rel = statistics.mean(diffs) / statistics.mean(kl[b][s]["kl"] for s in seeds)
-                    text += (
-                        f"; KL {statistics.mean(diffs):+.5f} +- {statistics.stdev(diffs) / n**0.5:.5f} "
-                        f"({100 * rel:+.0f}%), lower on {sum(x < 0 for x in diffs)} of {n} seeds"
-                    )
-                lines.append(text)
+        for a, b in compared_pairs(rows):
+            d, se = paired_difference(pooled(rows[a]), pooled(rows[b]))
+            text = f"{setting} {a} - {b}: accuracy {d:+.2f} +- {se:.2f}"
+            if a in kl and b in kl and n > 1:
+                diffs = [kl[a][s]["kl"] - kl[b][s]["kl"] for s in seeds]
+                rel = statistics.mean(diffs) / statistics.mean(kl[b][s]["kl"] for s in seeds)
+                text += (
+                    f"; KL {statistics.mean(diffs):+.5f} +- {statistics.stdev(diffs) / n**0.5:.5f} "
+                    f"({100 * rel:+.0f}%), lower on {sum(x < 0 for x in diffs)} of {n} seeds"
+                )
+            lines.append(text)
     return "\n".join(lines)
 
 
@@ -422,12 +426,10 @@ def format_paired(correct: dict, seeds: list[int]) -> str:
     """Paired differences for the orderings the issues ask about: same questions, so noise is the SE shown."""
     lines = ["paired accuracy differences on the same questions (points, +- one standard error):"]
     for setting, rows in correct.items():
-        variants = [(r, split_row(r)[0]) for r in rows if "[" in r]  # an ablation against its plain row
-        for a, b in PAIRS + variants:
-            if a in rows and b in rows:
-                cells = [(s, *paired_difference(rows[a][s], rows[b][s])) for s in seeds]
-                text = "  ".join(f"seed {s} {d:+.1f} +- {se:.1f}" for s, d, se in cells)
-                lines.append(f"{setting} {a} - {b}: {text}")
+        for a, b in compared_pairs(rows):
+            cells = [(s, *paired_difference(rows[a][s], rows[b][s])) for s in seeds]
+            text = "  ".join(f"seed {s} {d:+.1f} +- {se:.1f}" for s, d, se in cells)
+            lines.append(f"{setting} {a} - {b}: {text}")
     return "\n".join(lines)
 
 

@@ -45,14 +45,14 @@ RTN_SETTINGS = [
 ]
 
 
-def _inherited_outliers(stages: list[dict]) -> Path | None:
-    """The shipped folder a fine-tuned stage started from, when it carries planted outlier factors."""
+def _inherited_outliers(stages: list[dict]) -> tuple[Path, dict] | None:
+    """The folder a fine-tuned stage started from and its planted outlier factors, when it has some."""
     for log in stages:
         init = log["args"].get("init")
         if init and (Path(init) / "outlier_factors.json").is_file():
             factors = json.loads((Path(init) / "outlier_factors.json").read_text())
             if factors:
-                return Path(init)
+                return Path(init), factors
     return None
 
 
@@ -149,7 +149,7 @@ def main() -> None:
     stages = training_stages(Path(args.trained))
     inherited = _inherited_outliers(stages) if args.no_outliers else None
     if inherited is not None:  # fine-tuned from a checkpoint whose channels were planted: its factors still hold
-        factors = json.loads((inherited / "outlier_factors.json").read_text())
+        inherited, factors = inherited
     with atomic_dir(out, overwrite=True) as tmp:  # the previous folder stays until this one is complete
         save_model(model.to(torch.float16), tmp)  # in the serving key layout, as every folder qig writes
         processor.save_pretrained(tmp)
