@@ -77,13 +77,72 @@ def memory_plan(
     if offload not in OFFLOAD_CHOICES:
         raise QigError(f"offload_streams {offload!r} is not one of {', '.join(OFFLOAD_CHOICES)}")
     plan = MemoryPlan(device=str(device))
+    _add_items(
+        plan, model, family, layers, len(calib), calib.seq_len, config, method, streams, _outside_bytes(model, family)
+    )
+    free = _device_free(device)
+    plan.device_free = free
+    if offloads_streams(plan, offload, device):
+        key = next(k for k in plan.items if k.startswith("calibration streams"))
+        plan.where[key] = "host"
+        plan.notes.append("the streams are kept on the host and come to the device one chunk at a time")
+    return plan
+
+
+def shape_plan(
+    model: torch.nn.Module,
+    family: ModelFamily,
+    n_samples: int,
+    seq_len: int,
+    config,
+    method,
+    device_memory: int,
+    offload: str = "auto",
+) -> MemoryPlan:
+    """The plan of a calibrated run on one GPU with ``device_memory`` bytes free, from shapes alone (no weights).
+
+    ``model`` may live on the meta device (built from its config): every item is counted from
+    shapes, the model outside the decoder included. ``n_samples`` samples of ``seq_len`` tokens
+    stand for the calibration set; the streams are those :func:`qig.pipeline.run.run_layerwise`
+    carries for ``config``. The items and the offload rule are :func:`memory_plan`'s.
+
+        >>> family, method = family_for(meta_model), method_for(config)  # doctest: +SKIP
+        >>> plan = shape_plan(meta_model, family, 128, 2400, config, method, 80 * 2**30)  # doctest: +SKIP
+    """
+    if offload not in OFFLOAD_CHOICES:
+        raise QigError(f"offload_streams {offload!r} is not one of {', '.join(OFFLOAD_CHOICES)}")
+    from qig.pipeline.layers import InMemoryLayers
+
+    device = torch.device("cuda")
+    plan = MemoryPlan(device=f"one GPU, {gib(device_memory)}", device_free=int(device_memory))
+    streams = run_streams(config, method)
+    outside = _outside_bytes(model, family, count_meta=True)
+    _add_items(plan, model, family, InMemoryLayers(model, family), n_samples, seq_len, config, method, streams, outside)
+    if offloads_streams(plan, offload, device):
+        key = next(k for k in plan.items if k.startswith("calibration streams"))
+        plan.where[key] = "host"
+        plan.notes.append("the streams are kept on the host and come to the device one chunk at a time")
+    return plan
+
+
+def run_streams(config, method) -> tuple[bool, bool]:
+    """Whether a calibrated run of ``config`` carries x and x^q: the rule of :func:`qig.pipeline.run.run_layerwise`."""
+    from qig.pipeline.run import _search_mode
+
+    if not (method.finds_scales or config.gptq_settings is not None):
+        return (False, False)  # RTN: no calibration, no streams
+    mode = _search_mode(config, method)
+    return (bool(mode.methods), mode.quantized_inputs or mode.quantizer == "gptq")
+
+
+def _add_items(plan: MemoryPlan, model, family, layers, n: int, t: int, config, method, streams, outside: int) -> None:
+    """The items of :func:`memory_plan` for ``n`` samples padded to ``t`` tokens."""
     first = layers.modules[0]
     dtype_bytes = next(first.parameters()).element_size()
-    n, t = len(calib), calib.seq_len
     hidden = family.decoder_linears(model)
     width = next(iter(hidden.values())).in_features if hidden else 0
     stream = n * t * width * dtype_bytes
-    plan.add("model outside the decoder", _outside_bytes(model, family), "host")
+    plan.add("model outside the decoder", outside, "host")
     plan.add("one decoder layer", layers.layer_bytes(0), "device")
     if layers.streamed:
         plan.add(f"decoder layers ({len(layers)}, read one at a time)", layers.layer_bytes(0) * len(layers), "disk")
@@ -107,13 +166,6 @@ def memory_plan(
         plan.add(
             f"MBQ: every layer's input, for its gradient pass ({len(layers)} layers)", len(layers) * stream, "host"
         )
-    free = _device_free(device)
-    plan.device_free = free
-    if offloads_streams(plan, offload, device):
-        key = next(k for k in plan.items if k.startswith("calibration streams"))
-        plan.where[key] = "host"
-        plan.notes.append("the streams are kept on the host and come to the device one chunk at a time")
-    return plan
 
 
 def offloads_streams(plan: MemoryPlan, offload: str, device: torch.device) -> bool:
@@ -129,12 +181,13 @@ def offloads_streams(plan: MemoryPlan, offload: str, device: torch.device) -> bo
     return plan.device_free is not None and plan.on("device") > DEVICE_SHARE * plan.device_free
 
 
-def _outside_bytes(model: torch.nn.Module, family: ModelFamily) -> int:
+def _outside_bytes(model: torch.nn.Module, family: ModelFamily, count_meta: bool = False) -> int:
+    """Bytes of the model outside its decoder layers; tensors on the meta device count only with ``count_meta``."""
     decoder = {id(t) for layer in family.decoder_layers(model) for t in (*layer.parameters(), *layer.buffers())}
     seen: set[int] = set()
     total = 0
     for t in (*model.parameters(), *model.buffers()):
-        if id(t) not in decoder and id(t) not in seen and t.device.type != "meta":
+        if id(t) not in decoder and id(t) not in seen and (count_meta or t.device.type != "meta"):
             seen.add(id(t))
             total += t.numel() * t.element_size()
     return total

@@ -1,0 +1,519 @@
+"""A dry run on a real checkpoint's shapes, before any GPU hour: no weights are read.
+
+From a model folder holding ``config.json`` (and ``preprocessor_config.json``
+when the checkpoint has one), the model is built on the meta device and
+:func:`preflight` reports, for a method config:
+
+- every scale group of a decoder layer, resolved by the family entry (names and weight shapes);
+- whether the group size divides every quantized linear's input width, or the one-line refusal
+  :func:`group_size_refusal` gives (``qig quantize`` can raise it before loading anything:
+  :func:`check_group_size`);
+- the tensor-parallel degrees 1/2/4/8 vLLM would refuse for the export, and why (:func:`tp_refusals`);
+- the vision tokens of one image at a real size, computed by the family's own image-processor
+  class with the folder's preprocessor settings (:func:`vision_tokens`);
+- the memory plan of the run on one GPU (:func:`qig.pipeline.plan.shape_plan`).
+
+    >>> from qig.methods.config import make_config
+    >>> report = preflight("tests/fixtures/real_configs/qwen2-vl-7b-instruct", make_config("awq", wbits=4))
+    >>> report.vision["tokens_per_image"], report.tensor_parallel[2]
+    (2304, [])
+    >>> report.to_dict()["group_size_ok"]
+    True
+
+The vLLM rule (vLLM 0.32.0, read from its source; a degree is refused when any linear of the
+decoder layer breaks it):
+
+- ``QKVParallelLinear`` (q/k/v; ``vllm/model_executor/layers/linear.py``, ``QKVParallelLinear.__init__``):
+  the attention heads divide by the degree; the KV heads divide by it, or it by them (replicas).
+- ``MergedColumnParallelLinear`` / ``ColumnParallelLinear`` (gate/up; ``ColumnParallelLinear.__init__``):
+  the output width divides by the degree (``divide(output_size, tp_size)``).
+- ``RowParallelLinear`` (o/down; ``RowParallelLinear.__init__``): the input width divides by the
+  degree (``divide(input_size, tp_size)``, ``vllm/distributed/utils.py``).
+- Grouped weight-only export (``CompressedTensorsWNA16.create_weights``,
+  ``layers/quantization/compressed_tensors/schemes/compressed_tensors_wNa16.py``): every linear's
+  input width per partition is a whole number of groups (``verify_group_size_divides_partition``,
+  ``vllm/distributed/utils.py``); the Marlin kernel's ``can_implement``
+  (``model_executor/kernels/linear/mixed_precision/marlin.py``) refuses the same straddling group.
+  Only row-parallel linears split their input, so this bites o_proj and down_proj. Per-channel
+  weights (no group) repeat their scales on every rank: no such rule.
+
+Tile misalignment is not a refusal in 0.32 (Marlin zero-pads it; Machete, on Hopper, wants input
+widths per partition divisible by 64 and outputs by 128 but vLLM falls through to Marlin then).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from qig.errors import QigError
+from qig.models import ModelFamily, family_for, get_module
+from qig.pipeline.plan import MemoryPlan, gib, shape_plan
+
+log = logging.getLogger(__name__)
+
+TP_DEGREES = (1, 2, 4, 8)
+DEFAULT_DEVICE_MEMORY = 80 * 2**30  # one 80 GB GPU (A100 / H100)
+DEFAULT_TEXT_TOKENS = 64  # text per calibration sample beside its image: chat template + a COCO-length caption
+GROUP_SIZE_CANDIDATES = (32, 64, 128, 256)  # group sizes vLLM's kernels and qig's export take
+
+# How vLLM shards each decoder linear under tensor parallelism, by the linear's name inside the
+# layer (Llama naming, which every family but InternLM2 uses; InternLM2's fused wqkv and w1/w3/w2).
+PARALLEL_STYLE = {
+    "q_proj": "qkv",
+    "k_proj": "qkv",
+    "v_proj": "qkv",
+    "wqkv": "qkv",
+    "o_proj": "row",
+    "wo": "row",
+    "gate_proj": "column",
+    "up_proj": "column",
+    "w1": "column",
+    "w3": "column",
+    "down_proj": "row",
+    "w2": "row",
+}
+
+
+def model_folder(reference: str | os.PathLike) -> Path:
+    """The local folder of ``--model``: the one place a reference becomes a folder here.
+
+    A folder is taken as it is; hub ids (``org/name``) are resolved by ``qig.loading`` 's owner
+    (``qig.hub``), which plugs in here.
+    """
+    path = Path(reference)
+    if not path.is_dir():
+        problem = "is a file, not a folder" if path.exists() else "does not exist"
+        raise QigError(f"model folder {path} {problem}; pass --model with a folder holding config.json")
+    if not (path / "config.json").is_file():
+        raise QigError(f"{path} has no config.json; qig plan needs at least the checkpoint's config.json")
+    return path
+
+
+def build_meta_model(folder: Path) -> torch.nn.Module:
+    """The checkpoint's model class built from its config on the meta device, in the checkpoint's dtype."""
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    try:
+        config = AutoConfig.from_pretrained(folder, local_files_only=True)
+    except (OSError, ValueError, KeyError) as exc:
+        raise QigError(f"{folder / 'config.json'} cannot be read as a transformers config: {exc}") from exc
+    if getattr(config, "vision_config", None) is None:
+        raise QigError(f"{folder} holds a {config.model_type!r} model without a vision tower; qig needs an LVLM")
+    dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
+    dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
+    try:
+        with torch.device("meta"):
+            return AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    except ValueError as exc:
+        raise QigError(f"{folder}: transformers has no image-text-to-text class for it: {exc}") from exc
+
+
+# ---------------------------------------------------------------- group size
+
+
+def quantized_linears(model: torch.nn.Module, family: ModelFamily) -> dict[str, torch.nn.Linear]:
+    """The linears of decoder layer 0, by name inside the layer (every layer has the same shapes)."""
+    layer = family.decoder_layers(model)[0]
+    return {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+
+
+def working_group_sizes(widths: list[int], candidates: tuple[int, ...] = GROUP_SIZE_CANDIDATES) -> list[int]:
+    """The candidate group sizes that divide every width.
+
+    >>> working_group_sizes([8192, 29568])
+    [32, 64, 128]
+    """
+    return [g for g in candidates if all(w % g == 0 for w in widths)]
+
+
+def group_size_refusal(widths: dict[str, int], group_size: int | None) -> str | None:
+    """One line refusing ``group_size`` (naming the first linear it does not divide and the sizes that work), or None.
+
+    >>> print(group_size_refusal({"mlp.down_proj": 29568, "self_attn.q_proj": 8192}, 256))
+    group_size 256 does not divide in_features 29568 of mlp.down_proj; use 32, 64 or 128 (they divide every \
+quantized linear), or per-channel (--group-size channel)
+    """
+    if group_size is None:
+        return None
+    bad = [(n, w) for n, w in widths.items() if w % group_size]
+    if not bad:
+        return None
+    name, width = bad[0]
+    ok = working_group_sizes(list(widths.values()))
+    more = f" (and {len(bad) - 1} more linears)" if len(bad) > 1 else ""
+    use = (
+        f"use {_or(ok)} (they divide every quantized linear), or per-channel (--group-size channel)"
+        if ok
+        else "use per-channel (--group-size channel): no group size of 32-256 divides every quantized linear"
+    )
+    return f"group_size {group_size} does not divide in_features {width} of {name}{more}; {use}"
+
+
+def check_group_size(model: torch.nn.Module, group_size: int | None, family: ModelFamily | None = None) -> None:
+    """Raise :func:`group_size_refusal`'s line as a QigError; works on a meta model, so before any weight is read.
+
+    >>> check_group_size(build_meta_model(model_folder("path/to/qwen2.5-vl-72b")), 256)  # doctest: +SKIP
+    Traceback (most recent call last):
+    qig.errors.QigError: group_size 256 does not divide in_features 29568 of mlp.down_proj; use 32, 64 or 128 ...
+    """
+    family = family or family_for(model)
+    refusal = group_size_refusal({n: m.in_features for n, m in quantized_linears(model, family).items()}, group_size)
+    if refusal:
+        raise QigError(refusal)
+
+
+# ---------------------------------------------------------------- tensor parallelism
+
+
+def tp_refusals(
+    linears: dict[str, tuple[int, int]],
+    heads: int,
+    kv_heads: int,
+    group_size: int | None,
+    degree: int,
+    grouped_export: bool = True,
+) -> list[str]:
+    """Why vLLM refuses tensor parallelism ``degree`` for these linears (``name: (out, in)``); [] when it loads.
+
+    The rule is the module doc's (vLLM 0.32). ``grouped_export``: the weights are exported
+    grouped (WNA16), so a partition must hold whole groups.
+
+    >>> tp_refusals({"mlp.down_proj": (8192, 29568)}, 64, 8, 128, 2)
+    ['mlp.down_proj: in_features 29568 / 2 = 14784 is not a whole number of groups of 128 (115.5)']
+    """
+    why = []
+    if heads % degree:
+        why.append(f"attention heads {heads} do not divide by {degree}")
+    if degree >= kv_heads and degree % kv_heads or degree < kv_heads and kv_heads % degree:
+        why.append(f"KV heads {kv_heads} and degree {degree}: neither divides the other")
+    for name, (out, inp) in linears.items():
+        style = PARALLEL_STYLE.get(name.rsplit(".", 1)[-1])
+        if style == "column" and out % degree:
+            why.append(f"{name}: out_features {out} do not divide by {degree}")
+        if style == "row":
+            if inp % degree:
+                why.append(f"{name}: in_features {inp} do not divide by {degree}")
+                continue
+            part = inp // degree
+            if grouped_export and group_size and part % group_size:
+                why.append(
+                    f"{name}: in_features {inp} / {degree} = {part} is not a whole number of groups of "
+                    f"{group_size} ({part / group_size:g})"
+                )
+    return why
+
+
+# ---------------------------------------------------------------- vision tokens
+
+
+def vision_tokens(folder: Path, config, width: int, height: int) -> dict:
+    """Image tokens of one ``width`` x ``height`` image, from the family's image-processor class and settings.
+
+    The image processor is built from ``preprocessor_config.json`` (its PIL variant; no torchvision
+    needed); the count follows the family's processor: dynamic resolution (Qwen), anyres tiles
+    (OneVision), tiles + thumbnail with pixel shuffle (InternVL), tiles + global view with pixel
+    shuffle (Idefics3, SmolVLM), or a fixed count (LLaVA-1.5, Gemma 3).
+    """
+    model_type = config.model_type
+    rule = _VISION_RULES.get(model_type)
+    if rule is None:
+        raise QigError(f"no vision-token rule for model type {model_type!r}; pass --tokens instead of --image-size")
+    processor = None
+    if (folder / "preprocessor_config.json").is_file():
+        from transformers import AutoImageProcessor
+
+        try:
+            processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
+        except (OSError, ValueError, KeyError, ImportError) as exc:
+            raise QigError(f"{folder / 'preprocessor_config.json'} cannot be loaded: {exc}") from exc
+    elif model_type not in ("llava", "gemma3"):
+        raise QigError(
+            f"{folder} has no preprocessor_config.json, which {model_type}'s image-token count depends on; "
+            "add it from the checkpoint, or pass --tokens"
+        )
+    tokens, how = rule(processor, config, height, width)
+    return {
+        "image_size": [width, height],
+        "tokens_per_image": int(tokens),
+        "image_processor": type(processor).__name__ if processor is not None else None,
+        "how": how,
+    }
+
+
+def _qwen(processor, config, height, width):
+    patches = processor.get_number_of_image_patches(height, width, {})
+    merge = processor.merge_size
+    return patches // merge**2, f"{patches} patches of {processor.patch_size} px / {merge}x{merge} merge"
+
+
+def _onevision(processor, config, height, width):
+    from transformers.models.llava_onevision.processing_llava_onevision import LlavaOnevisionProcessor
+
+    vision = config.vision_config
+    stub = LlavaOnevisionProcessor.__new__(LlavaOnevisionProcessor)  # its token arithmetic, without a tokenizer
+    stub.image_processor = processor
+    stub.num_image_tokens = (vision.image_size // vision.patch_size) ** 2
+    stub.vision_aspect_ratio = config.vision_aspect_ratio
+    side = processor.size["height"] if "height" in processor.size else processor.size["shortest_edge"]
+    tokens = stub._get_number_of_features(height, width, side, side)
+    if config.vision_feature_select_strategy == "default":
+        tokens -= 1
+    return tokens, f"anyres ({config.vision_aspect_ratio}): base {stub.num_image_tokens} + tiles + newlines"
+
+
+def _internvl(processor, config, height, width):
+    from transformers.models.internvl.processing_internvl import InternVLProcessorKwargs
+
+    kwargs = dict(InternVLProcessorKwargs._defaults.get("images_kwargs", {}))  # the processor crops to tiles
+    tiles = processor.get_number_of_image_patches(height, width, kwargs)
+    return tiles * config.image_seq_length, f"{tiles} tiles of 448 px (thumbnail included) x {config.image_seq_length}"
+
+
+def _idefics(processor, config, height, width):
+    vision = config.vision_config
+    per_crop = int((vision.image_size // vision.patch_size) ** 2 / config.scale_factor**2)
+    _, rows, cols = processor.get_number_of_image_patches(height, width, {})
+    crops = rows * cols + 1
+    return (
+        per_crop * crops,
+        f"{rows}x{cols} tiles + global view, {per_crop} tokens each (pixel shuffle {config.scale_factor})",
+    )
+
+
+def _llava(processor, config, height, width):
+    vision = config.vision_config
+    side = processor.crop_size["height"] if processor is not None else vision.image_size
+    tokens = (side // vision.patch_size) ** 2 + (1 if vision.model_type == "clip_vision_model" else 0)
+    if config.vision_feature_select_strategy == "default":
+        tokens -= 1  # the CLS token is dropped
+    return tokens, f"fixed: resized to {side} px, patch {vision.patch_size}"
+
+
+def _gemma3(processor, config, height, width):
+    return config.mm_tokens_per_image, "fixed: resized to 896 px, pooled to mm_tokens_per_image (pan-and-scan off)"
+
+
+_VISION_RULES = {
+    "qwen2_vl": _qwen,
+    "qwen2_5_vl": _qwen,
+    "qwen3_vl": _qwen,
+    "llava_onevision": _onevision,
+    "internvl": _internvl,
+    "idefics3": _idefics,
+    "smolvlm": _idefics,
+    "llava": _llava,
+    "gemma3": _gemma3,
+}
+
+
+# ---------------------------------------------------------------- the report
+
+
+@dataclass
+class Preflight:
+    """What :func:`preflight` found; ``describe()`` for people, ``to_dict()`` for tests and JSON."""
+
+    model: str
+    model_class: str
+    family: str
+    n_layers: int
+    dtype: str
+    method: str
+    setting: str
+    groups: list[dict]
+    linears: dict[str, tuple[int, int]]
+    group_size: int | None
+    refusal: str | None
+    working_group_sizes: list[int]
+    tensor_parallel: dict[int, list[str]]
+    vision: dict | None
+    tokens_per_sample: int
+    n_samples: int
+    plan: MemoryPlan
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def group_size_ok(self) -> bool:
+        return self.refusal is None
+
+    @property
+    def fits(self) -> bool:
+        return self.plan.on("device") <= (self.plan.device_free or 0)
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "model_class": self.model_class,
+            "family": self.family,
+            "n_layers": self.n_layers,
+            "dtype": self.dtype,
+            "method": self.method,
+            "setting": self.setting,
+            "groups": self.groups,
+            "linears": {k: list(v) for k, v in self.linears.items()},
+            "group_size": self.group_size,
+            "group_size_ok": self.group_size_ok,
+            "refusal": self.refusal,
+            "working_group_sizes": self.working_group_sizes,
+            "tensor_parallel": {d: {"ok": not why, "why": why} for d, why in self.tensor_parallel.items()},
+            "vision": self.vision,
+            "tokens_per_sample": self.tokens_per_sample,
+            "n_samples": self.n_samples,
+            "memory_plan": {"items": dict(self.plan.items), "where": dict(self.plan.where)},
+            "device_memory": self.plan.device_free,
+            "device_peak": self.plan.on("device"),
+            "fits": self.fits,
+            "notes": self.notes,
+        }
+
+    def describe(self) -> str:
+        lines = [
+            f"{self.model}: {self.model_class} ({self.family} family), {self.n_layers} decoder layers, {self.dtype}",
+            f"{self.method} {self.setting}",
+            "",
+            "scale groups of a decoder layer:",
+        ]
+        for g in self.groups:
+            shapes = ", ".join(f"{n} [{o}, {i}]" for n, (o, i) in g["linears"].items())
+            lines.append(f"  {g['name']:<9} {g['prev']} -> {shapes}" + ("" if g["active"] else f"  {g['skipped']}"))
+        lines += ["", "group size:"]
+        if self.group_size is None:
+            lines.append("  per-channel: nothing to divide")
+        elif self.refusal:
+            lines.append(f"  REFUSED: {self.refusal}")
+        else:
+            widths = sorted({i for _, i in self.linears.values()})
+            groups = ", ".join(f"{w} = {w // self.group_size} x {self.group_size}" for w in widths)
+            lines.append(f"  g{self.group_size} divides every quantized linear's input: {groups}")
+        lines += ["", "vLLM tensor parallelism (vLLM 0.32 rule, see qig.preflight):"]
+        for degree, why in self.tensor_parallel.items():
+            lines.append(f"  TP {degree}: " + ("ok" if not why else "refused: " + "; ".join(why)))
+        lines += ["", "calibration:"]
+        if self.vision:
+            v = self.vision
+            lines.append(
+                f"  {v['image_size'][0]}x{v['image_size'][1]} image: {v['tokens_per_image']} vision tokens "
+                f"({v['image_processor'] or 'no image processor needed'}; {v['how']})"
+            )
+        lines.append(f"  {self.n_samples} samples x {self.tokens_per_sample} tokens")
+        lines += ["", self.plan.describe()]
+        verdict = "fits" if self.fits else "does NOT fit"
+        lines.append(f"  {verdict}: device peak {gib(self.plan.on('device'))} of {gib(self.plan.device_free or 0)}")
+        lines += [f"note: {n}" for n in self.notes]
+        return "\n".join(lines)
+
+
+def preflight(
+    model_dir: str | os.PathLike,
+    config,
+    n_samples: int | None = None,
+    image_size: tuple[int, int] | None = (1344, 1344),
+    tokens: int | None = None,
+    text_tokens: int = DEFAULT_TEXT_TOKENS,
+    device_memory: int = DEFAULT_DEVICE_MEMORY,
+    offload_streams: str = "auto",
+) -> Preflight:
+    """The dry run of ``config`` on the checkpoint in ``model_dir`` (see the module doc); reads no weights.
+
+    image_size: (width, height) of one calibration image; each sample is one image plus
+    ``text_tokens`` of text. tokens: the tokens per sample instead (image_size is then ignored).
+    device_memory: bytes of the one GPU the plan is made for.
+
+        >>> report = preflight("path/to/Qwen2.5-VL-72B-Instruct", make_config("awq", wbits=4))  # doctest: +SKIP
+        >>> print(report.describe())  # doctest: +SKIP
+    """
+    from qig.calib import DEFAULT_MAX_LENGTH, DEFAULT_N_SAMPLES
+    from qig.methods.base import method_for
+
+    n_samples = DEFAULT_N_SAMPLES if n_samples is None else n_samples
+    if n_samples < 1:
+        raise QigError(f"n_samples {n_samples} must be at least 1")
+    if device_memory <= 0:
+        raise QigError(f"device memory {device_memory} must be positive (bytes)")
+    folder = model_folder(model_dir)
+    model = build_meta_model(folder)
+    family = family_for(model)
+    layers = family.decoder_layers(model)
+    layer = layers[0]
+    text = model.config.get_text_config()
+
+    groups = []
+    for g in family.groups:
+        active = g in family.active_groups(layer)
+        entry = {
+            "name": g.name,
+            "prev": g.prev,
+            "linears": {n: tuple(get_module(layer, n).weight.shape) for n in g.linears},
+            "block": g.block,
+            "active": active,
+        }
+        if not active:
+            prev = tuple(get_module(layer, g.prev).weight.shape)
+            first = tuple(get_module(layer, g.linears[0]).weight.shape)
+            entry["skipped"] = f"(skipped: {g.prev} {list(prev)} and {g.linears[0]} {list(first)} differ, GQA)"
+        groups.append(entry)
+    linears = {n: (m.out_features, m.in_features) for n, m in quantized_linears(model, family).items()}
+    widths = {n: i for n, (_, i) in linears.items()}
+    group_size = config.group_size
+    refusal = group_size_refusal(widths, group_size)
+
+    heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    grouped = config.abits == 16 and group_size is not None
+    tp = {d: tp_refusals(linears, heads, kv_heads, group_size, d, grouped) for d in TP_DEGREES}
+
+    vision = None
+    if tokens is None:
+        if image_size is None:
+            raise QigError("give an image size (width x height) or the tokens per sample")
+        width, height = image_size
+        if width < 1 or height < 1:
+            raise QigError(f"image size {width}x{height} must be positive")
+        vision = vision_tokens(folder, model.config, width, height)
+        tokens = vision["tokens_per_image"] + text_tokens
+    elif tokens < 1:
+        raise QigError(f"tokens per sample {tokens} must be at least 1")
+
+    method = method_for(config)
+    plan = shape_plan(model, family, n_samples, tokens, config, method, device_memory, offload_streams)
+    notes = []
+    if tokens > DEFAULT_MAX_LENGTH:
+        notes.append(
+            f"{tokens} tokens per sample pass qig quantize's default --max-length {DEFAULT_MAX_LENGTH}, which would "
+            f"cut through the image tokens: pass --max-length {tokens} or more (or smaller images)"
+        )
+    decoder = sum(t.numel() * t.element_size() for t in layer.parameters()) * len(layers)
+    notes.append(  # where the decoder lives is decided at run time, from the host's available memory
+        f"the decoder is {gib(decoder)}: qig quantize --model-offload auto reads it from disk one layer at a time "
+        "when it passes a quarter of the host's available memory"
+    )
+    name = str(model_dir)
+    return Preflight(
+        model=name,
+        model_class=type(model).__name__,
+        family=family.name,
+        n_layers=len(layers),
+        dtype=str(next(layer.parameters()).dtype).removeprefix("torch."),
+        method=config.name,
+        setting=config.label(),
+        groups=groups,
+        linears=linears,
+        group_size=group_size,
+        refusal=refusal,
+        working_group_sizes=working_group_sizes(list(widths.values())),
+        tensor_parallel=tp,
+        vision=vision,
+        tokens_per_sample=tokens,
+        n_samples=n_samples,
+        plan=plan,
+        notes=notes,
+    )
+
+
+def _or(values: list[int]) -> str:
+    words = [str(v) for v in values]
+    return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]
