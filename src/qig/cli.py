@@ -25,7 +25,7 @@ from qig import fileio
 from qig.errors import QigError
 
 # Each module has register(subparsers) -> parser, setting ``func(args) -> int``.
-COMMANDS = ("world", "eval", "quantize", "inspect", "models", "export")
+COMMANDS = ("world", "eval", "quantize", "inspect", "models", "export", "plan")
 
 
 def build_parser() -> argparse.ArgumentParser:

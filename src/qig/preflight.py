@@ -222,7 +222,9 @@ def vision_tokens(folder: Path, config, width: int, height: int) -> dict:
     model_type = config.model_type
     rule = _VISION_RULES.get(model_type)
     if rule is None:
-        raise QigError(f"no vision-token rule for model type {model_type!r}; pass --tokens instead of --image-size")
+        raise QigError(
+            f"no vision-token rule for model type {model_type!r}; pass the tokens per sample instead (--sample-tokens)"
+        )
     processor = None
     if (folder / "preprocessor_config.json").is_file():
         from transformers import AutoImageProcessor
@@ -234,7 +236,7 @@ def vision_tokens(folder: Path, config, width: int, height: int) -> dict:
     elif model_type not in ("llava", "gemma3"):
         raise QigError(
             f"{folder} has no preprocessor_config.json, which {model_type}'s image-token count depends on; "
-            "add it from the checkpoint, or pass --tokens"
+            "add it from the checkpoint, or pass the tokens per sample (--sample-tokens)"
         )
     tokens, how = rule(processor, config, height, width)
     return {
@@ -267,9 +269,9 @@ def _onevision(processor, config, height, width):
 
 
 def _internvl(processor, config, height, width):
-    from transformers.models.internvl.processing_internvl import InternVLProcessorKwargs
+    from transformers.models.internvl.processing_internvl import InternVLProcessor
 
-    kwargs = dict(InternVLProcessorKwargs._defaults.get("images_kwargs", {}))  # the processor crops to tiles
+    kwargs = dict(InternVLProcessor.images_kwargs)  # the processor's own defaults: it crops to tiles
     tiles = processor.get_number_of_image_patches(height, width, kwargs)
     return tiles * config.image_seq_length, f"{tiles} tiles of 448 px (thumbnail included) x {config.image_seq_length}"
 

@@ -118,6 +118,11 @@ def shape_plan(
     streams = run_streams(config, method)
     outside = _outside_bytes(model, family, count_meta=True)
     _add_items(plan, model, family, InMemoryLayers(model, family), n_samples, seq_len, config, method, streams, outside)
+    if not any(streams):  # RTN: no calibration data, no streams
+        key = next(k for k in plan.items if k.startswith("calibration streams"))
+        del plan.items[key], plan.where[key]
+        plan.notes.append(f"{config.name} needs no calibration data")
+        return plan
     if offloads_streams(plan, offload, device):
         key = next(k for k in plan.items if k.startswith("calibration streams"))
         plan.where[key] = "host"
