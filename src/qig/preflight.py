@@ -60,6 +60,7 @@ TP_DEGREES = (1, 2, 4, 8)
 DEFAULT_DEVICE_MEMORY = 80 * 2**30  # one 80 GB GPU (A100 / H100)
 DEFAULT_TEXT_TOKENS = 64  # text per calibration sample beside its image: chat template + a COCO-length caption
 GROUP_SIZE_CANDIDATES = (32, 64, 128, 256)  # group sizes vLLM's kernels and qig's export take
+MARLIN_GROUP_SIZES = (128, 64, 32)  # MARLIN_SUPPORTED_GROUP_SIZES of vLLM 0.32 (marlin_utils.py), largest first
 
 # How vLLM shards each decoder linear under tensor parallelism, by the linear's name inside the
 # layer (Llama naming, which every family but InternLM2 uses; InternLM2's fused wqkv and w1/w3/w2).
@@ -208,6 +209,20 @@ def tp_refusals(
     return why
 
 
+def tp_alternatives(linears: dict[str, tuple[int, int]], heads: int, kv_heads: int, degree: int) -> list[str]:
+    """The weight settings vLLM would load at ``degree``: group sizes Marlin takes (128, 64, 32), then per-channel.
+
+    >>> tp_alternatives({"mlp.down_proj": (8192, 29568)}, 64, 8, 4)
+    ['g32', 'per-channel']
+    >>> tp_alternatives({"mlp.down_proj": (3584, 18944)}, 28, 4, 8)  # the heads do not split: nothing loads
+    []
+    """
+    ok = [f"g{g}" for g in MARLIN_GROUP_SIZES if not tp_refusals(linears, heads, kv_heads, g, degree)]
+    if not tp_refusals(linears, heads, kv_heads, None, degree):
+        ok.append("per-channel")
+    return ok
+
+
 # ---------------------------------------------------------------- vision tokens
 
 
@@ -333,6 +348,8 @@ class Preflight:
     refusal: str | None
     working_group_sizes: list[int]
     tensor_parallel: dict[int, list[str]]
+    tensor_parallel_alternatives: dict[int, list[str]]
+    serving: str
     vision: dict | None
     tokens_per_sample: int
     n_samples: int
@@ -362,7 +379,11 @@ class Preflight:
             "group_size_ok": self.group_size_ok,
             "refusal": self.refusal,
             "working_group_sizes": self.working_group_sizes,
-            "tensor_parallel": {d: {"ok": not why, "why": why} for d, why in self.tensor_parallel.items()},
+            "tensor_parallel": {
+                d: {"ok": not why, "why": why, "loads_with": self.tensor_parallel_alternatives.get(d, [])}
+                for d, why in self.tensor_parallel.items()
+            },
+            "serving": self.serving,
             "vision": self.vision,
             "tokens_per_sample": self.tokens_per_sample,
             "n_samples": self.n_samples,
@@ -392,9 +413,13 @@ class Preflight:
             widths = sorted({i for _, i in self.linears.values()})
             groups = ", ".join(f"{w} = {w // self.group_size} x {self.group_size}" for w in widths)
             lines.append(f"  g{self.group_size} divides every quantized linear's input: {groups}")
-        lines += ["", "vLLM tensor parallelism (vLLM 0.32 rule, see qig.preflight):"]
+        lines += ["", "vLLM tensor parallelism, shape rules (vLLM 0.32; see qig.preflight):"]
+        lines.append(f"  {self.serving}")
         for degree, why in self.tensor_parallel.items():
             lines.append(f"  TP {degree}: " + ("ok" if not why else "refused: " + "; ".join(why)))
+            other = self.tensor_parallel_alternatives.get(degree)
+            if why and other:
+                lines.append(f"        loads with {_or(other)} (or an intermediate width padded to whole groups)")
         lines += ["", "calibration:"]
         if self.vision:
             v = self.vision
@@ -467,6 +492,8 @@ def preflight(
     heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
     grouped = config.abits == 16 and group_size is not None
     tp = {d: tp_refusals(linears, heads, kv_heads, group_size, d, grouped) for d in TP_DEGREES}
+    alternatives = {d: tp_alternatives(linears, heads, kv_heads, d) for d, why in tp.items() if why and grouped}
+    serving = _serving(config)
 
     vision = None
     if tokens is None:
@@ -508,6 +535,8 @@ def preflight(
         refusal=refusal,
         working_group_sizes=working_group_sizes(list(widths.values())),
         tensor_parallel=tp,
+        tensor_parallel_alternatives=alternatives,
+        serving=serving,
         vision=vision,
         tokens_per_sample=tokens,
         n_samples=n_samples,
@@ -516,6 +545,16 @@ def preflight(
     )
 
 
-def _or(values: list[int]) -> str:
+def _serving(config) -> str:
+    """What vLLM 0.32 serves the compressed-tensors export of ``config`` with (``qig.export.scheme``)."""
+    from qig.export.scheme import scheme_for
+
+    try:
+        return scheme_for(config.spec, config.abits).serving
+    except QigError as exc:
+        return f"no compressed-tensors export: {exc}"
+
+
+def _or(values: list) -> str:
     words = [str(v) for v in values]
     return words[0] if len(words) == 1 else ", ".join(words[:-1]) + " or " + words[-1]

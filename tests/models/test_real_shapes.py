@@ -177,3 +177,20 @@ def test_qig_plan_json_and_a_missing_folder(capsys, tmp_path):
     )
     assert run_cli("plan", "--model", tmp_path / "nothing") == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_docs_plan_md_shows_what_qig_plan_prints(capsys, monkeypatch):
+    """docs/plan.md's examples are real output: each ```bash qig plan``` block is followed by what it prints now."""
+    import re
+    import shlex
+
+    root = FIXTURES.parents[2]
+    monkeypatch.chdir(root)  # the page's commands name the fixtures from the repository root
+    page = (root / "docs" / "plan.md").read_text()
+    pairs = re.findall(r"```bash\n(qig plan [^\n]+)\n```\n+```text\n(.*?)```", page, flags=re.S)
+    assert len(pairs) == 2
+    for command, shown in pairs:
+        assert run_cli(*shlex.split(command)[1:]) == 0
+        assert capsys.readouterr().out == shown, f"docs/plan.md is out of date for: {command}"
+    for name, (*_, tokens, _) in REAL.items():
+        assert re.search(rf"^\| {re.escape(name)} \| {tokens} \|", page, flags=re.M), name
