@@ -102,7 +102,8 @@ def build_meta_model(folder: Path) -> torch.nn.Module:
     try:
         config = AutoConfig.from_pretrained(folder, local_files_only=True)
     except (OSError, ValueError, KeyError) as exc:
-        raise QigError(f"{folder / 'config.json'} cannot be read as a transformers config: {exc}") from exc
+        why = " ".join(str(exc).split())  # one line
+        raise QigError(f"{folder / 'config.json'} cannot be read as a transformers config: {why}") from exc
     if getattr(config, "vision_config", None) is None:
         raise QigError(f"{folder} holds a {config.model_type!r} model without a vision tower; qig needs an LVLM")
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
@@ -111,7 +112,8 @@ def build_meta_model(folder: Path) -> torch.nn.Module:
         with torch.device("meta"):
             return AutoModelForImageTextToText.from_config(config, dtype=dtype)
     except ValueError as exc:
-        raise QigError(f"{folder}: transformers has no image-text-to-text class for it: {exc}") from exc
+        why = " ".join(str(exc).split())
+        raise QigError(f"{folder}: transformers has no image-text-to-text class for it: {why}") from exc
 
 
 # ---------------------------------------------------------------- group size
@@ -166,6 +168,21 @@ def check_group_size(model: torch.nn.Module, group_size: int | None, family: Mod
     refusal = group_size_refusal({n: m.in_features for n, m in quantized_linears(model, family).items()}, group_size)
     if refusal:
         raise QigError(refusal)
+
+
+def check_checkpoint_group_size(model_dir: str | os.PathLike, group_size: int | None) -> None:
+    """:func:`check_group_size` on a checkpoint folder, from its config alone: the call ``qig quantize`` can make
+    before it loads anything.
+
+    >>> check_checkpoint_group_size("tests/fixtures/real_configs/qwen2.5-vl-72b-instruct", 128)
+    >>> check_checkpoint_group_size("tests/fixtures/real_configs/qwen2.5-vl-72b-instruct", 256)
+    Traceback (most recent call last):
+    ...
+    qig.errors.QigError: group_size 256 does not divide in_features 29568 of mlp.down_proj; use 32, 64 or 128 \
+(they divide every quantized linear), or per-channel (--group-size channel)
+    """
+    if group_size is not None:
+        check_group_size(build_meta_model(model_folder(model_dir)), group_size)
 
 
 # ---------------------------------------------------------------- tensor parallelism
@@ -247,7 +264,8 @@ def vision_tokens(folder: Path, config, width: int, height: int) -> dict:
         try:
             processor = AutoImageProcessor.from_pretrained(folder, local_files_only=True)
         except (OSError, ValueError, KeyError, ImportError) as exc:
-            raise QigError(f"{folder / 'preprocessor_config.json'} cannot be loaded: {exc}") from exc
+            why = " ".join(str(exc).split())
+            raise QigError(f"{folder / 'preprocessor_config.json'} cannot be loaded: {why}") from exc
     elif model_type not in ("llava", "gemma3"):
         raise QigError(
             f"{folder} has no preprocessor_config.json, which {model_type}'s image-token count depends on; "
@@ -511,9 +529,10 @@ def preflight(
     plan = shape_plan(model, family, n_samples, tokens, config, method, device_memory, offload_streams)
     notes = []
     if tokens > DEFAULT_MAX_LENGTH:
+        cut = "cut through the image tokens" if vision else f"cut every sample to {DEFAULT_MAX_LENGTH} tokens"
         notes.append(
             f"{tokens} tokens per sample pass qig quantize's default --max-length {DEFAULT_MAX_LENGTH}, which would "
-            f"cut through the image tokens: pass --max-length {tokens} or more (or smaller images)"
+            f"{cut}: pass --max-length {tokens} or more" + (" (or smaller images)" if vision else "")
         )
     decoder = sum(t.numel() * t.element_size() for t in layer.parameters()) * len(layers)
     notes.append(  # where the decoder lives is decided at run time, from the host's available memory

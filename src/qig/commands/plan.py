@@ -38,7 +38,7 @@ class PlanOptions:
     )
     sample_tokens: int | None = option(None, "tokens per calibration sample, instead of --image-size", min=1)
     text_tokens: int = option(64, "text tokens per sample beside its image (template and caption)", min=0)
-    device_memory: float = option(80.0, "memory of the one GPU the plan is for, in GiB", min=1e-3)
+    device_memory: float = option(80.0, "memory of the one GPU the plan is for, in GiB", min=1e-3, max=2**20)
     json: bool = option(False, "print the report as JSON")
 
     def __post_init__(self) -> None:
