@@ -360,6 +360,7 @@ class Preflight:
     dtype: str
     method: str
     setting: str
+    settings: dict  # the config's fields that differ from the method's defaults (besides wbits, abits, group size)
     groups: list[dict]
     linears: dict[str, tuple[int, int]]
     group_size: int | None
@@ -391,6 +392,7 @@ class Preflight:
             "dtype": self.dtype,
             "method": self.method,
             "setting": self.setting,
+            "settings": self.settings,
             "groups": self.groups,
             "linears": {k: list(v) for k, v in self.linears.items()},
             "group_size": self.group_size,
@@ -415,7 +417,7 @@ class Preflight:
     def describe(self) -> str:
         lines = [
             f"{self.model}: {self.model_class} ({self.family} family), {self.n_layers} decoder layers, {self.dtype}",
-            f"{self.method} {self.setting}",
+            f"{self.method} {self.setting}" + "".join(f", {k}={v}" for k, v in self.settings.items()),
             "",
             "scale groups of a decoder layer:",
         ]
@@ -548,6 +550,7 @@ def preflight(
         dtype=str(next(layer.parameters()).dtype).removeprefix("torch."),
         method=config.name,
         setting=config.label(),
+        settings=_other_settings(config),
         groups=groups,
         linears=linears,
         group_size=group_size,
@@ -562,6 +565,39 @@ def preflight(
         plan=plan,
         notes=notes,
     )
+
+
+def _other_settings(config) -> dict:
+    """The fields of ``config`` that differ from its method's defaults at the same wbits, abits and group size.
+
+    Nested settings show only what differs in them: ``gptq.damp``, ``token_weights`` as ``qig(steps=4)``.
+
+    >>> from qig.methods.config import make_config
+    >>> _other_settings(make_config("qig", wbits=3, steps=4, seed=1))
+    {'seed': 1, 'steps': 4}
+    >>> _other_settings(make_config("gptq", wbits=4, token_weights=make_config("qig", wbits=4, steps=4)))
+    {'token_weights': 'qig(steps=4)'}
+    """
+    import dataclasses
+
+    from qig.methods.config import QuantConfig
+
+    default = type(config)(**{k: getattr(config, k) for k in ("wbits", "abits", "group_size")})
+    out = {}
+    for f in dataclasses.fields(config):
+        value, base = getattr(config, f.name), getattr(default, f.name)
+        if value == base:
+            continue
+        if isinstance(value, QuantConfig):  # another method's config (GPTQ's token weights)
+            inner = ", ".join(f"{k}={v}" for k, v in _other_settings(value).items())
+            out[f.name] = f"{value.name}({inner})" if inner else value.name
+        elif dataclasses.is_dataclass(value) and dataclasses.is_dataclass(base):
+            for g in dataclasses.fields(value):
+                if getattr(value, g.name) != getattr(base, g.name):
+                    out[f"{f.name}.{g.name}"] = getattr(value, g.name)
+        else:
+            out[f.name] = value
+    return dict(sorted(out.items()))
 
 
 def _serving(config) -> str:

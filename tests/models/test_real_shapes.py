@@ -194,3 +194,14 @@ def test_docs_plan_md_shows_what_qig_plan_prints(capsys, monkeypatch):
         assert capsys.readouterr().out == shown, f"docs/plan.md is out of date for: {command}"
     for name, (*_, tokens, _) in REAL.items():
         assert re.search(rf"^\| {re.escape(name)} \| {tokens} \|", page, flags=re.M), name
+
+
+def test_method_options_show_in_the_report(capsys):
+    folder = FIXTURES / "qwen2-vl-7b-instruct"
+    assert run_cli("plan", "--model", folder, "--method", "gptq", "--token-weights", "qig", "--steps", "4") == 0
+    assert capsys.readouterr().out.splitlines()[1] == "gptq W4A16 g128, token_weights=qig(steps=4)"
+    # QIG's path batch grows with its quadrature nodes: the options reach the memory plan
+    small = preflight(folder, make_config("qig", wbits=4, steps=2), n_samples=4, tokens=64)
+    large = preflight(folder, make_config("qig", wbits=4, steps=32), n_samples=4, tokens=64)
+    key = next(k for k in large.plan.items if k.startswith("QIG path batch"))
+    assert large.plan.items[key] > next(v for k, v in small.plan.items.items() if k.startswith("QIG path batch"))
