@@ -36,6 +36,9 @@ decoder layer breaks it):
   (``model_executor/kernels/linear/mixed_precision/marlin.py``) refuses the same straddling group.
   Only row-parallel linears split their input, so this bites o_proj and down_proj. Per-channel
   weights (no group) repeat their scales on every rank: no such rule.
+- The vision tower, though kept in full precision, is sharded too (default
+  ``--mm-encoder-tp-mode weights``): its attention heads and MLP width divide by the degree
+  (:func:`vision_tp_refusals`; Qwen2.5-VL's 3420-wide vision MLP refuses TP 8).
 
 Tile misalignment is not a refusal in 0.32 (Marlin zero-pads it; Machete, on Hopper, wants input
 widths per partition divisible by 64 and outputs by 128 but vLLM falls through to Marlin then).
@@ -226,6 +229,35 @@ def tp_refusals(
     return why
 
 
+def vision_tp_refusals(vision_config, degree: int, model_type: str = "") -> list[str]:
+    """Why vLLM refuses ``degree`` for the vision tower (kept in full precision but sharded like the decoder).
+
+    vLLM 0.32 shards every tower it serves with the default ``--mm-encoder-tp-mode weights``: attention
+    heads per rank (``divide(num_heads, tp_size)``) and the MLP as a column- then row-parallel pair
+    (qwen2_vl.py, qwen2_5_vl.py ``Qwen2_5_VisionMLP``, qwen3_vl.py, siglip.py, clip.py,
+    idefics2_vision_model.py, intern_vit.py). ``--mm-encoder-tp-mode data`` keeps the whole tower on
+    every rank. InternViT gives up head sharding instead of refusing (intern_vit.py), so its heads
+    are not checked.
+
+    >>> from types import SimpleNamespace
+    >>> vision_tp_refusals(SimpleNamespace(num_heads=16, intermediate_size=3420), 8)
+    ['vision tower: MLP width 3420 does not divide by 8']
+    """
+    heads = getattr(vision_config, "num_heads", None) or getattr(vision_config, "num_attention_heads", None)
+    width = getattr(vision_config, "intermediate_size", None)
+    if width is None and getattr(vision_config, "mlp_ratio", None):  # Qwen2-VL's tower: embed_dim x mlp_ratio
+        width = int(vision_config.embed_dim * vision_config.mlp_ratio)
+    why = []
+    if heads and degree > 1 and heads % degree and model_type not in _HEADS_NOT_SHARDED:
+        why.append(f"vision tower: {heads} attention heads do not divide by {degree}")
+    if width and width % degree:
+        why.append(f"vision tower: MLP width {width} does not divide by {degree}")
+    return why
+
+
+_HEADS_NOT_SHARDED = {"internvl"}  # InternViT replicates its attention when the heads do not split (intern_vit.py)
+
+
 def tp_alternatives(linears: dict[str, tuple[int, int]], heads: int, kv_heads: int, degree: int) -> list[str]:
     """The weight settings vLLM would load at ``degree``: group sizes Marlin takes (128, 64, 32), then per-channel.
 
@@ -366,7 +398,8 @@ class Preflight:
     group_size: int | None
     refusal: str | None
     working_group_sizes: list[int]
-    tensor_parallel: dict[int, list[str]]
+    tensor_parallel: dict[int, list[str]]  # everything vLLM refuses at each degree: decoder, then vision tower
+    vision_tensor_parallel: dict[int, list[str]]  # the vision tower's part of it
     tensor_parallel_alternatives: dict[int, list[str]]
     serving: str
     vision: dict | None
@@ -438,8 +471,10 @@ class Preflight:
         for degree, why in self.tensor_parallel.items():
             lines.append(f"  TP {degree}: " + ("ok" if not why else "refused: " + "; ".join(why)))
             other = self.tensor_parallel_alternatives.get(degree)
-            if why and other:
+            if other:
                 lines.append(f"        loads with {_or(other)} (or an intermediate width padded to whole groups)")
+            if self.vision_tensor_parallel.get(degree):
+                lines.append("        vision tower: vLLM's --mm-encoder-tp-mode data keeps it whole on every rank")
         lines += ["", "calibration:"]
         if self.vision:
             v = self.vision
@@ -513,6 +548,7 @@ def preflight(
     grouped = config.abits == 16 and group_size is not None
     tp = {d: tp_refusals(linears, heads, kv_heads, group_size, d, grouped) for d in TP_DEGREES}
     alternatives = {d: tp_alternatives(linears, heads, kv_heads, d) for d, why in tp.items() if why and grouped}
+    vision_tp = {d: vision_tp_refusals(model.config.vision_config, d, model.config.model_type) for d in TP_DEGREES}
     serving = _serving(config)
 
     vision = None
@@ -556,7 +592,8 @@ def preflight(
         group_size=group_size,
         refusal=refusal,
         working_group_sizes=working_group_sizes(list(widths.values())),
-        tensor_parallel=tp,
+        tensor_parallel={d: tp[d] + vision_tp[d] for d in TP_DEGREES},
+        vision_tensor_parallel=vision_tp,
         tensor_parallel_alternatives=alternatives,
         serving=serving,
         vision=vision,

@@ -83,15 +83,26 @@ def test_vision_tokens_and_memory_plan(reports, name):
     assert "memory plan (one GPU, 80.00 GiB)" in r.describe()
 
 
+VISION_3420 = "vision tower: MLP width 3420 does not divide by 8"  # Qwen2.5-VL's vision MLP, sharded by vLLM too
+
+
 def test_qwen25_vl_72b_g128_names_the_refused_tp_degrees(reports):
     r = reports["qwen2.5-vl-72b-instruct"]
     assert r.linears["mlp.down_proj"] == (8192, 29568)  # 231 groups of 128
     for degree, groups in ((2, "115.5"), (4, "57.75"), (8, "28.875")):
-        (why,) = r.tensor_parallel[degree]
+        why, *vision = r.tensor_parallel[degree]
         assert why.startswith(f"mlp.down_proj: in_features 29568 / {degree}") and f"({groups})" in why
-    # per-channel weights repeat their scales on every rank: vLLM's group rule does not apply
+        assert vision == r.vision_tensor_parallel[degree] == ([] if degree < 8 else [VISION_3420])
+    assert r.tensor_parallel_alternatives == {
+        2: ["g64", "g32", "per-channel"],
+        4: ["g32", "per-channel"],
+        8: ["per-channel"],
+    }
+    # per-channel weights repeat their scales on every rank: vLLM's group rule does not apply; what is left at TP 8
+    # is the vision tower's MLP, 3420 wide (vLLM shards the tower too unless --mm-encoder-tp-mode data)
     channel = preflight(FIXTURES / "qwen2.5-vl-72b-instruct", make_config("awq", wbits=4, group_size=None))
-    assert all(not why for why in channel.tensor_parallel.values())
+    assert {d: why for d, why in channel.tensor_parallel.items() if why} == {8: [VISION_3420]}
+    assert channel.vision_tensor_parallel[8] == channel.tensor_parallel[8]
 
 
 def test_the_7b_size_passes_where_the_72b_fails():
