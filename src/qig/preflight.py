@@ -62,6 +62,7 @@ log = logging.getLogger(__name__)
 TP_DEGREES = (1, 2, 4, 8)
 DEFAULT_DEVICE_MEMORY = 80 * 2**30  # one 80 GB GPU (A100 / H100)
 DEFAULT_TEXT_TOKENS = 64  # text per calibration sample beside its image: chat template + a COCO-length caption
+DEFAULT_IMAGE_SIZE = (1344, 1344)  # (width, height): a real photo's size, 2304 tokens for Qwen2-VL
 GROUP_SIZE_CANDIDATES = (32, 64, 128, 256)  # group sizes vLLM's kernels and qig's export take
 MARLIN_GROUP_SIZES = (128, 64, 32)  # MARLIN_SUPPORTED_GROUP_SIZES of vLLM 0.32 (marlin_utils.py), largest first
 
@@ -494,7 +495,7 @@ def preflight(
     model_dir: str | os.PathLike,
     config,
     n_samples: int | None = None,
-    image_size: tuple[int, int] | None = (1344, 1344),
+    image_size: tuple[int, int] | None = DEFAULT_IMAGE_SIZE,
     tokens: int | None = None,
     text_tokens: int = DEFAULT_TEXT_TOKENS,
     device_memory: int = DEFAULT_DEVICE_MEMORY,

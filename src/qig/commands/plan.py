@@ -20,10 +20,13 @@ import json
 from dataclasses import dataclass
 
 from qig.commands.flags import add_flag, add_flags, from_args, given
-from qig.commands.quantize import RUN_OPTIONS, group_size_flag
+from qig.commands.quantize import RUN_OPTIONS, _add_method_flag
 from qig.errors import QigError
 from qig.methods.config import CONFIGS, all_options, config_from_options, methods_with, preset_names
 from qig.options import check_fields, option
+from qig.preflight import DEFAULT_DEVICE_MEMORY, DEFAULT_IMAGE_SIZE, DEFAULT_TEXT_TOKENS
+
+IMAGE_SIZE = "{}x{}".format(*DEFAULT_IMAGE_SIZE)
 
 SHARED_RUN_OPTIONS = ("method", "n_samples", "offload_streams")  # qig quantize's run options that change the plan
 
@@ -34,11 +37,13 @@ class PlanOptions:
 
     model: str = option(None, "model folder holding the checkpoint's config.json", required=True, path=True)
     image_size: str | None = option(
-        None, "one calibration image, WIDTHxHEIGHT (default 1344x1344); its vision tokens come from the image processor"
+        None, f"one calibration image, WIDTHxHEIGHT (default {IMAGE_SIZE}); its vision tokens come from its processor"
     )
     sample_tokens: int | None = option(None, "tokens per calibration sample, instead of --image-size", min=1)
-    text_tokens: int = option(64, "text tokens per sample beside its image (template and caption)", min=0)
-    device_memory: float = option(80.0, "memory of the one GPU the plan is for, in GiB", min=1e-3, max=2**20)
+    text_tokens: int = option(DEFAULT_TEXT_TOKENS, "text tokens per sample beside its image (template, caption)", min=0)
+    device_memory: float = option(
+        DEFAULT_DEVICE_MEMORY / 2**30, "memory of the one GPU the plan is for, in GiB", min=1e-3, max=2**20
+    )
     json: bool = option(False, "print the report as JSON")
 
     def __post_init__(self) -> None:
@@ -56,13 +61,11 @@ def register(sub) -> argparse.ArgumentParser:
         add_flag(p, RUN_OPTIONS[key])
     methods = p.add_argument_group("method options (in brackets: which methods take it, where not all)")
     for key, opt in all_options().items():
-        holders = methods_with(key)
-        suffix = f" [{', '.join(holders)}]" if len(holders) < len(CONFIGS) else ""
-        add_flag(methods, opt, suffix, **({"type": group_size_flag} if key == "group_size" else {}))
-    for preset in preset_names():
-        methods.add_argument(
-            f"--{preset}", action="store_true", default=None, help=f"[{', '.join(methods_with(preset))}]"
-        )
+        _add_method_flag(methods, opt, methods_with(key))  # qig quantize's method flags, declared once
+    for preset in preset_names():  # as qig quantize offers them
+        holders = methods_with(preset)
+        doc = getattr(CONFIGS[holders[0]], preset).__doc__.strip().splitlines()[0]
+        methods.add_argument(f"--{preset}", action="store_true", default=None, help=f"{doc} [{', '.join(holders)}]")
     p.set_defaults(func=run)
     return p
 
@@ -96,7 +99,7 @@ def run(args) -> int:
         raise QigError(
             "--sample-tokens gives the whole sample; drop --image-size and --text-tokens, or drop --sample-tokens"
         )
-    image = parse_image_size(opts.image_size or "1344x1344")
+    image = parse_image_size(opts.image_size or IMAGE_SIZE)
     report = preflight(
         opts.model,
         config,
