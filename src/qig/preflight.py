@@ -487,6 +487,11 @@ class Preflight:
         lines += ["", self.plan.describe()]
         verdict = "fits" if self.fits else "does NOT fit"
         lines.append(f"  {verdict}: device peak {gib(self.plan.on('device'))} of {gib(self.plan.device_free or 0)}")
+        decoder = next(n for k, n in self.plan.items.items() if k.startswith("decoder layers"))
+        lines.append(
+            f"  host: about {gib(self.plan.on('host'))}, {gib(decoder)} of it the decoder layers, which "
+            "--model-offload disk leaves on disk (auto does, past a quarter of the host's available memory)"
+        )
         lines += [f"note: {n}" for n in self.notes]
         return "\n".join(lines)
 
@@ -573,11 +578,6 @@ def preflight(
             f"{tokens} tokens per sample pass qig quantize's default --max-length {DEFAULT_MAX_LENGTH}, which would "
             f"{cut}: pass --max-length {tokens} or more" + (" (or smaller images)" if vision else "")
         )
-    decoder = sum(t.numel() * t.element_size() for t in layer.parameters()) * len(layers)
-    notes.append(  # where the decoder lives is decided at run time, from the host's available memory
-        f"the decoder is {gib(decoder)}: qig quantize --model-offload auto reads it from disk one layer at a time "
-        "when it passes a quarter of the host's available memory"
-    )
     name = str(model_dir)
     return Preflight(
         model=name,
