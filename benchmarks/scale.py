@@ -114,7 +114,7 @@ def quantize_argv(args, row: str, folder: Path, output: Path) -> list[str]:
     argv = ["quantize", "--model", str(folder), *row_flags(row), "--wbits", str(args.wbits)]
     argv += ["--group-size", str(args.group_size), "--device", args.device]
     if uses_calibration(row):
-        argv += ["--n-samples", str(args.n_samples), "--max-length", str(MAX_LENGTH)]
+        argv += ["--calib", "embedded", "--n-samples", str(args.n_samples), "--max-length", str(MAX_LENGTH)]
     if args.n_grid is not None and takes(row, "n_grid"):
         argv += ["--n-grid", str(args.n_grid)]
     argv += ["--output", str(output), "--overwrite", "--no-progress"]

@@ -139,7 +139,7 @@ def test_calibration_for_builds_what_the_family_says(split):
     from _tiny import tiny_llava
 
     model = tiny_llava()
-    embedded = calibration_for(model, processor(), n_samples=3)
+    embedded = calibration_for(model, processor(), "embedded", n_samples=3)
     same = embedded_calibration(processor(), n_samples=3, image_seq_length=36)
     assert all(torch.equal(a, b) for a, b in zip(_ids(embedded), _ids(same), strict=True))
     assert all(int((s.roles == VISION).sum()) == 36 for s in embedded.samples)
@@ -148,7 +148,7 @@ def test_calibration_for_builds_what_the_family_says(split):
         s.id for s in load_calibration(split, processor(), n_samples=4, seed=3).samples
     ]
     with pytest.raises(QigError, match="image_folder goes with a calibration file"):
-        calibration_for(model, processor(), image_folder=split.parent)
+        calibration_for(model, processor(), "embedded", image_folder=split.parent)
 
 
 def test_gemma3_vision_roles_are_where_the_model_puts_image_features():
@@ -159,7 +159,7 @@ def test_gemma3_vision_roles_are_where_the_model_puts_image_features():
     from qig.models import family_for
 
     model, proc = build("gemma3")
-    calib = calibration_for(model, proc, n_samples=2)
+    calib = calibration_for(model, proc, "embedded", n_samples=2)
     batch = next(calib.batches(2))
     assert [int(n) for n in (batch.roles == VISION).sum(1)] == [model.config.mm_tokens_per_image] * 2
     seen = {}

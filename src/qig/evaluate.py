@@ -216,15 +216,16 @@ def run_eval(
     batch_size: int = 64,
     blank_images: bool = False,
     reference: ReferenceOutputs | None = None,
+    revision: str | None = None,
 ) -> dict:
-    """Evaluate a model folder on the world's eval split (or ``data``); see module doc.
+    """Evaluate a model folder or hub id on the world's eval split (or ``data``); see module doc.
 
     ``blank_images`` replaces every image by an empty background (same noise
     level), to show how much the answers depend on the image. ``reference``:
     a reference's outputs on the same questions, computed once
     (``reference_outputs``), instead of ``reference_dir``.
     """
-    model, processor = load_model_and_processor(model_dir, device)
+    model, processor = load_model_and_processor(model_dir, device, revision=revision)
     if data is not None:
         records = load_records(data, image_folder, limit)
     else:

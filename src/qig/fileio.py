@@ -12,7 +12,9 @@ mark are never touched. ``<start>`` is the process start time from
 checked), so a reused pid does not keep a stale folder alive.
 
 Temporary files and folders get the permissions an ordinary file or folder
-would (``0o666`` / ``0o777`` less the umask), not ``tempfile``'s private ``0o600``.
+would (``0o666`` / ``0o777`` less the umask), not ``tempfile``'s private ``0o600``;
+so does everything written inside a temporary folder (``save_file``'s weights too)
+before it is put in place.
 A write that fails with an ``OSError`` (no space left, permission denied, a
 read-only file system) raises a ``QigError`` naming the output and the cause,
 and the temporary is removed.
@@ -388,6 +390,7 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
     try:
         yield tmp
         (tmp / MARKER).unlink(missing_ok=True)
+        _ordinary_modes(tmp)
         if os.path.lexists(out):
             _swap(tmp, out)
         else:
@@ -401,6 +404,18 @@ def atomic_dir(out: str | os.PathLike, overwrite: bool = False) -> Iterator[Path
             raise _write_error(out, exc, tmp) from exc
         raise
     _done(out)
+
+
+def _ordinary_modes(folder: Path) -> None:
+    """Give what was written in ``folder`` the modes ``save_pretrained`` leaves under the umask (0644 / 0755 under 022).
+
+    safetensors' ``save_file`` (so ``save_pretrained``'s weights, too) creates private 0600 files, which a
+    server or teammate under another user cannot read.
+    """
+    mask = _umask()
+    for path in folder.rglob("*"):
+        if not path.is_symlink():
+            path.chmod((0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _swap(tmp: Path, out: Path) -> None:

@@ -4,8 +4,9 @@
     >>> model, processor = load_model_and_processor("path/to/llava")  # doctest: +SKIP
     >>> model, processor = load_model_and_processor()  # the embedded model  # doctest: +SKIP
 
-Local folders only (offline), written by ``save_pretrained``; the folder must
-hold a vision-language model. A weight-activation model folder (``qig quantize
+A folder written by ``save_pretrained``, or a hub id resolved through the
+Hugging Face cache (``qig.hub``: downloaded when online, from the cache when
+offline); it must hold a vision-language model. A weight-activation model folder (``qig quantize
 --abits 8``: its config.json has a ``qig_quantization`` entry with ``abits``
 below 16) is loaded with its per-token activation quantizers re-installed on
 the decoder linears, so it runs with activations really quantized.
@@ -33,8 +34,9 @@ def load_model_and_processor(
     trust_remote_code: bool = False,
     activation_quantizers: bool = True,
     decoder: str = "memory",
+    revision: str | None = None,
 ):
-    """Load an LVLM and its processor from a local folder (offline); default: the embedded model.
+    """Load an LVLM and its processor from a folder or a hub id (``qig.hub``); default: the embedded model.
 
     dtype: the weights' dtype, or "auto" for the checkpoint's own.
     decoder: "memory" loads every weight; "disk" loads everything but the decoder
@@ -49,16 +51,19 @@ def load_model_and_processor(
     e.g. for export).
 
     >>> model, processor = load_model_and_processor("out/qig-w4a8")  # doctest: +SKIP
+    >>> model, processor = load_model_and_processor("Qwen/Qwen2-VL-2B-Instruct", revision="main")  # doctest: +SKIP
     """
     from safetensors import SafetensorError
     from transformers import AutoModelForImageTextToText, AutoProcessor
 
-    from qig.embedded import default_model_dir
+    from qig.hub import resolve_model
 
-    path = Path(model_dir) if model_dir is not None else default_model_dir()
+    path = resolve_model(model_dir, revision, trust_remote_code).path
     if not path.is_dir():
         problem = "is a file, not a folder" if path.exists() else "does not exist"
-        raise QigError(f"model folder {path} {problem}; pass --model with a folder written by save_pretrained")
+        raise QigError(
+            f"model folder {path} {problem}; pass --model with a folder written by save_pretrained or a hub id"
+        )
     if not (path / "config.json").is_file():
         raise QigError(f"{path} has no config.json; it is not a transformers model folder")
     try:

@@ -13,7 +13,8 @@ with its ``qig_quantization`` entry, weights, processor) and three run files:
   the calibration tokens' roles, the quantizer's parameters per linear;
 - ``search.json``: the run's config (``"config"``), per-group losses, notes;
 - ``report.json``: config, options, versions, timings, and the model the run
-  quantized (``"source_model"``; older reports: ``"options": {"model": ...}``).
+  quantized (``"source_model"``, its folder; ``"source_hub"``, the hub id and
+  commit it was resolved from, or null; older reports: ``"options": {"model": ...}``).
 
 An exported folder (``qig quantize --format``, ``qig export``) keeps the run
 files in its ``qig/`` subfolder; the readers here look there too.
@@ -133,6 +134,11 @@ def source_model(folder: str | os.PathLike) -> str | None:
     if not isinstance(source, str) or not source:
         where = run_file(folder, REPORT_JSON)
         raise QigError(f"{where}: the source model must be a folder path or null, got {source!r}")
+    hub = report.get("source_hub")
+    if not Path(source).is_dir() and isinstance(hub, dict) and isinstance(hub.get("repo_id"), str):
+        from qig.hub import resolve_model  # a hub model's cache moved (another machine): the same id and commit
+
+        return str(resolve_model(hub["repo_id"], hub.get("revision")).path)
     return source
 
 

@@ -10,8 +10,21 @@ from _tiny import tiny_llava
 
 def test_quantize_writes_a_loadable_model_and_the_search(model_dir, tmp_path, capsys):
     out = tmp_path / "qig"
-    argv = ["--model", model_dir, "--method", "qig", "--wbits", 3, "--group-size", 32, "--n-samples", 4, "--n-grid", 5]
-    assert run_cli("quantize", *argv, "--output", out, "--no-progress") == 0
+    argv = [
+        "--model",
+        model_dir,
+        "--calib",
+        "embedded",
+        "--method",
+        "qig",
+        "--wbits",
+        3,
+        "--group-size",
+        32,
+        "--n-samples",
+        4,
+    ]
+    assert run_cli("quantize", *argv, "--n-grid", 5, "--output", out, "--no-progress") == 0
     assert {"config.json", "model.safetensors", "search.safetensors", "search.json", "report.json"} <= {
         p.name for p in out.iterdir()
     }
@@ -43,7 +56,19 @@ def test_recipe_stands_for_flags(model_dir, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: awq\nwbits: 4\ngroup_size: 32\nn_samples: 2\nn_grid: 3\n")
     out = tmp_path / "awq"
-    argv = ["--recipe", recipe, "--model", model_dir, "--wbits", 3, "--output", out, "--no-progress"]
+    argv = [
+        "--recipe",
+        recipe,
+        "--model",
+        model_dir,
+        "--calib",
+        "embedded",
+        "--wbits",
+        3,
+        "--output",
+        out,
+        "--no-progress",
+    ]
     assert run_cli("quantize", *argv) == 0
     config = json.loads((out / "report.json").read_text())["config"]
     assert (config["method"], config["wbits"], config["n_grid"]) == ("awq", 3, 3)  # the flag wins
@@ -100,7 +125,19 @@ def test_weight_only_flow_on_the_embedded_model(tmp_path):
 )
 def test_gptq_runs_from_the_cli(model_dir, tmp_path, capsys, argv, expected):
     out = tmp_path / "out"
-    common = ["--model", model_dir, "--wbits", 3, "--group-size", 32, "--n-samples", 4, "--no-progress"]
+    common = [
+        "--model",
+        model_dir,
+        "--calib",
+        "embedded",
+        "--wbits",
+        3,
+        "--group-size",
+        32,
+        "--n-samples",
+        4,
+        "--no-progress",
+    ]
     assert run_cli("quantize", *common, *argv, "--output", out) == 0
     config = json.loads((out / "report.json").read_text())["config"]
     assert {k: v["method"] if isinstance(v := config[k], dict) else v for k in expected} == expected
@@ -151,7 +188,9 @@ def test_bad_gptq_combinations_are_one_line_errors(model_dir, tmp_path, capsys, 
 
 def test_group_size_not_dividing_the_model_is_refused_before_writing(model_dir, tmp_path, capsys):
     out = tmp_path / "bad"
-    rc = run_cli("quantize", "--model", model_dir, "--method", "awq", "--group-size", 100, "--output", out)
+    rc = run_cli(
+        "quantize", "--model", model_dir, "--calib", "embedded", "--method", "awq", "--group-size", 100, "--output", out
+    )
     assert rc == 2
     err = capsys.readouterr().err
     assert "group_size 100 does not divide in_features" in err and "Traceback" not in err
@@ -160,7 +199,7 @@ def test_group_size_not_dividing_the_model_is_refused_before_writing(model_dir, 
 
 def test_weight_activation_run_is_evaluated_with_quantized_activations(model_dir, tmp_path, capsys):
     out = tmp_path / "sq"
-    common = ["--model", model_dir, "--n-samples", 4, "--no-progress", "--output", out]
+    common = ["--model", model_dir, "--calib", "embedded", "--n-samples", 4, "--no-progress", "--output", out]
     assert run_cli("quantize", "--method", "smoothquant", "--wbits", 4, "--abits", 8, "--alpha", 0.6, *common) == 0
     assert "wrote smoothquant W4A8 per-channel sym model" in capsys.readouterr().out
     entry = json.loads((out / "config.json").read_text())["qig_quantization"]
@@ -252,3 +291,21 @@ def test_inspect_reads_group_size_channel_as_per_channel():
     assert from_args(args, InspectOptions).group_size is None
     args = build_parser().parse_args(["inspect", "--output", "maps"])
     assert from_args(args, InspectOptions).group_size == 128
+
+
+@pytest.mark.parametrize("fmt", [None, "compressed-tensors"], ids=["run-folder", "export"])
+def test_written_files_follow_the_umask_as_save_pretrained_leaves_them(tmp_path, fmt):
+    import os
+    import stat
+
+    out = tmp_path / "out"
+    old = os.umask(0o022)
+    try:
+        extra = ["--format", fmt] if fmt else []
+        assert run_cli("quantize", "--method", "rtn", "--wbits", 4, *extra, "--output", out) == 0
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
+    assert any(name.endswith(".safetensors") for name in modes)  # safetensors' save_file writes 0600 by itself
+    assert {name: m for name, m in modes.items() if m != (0o755 if (out / name).is_dir() else 0o644)} == {}
+    assert stat.S_IMODE(out.stat().st_mode) == 0o755

@@ -33,7 +33,10 @@ def corrupt_model_dir(model_dir, tmp_path_factory):
 
 @pytest.mark.parametrize(
     "argv",
-    [["--method", "rtn", "--wbits", "3"], ["--method", "awq", "--wbits", "3", "--n-samples", "2", "--n-grid", "3"]],
+    [
+        ["--method", "rtn", "--wbits", "3"],
+        ["--method", "awq", "--wbits", "3", "--calib", "embedded", "--n-samples", "2", "--n-grid", "3"],
+    ],
     ids=["rtn", "awq"],
 )
 def test_a_nan_in_a_decoder_weight_is_refused(corrupt_model_dir, tmp_path, capsys, argv):

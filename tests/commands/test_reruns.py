@@ -5,7 +5,7 @@ import json
 import pytest
 from _cli import run_cli
 
-CALIBRATED = ["--n-samples", "16"]
+CALIBRATED = ["--calib", "embedded", "--n-samples", "16"]
 RUNS = {
     "rtn": ["--method", "rtn", "--wbits", "3", "--group-size", "32"],  # rtn refuses calibration flags
     "awq": ["--method", "awq", "--wbits", "3", "--group-size", "32", *CALIBRATED],

@@ -13,7 +13,7 @@ from _tensors import model_tensors, same
 
 from qig.pipeline.journal import Journal
 
-BASE = ["--n-samples", 4, "--no-progress"]
+BASE = ["--calib", "embedded", "--n-samples", 4, "--no-progress"]
 CASES = {
     "awq": ["--method", "awq", "--wbits", 3, "--n-grid", 5],
     "gptq-qig": ["--method", "gptq", "--token-weights", "qig", "--wbits", 3],
@@ -90,6 +90,17 @@ def test_resume_refuses_other_inputs_and_a_fresh_run_keeps_the_partial(model_dir
     assert run_cli(*argv(model_dir, out, "awq")) == 2  # no --resume: the partial run is not thrown away
     assert "pass --resume to continue it" in capsys.readouterr().err
     assert Journal(tmp_path / "out.partial", {}).finished() == [0]
+
+
+def test_a_run_stopped_before_its_first_layer_finishes_leaves_no_partial_folder(model_dir, tmp_path, monkeypatch):
+    def stop(self, finished):
+        raise KeyboardInterrupt  # as Ctrl-C during layer 0: only the fingerprint has been written
+
+    monkeypatch.setattr(Journal, "save_layer", stop)
+    out = tmp_path / "out"
+    assert run_cli(*argv(model_dir, out, "awq")) == 130
+    assert not out.exists() and not (tmp_path / "out.partial").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []
 
 
 def test_resume_without_a_partial_run_is_refused(model_dir, tmp_path, capsys):

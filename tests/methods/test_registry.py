@@ -51,8 +51,13 @@ def test_a_registered_method_runs_through_the_api(toy_method, calib):
 
 def test_a_registered_method_runs_through_the_cli(toy_method, model_dir, tmp_path, capsys):
     out = tmp_path / "toy"
-    argv = ["--model", model_dir, "--method", "answer-heavy", "--emphasis", 2.5, "--wbits", 3, "--group-size", 32]
-    assert run_cli("quantize", *argv, "--n-samples", 2, "--n-grid", 3, "--output", out, "--no-progress") == 0
+    argv = ["--model", model_dir, "--calib", "embedded", "--method", "answer-heavy", "--emphasis", 2.5, "--wbits", 3]
+    assert (
+        run_cli(
+            "quantize", *argv, "--group-size", 32, "--n-samples", 2, "--n-grid", 3, "--output", out, "--no-progress"
+        )
+        == 0
+    )
     config = json.loads((out / "report.json").read_text())["config"]
     assert (config["method"], config["emphasis"], config["n_grid"]) == ("answer-heavy", 2.5, 3)
     # its option is refused for the other methods, naming who takes it
@@ -61,7 +66,18 @@ def test_a_registered_method_runs_through_the_cli(toy_method, model_dir, tmp_pat
     assert "awq has no option --emphasis (answer-heavy takes --emphasis)" in capsys.readouterr().err
     # GPTQ borrows its token weights, its options given alongside
     out = tmp_path / "gptq"
-    argv = ["--model", model_dir, "--method", "gptq", "--token-weights", "answer-heavy", "--emphasis", 3]
+    argv = [
+        "--model",
+        model_dir,
+        "--calib",
+        "embedded",
+        "--method",
+        "gptq",
+        "--token-weights",
+        "answer-heavy",
+        "--emphasis",
+        3,
+    ]
     assert run_cli("quantize", *argv, "--wbits", 3, "--group-size", 32, "--n-samples", 2, "--output", out) == 0
     config = json.loads((out / "report.json").read_text())["config"]
     assert config["token_weights"]["method"] == "answer-heavy" and config["token_weights"]["emphasis"] == 3

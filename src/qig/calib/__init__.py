@@ -36,6 +36,16 @@ folder, a parquet file, else JSON / JSONL), not from the file name:
 - plain text JSONL, one ``{"text": "..."}`` per line: the whole text is
   treated as the answer (a language-model calibration sample).
 
+- a Hugging Face hub dataset id (``org/name``; ``split`` picks one of its
+  splits when it has several): its parquet (or JSON / JSONL) data files,
+  resolved through the hub cache like a model id (``qig.hub``: downloaded
+  when online, from the cache when offline) and read as above; e.g.
+  ``lmms-lab/flickr30k`` (``image`` + a ``caption`` list: the first caption).
+- ``embedded`` (:data:`EMBEDDED`): the embedded world's calibration split,
+  asked for by name. It is the default only for the shipped embedded models;
+  any other model without calibration data is refused
+  (:func:`check_calibration_source`), never silently calibrated on the toy world.
+
 Relative image paths are under ``image_folder``, by default the folder that
 holds the calibration file (or ``datasets`` folder). Every format's rows pass
 one schema check (``qig.calib.files.check_record``): a bad row gets the same
@@ -88,7 +98,7 @@ from qig.calib.data import (
     CalibrationSet,
     Sample,
 )
-from qig.calib.files import open_records, read_records
+from qig.calib.files import read_records
 from qig.calib.render import answer_span, chat_texts, check_n_samples, from_records
 from qig.errors import QigError
 from qig.models import family_for
@@ -108,7 +118,9 @@ __all__ = [
     "answer_span",
     "calibration_for",
     "chat_texts",
+    "EMBEDDED",
     "check_calibration_file",
+    "check_calibration_source",
     "embedded_calibration",
     "from_records",
     "load_calibration",
@@ -117,6 +129,34 @@ __all__ = [
 ]
 
 log = logging.getLogger(__name__)
+
+EMBEDDED = "embedded"  # --calib embedded: the embedded world's calibration split, asked for by name
+FORMATS = (
+    "LLaVA/ShareGPT4V JSON or JSONL (with --image-folder), OpenAI messages JSONL, text JSONL, a datasets folder, "
+    "a parquet file, a hub dataset id (e.g. lmms-lab/flickr30k)"
+)
+
+
+def check_calibration_source(model: str | os.PathLike | None, calib: str | os.PathLike | None) -> None:
+    """Refuse to calibrate a model that is not one of the embedded ones on the embedded world without being asked.
+
+    ``model``: a folder, a hub id or None (the embedded default); ``calib``: what
+    ``--calib`` holds (None: not given). Runs before anything is loaded.
+
+    >>> check_calibration_source(None, None)  # the embedded model: its world is the default
+    >>> check_calibration_source("Qwen/Qwen2-VL-2B-Instruct", "embedded")  # asked for by name
+    >>> check_calibration_source("Qwen/Qwen2-VL-2B-Instruct", None)  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    qig.errors.QigError: --model Qwen/Qwen2-VL-2B-Instruct is not an embedded model, so it needs ... on purpose
+    """
+    from qig.embedded import is_embedded_model
+
+    if calib is None and not is_embedded_model(model):
+        raise QigError(
+            f"--model {model} is not an embedded model, so it needs its calibration data: --calib FILE ({FORMATS}), "
+            f"or --calib {EMBEDDED} to calibrate on the embedded toy world on purpose"
+        )
 
 
 def embedded_calibration(
@@ -146,13 +186,15 @@ def load_calibration(
     max_length: int = DEFAULT_MAX_LENGTH,
     image_seq_length: int | None = None,
     image_token_id: int | None = None,
+    split: str | None = None,
 ) -> CalibrationSet:
-    """Read a calibration file or ``datasets`` folder (formats: the module docstring); shuffle, keep ``n_samples``.
+    """Read a calibration file, ``datasets`` folder or hub dataset (formats: the module doc); keep ``n_samples``.
 
     >>> calib = load_calibration("data/calib/data.json", processor, n_samples=64)  # doctest: +SKIP
     >>> calib = load_calibration("coco-captions.parquet", processor, image_folder="coco/")  # doctest: +SKIP
+    >>> calib = load_calibration("lmms-lab/flickr30k", processor, split="test")  # doctest: +SKIP
     """
-    pairs = _chosen_pairs(path, image_folder, n_samples, seed)
+    pairs = _chosen_pairs(path, image_folder, n_samples, seed, split=split)
     return from_records(
         pairs, processor, max_length=max_length, image_seq_length=image_seq_length, image_token_id=image_token_id
     )
@@ -163,6 +205,7 @@ def check_calibration_file(
     image_folder: str | os.PathLike | None = None,
     n_samples: int = DEFAULT_N_SAMPLES,
     seed: int = 0,
+    split: str | None = None,
 ) -> None:
     """Refuse, before any model is loaded, what ``load_calibration`` would refuse in the file and its images.
 
@@ -172,14 +215,22 @@ def check_calibration_file(
 
     >>> check_calibration_file("captions.json", image_folder="images/", n_samples=64)  # doctest: +SKIP
     """
-    _chosen_pairs(path, image_folder, n_samples, seed, quiet=True)
+    if os.fspath(path) == EMBEDDED:
+        if image_folder is not None:
+            raise QigError(f"--image-folder goes with a calibration file; --calib {EMBEDDED} has its own images")
+        return
+    _chosen_pairs(path, image_folder, n_samples, seed, quiet=True, split=split)
 
 
-def _chosen_pairs(path, image_folder, n_samples: int, seed: int, quiet: bool = False) -> list[tuple[object, dict]]:
+def _chosen_pairs(
+    path, image_folder, n_samples: int, seed: int, quiet: bool = False, split: str | None = None
+) -> list[tuple[object, dict]]:
     """(images, record) of the ``n_samples`` records the seed chooses (a shuffle), images read."""
+    from qig.calib.hubdata import open_source
+
     check_n_samples(n_samples)
-    path = Path(path)
-    source = open_records(path)
+    source = open_source(path, split)
+    path = source.path
     records = source.records
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
@@ -198,13 +249,16 @@ def calibration_for(
     n_samples: int = DEFAULT_N_SAMPLES,
     seed: int | None = None,
     max_length: int = DEFAULT_MAX_LENGTH,
+    split: str | None = None,
 ) -> CalibrationSet:
     """Calibration for ``model``: its family (``qig.models``) says which token gets image features and how many.
 
     path: a LLaVA or ``messages`` JSON/JSONL, a text JSONL, a ``datasets``
-    folder or a parquet file (``load_calibration``, images under
-    ``image_folder``, default the file's folder); None: the embedded world's
-    calibration split (``embedded_calibration``).
+    folder, a parquet file or a hub dataset id (``load_calibration``, images
+    under ``image_folder``, default the file's folder; ``split`` for a hub
+    dataset); ``"embedded"``: the embedded world's calibration split
+    (``embedded_calibration``); None: the same, for the embedded models only
+    (any other model is refused: :func:`check_calibration_source`).
     seed: shuffles the file's records (default 0), or draws the embedded split
     (default ``world.DEFAULT_CALIB_SEED``).
 
@@ -215,11 +269,22 @@ def calibration_for(
     """
     tokens = _image_tokens(model, processor)
     if path is None:
+        check_calibration_source(getattr(model, "name_or_path", "") or "a model built in memory", None)
+    if path is None or os.fspath(path) == EMBEDDED:
         if image_folder is not None:
             raise QigError("image_folder goes with a calibration file (path): the embedded split has its own images")
+        if split is not None:
+            raise QigError("split goes with a hub dataset id (path): the embedded split is one split")
         return embedded_calibration(processor, n_samples, seed=seed, max_length=max_length, **tokens)
     return load_calibration(
-        path, processor, image_folder, n_samples, seed=0 if seed is None else seed, max_length=max_length, **tokens
+        path,
+        processor,
+        image_folder,
+        n_samples,
+        seed=0 if seed is None else seed,
+        max_length=max_length,
+        split=split,
+        **tokens,
     )
 
 

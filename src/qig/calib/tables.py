@@ -10,7 +10,8 @@ their usual names:
 - what is said: ``conversations`` (LLaVA ``from`` / ``value`` turns) or
   ``messages`` (OpenAI-style ``role`` / ``content``), else a caption,
   ``caption`` or ``text``, which becomes the answer to the embedded world's
-  describe-the-image prompt; ``text`` with no image column is a plain text
+  describe-the-image prompt (a list of captions per image, as flickr30k's and
+  COCO's, gives its first); ``text`` with no image column is a plain text
   sample (all answer), as in a text JSONL.
 
 The text columns of every row are read and checked up front; images are read
@@ -61,7 +62,22 @@ class TableRecords(Records):
 
 def open_table(path: Path) -> TableRecords:
     """The rows of a ``datasets`` folder or a parquet file as checked records (see the module docstring)."""
-    table = _read_datasets_folder(path) if path.is_dir() else _read_parquet(path)
+    return table_records(_read_datasets_folder(path) if path.is_dir() else _read_parquet(path), path)
+
+
+def open_parquet_shards(files: list[Path], name: Path) -> TableRecords:
+    """The rows of several parquet files (a hub dataset split's shards, in order) as one table's records."""
+    pa = _require("pyarrow", f"the parquet files of {name}")
+    tables = [_read_parquet(f) for f in files]
+    try:
+        table = pa.concat_tables(tables, promote_options="default")
+    except (ValueError, TypeError) as exc:  # ArrowInvalid: the shards' schemas differ
+        raise QigError(f"the parquet shards of {name} do not share one schema: {exc}") from exc
+    return table_records(table, name)
+
+
+def table_records(table, path: Path) -> TableRecords:
+    """A pyarrow table's rows as checked records; ``path`` names the table and its parent is the image folder."""
     columns = list(table.column_names)
     image_col = _first(IMAGE_COLUMNS, columns)
     talk_col = _first(CONVERSATION_COLUMNS, columns)
@@ -105,6 +121,9 @@ def _record(value, talk_col: str | None, caption_col: str | None, has_images: bo
     if not has_images:
         return {"text": value}
     from qig.embedded.world import CAPTION_PROMPT
+
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        value = value[0]  # several captions per image (flickr30k, COCO): the first
 
     if not isinstance(value, str) or not value.strip():
         raise QigError(f"record {i} of {path}: column '{caption_col}' holds {value!r}; a caption is a non-empty string")

@@ -19,7 +19,10 @@ from qig.options import check_fields, option
 class EvalOptions:
     """``qig eval``'s options; each field is a flag."""
 
-    model: str | None = option(None, "model folder (default: the embedded model)", path=True)
+    model: str | None = option(
+        None, "model folder or hub id such as Qwen/Qwen2-VL-2B-Instruct (default: the embedded model)", path=True
+    )
+    revision: str | None = option(None, "branch, tag or commit of a hub id in --model (default: main)")
     seed: int = option(world.DEFAULT_EVAL_SEED, "eval split seed (other seeds: new sets)", min=0)
     n: int = option(1000, "questions generated for the eval split", min=1)
     limit: int | None = option(None, "evaluate only the first N questions", min=1)
@@ -101,6 +104,7 @@ def run(args) -> int:
     reference, note = default_reference(opts.model, opts.reference)
     report = run_eval(
         model_dir=opts.model,
+        revision=opts.revision,
         seed=opts.seed,
         limit=opts.limit,
         n=opts.n,
@@ -125,7 +129,14 @@ def run_tasks(opts: EvalOptions) -> int:
 
     names = opts.task_names()
     results = run_tasks(
-        names, opts.model, device=opts.device, batch_size=opts.batch_size, limit=opts.limit, seed=opts.seed, n=opts.n
+        names,
+        opts.model,
+        device=opts.device,
+        batch_size=opts.batch_size,
+        limit=opts.limit,
+        seed=opts.seed,
+        n=opts.n,
+        revision=opts.revision,
     )
     print(format_results(results))
     if opts.json:

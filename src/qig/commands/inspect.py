@@ -29,10 +29,17 @@ log = logging.getLogger(__name__)
 class InspectOptions:
     """``qig inspect``'s options; each field is a flag."""
 
-    model: str | None = option(None, "model folder (default: the embedded model)", path=True)
-    calib: str | None = option(
-        None, "calibration records as qig quantize --calib takes them (default: the embedded world's)", path=True
+    model: str | None = option(
+        None, "model folder or hub id such as Qwen/Qwen2-VL-2B-Instruct (default: the embedded model)", path=True
     )
+    revision: str | None = option(None, "branch, tag or commit of a hub id in --model (default: main)")
+    calib: str | None = option(
+        None,
+        "calibration records as qig quantize --calib takes them, or 'embedded' (the default for the embedded "
+        "models only)",
+        path=True,
+    )
+    calib_split: str | None = option(None, "split of a hub dataset id in --calib (default: its only split)")
     image_folder: str | None = option(None, "images of --calib (default: the file's folder)", path=True)
     embedded: Literal["qa", "captions"] = option(
         "qa", "without --calib: embedded questions about the scene, or calibration captions"
@@ -64,6 +71,11 @@ class InspectOptions:
         check_fields(self)
         if self.image_folder and not self.calib:
             raise QigError("--image-folder goes with --calib (the images of that file)")
+        if self.calib_split and not self.calib:
+            raise QigError("--calib-split goes with --calib (a hub dataset id)")
+        from qig.calib import check_calibration_source
+
+        check_calibration_source(self.model, self.calib)
 
 
 def register(sub) -> argparse.ArgumentParser:
@@ -77,7 +89,7 @@ def register(sub) -> argparse.ArgumentParser:
 
 def run(args) -> int:
     from qig.api import check_device
-    from qig.calib import calibration_for
+    from qig.calib import EMBEDDED, calibration_for
     from qig.fileio import check_output_dir
     from qig.loading import load_model_and_processor
     from qig.tokenmaps import compute_token_maps, embedded_questions, write_report
@@ -92,8 +104,8 @@ def run(args) -> int:
         qig_options["steps"] = opts.steps
 
     t0 = time.perf_counter()
-    model, processor = load_model_and_processor(opts.model)
-    if opts.calib:
+    model, processor = load_model_and_processor(opts.model, revision=opts.revision)
+    if opts.calib and opts.calib != EMBEDDED:
         calib = calibration_for(
             model,
             processor,
@@ -102,6 +114,7 @@ def run(args) -> int:
             n_samples=opts.samples,
             seed=opts.seed,
             max_length=opts.max_length,
+            split=opts.calib_split,
         )
         meta = None
     else:

@@ -16,7 +16,11 @@ in that was not given, so a flag the chosen method does not take is refused
 with the list of those it does. The run flags come from :class:`RunOptions`
 the same way. A recipe's keys are the flags' names (``n_grid: 10``).
 
-Without ``--calib`` the embedded world's calibration split is used. OUT holds
+``--model`` is a folder or a hub id (``--revision``: its branch, tag or
+commit), resolved through the Hugging Face cache (``qig.hub``). Without
+``--calib`` the embedded world's calibration split is used for the embedded
+models only; any other model needs ``--calib`` (a file, folder or hub dataset
+id, or ``embedded`` to use the toy world on purpose). OUT holds
 the fake-quantized model (``qig eval --model OUT``), ``search.safetensors`` +
 ``search.json`` and ``report.json``. ``--abits`` below 16 is a weight-activation
 mode: weights per output channel (symmetric; no --group-size), activations per
@@ -51,23 +55,28 @@ from qig.options import FlatOption, check_fields, check_path, flat_options, opti
 log = logging.getLogger(__name__)
 
 SCALE_QUANTIZER_KEYS = ("wbits", "abits", "group_size")  # what --scales may change: the quantizer only
-CALIBRATION_KEYS = ("calib", "image_folder", "n_samples", "calib_seed", "max_length")
+CALIBRATION_KEYS = ("calib", "calib_split", "image_folder", "n_samples", "calib_seed", "max_length")
 
 
 @dataclass(frozen=True)
 class RunOptions:
     """What a ``qig quantize`` run reads and writes, beside the method's config; each field is a flag."""
 
-    model: str | None = option(None, "model folder (default: the embedded model)", path=True)
+    model: str | None = option(
+        None, "model folder or hub id such as Qwen/Qwen2-VL-2B-Instruct (default: the embedded model)", path=True
+    )
+    revision: str | None = option(None, "branch, tag or commit of a hub id in --model (default: main)")
     trust_remote_code: bool = option(
         False, "allow a model folder's own Python code to run (e.g. InternVL2); read it first"
     )
     method: str = option("qig", "the method", choices=lambda: tuple(CONFIGS))
     calib: str | None = option(
         None,
-        "JSON/JSONL (LLaVA or messages records, or text), a datasets folder or parquet (default: embedded split)",
+        "JSON/JSONL (LLaVA or messages records, or text), a datasets folder, parquet, a hub dataset id, or "
+        "'embedded' (the toy world's split; the default for the embedded models only)",
         path=True,
     )
+    calib_split: str | None = option(None, "split of a hub dataset id in --calib (default: its only split)")
     image_folder: str | None = option(None, "images of --calib (default: the file's folder)", path=True)
     n_samples: int = option(DEFAULT_N_SAMPLES, "calibration samples", min=1)
     calib_seed: int | None = option(
@@ -234,22 +243,26 @@ def check_run(run_opts: RunOptions, config, given: dict[str, Any]) -> None:
     """Refuse, before any work, what the run cannot do or would ignore."""
     from qig.api import check_device
     from qig.fileio import check_output_dir
+    from qig.hub import is_repo_id
 
     if not run_opts.output:
         raise QigError("--output is required (the folder to write the quantized model into)")
     check_output_dir(run_opts.output, run_opts.overwrite)
     check_device(run_opts.device)
+    is_repo_id(run_opts.model, run_opts.revision)  # refuses --revision with a folder
     without_data = run_opts.scales is not None or config.name == "rtn"
     unused = [k for k in CALIBRATION_KEYS if k in given]
     if without_data and unused:
         why = "--scales runs use" if run_opts.scales is not None else f"{config.name} uses"
         flags = ", ".join("--" + k.replace("_", "-") for k in unused)
         raise QigError(f"{flags}: {why} no calibration data; drop them")
-    if not without_data and run_opts.calib is not None:
-        from qig.calib import check_calibration_file
+    if not without_data:
+        from qig.calib import check_calibration_file, check_calibration_source
 
+        check_calibration_source(run_opts.model, run_opts.calib)
+    if not without_data and run_opts.calib is not None:
         seed = 0 if run_opts.calib_seed is None else run_opts.calib_seed
-        check_calibration_file(run_opts.calib, run_opts.image_folder, run_opts.n_samples, seed)
+        check_calibration_file(run_opts.calib, run_opts.image_folder, run_opts.n_samples, seed, run_opts.calib_split)
     if run_opts.report:
         from qig.tokenmaps.render import require_matplotlib
 
@@ -295,6 +308,7 @@ def _run(args, ranks, device: str) -> int:
     from qig import dist
     from qig.api import summary_table
     from qig.calib import calibration_for
+    from qig.hub import resolve_model
     from qig.loading import load_model_and_processor
     from qig.pipeline.timing import Timer
     from qig.runs import load_scales, versions
@@ -310,11 +324,12 @@ def _run(args, ranks, device: str) -> int:
     check_run(run_opts, config, given)
 
     timer = Timer()
-    compute, save = run_dtypes(run_opts.dtype, run_opts.model, run_opts.device)
-    decoder = decoder_place(run_opts.model_offload, run_opts.model)
+    source = resolve_model(run_opts.model, run_opts.revision, run_opts.trust_remote_code)
+    compute, save = run_dtypes(run_opts.dtype, source.path, run_opts.device)
+    decoder = decoder_place(run_opts.model_offload, source.path)
     with timer("load"):
         model, processor = load_model_and_processor(
-            run_opts.model, dtype=compute, trust_remote_code=run_opts.trust_remote_code, decoder=decoder
+            source.path, dtype=compute, trust_remote_code=run_opts.trust_remote_code, decoder=decoder
         )
     log.info(
         "model in %s (saved in %s), decoder layers %s",
@@ -333,6 +348,7 @@ def _run(args, ranks, device: str) -> int:
                 n_samples=run_opts.n_samples,
                 seed=run_opts.calib_seed,
                 max_length=run_opts.max_length,
+                split=run_opts.calib_split,
             )
     work = partial_dir(run_opts.output)
     with timer("quantize"), keeping_partial(work):
@@ -354,7 +370,8 @@ def _run(args, ranks, device: str) -> int:
     report = {
         "config": config.to_dict(),
         "options": {**dataclasses.asdict(run_opts), **method_opts},
-        "source_model": str(Path(run_opts.model).resolve()) if run_opts.model else None,
+        "source_model": str(source.path.resolve()) if run_opts.model else None,
+        "source_hub": {"repo_id": source.repo_id, "revision": source.revision} if source.repo_id else None,
         "versions": versions(),
         "n_calibration_samples": len(calib) if calib is not None else 0,
         "processes": ranks.size,
@@ -379,7 +396,7 @@ def _run(args, ranks, device: str) -> int:
     return 0
 
 
-def run_dtypes(name: str, model_dir: str | None, device: str):
+def run_dtypes(name: str, model_dir: str | Path | None, device: str):
     """(the dtype the run computes in, the dtype it saves in) for ``--dtype`` on ``device``.
 
     auto: the checkpoint's, except float16 on a CPU device, which is computed in
@@ -399,7 +416,7 @@ def run_dtypes(name: str, model_dir: str | None, device: str):
     return source, source
 
 
-def decoder_place(choice: str, model_dir: str | None) -> str:
+def decoder_place(choice: str, model_dir: str | Path | None) -> str:
     """``--model-offload``: "disk" or "memory" for the loader (auto: disk past a quarter of the free host memory)."""
     if choice == "disk":
         return "disk"
@@ -436,7 +453,7 @@ def partial_dir(output: str) -> Path:
 
 @contextlib.contextmanager
 def keeping_partial(work: Path):
-    """If the run stops here, the CLI says where its finished layers are and how to go on."""
+    """If the run stops here, the CLI says where its finished layers are and how to go on (none: nothing is kept)."""
     from qig import fileio
 
     try:
@@ -449,6 +466,8 @@ def keeping_partial(work: Path):
                 f"the {len(done)} finished layers are kept in {work}; run the same command with --resume to "
                 f"continue from there (or remove {work} to start over)",
             )
+        else:
+            _remove_partial(work)  # only a fingerprint: nothing to resume from
         raise
 
 

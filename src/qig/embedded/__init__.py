@@ -16,6 +16,7 @@ from qig.embedded.model import (
     build_processor,
     build_tokenizer,
     default_model_dir,
+    is_embedded_model,
     plant_outlier_channels,
     sinks_model_dir,
 )
@@ -26,6 +27,7 @@ __all__ = [
     "build_processor",
     "build_tokenizer",
     "default_model_dir",
+    "is_embedded_model",
     "plant_outlier_channels",
     "sinks_model_dir",
 ]

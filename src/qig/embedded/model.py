@@ -12,6 +12,7 @@ default ``--model`` of every command.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from qig.embedded import world
@@ -57,6 +58,18 @@ VISION = dict(
 def default_model_dir() -> Path:
     """Folder of the shipped, trained embedded checkpoint."""
     return Path(__file__).resolve().parent.parent / "assets" / "tiny-lvlm"
+
+
+def is_embedded_model(folder: str | os.PathLike | None) -> bool:
+    """Whether ``folder`` is one of the shipped embedded models (None: the default one), the models of the toy world.
+
+    >>> is_embedded_model(None), is_embedded_model(sinks_model_dir()), is_embedded_model("/models/llava-1.5-7b")
+    (True, True, False)
+    """
+    if folder is None:
+        return True
+    path = Path(folder)
+    return path.is_dir() and path.resolve().parent == default_model_dir().parent
 
 
 def sinks_model_dir() -> Path:

@@ -2,7 +2,7 @@
 
     lmms-eval --model qig --model_args pretrained=out/rtn-w4a4,device=cuda --tasks vizwiz_vqa_val
 
-Model args (``--model_args k=v,...``): ``pretrained`` (a model folder; default
+Model args (``--model_args k=v,...``): ``pretrained`` (a model folder or hub id, with ``revision``; default
 the embedded model), ``device`` (cpu, cuda, cuda:N), ``batch_size``, ``dtype``
 (float32, as ``qig eval`` loads; bfloat16, float16, or auto: the checkpoint's),
 ``trust_remote_code`` and ``max_new_tokens`` (for tasks that set none).
@@ -64,13 +64,17 @@ class QigModel(lmms):
         trust_remote_code: bool = False,
         max_new_tokens: int = 1024,
         max_batch_size: int | None = None,  # passed by lmms-eval's CLI; batches here have a fixed size
+        revision: str | None = None,
         **unknown,
     ) -> None:
         super().__init__()
         if int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise QigError("the qig model runs in one process; launch lmms-eval without accelerate/torchrun workers")
         if unknown:
-            allowed = "pretrained, device, batch_size, dtype, trust_remote_code, max_new_tokens"
+            allowed = (
+                "pretrained (a folder or hub id), revision, device, batch_size, dtype, trust_remote_code, "
+                "max_new_tokens"
+            )
             raise QigError(f"the qig model takes no {', '.join(sorted(unknown))}; its model args are: {allowed}")
         if dtype not in DTYPES:
             raise QigError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPES)}")
@@ -83,7 +87,7 @@ class QigModel(lmms):
         check_device(device)
         self._device = torch.device(device)
         self._model, self.processor = load_model_and_processor(
-            pretrained, device, dtype=DTYPES[dtype], trust_remote_code=bool(trust_remote_code)
+            pretrained, device, dtype=DTYPES[dtype], trust_remote_code=bool(trust_remote_code), revision=revision
         )
         self.processor.tokenizer.padding_side = "left"  # batched generation, as qig.evaluate.generate_answers pads
         self.pretrained = str(pretrained) if pretrained is not None else "embedded"

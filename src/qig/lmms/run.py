@@ -36,6 +36,7 @@ def run_tasks(
     limit: int | None = None,
     seed: int = world.DEFAULT_EVAL_SEED,
     n: int = 1000,
+    revision: str | None = None,
 ) -> dict:
     """lmms-eval's results dict (``results``, ``samples``, ...) for ``tasks`` scored with the qig model.
 
@@ -55,7 +56,8 @@ def run_tasks(
         hints = {name: difflib.get_close_matches(name, manager.all_tasks, n=3) for name in unknown}
         said = "; ".join(f"{name!r}" + (f" (did you mean {', '.join(m)}?)" if m else "") for name, m in hints.items())
         raise QigError(f"unknown lmms-eval task {said}; `lmms-eval --tasks list` lists them, {EMBEDDED_TASK} is qig's")
-    model = QigModel(pretrained=None if model_dir is None else str(model_dir), device=device, batch_size=batch_size)
+    pretrained = None if model_dir is None else str(model_dir)
+    model = QigModel(pretrained=pretrained, device=device, batch_size=batch_size, revision=revision)
     with tempfile.TemporaryDirectory(prefix="qig-lmms-") as tmp:
         n_written = min(n, limit) if limit else n  # the questions qig eval would score: eval_split's rule
         specs = [embedded_task(Path(tmp), seed, n_written) if name == EMBEDDED_TASK else name for name in tasks]
