@@ -10,8 +10,8 @@ from qig.cli import build_parser
 from qig.commands.quantize import build_config, given_options, split_options
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
-W_ONLY = ("gptq", "awq", "mbq", "qig")  # the weight-only rows of the paper's tables (rtn takes no calibration keys)
-W_A = ("smoothquant", "mbq", "qig")
+W_ONLY = ("rtn", "gptq", "awq", "mbq", "qig")  # the weight-only rows of the paper's tables
+W_A = ("rtn", "smoothquant", "mbq", "qig")
 
 
 def test_there_are_recipes_for_the_paper_and_the_embedded_model():
@@ -28,6 +28,19 @@ def test_every_recipe_builds_each_method_of_its_table(recipe):
         config = build_config(run_opts, method_opts)
         assert config.name == method and config.wbits in (3, 4)
         assert (config.abits, config.group_size) == ((8, None) if "a8" in recipe.stem else (16, 128))
+        if method == "rtn":  # the recipe's calibration keys are dropped for it (docs/reproduce.md runs as written)
+            assert run_opts.calib is None and run_opts.image_folder is None
+
+
+def test_a_recipe_serves_rtn_but_calibration_flags_given_by_hand_are_refused(model_dir, tmp_path, capsys, caplog):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"model: {model_dir}\ncalib: embedded\nn_samples: 4\nwbits: 4\n")
+    caplog.set_level("INFO", logger="qig")
+    assert run_cli("quantize", "--recipe", recipe, "--method", "rtn", "--output", tmp_path / "a") == 0
+    assert "calib, n_samples dropped (this run takes no calibration data)" in caplog.text
+    argv = ["quantize", "--recipe", recipe, "--method", "rtn", "--n-samples", 4, "--output", tmp_path / "b"]
+    assert run_cli(*argv) == 2
+    assert "--n-samples: rtn uses no calibration data; drop them" in capsys.readouterr().err
 
 
 def test_the_embedded_recipe_runs_end_to_end_and_lmms_eval_scores_it(tmp_path, capsys):

@@ -163,12 +163,20 @@ def group_size_flag(value: str) -> Given:
 
 
 def given_options(args) -> dict[str, Any]:
-    """The options the user gave: recipe keys, overridden by flags; nothing filled in from defaults."""
-    given = _read_recipe(args.recipe) if args.recipe else {}
-    for key in _known_keys():
-        value = getattr(args, key, None)
-        if value is not None:
-            given[key] = unwrap(value)
+    """The options the user gave: recipe keys, overridden by flags; nothing filled in from defaults.
+
+    A recipe serves every method (docs/reproduce.md), so its calibration keys are
+    dropped, with an info line, for a run that takes no data (RTN, ``--scales``);
+    the same options given as flags are refused (``check_run``).
+    """
+    recipe = _read_recipe(args.recipe) if args.recipe else {}
+    flags = {key: unwrap(getattr(args, key)) for key in _known_keys() if getattr(args, key, None) is not None}
+    given = {**recipe, **flags}
+    if given.get("method") == "rtn" or given.get("scales") is not None:
+        unused = [k for k in CALIBRATION_KEYS if k in recipe and k not in flags]
+        if unused:
+            log.info("recipe %s: %s dropped (this run takes no calibration data)", args.recipe, ", ".join(unused))
+        given = {k: v for k, v in given.items() if k not in unused}
     if "group_size" in given:
         given["group_size"] = parse_group_size(given["group_size"])
     return given
