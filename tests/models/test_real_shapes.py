@@ -216,3 +216,85 @@ def test_method_options_show_in_the_report(capsys):
     large = preflight(folder, make_config("qig", wbits=4, steps=32), n_samples=4, tokens=64)
     key = next(k for k in large.plan.items if k.startswith("QIG path batch"))
     assert large.plan.items[key] > next(v for k, v in small.plan.items.items() if k.startswith("QIG path batch"))
+
+
+def _real_processor(name: str, config):
+    """The family's own processor class around the fixture's image processor and a word-level tokenizer.
+
+    Returns (processor, prompt with one image placeholder, the token the processor repeats per image feature).
+    The processor's settings are the ones the published processor_config.json files carry, from the config.
+    """
+    import transformers
+    from _families import IDEFICS_TOKENS, no_video_processor, tokenizer
+    from transformers import AutoImageProcessor
+
+    ip = AutoImageProcessor.from_pretrained(FIXTURES / name, local_files_only=True)
+    kind = config.model_type
+    if kind in ("qwen2_vl", "qwen2_5_vl", "qwen3_vl"):
+        tok = tokenizer(["<|vision_start|>", "<|vision_end|>", "<|image_pad|>", "<|video_pad|>"], "<|im_end|>", "<pad>")
+        cls = {"qwen2_vl": "Qwen2VLProcessor", "qwen2_5_vl": "Qwen2_5_VLProcessor", "qwen3_vl": "Qwen3VLProcessor"}
+        proc = getattr(transformers, cls[kind])(image_processor=ip, tokenizer=tok, video_processor=no_video_processor())
+        return proc, "<|vision_start|><|image_pad|><|vision_end|>", "<|image_pad|>"
+    if kind == "llava_onevision":
+        tok = tokenizer(
+            ["<image>", "<video>"], "<|im_end|>", "<pad>", {"image_token": "<image>", "video_token": "<video>"}
+        )
+        vision = config.vision_config
+        proc = transformers.LlavaOnevisionProcessor(
+            image_processor=ip,
+            tokenizer=tok,
+            video_processor=no_video_processor(),
+            num_image_tokens=(vision.image_size // vision.patch_size) ** 2,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            vision_aspect_ratio=config.vision_aspect_ratio,
+        )
+        return proc, "<image>", "<image>"
+    if kind == "llava":
+        tok = tokenizer(["<image>"], "</s>", "<pad>", {"image_token": "<image>"})
+        proc = transformers.LlavaProcessor(
+            image_processor=ip,
+            tokenizer=tok,
+            patch_size=config.vision_config.patch_size,
+            vision_feature_select_strategy=config.vision_feature_select_strategy,
+            num_additional_image_tokens=1,
+        )
+        return proc, "<image>", "<image>"
+    if kind == "internvl":
+        specials = {"start_image_token": "<img>", "end_image_token": "</img>", "context_image_token": "<IMG_CONTEXT>"}
+        tok = tokenizer([*specials.values(), "<video>"], "<|im_end|>", "<pad>", {**specials, "video_token": "<video>"})
+        proc = transformers.InternVLProcessor(
+            image_processor=ip, tokenizer=tok, video_processor=no_video_processor(), image_seq_length=256
+        )
+        return proc, "<IMG_CONTEXT>", "<IMG_CONTEXT>"
+    if kind in ("idefics3", "smolvlm"):
+        tok = tokenizer(IDEFICS_TOKENS, "<end_of_utterance>", "<pad>", {"image_token": "<image>"})
+        vision = config.vision_config
+        per_crop = (vision.image_size // vision.patch_size) ** 2 // config.scale_factor**2
+        if kind == "idefics3":
+            proc = transformers.Idefics3Processor(image_processor=ip, tokenizer=tok, image_seq_len=per_crop)
+        else:
+            proc = transformers.SmolVLMProcessor(
+                image_processor=ip, tokenizer=tok, video_processor=no_video_processor(), image_seq_len=per_crop
+            )
+        return proc, "<image>", "<image>"
+    assert kind == "gemma3", kind
+    specials = {"boi_token": "<start_of_image>", "eoi_token": "<end_of_image>", "image_token": "<image_soft_token>"}
+    tok = tokenizer(list(specials.values()), "<end_of_turn>", "<pad>", specials, bos="<bos>")
+    proc = transformers.Gemma3Processor(image_processor=ip, tokenizer=tok, image_seq_length=config.mm_tokens_per_image)
+    return proc, "<start_of_image>", "<image_soft_token>"
+
+
+@pytest.mark.parametrize("name", list(REAL))
+def test_vision_tokens_match_the_real_processor_on_a_real_image(name):
+    """The count qig plan prints is the number of image tokens the family's processor puts in a prompt."""
+    from _families import image
+    from transformers import AutoConfig
+
+    from qig.preflight import vision_tokens
+
+    config = AutoConfig.from_pretrained(FIXTURES / name, local_files_only=True)
+    processor, prompt, token = _real_processor(name, config)
+    width, height = 1000, 700  # not square, not a multiple of any tile: resizing and tiling both show
+    ids = processor(images=[image(width, height)], text=[prompt], return_tensors="pt")["input_ids"][0]
+    expected = int((ids == processor.tokenizer.convert_tokens_to_ids(token)).sum())
+    assert vision_tokens(FIXTURES / name, config, width, height)["tokens_per_image"] == expected
