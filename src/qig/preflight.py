@@ -50,12 +50,16 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
 from qig.errors import QigError
 from qig.models import ModelFamily, family_for, get_module
 from qig.pipeline.plan import MemoryPlan, gib, shape_plan
+
+if TYPE_CHECKING:
+    from qig.methods.config import QuantConfig
 
 log = logging.getLogger(__name__)
 
@@ -498,7 +502,7 @@ class Preflight:
 
 def preflight(
     model_dir: str | os.PathLike,
-    config,
+    config: QuantConfig,
     n_samples: int | None = None,
     image_size: tuple[int, int] | None = DEFAULT_IMAGE_SIZE,
     tokens: int | None = None,
