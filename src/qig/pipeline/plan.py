@@ -22,7 +22,8 @@ import torch
 
 from qig.errors import QigError
 from qig.methods.qig import points_per_pass
-from qig.models import ModelFamily, get_module
+from qig.models import ModelFamily, get_module, linears
+from qig.pipeline.loop import search_mode
 
 log = logging.getLogger(__name__)
 
@@ -82,10 +83,7 @@ def memory_plan(
     )
     free = _device_free(device)
     plan.device_free = free
-    if offloads_streams(plan, offload, device):
-        key = next(k for k in plan.items if k.startswith("calibration streams"))
-        plan.where[key] = "host"
-        plan.notes.append("the streams are kept on the host and come to the device one chunk at a time")
+    _place_streams(plan, offload, device)
     return plan
 
 
@@ -123,20 +121,15 @@ def shape_plan(
         del plan.items[key], plan.where[key]
         plan.notes.append(f"{config.name} needs no calibration data")
         return plan
-    if offloads_streams(plan, offload, device):
-        key = next(k for k in plan.items if k.startswith("calibration streams"))
-        plan.where[key] = "host"
-        plan.notes.append("the streams are kept on the host and come to the device one chunk at a time")
+    _place_streams(plan, offload, device)
     return plan
 
 
 def run_streams(config, method) -> tuple[bool, bool]:
     """Whether a calibrated run of ``config`` carries x and x^q: the rule of :func:`qig.pipeline.run.run_layerwise`."""
-    from qig.pipeline.run import _search_mode
-
     if not (method.finds_scales or config.gptq_settings is not None):
         return (False, False)  # RTN: no calibration, no streams
-    mode = _search_mode(config, method)
+    mode = search_mode(config, method)
     return (bool(mode.methods), mode.quantized_inputs or mode.quantizer == "gptq")
 
 
@@ -165,12 +158,20 @@ def _add_items(plan: MemoryPlan, model, family, layers, n: int, t: int, config, 
         k = points_per_pass(min(config.batch_size, n) * t, max(weighting.steps, weighting.attention_steps))
         plan.add(f"QIG path batch ({k} points x one chunk, with gradients)", 3 * k * chunk, "device")
     if config.gptq_settings is not None:
-        ins = {m.in_features for m in first.modules() if isinstance(m, torch.nn.Linear)}
+        ins = {m.in_features for m in linears(first).values()}
         plan.add("GPTQ Hessians of one layer (float32)", sum(i * i * 4 for i in ins) * 2, "device")
     if getattr(method, "needs_answer_gradients", False):
         plan.add(
             f"MBQ: every layer's input, for its gradient pass ({len(layers)} layers)", len(layers) * stream, "host"
         )
+
+
+def _place_streams(plan: MemoryPlan, offload: str, device: torch.device) -> None:
+    """Move the streams to the host in ``plan`` when :func:`offloads_streams` says so."""
+    if offloads_streams(plan, offload, device):
+        key = next(k for k in plan.items if k.startswith("calibration streams"))
+        plan.where[key] = "host"
+        plan.notes.append("the streams are kept on the host and come to the device one chunk at a time")
 
 
 def offloads_streams(plan: MemoryPlan, offload: str, device: torch.device) -> bool:
