@@ -1,8 +1,9 @@
-"""``qig export``: a ``qig quantize`` folder as compressed-tensors (vLLM, transformers) or plain fake-quant.
+"""``qig export``: a ``qig quantize`` folder in a registered format (``qig.export.formats``).
 
     qig export --input out/qig-w4 --format compressed-tensors --output out/qig-w4-ct
     qig export --input out/qig-w4 --format fake-quant --output out/qig-w4-fq --dtype bfloat16
 
+The ``--format`` choices are the registered formats (``format_names()``).
 Settings the format cannot hold are refused before anything is written; the
 output folder appears only when the export is complete. See docs/export.md.
 """
@@ -13,7 +14,7 @@ import argparse
 from dataclasses import dataclass
 
 from qig.commands.flags import add_flags, from_args
-from qig.export import FORMATS
+from qig.export import format_for, format_names
 from qig.options import check_fields, option
 
 
@@ -28,7 +29,7 @@ class ExportOptions:
     """``qig export``'s options; each field is a flag."""
 
     input: str | None = option(None, "the --output folder of 'qig quantize'", required=True, path=True)
-    format: str = option("compressed-tensors", "the format to write", choices=lambda: FORMATS)
+    format: str = option("compressed-tensors", "the format to write", choices=format_names)
     output: str | None = option(None, "the folder to write", required=True, path=True)
     dtype: str = option("auto", "unquantized parts and activations (auto: the input's)", choices=_dtypes)
     overwrite: bool = option(False, "replace an existing output folder")
@@ -38,10 +39,22 @@ class ExportOptions:
 
 
 def register(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("export", help="write a quantized folder as compressed-tensors (vLLM) or fake-quant")
+    p = sub.add_parser(
+        "export",
+        help="write a quantized folder as " + " or ".join(format_names()),
+        epilog=_formats_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_flags(p, ExportOptions)
     p.set_defaults(func=run)
     return p
+
+
+def _formats_help() -> str:
+    """The registered formats, one line each, for ``qig export --help``."""
+    names = format_names()
+    width = max(map(len, names))
+    return "formats:\n" + "\n".join(f"  {n:<{width}}  {format_for(n).help}" for n in names)
 
 
 def run(args) -> int:
@@ -57,9 +70,10 @@ def run(args) -> int:
 def summary(result) -> str:
     """Two or three lines: what was written where, and what can serve it."""
     lines = [f"wrote {result.format} model to {result.path}"]
-    if result.scheme is not None:
-        lines[0] += f" ({result.scheme.format})"
-        lines.append(result.scheme.serving)
+    if result.layout is not None:
+        lines[0] += f" ({result.layout})"
+    if result.serving is not None:
+        lines.append(result.serving)
     n, kept = len(result.linears), len(result.ignored)
     lines.append(f"{n} decoder linears quantized, {kept} linears kept in full precision")
     return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""``--format compressed-tensors``: packed integers that vLLM and transformers load.
+
+The output is written by the ``compressed-tensors`` library
+(``apply_quantization_config`` + ``ModelCompressor``): the decoder linears get
+the scheme of ``qig.export.scheme``; the library quantizes the saved weights
+with those scales and zero points (already folded: the search's scales live
+in the weights), packs them, and the packed integers are checked against
+qig's own codes (:meth:`CompressedTensors.stored_codes`, called by the
+shared flow) before the folder is put in place.
+
+Its ``ignore`` list is the family's regexes (``re:.*vision_tower.*``,
+``re:.*multi_modal_projector.*``, ``re:.*lm_head`` for LLaVA), which match
+the kept linears in transformers' names and in vLLM's.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+
+from qig.errors import QigError
+from qig.export.formats.base import ExportFormat, Written, register
+from qig.export.params import QuantizedWeight, check_storable
+from qig.export.scheme import Scheme, scheme_for
+from qig.models.family import ModelFamily
+from qig.models.layout import save_model
+from qig.quant.spec import QuantSpec
+from qig.runs import CONFIG_KEY
+
+
+@register
+class CompressedTensors(ExportFormat):
+    name = "compressed-tensors"
+    help = "packed integers and a quantization_config (vLLM, transformers; the export extra)"
+
+    def check(self, spec: QuantSpec, abits: int = 16, act_order: bool = False) -> None:
+        scheme = scheme_for(spec, abits)
+        if act_order:
+            raise QigError(
+                "GPTQ with --act-order permutes its groups' columns (g_idx), which compressed-tensors no longer "
+                "stores; drop --act-order, or write --format fake-quant"
+            )
+        _require_library(scheme)
+
+    def write(self, model, *, family, run, quantized, ignored, folder: Path) -> Written:
+        scheme = scheme_for(run.spec, run.abits)
+        for path, qw in quantized.items():
+            check_storable(qw, path)
+        if hasattr(model.config, CONFIG_KEY):
+            # The fake-quant record would make 'qig eval' install its own activation quantizers on top of the
+            # ones compressed-tensors installs at load; quantization_config describes the export instead.
+            delattr(model.config, CONFIG_KEY)
+        _write_compressed(model, family, quantized, scheme, ignored, folder)
+        return Written(scheme.format, scheme.serving)
+
+    def stored_codes(self, module: torch.nn.Module, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+        from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
+
+        q, _ = qw.signed()
+        if hasattr(module, "weight_packed"):  # pack-quantized; int-quantized keeps int8 in ``weight``
+            stored = unpack_from_int32(module.weight_packed.data, qw.spec.bits, tuple(qw.q.shape))
+        else:
+            stored = module.weight.data
+        return stored, q
+
+
+def _require_library(scheme: Scheme | None = None) -> None:
+    """The library is installed, and packs ``scheme``'s codes the way its readers (and vLLM) unpack them."""
+    try:
+        import compressed_tensors  # noqa: F401
+    except ImportError:
+        raise QigError(
+            "--format compressed-tensors needs the compressed-tensors library: pip install 'qig[export]'"
+        ) from None
+    if scheme is not None and scheme.format == "pack-quantized" and not packs_densely(scheme.weights["num_bits"]):
+        bits = scheme.weights["num_bits"]
+        raise QigError(
+            f"compressed-tensors {compressed_tensors.__version__} packs {bits}-bit codes {32 // bits} to an int32 "
+            f"word with padding, while compressed-tensors >= 0.18 and vLLM read {bits}-bit packs densely (32 codes "
+            f"in {bits} words), so they would not read this export; install compressed-tensors>=0.18,<0.21 for "
+            f"{bits}-bit weights (2, 4 and 8 bits pack alike in every version), or use --format fake-quant"
+        )
+
+
+def packs_densely(bits: int) -> bool:
+    """Whether the installed compressed-tensors packs ``bits``-bit codes densely (32 codes in ``bits`` int32 words).
+
+    compressed-tensors 0.18 to 0.20 pack densely; 0.17 (vLLM 0.32's pin) puts ``32 // bits`` codes in a word with
+    padding. The two agree at 1, 2, 4 and 8 bits. Asked of the library itself, not of its version number.
+
+    >>> packs_densely(4)  # doctest: +SKIP
+    True
+    """
+    from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+
+    return pack_to_int32(torch.zeros(1, 32, dtype=torch.int8), bits).shape[1] == bits
+
+
+def ignore_list(family: ModelFamily, kept: Sequence[str], saved: Sequence[str] = ()) -> list[str]:
+    """The export's ``ignore`` entries: the family's regexes, then by name every kept linear they miss.
+
+    kept: the in-memory names of the linears left in full precision; saved: the
+    names compressed-tensors wrote for them (the checkpoint's). A linear the
+    regexes miss (a family without them, the naming fallback) is listed in
+    memory, saved and serving names, so transformers and vLLM both match it.
+
+    >>> from qig.models import FAMILIES
+    >>> ignore_list(FAMILIES[0], ["model.vision_tower.encoder.layers.0.mlp.fc1", "lm_head"])
+    ['re:.*vision_tower.*', 're:.*multi_modal_projector.*', 're:.*lm_head']
+    """
+    names = {n for n in (*kept, *saved) if not family.ignores(n)}
+    names |= {family.serving_key(n) for n in names}
+    return [*family.ignore, *sorted(names)]
+
+
+@torch.no_grad()
+def _write_compressed(
+    model, family: ModelFamily, quantized: dict[str, QuantizedWeight], scheme: Scheme, ignored: list[str], tmp: Path
+):
+    """Attach the scheme to the decoder linears, set the stored parameters, compress, save."""
+    from compressed_tensors.compressors import ModelCompressor
+    from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
+
+    decoder_ignored = sorted(p for p in quantized if family.ignores(p))
+    if decoder_ignored:
+        raise QigError(
+            f"the {family.name} family's ignore entries {list(family.ignore)} match decoder linears "
+            f"(e.g. {decoder_ignored[0]}); fix the entry in qig/models/families.py"
+        )
+    config = QuantizationConfig(
+        config_groups={"group_0": scheme.quantization_scheme(["Linear"])},
+        ignore=ignore_list(family, ignored),
+        format=scheme.format,
+        quantization_status="frozen",
+    )
+    # compressed-tensors 0.20 draws a progress bar unless told not to; 0.17 (vLLM 0.32's pin) has no bar, no flag.
+    takes_flag = "show_progress" in inspect.signature(apply_quantization_config).parameters
+    quiet = {"show_progress": False} if takes_flag else {}
+    apply_quantization_config(model, config, **quiet)
+    attached = sorted(n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None)
+    if attached != sorted(quantized):
+        extra = sorted(set(attached) ^ set(quantized))[:3]
+        raise QigError(f"the compressed-tensors scheme did not land on exactly the decoder linears (e.g. {extra})")
+    for path, qw in quantized.items():
+        mod = model.get_submodule(path)
+        q, zero = qw.signed()
+        scale = qw.scale.reshape(mod.weight_scale.shape)
+        mod.weight_scale = torch.nn.Parameter(scale.float().contiguous(), requires_grad=False)  # float32: exact
+        if hasattr(mod, "weight_zero_point"):
+            if scheme.weights["symmetric"]:
+                mod.weight_zero_point.zero_()
+            else:
+                mod.weight_zero_point.copy_(zero.reshape(mod.weight_zero_point.shape))
+    compressor = ModelCompressor.from_pretrained_model(model, scheme.format)
+    compressor.compress_model(model)
+    save_model(model, tmp, family)
+    # The library lists every kept linear by its checkpoint name; the family's regexes replace those names, so
+    # the list matches transformers' in-memory names, the saved ones and vLLM's (see ignore_list).
+    qconfig = compressor.quantization_config
+    qconfig.ignore = ignore_list(family, ignored, qconfig.ignore or [])
+    compressor.update_config(tmp)
+    if scheme.format == "pack-quantized" and not scheme.weights["symmetric"]:
+        # transformers + compressed-tensors cannot build packed zero points on the meta device (the tensors
+        # load with the wrong shape), so asymmetric packs are dequantized at load there; vLLM ignores this key.
+        cfg = json.loads((tmp / "config.json").read_text())
+        cfg["quantization_config"]["dequantize"] = True
+        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

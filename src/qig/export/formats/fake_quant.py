@@ -1,0 +1,29 @@
+"""``--format fake-quant``: a plain checkpoint whose decoder linears hold their dequantized weights.
+
+Any setting is held (activation bits are recorded in the run files, not in
+the weights); transformers loads it as an ordinary model and ``qig eval``
+re-installs the activation quantizers from its record.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from qig.export.formats.base import ExportFormat, Written, register
+from qig.models.layout import save_model
+
+
+@register
+class FakeQuant(ExportFormat):
+    name = "fake-quant"
+    help = "dequantized weights in the model dtype (transformers, qig eval)"
+
+    @torch.no_grad()
+    def write(self, model, *, family, run, quantized, ignored, folder: Path) -> Written:
+        for path, qw in quantized.items():
+            mod = model.get_submodule(path)
+            mod.weight.copy_(qw.dequantize(mod.weight.dtype))
+        save_model(model, folder, family)
+        return Written()
