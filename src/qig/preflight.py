@@ -88,16 +88,19 @@ PARALLEL_STYLE = {
 }
 
 
-def model_folder(reference: str | os.PathLike) -> Path:
-    """The local folder of ``--model``: the one place a reference becomes a folder here.
+def model_folder(reference: str | os.PathLike, revision: str | None = None) -> Path:
+    """The local folder of ``--model``: a folder as it is, a hub id (``org/name``) as its cached snapshot.
 
-    A folder is taken as it is; hub ids (``org/name``) are resolved by ``qig.loading`` 's owner
-    (``qig.hub``), which plugs in here.
+    A hub id is resolved by :func:`qig.hub.resolve_model` with ``config_only``: the repository's
+    JSON files alone are fetched (config, processor settings), never its weights; offline
+    (``HF_HUB_OFFLINE``), from the Hugging Face cache. ``revision``: its branch, tag or commit.
     """
-    path = Path(reference)
+    from qig.hub import resolve_model
+
+    path = resolve_model(reference, revision, config_only=True).path
     if not path.is_dir():
         problem = "is a file, not a folder" if path.exists() else "does not exist"
-        raise QigError(f"model folder {path} {problem}; pass --model with a folder holding config.json")
+        raise QigError(f"model folder {path} {problem}; pass --model with a folder holding config.json, or a hub id")
     if not (path / "config.json").is_file():
         raise QigError(f"{path} has no config.json; qig plan needs at least the checkpoint's config.json")
     return path
@@ -509,12 +512,14 @@ def preflight(
     text_tokens: int = DEFAULT_TEXT_TOKENS,
     device_memory: int = DEFAULT_DEVICE_MEMORY,
     offload_streams: str = "auto",
+    revision: str | None = None,
 ) -> Preflight:
     """The dry run of ``config`` on the checkpoint in ``model_dir`` (see the module doc); reads no weights.
 
     image_size: (width, height) of one calibration image; each sample is one image plus
     ``text_tokens`` of text. tokens: the tokens per sample instead (image_size is then ignored).
-    device_memory: bytes of the one GPU the plan is made for.
+    device_memory: bytes of the one GPU the plan is made for. model_dir may be a hub id
+    (``revision``: its branch, tag or commit): only its JSON files are fetched (:func:`model_folder`).
 
         >>> report = preflight("path/to/Qwen2.5-VL-72B-Instruct", make_config("awq", wbits=4))  # doctest: +SKIP
         >>> print(report.describe())  # doctest: +SKIP
@@ -527,7 +532,7 @@ def preflight(
         raise QigError(f"n_samples {n_samples} must be at least 1")
     if device_memory <= 0:
         raise QigError(f"device memory {device_memory} must be positive (bytes)")
-    folder = model_folder(model_dir)
+    folder = model_folder(model_dir, revision)
     model = build_meta_model(folder)
     family = family_for(model)
     layers = family.decoder_layers(model)

@@ -298,3 +298,21 @@ def test_vision_tokens_match_the_real_processor_on_a_real_image(name):
     ids = processor(images=[image(width, height)], text=[prompt], return_tensors="pt")["input_ids"][0]
     expected = int((ids == processor.tokenizer.convert_tokens_to_ids(token)).sum())
     assert vision_tokens(FIXTURES / name, config, width, height)["tokens_per_image"] == expected
+
+
+def test_qig_plan_takes_a_hub_id_from_the_cache_and_refuses_an_uncached_one(tmp_path, monkeypatch, capsys):
+    """A hub id resolves to its cached snapshot (offline here: conftest sets HF_HUB_OFFLINE); only JSON is needed."""
+    import shutil
+
+    cache = tmp_path / "hub"
+    repo = cache / "models--Qwen--Qwen2.5-VL-72B-Instruct"
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    shutil.copytree(FIXTURES / "qwen2.5-vl-72b-instruct", repo / "snapshots" / commit)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commit)
+    monkeypatch.setenv("HF_HUB_CACHE", str(cache))
+    assert run_cli("plan", "--model", "Qwen/Qwen2.5-VL-72B-Instruct", "--method", "awq", "--wbits", "4") == 0
+    assert "TP 2: refused: mlp.down_proj: in_features 29568 / 2" in capsys.readouterr().out
+    assert run_cli("plan", "--model", "Qwen/Qwen2-VL-7B-Instruct") == 2
+    (err,) = capsys.readouterr().err.strip().splitlines()
+    assert "Qwen/Qwen2-VL-7B-Instruct is not in the Hugging Face cache" in err

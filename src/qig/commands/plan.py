@@ -35,7 +35,13 @@ SHARED_RUN_OPTIONS = ("method", "n_samples", "offload_streams")  # qig quantize'
 class PlanOptions:
     """What ``qig plan`` reads besides the method's config and the shared run options; each field is a flag."""
 
-    model: str = option(None, "model folder holding the checkpoint's config.json", required=True, path=True)
+    model: str = option(
+        None,
+        "model folder holding the checkpoint's config.json, or a hub id (its JSON files only)",
+        required=True,
+        path=True,
+    )
+    revision: str | None = option(None, "branch, tag or commit of a hub id in --model (default: main)")
     image_size: str | None = option(
         None, f"one calibration image, WIDTHxHEIGHT (default {IMAGE_SIZE}); its vision tokens come from its processor"
     )
@@ -109,6 +115,7 @@ def run(args) -> int:
         text_tokens=opts.text_tokens,
         device_memory=int(opts.device_memory * 2**30),
         offload_streams=run_opts.get("offload_streams", "auto"),
+        revision=opts.revision,
     )
     print(json.dumps(report.to_dict(), indent=1) if opts.json else report.describe())
     if report.refusal:  # printed with the rest; qig quantize would stop here
