@@ -244,3 +244,13 @@ def test_the_lmms_eval_model_takes_a_hub_id_and_revision(hub_cache, hub_model):
     assert lm.model.name_or_path == str(hub_cache / "models--org--tiny-llava" / "snapshots" / COMMIT)
     with pytest.raises(QigError, match="not in the Hugging Face cache"):
         QigModel(pretrained=hub_model, revision=OTHER)
+
+
+def test_plan_takes_a_hub_id(hub_cache, capsys):
+    fixture = Path(__file__).resolve().parent / "fixtures" / "real_configs" / "qwen2-vl-7b-instruct"
+    shutil.copytree(fixture, cached(hub_cache, "model", "Qwen/Qwen2-VL-7B-Instruct"), dirs_exist_ok=True)
+    argv = ["plan", "--model", "Qwen/Qwen2-VL-7B-Instruct", "--method", "awq", "--wbits", 4, "--group-size", 128]
+    assert run_cli(*argv) == 0
+    assert "Qwen2VLForConditionalGeneration" in capsys.readouterr().out
+    assert run_cli("plan", "--model", "Qwen/not-cached", "--method", "rtn") == 2
+    assert "not in the Hugging Face cache" in capsys.readouterr().err

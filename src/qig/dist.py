@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import contextlib
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
@@ -103,6 +103,39 @@ def init_from_env(device: str) -> tuple[Ranks, str]:
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if on_cuda else "gloo")
     return from_process_group(), device
+
+
+def run_on_ranks(device: str, work: Callable[[Ranks, str], int]) -> int:
+    """``work(ranks, device)`` on this rank of a ``torchrun`` launch (or in this one process), ranks made current.
+
+    One rank speaks (the others log warnings only); a rank that fails sends its
+    message to the others, which stop with it instead of waiting in an exchange;
+    the process group is destroyed at the end.
+    """
+    import logging
+
+    from qig.errors import QigError
+
+    ranks, device = init_from_env(device)
+    if ranks.size > 1 and not ranks.main:
+        logging.getLogger("qig").setLevel(logging.WARNING)
+    try:
+        with use(ranks):
+            try:
+                return work(ranks, device)
+            except (RankFailed, KeyboardInterrupt):
+                raise
+            except BaseException as exc:
+                if ranks.size > 1:  # the other ranks wait in an exchange: they stop with this message
+                    message = str(exc) if isinstance(exc, QigError) else f"{type(exc).__name__}: {exc}"
+                    with contextlib.suppress(RankFailed):
+                        fail(message)
+                raise
+    finally:
+        if ranks.size > 1:
+            import torch.distributed
+
+            torch.distributed.destroy_process_group()
 
 
 def _exchange(payload, error: str | None = None) -> list:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -53,12 +54,30 @@ def load_model_and_processor(
     >>> model, processor = load_model_and_processor("out/qig-w4a8")  # doctest: +SKIP
     >>> model, processor = load_model_and_processor("Qwen/Qwen2-VL-2B-Instruct", revision="main")  # doctest: +SKIP
     """
-    from safetensors import SafetensorError
-    from transformers import AutoModelForImageTextToText, AutoProcessor
-
     from qig.hub import resolve_model
 
+    if decoder not in ("memory", "disk"):
+        raise QigError(f"decoder={decoder!r}: use 'memory' (load every weight) or 'disk' (stream the layers)")
     path = resolve_model(model_dir, revision, trust_remote_code).path
+    config = read_vlm_config(path, trust_remote_code)
+    model, processor = _from_pretrained(path, config, dtype, decoder, trust_remote_code)
+    abits = _saved_abits(config, path)
+    if activation_quantizers and abits < 16:
+        from qig.models import family_for
+        from qig.quant.activation import install_activation_quantizers
+        from qig.quant.spec import activation_spec
+
+        n = install_activation_quantizers(family_for(model).decoder_linears(model).values(), activation_spec(abits))
+        log.info("%s: W-A model, activations quantized at run time (per token, %d bits) on %d linears", path, abits, n)
+    if decoder == "disk":
+        if torch.device(device).type != "cpu":
+            raise QigError("decoder='disk' loads the model on the CPU; the pipeline brings each layer to the device")
+        return model.eval(), processor
+    return model.to(device).eval(), processor
+
+
+def read_vlm_config(path: Path, trust_remote_code: bool = False) -> dict:
+    """``path/config.json``, refused in one line unless it is a vision-language model qig may load."""
     if not path.is_dir():
         problem = "is a file, not a folder" if path.exists() else "does not exist"
         raise QigError(
@@ -81,11 +100,18 @@ def load_model_and_processor(
             f"{path} ships its own modelling code ({', '.join(sorted(set(auto_map.values())))}); qig runs it only "
             "with --trust-remote-code (read that code first), or use an HF-native conversion of the checkpoint"
         )
+    return config
+
+
+def _from_pretrained(path: Path, config: dict, dtype, decoder: str, trust_remote_code: bool):
+    """transformers' model and processor of ``path``; their failures as one-line errors naming the folder."""
+    from safetensors import SafetensorError
+    from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    auto_map = config.get("auto_map") or {}
     auto_model = AutoModelForImageTextToText
     if auto_map and "AutoModelForImageTextToText" not in auto_map:
         from transformers import AutoModel as auto_model
-    if decoder not in ("memory", "disk"):
-        raise QigError(f"decoder={decoder!r}: use 'memory' (load every weight) or 'disk' (stream the layers)")
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
         if decoder == "disk":
@@ -103,19 +129,7 @@ def load_model_and_processor(
         ) from exc
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise QigError(f"could not load the model in {path}: {exc.__class__.__name__}: {exc}") from exc
-    abits = _saved_abits(config, path)
-    if activation_quantizers and abits < 16:
-        from qig.models import family_for
-        from qig.quant.activation import install_activation_quantizers
-        from qig.quant.spec import activation_spec
-
-        n = install_activation_quantizers(family_for(model).decoder_linears(model).values(), activation_spec(abits))
-        log.info("%s: W-A model, activations quantized at run time (per token, %d bits) on %d linears", path, abits, n)
-    if decoder == "disk":
-        if torch.device(device).type != "cpu":
-            raise QigError("decoder='disk' loads the model on the CPU; the pipeline brings each layer to the device")
-        return model.eval(), processor
-    return model.to(device).eval(), processor
+    return model, processor
 
 
 def load_streamed(path: Path, auto_model, dtype, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -221,3 +235,62 @@ def resolve_dtype(name: str, model_dir: str | os.PathLike | None = None) -> torc
     if name not in DTYPES:
         raise QigError(f"dtype {name!r} is not supported; use auto or one of: {', '.join(DTYPES)}")
     return DTYPES[name]
+
+
+@dataclass(frozen=True)
+class LoadPlan:
+    """How a run loads its model: the dtype it computes in, the dtype it saves in, and where the decoder lives."""
+
+    compute: torch.dtype
+    save: torch.dtype
+    decoder: str  # "memory" or "disk" (read one layer at a time; see load_streamed)
+
+    def describe(self) -> str:
+        where = "read from disk" if self.decoder == "disk" else "in memory"
+        return f"model in {self.compute} (saved in {self.save}), decoder layers {where}"
+
+
+def load_plan(dtype: str, model_dir: str | os.PathLike | None, device: str, offload: str = "none") -> LoadPlan:
+    """``--dtype`` and ``--model-offload`` for the checkpoint in ``model_dir`` on ``device``.
+
+    dtype "auto": the checkpoint's, except float16 on a CPU device, which is
+    computed in float32 (CPUs have no fast float16 kernels: ~10x slower,
+    measured on the embedded model) and saved in float16; bfloat16 runs fast
+    on CPUs as it is. offload "auto": the decoder is read from disk when the
+    checkpoint passes a quarter of the available host memory.
+
+    >>> load_plan("auto", None, "cpu").describe()  # the embedded model is stored in float16
+    'model in torch.float32 (saved in torch.float16), decoder layers in memory'
+    """
+    if dtype != "auto":
+        compute = save = resolve_dtype(dtype, model_dir)
+    else:
+        save = checkpoint_dtype(model_dir)
+        compute = torch.float32 if save == torch.float16 and torch.device(device).type == "cpu" else save
+    return LoadPlan(compute, save, _decoder_place(offload, model_dir))
+
+
+def _decoder_place(choice: str, model_dir: str | os.PathLike | None) -> str:
+    if choice in ("disk", "none"):
+        return "disk" if choice == "disk" else "memory"
+    from qig.embedded import default_model_dir
+    from qig.models.checkpoint import read_header, shard_files
+
+    folder = Path(model_dir) if model_dir is not None else default_model_dir()
+    size = 0
+    for shard in shard_files(folder):
+        size += sum(e["data_offsets"][1] - e["data_offsets"][0] for e in read_header(shard).values())
+    available = _available_memory()
+    place = "disk" if available is not None and size > available / 4 else "memory"
+    log.debug("checkpoint %s: %d bytes, %s bytes available: decoder in %s", folder, size, available, place)
+    return place
+
+
+def _available_memory() -> int | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None

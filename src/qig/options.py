@@ -34,6 +34,7 @@ import types
 import typing
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 from qig.errors import QigError
@@ -234,3 +235,40 @@ def nest(cls: type, values: dict[str, Any]) -> dict[str, Any]:
     for parent, inner in nested.items():
         fields[parent] = hints[parent].base(**inner)
     return fields
+
+
+def read_recipe(path: str, known: list[str]) -> dict[str, Any]:
+    """A YAML recipe's keys and values (keys are flag names, ``-`` read as ``_``); a key not in ``known`` is refused.
+
+    >>> read_recipe("recipes/qwen2-vl-7b-w3g128.yaml", ["model", "calib", "image_folder", "n_samples", "method",
+    ...     "wbits", "group_size", "device"])["wbits"]
+    3
+    """
+    import yaml
+
+    check_path(path, "--recipe")
+    try:
+        text = Path(path).read_bytes().decode("utf-8")
+    except FileNotFoundError as exc:
+        raise QigError(f"recipe {path} does not exist") from exc
+    except IsADirectoryError as exc:
+        raise QigError(f"recipe {path} is a folder; pass a YAML file") from exc
+    except UnicodeDecodeError as exc:
+        raise QigError(f"recipe {path} is not UTF-8 text ({exc.reason} at byte {exc.start}); pass a YAML file") from exc
+    except OSError as exc:
+        raise QigError(f"recipe {path} cannot be read: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise QigError(f"recipe {path} is not valid YAML: {' '.join(str(exc).split())}") from exc
+    except RecursionError:
+        raise QigError(f"recipe {path} nests too deeply to be a recipe (a mapping of option: value)") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise QigError(f"recipe {path} must be a mapping of options (e.g. 'method: qig'), got {type(data).__name__}")
+    data = {str(k).replace("-", "_"): v for k, v in data.items()}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise QigError(f"recipe {path} has unknown key(s) {', '.join(unknown)}; allowed: {', '.join(sorted(known))}")
+    return data

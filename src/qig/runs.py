@@ -22,12 +22,14 @@ files in its ``qig/`` subfolder; the readers here look there too.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
 import platform
 import re
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -241,15 +243,55 @@ def versions() -> dict[str, str]:
     }
 
 
+@dataclass
+class Report:
+    """A run's ``report.json``: what was quantized how, with what, by which versions, and how long each phase took.
+
+    ``qig quantize`` fills every field; an API user gets one from
+    :meth:`for_result` (``write_output`` makes it when given none), so every run
+    folder has the same report. ``source_model`` is the folder the run quantized
+    (what ``qig eval`` compares against), ``source_hub`` the hub id and commit it
+    was resolved from (or None).
+
+        >>> report = Report.for_result(result, source_model="/models/llava")  # doctest: +SKIP
+    """
+
+    config: dict
+    options: dict = field(default_factory=dict)
+    source_model: str | None = None
+    source_hub: dict | None = None
+    versions: dict = field(default_factory=lambda: versions())
+    n_calibration_samples: int = 0
+    processes: int = 1
+    timings: dict = field(default_factory=dict)
+    memory_plan: dict = field(default_factory=dict)
+    dtypes: dict | None = None
+    decoder: str = "memory"
+
+    @classmethod
+    def for_result(cls, result: QuantizationResult, **fields) -> Report:
+        """The report of ``result``: its config, memory plan and timings (as ``quantize/<phase>``), and ``fields``."""
+        timings = {**fields.pop("timings", {}), **{f"quantize/{k}": v for k, v in result.timings.items()}}
+        fields.setdefault("config", result.config.to_dict())
+        fields.setdefault("memory_plan", result.memory_plan)
+        return cls(timings=timings, **fields)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
 def write_output(
     out: str | os.PathLike,
     model: torch.nn.Module,
     processor,
     result: QuantizationResult,
-    report: dict,
+    report: Report | dict | None = None,
     overwrite: bool = False,
 ) -> Path:
     """Write the fake-quantized model, the search result and the run report into ``out``, atomically.
+
+    report: a :class:`Report`; None makes one from ``result`` (``Report.for_result``);
+    a dict gives its fields (``{"source_model": ...}``).
 
     Everything goes to a temporary sibling folder first and is renamed into
     place; an existing ``out`` is refused unless ``overwrite``. A tensor of the
@@ -259,6 +301,9 @@ def write_output(
     so vLLM loads the folder as it is.
     """
     out = Path(out)
+    if not isinstance(report, Report):
+        report = Report.for_result(result, **(report or {}))
+    report = report.to_dict()
     with atomic_dir(out, overwrite) as tmp:
         check_finite_output(model, result, report, out)
         t = time.perf_counter()
@@ -266,8 +311,7 @@ def write_output(
         if processor is not None:
             processor.save_pretrained(tmp)
         result.save(tmp)
-        report = dict(report)
-        report.setdefault("timings", {})["save"] = time.perf_counter() - t
+        report["timings"]["save"] = time.perf_counter() - t
         atomic_write_text(tmp / REPORT_JSON, json.dumps(report, indent=1, default=str) + "\n")
     return out
 

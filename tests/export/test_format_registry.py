@@ -66,16 +66,39 @@ def test_a_registered_format_is_written_by_qig_export(toy_format, model_dir, tmp
     assert (out / "qig" / "search.json").is_file() and (out / "tokenizer_config.json").is_file()
 
 
-def test_a_registered_format_is_written_by_qig_quantize(toy_format, model_dir, tmp_path):
-    """What ``qig quantize --format`` calls: the run is written to a temporary folder, then exported."""
+def test_a_registered_format_is_written_by_qig_quantize(toy_format, model_dir, tmp_path, capsys):
+    """``qig quantize --format``: its choices come from the registry; the run is written, then exported."""
     out = tmp_path / "direct"
+    assert run_cli("quantize", "--model", model_dir, *RTN_W4, "--format", toy_format, "--output", out) == 0
+    assert {"qig", "setting.json", "weights.safetensors"} <= {p.name for p in out.iterdir()}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    # the library call it makes: the run written to a temporary folder, then exported
+    again = tmp_path / "again"
 
     def write_run(folder):
         assert run_cli("quantize", "--model", model_dir, *RTN_W4, "--output", folder) == 0
 
-    assert export_after(write_run, out, toy_format) == out
-    assert {"qig", "setting.json", "weights.safetensors"} <= {p.name for p in out.iterdir()}
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
+    assert export_after(write_run, again, toy_format) == again
+    weights, expected = load_file(out / "weights.safetensors"), load_file(again / "weights.safetensors")
+    assert (
+        weights and weights.keys() == expected.keys() and all(torch.equal(w, expected[k]) for k, w in weights.items())
+    )
+    refused = run_cli(
+        "quantize",
+        "--model",
+        model_dir,
+        "--method",
+        "rtn",
+        "--wbits",
+        8,
+        "--abits",
+        8,
+        "--format",
+        toy_format,
+        "--output",
+        tmp_path / "wa",
+    )
+    assert refused == 2 and "not activation bits 8" in capsys.readouterr().err
 
 
 def test_a_registered_format_refuses_what_it_cannot_hold(toy_format):

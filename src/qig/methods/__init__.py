@@ -11,7 +11,7 @@ them; the names below are the registry's.
 """
 
 from qig.methods.awq import AWQConfig
-from qig.methods.base import GroupContext, Method, TokenWeights, method_for, register
+from qig.methods.base import GroupContext, Method, TokenWeights, method_for, needs_calibration, register
 from qig.methods.config import (
     CONFIGS,
     QuantConfig,
@@ -46,6 +46,7 @@ __all__ = [
     "config_from_options",
     "make_config",
     "method_for",
+    "needs_calibration",
     "register",
     "search_scales",
     "token_weighting_names",

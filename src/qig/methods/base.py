@@ -90,6 +90,10 @@ class Method:
 
     finds_scales: whether the method produces channel scales to fold (a search, or
     SmoothQuant's closed form); False for methods that only quantize (RTN, GPTQ).
+    needs_calibration: whether a run reads calibration data (False: RTN). The one
+    rule the CLI (which loads data only then and refuses calibration flags
+    otherwise) and the pipeline (which runs the calibrated layer loop only then) ask;
+    see :func:`needs_calibration`.
     weights_tokens: the pipeline asks for token weights per group even without
     a search (GPTQ with a weighted Hessian); searching methods always are asked.
     needs_quantized_stream: the pipeline carries x^q (inputs of the partly quantized model).
@@ -99,6 +103,7 @@ class Method:
     """
 
     finds_scales: ClassVar[bool] = True
+    needs_calibration: ClassVar[bool] = True
     weights_tokens: bool = False
     needs_quantized_stream: bool = False
     needs_answer_gradients: bool = False
@@ -175,6 +180,19 @@ def register(config_type: type[QuantConfig]) -> Callable[[type[Method]], type[Me
         return cls
 
     return deco
+
+
+def needs_calibration(config_or_name: QuantConfig | str) -> bool:
+    """Whether the method of a config (or of a method name) reads calibration data (its ``needs_calibration``).
+
+    >>> needs_calibration("rtn"), needs_calibration("awq"), needs_calibration("gptq")
+    (False, True, True)
+    """
+    config_type = CONFIGS.get(config_or_name) if isinstance(config_or_name, str) else type(config_or_name)
+    cls = _REGISTRY.get(config_type)
+    if cls is None:
+        raise QigError(f"no method is registered for {config_or_name!r}; registered: {', '.join(CONFIGS)}")
+    return cls.needs_calibration
 
 
 def method_for(config: QuantConfig) -> Method:

@@ -28,3 +28,4 @@ class RTNConfig(QuantConfig):
 @register(RTNConfig)
 class RTN(Method):
     finds_scales = False
+    needs_calibration = False

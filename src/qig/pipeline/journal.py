@@ -24,6 +24,7 @@ and goes on: no search, and the same bits as the run that was interrupted.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -266,3 +267,40 @@ def fingerprint(model: torch.nn.Module, calib, config, run: dict | None = None) 
         "config": config.to_dict(),
         "run": run or {},
     }
+
+
+def partial_dir(output: str | os.PathLike) -> Path:
+    """Where a run keeps its finished layers until its output is written: OUTPUT.partial beside it."""
+    out = Path(output)
+    return out.with_name(out.name + ".partial")
+
+
+@contextlib.contextmanager
+def keeping_partial(work: Path):
+    """If the run stops here, the CLI says where its finished layers are and how to go on (none: nothing is kept)."""
+    from qig import fileio
+
+    try:
+        yield
+    except BaseException:
+        done = sorted(work.glob("layer-*.json")) if work.is_dir() else []
+        if done:
+            fileio.note_resumable(
+                work,
+                f"the {len(done)} finished layers are kept in {work}; run the same command with --resume to "
+                f"continue from there (or remove {work} to start over)",
+            )
+        else:
+            remove_partial(work)  # only a fingerprint: nothing to resume from
+        raise
+
+
+def remove_partial(work: Path) -> None:
+    """Remove a run's work folder once its output is written (or when it holds no finished layer)."""
+    import shutil
+
+    from qig import fileio
+
+    if work.is_dir():
+        shutil.rmtree(work)
+    fileio.forget_resumable(work)
