@@ -37,6 +37,7 @@ def _format_names() -> tuple[str, ...]:
 
     return tuple(format_names())
 
+
 SCALE_QUANTIZER_KEYS = ("wbits", "abits", "group_size")  # what --scales may change: the quantizer only
 CALIBRATION_KEYS = ("calib", "calib_split", "image_folder", "n_samples", "calib_seed", "max_length")
 
