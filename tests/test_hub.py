@@ -12,9 +12,9 @@ import shutil
 from pathlib import Path
 
 import pytest
-import torch
 from _cli import run_cli
 from _tiny import processor, tiny_llava
+from test_calib_formats import _same
 
 from qig.calib import EMBEDDED, calibration_for, check_calibration_source, load_calibration
 from qig.embedded import world
@@ -183,14 +183,6 @@ def _parquet_rows(split: Path, rows: list[dict], path: Path, captions: str = "on
     )
     path.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, path)
-
-
-def _same(a, b) -> None:
-    assert [s.id for s in a.samples] == [s.id for s in b.samples]
-    for x, y in zip(a.samples, b.samples, strict=True):
-        assert torch.equal(x.inputs["input_ids"], y.inputs["input_ids"]), x.id
-        assert torch.equal(x.roles, y.roles), x.id
-        assert torch.equal(x.inputs["pixel_values"], y.inputs["pixel_values"]), x.id
 
 
 @pytest.fixture

@@ -6,6 +6,8 @@ import pytest
 from _cli import run_cli
 from PIL import Image
 
+EMBEDDED = ["--calib", "embedded"]  # these tiny models calibrate on the toy world, on purpose
+
 
 def _check_report(out, n_samples, layers):
     names = {p.name for p in out.iterdir()}
@@ -30,19 +32,7 @@ def _check_report(out, n_samples, layers):
 
 def test_inspect_writes_pictures_html_and_numbers(model_dir, tmp_path, capsys):
     out = tmp_path / "maps"
-    argv = [
-        "inspect",
-        "--model",
-        model_dir,
-        "--calib",
-        "embedded",
-        "--samples",
-        2,
-        "--layers",
-        "0,-1",
-        "--group-size",
-        32,
-    ]
+    argv = ["inspect", "--model", model_dir, *EMBEDDED, "--samples", 2, "--layers", "0,-1", "--group-size", 32]
     assert run_cli(*argv, "--output", out, "--no-progress") == 0
     data = _check_report(out, 2, [0, 1])
     assert data["methods"] == ["awq", "mbq", "qig"]
@@ -72,19 +62,7 @@ def test_bad_input_is_one_line_error(model_dir, tmp_path, capsys, argv, message)
 
 def test_quantize_report_shows_the_weights_the_run_used(model_dir, tmp_path):
     out = tmp_path / "q"
-    argv = [
-        "quantize",
-        "--model",
-        model_dir,
-        "--calib",
-        "embedded",
-        "--method",
-        "qig",
-        "--wbits",
-        3,
-        "--group-size",
-        32,
-    ]
+    argv = ["quantize", "--model", model_dir, *EMBEDDED, "--method", "qig", "--wbits", 3, "--group-size", 32]
     assert run_cli(*argv, "--n-samples", 2, "--n-grid", 2, "--output", out, "--report", "--no-progress") == 0
     data = _check_report(out / "report", 2, [0, 1])
     assert data["methods"] == ["qig"]

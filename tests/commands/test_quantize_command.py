@@ -7,23 +7,12 @@ import torch
 from _cli import run_cli
 from _tiny import tiny_llava
 
+EMBEDDED = ["--calib", "embedded"]  # these tiny models calibrate on the toy world, on purpose
+
 
 def test_quantize_writes_a_loadable_model_and_the_search(model_dir, tmp_path, capsys):
     out = tmp_path / "qig"
-    argv = [
-        "--model",
-        model_dir,
-        "--calib",
-        "embedded",
-        "--method",
-        "qig",
-        "--wbits",
-        3,
-        "--group-size",
-        32,
-        "--n-samples",
-        4,
-    ]
+    argv = ["--model", model_dir, *EMBEDDED, "--method", "qig", "--wbits", 3, "--group-size", 32, "--n-samples", 4]
     assert run_cli("quantize", *argv, "--n-grid", 5, "--output", out, "--no-progress") == 0
     assert {"config.json", "model.safetensors", "search.safetensors", "search.json", "report.json"} <= {
         p.name for p in out.iterdir()
@@ -56,19 +45,7 @@ def test_recipe_stands_for_flags(model_dir, tmp_path):
     recipe = tmp_path / "r.yaml"
     recipe.write_text("method: awq\nwbits: 4\ngroup_size: 32\nn_samples: 2\nn_grid: 3\n")
     out = tmp_path / "awq"
-    argv = [
-        "--recipe",
-        recipe,
-        "--model",
-        model_dir,
-        "--calib",
-        "embedded",
-        "--wbits",
-        3,
-        "--output",
-        out,
-        "--no-progress",
-    ]
+    argv = ["--recipe", recipe, "--model", model_dir, *EMBEDDED, "--wbits", 3, "--output", out, "--no-progress"]
     assert run_cli("quantize", *argv) == 0
     config = json.loads((out / "report.json").read_text())["config"]
     assert (config["method"], config["wbits"], config["n_grid"]) == ("awq", 3, 3)  # the flag wins
@@ -125,19 +102,7 @@ def test_weight_only_flow_on_the_embedded_model(tmp_path):
 )
 def test_gptq_runs_from_the_cli(model_dir, tmp_path, capsys, argv, expected):
     out = tmp_path / "out"
-    common = [
-        "--model",
-        model_dir,
-        "--calib",
-        "embedded",
-        "--wbits",
-        3,
-        "--group-size",
-        32,
-        "--n-samples",
-        4,
-        "--no-progress",
-    ]
+    common = ["--model", model_dir, *EMBEDDED, "--wbits", 3, "--group-size", 32, "--n-samples", 4, "--no-progress"]
     assert run_cli("quantize", *common, *argv, "--output", out) == 0
     config = json.loads((out / "report.json").read_text())["config"]
     assert {k: v["method"] if isinstance(v := config[k], dict) else v for k in expected} == expected

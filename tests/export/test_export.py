@@ -197,22 +197,12 @@ def test_fake_quant_export_is_a_plain_checkpoint_of_the_same_weights(awq_run, tm
     assert sorted(p.name for p in out.glob("*.safetensors")) == ["model.safetensors"]
 
 
+GPTQ_W4 = ("--calib", "embedded", "--method", "gptq", "--wbits", 4, "--group-size", 128, "--n-samples", 8)
+
+
 def test_gptq_export_packs_gptq_codes(model_dir, tmp_path):
     run = tmp_path / "gptq"
-    args = (
-        "--model",
-        model_dir,
-        "--calib",
-        "embedded",
-        "--method",
-        "gptq",
-        "--wbits",
-        4,
-        "--group-size",
-        128,
-        "--n-samples",
-        8,
-    )
+    args = ("--model", model_dir, *GPTQ_W4)
     assert run_cli("quantize", *args, "--no-progress", "--output", run) == 0
     out = tmp_path / "gptq-ct"
     assert run_cli("export", "--input", run, "--output", out) == 0
@@ -246,20 +236,7 @@ def _siblings(out):
 
 def test_act_order_is_refused_before_anything_is_written(model_dir, tmp_path, capsys):
     run = tmp_path / "gptq-ao"
-    args = (
-        "--model",
-        model_dir,
-        "--calib",
-        "embedded",
-        "--method",
-        "gptq",
-        "--wbits",
-        4,
-        "--group-size",
-        128,
-        "--n-samples",
-        8,
-    )
+    args = ("--model", model_dir, *GPTQ_W4)
     assert run_cli("quantize", *args, "--act-order", "--no-progress", "--output", run) == 0
     out = tmp_path / "ao-ct"
     assert run_cli("export", "--input", run, "--output", out) == 2

@@ -16,6 +16,8 @@ from qig.methods import base as methods_base
 from qig.methods.base import Method, uniform_weights
 from qig.options import option
 
+EMBEDDED = ["--calib", "embedded"]  # these tiny models calibrate on the toy world, on purpose
+
 
 @dataclass(frozen=True)
 class AnswerHeavyConfig(SearchConfig):
@@ -66,18 +68,7 @@ def test_a_registered_method_runs_through_the_cli(toy_method, model_dir, tmp_pat
     assert "awq has no option --emphasis (answer-heavy takes --emphasis)" in capsys.readouterr().err
     # GPTQ borrows its token weights, its options given alongside
     out = tmp_path / "gptq"
-    argv = [
-        "--model",
-        model_dir,
-        "--calib",
-        "embedded",
-        "--method",
-        "gptq",
-        "--token-weights",
-        "answer-heavy",
-        "--emphasis",
-        3,
-    ]
+    argv = ["--model", model_dir, *EMBEDDED, "--method", "gptq", "--token-weights", "answer-heavy", "--emphasis", 3]
     assert run_cli("quantize", *argv, "--wbits", 3, "--group-size", 32, "--n-samples", 2, "--output", out) == 0
     config = json.loads((out / "report.json").read_text())["config"]
     assert config["token_weights"]["method"] == "answer-heavy" and config["token_weights"]["emphasis"] == 3
