@@ -109,20 +109,26 @@ check_families() {
     local out=${QIG_VLLM_OUT:-out/check-vllm-families}
     local n=${QIG_VLLM_N:-40} samples=${QIG_VLLM_SAMPLES:-16} group=${QIG_VLLM_GROUP:-64} tokens=${QIG_VLLM_TOKENS:-8}
     local families=${QIG_VLLM_FAMILIES:-"llava-1.5 llava-next llava-onevision qwen2-vl qwen2.5-vl qwen3-vl internvl idefics3 smolvlm gemma3"}
+    local resume=${QIG_VLLM_RESUME:-0}
     local wna16=CompressedTensorsWNA16/CPUWNA16LinearKernel w8a8=CompressedTensorsW8A8Int8/CPUInt8ScaledMMLinearKernel
     mkdir -p "$out/shim"
     cp scripts/vllm_shim.py "$out/shim/sitecustomize.py"
     local hf_env="PYTHONPATH=$(cd "$out/shim" && pwd)"
-    "$QIG" world eval --n "$n" --output "$out/world" --overwrite >/dev/null
-    "$QIG" world calib --n "$samples" --output "$out/calib" --overwrite >/dev/null
-    local t=$(date +%s)
-    # shellcheck disable=SC2086
-    if ! nice -n 10 "$PY" scripts/family_folders.py --out "$out/fp" --only $families >"$out/family_folders.log" 2>&1; then
-        tail -20 "$out/family_folders.log"
-        return 1
+    # done NAME.json: with QIG_VLLM_RESUME=1, a step whose output exists (and holds no error) is not redone
+    done_() { [ "$resume" = 1 ] && [ -f "$1" ] && ! grep -q '"error"' "$1"; }
+    done_ "$out/world/data.json" || "$QIG" world eval --n "$n" --output "$out/world" --overwrite >/dev/null
+    done_ "$out/calib/data.json" || "$QIG" world calib --n "$samples" --output "$out/calib" --overwrite >/dev/null
+    local t=$(date +%s) todo=""
+    for fam in $families; do done_ "$out/fp/$fam/config.json" || todo="$todo $fam"; done
+    if [ -n "$todo" ]; then
+        # shellcheck disable=SC2086
+        if ! nice -n 10 "$PY" scripts/family_folders.py --out "$out/fp" --only $todo >"$out/family_folders.log" 2>&1; then
+            tail -20 "$out/family_folders.log"
+            return 1
+        fi
+        grep -E '^[a-z0-9.-]+: ' "$out/family_folders.log" || true
+        log "family folders written in $(($(date +%s) - t))s"
     fi
-    grep -E '^[a-z0-9.-]+: ' "$out/family_folders.log" || true
-    log "family folders written in $(($(date +%s) - t))s"
     local manifest="$out/families.tsv"
     : >"$manifest"
     for fam in $families; do
@@ -134,6 +140,8 @@ check_families() {
             local name=$1 expect=$wna16
             shift
             [ "$name" = rtn-w8a8 ] && expect=$w8a8
+            printf '%s\t%s\t%s\t%s\n' "$fam" "$name" "$out/$fam-$name" "$expect" >>"$manifest"
+            done_ "$out/$fam-$name/config.json" && continue
             t=$(date +%s)
             if env $hf_env nice -n 10 "$QIG" quantize --model "$out/fp/$fam" "$@" --format compressed-tensors \
                 --no-progress --overwrite --output "$out/$fam-$name" </dev/null >"$out/$fam-$name.quantize.log" 2>&1; then
@@ -141,22 +149,36 @@ check_families() {
             else
                 log "qig quantize failed on $fam $name: $(tail -1 "$out/$fam-$name.quantize.log")"
             fi
-            printf '%s\t%s\t%s\t%s\n' "$fam" "$name" "$out/$fam-$name" "$expect" >>"$manifest"
         done
     done
     while IFS=$'\t' read -r fam setting folder expect; do
         local name=$fam-$setting
-        rm -f "$out/$name.vllm.json" "$out/$name.hf.json"
-        [ -f "$folder/config.json" ] || continue
+        [ -f "$folder/config.json" ] || { rm -f "$out/$name.vllm.json" "$out/$name.hf.json"; continue; }
+        if ! done_ "$out/$name.vllm.json"; then
+            t=$(date +%s)
+            nice -n 10 "$VENV/bin/python" scripts/vllm_tokens.py --engine vllm --model "$folder" \
+                --data "$out/world/data.json" --max-tokens "$tokens" --out "$out/$name.vllm.json" </dev/null \
+                >"$out/$name.vllm.log" 2>&1 \
+                && log "vLLM ran $name in $(($(date +%s) - t))s" || log "vLLM refused $name: see $out/$name.vllm.log"
+        fi
+        done_ "$out/$name.hf.json" && continue
         t=$(date +%s)
-        nice -n 10 "$VENV/bin/python" scripts/vllm_tokens.py --engine vllm --model "$folder" --data "$out/world/data.json" \
-            --max-tokens "$tokens" --out "$out/$name.vllm.json" </dev/null >"$out/$name.vllm.log" 2>&1 \
-            && log "vLLM ran $name in $(($(date +%s) - t))s" || log "vLLM refused $name: see $out/$name.vllm.log"
-        t=$(date +%s)
-        env $hf_env nice -n 10 "$PY" scripts/vllm_tokens.py --engine transformers --model "$folder" \
+        if env $hf_env nice -n 10 "$PY" scripts/vllm_tokens.py --engine transformers --model "$folder" \
             --data "$out/world/data.json" --max-tokens "$tokens" --out "$out/$name.hf.json" </dev/null \
-            >"$out/$name.hf.log" 2>&1 \
-            && log "transformers ran $name in $(($(date +%s) - t))s" || log "transformers failed on $name: see $out/$name.hf.log"
+            >"$out/$name.hf.log" 2>&1; then
+            log "transformers ran $name in $(($(date +%s) - t))s"
+            continue
+        fi
+        # The reference side, not vLLM, failed: transformers 5.25 + compressed-tensors 0.20 (the project venv) cannot
+        # run every export (W8A8 LLaVA-NeXT / OneVision: get_image_features returns a dict). The vLLM venv's
+        # transformers + compressed-tensors (5.19 + 0.17, qig installed there) are the second reference; the row says so.
+        log "transformers (project venv) failed on $name: $(tail -1 "$out/$name.hf.log" | cut -c1-160); again with the vLLM venv's"
+        mv "$out/$name.hf.json" "$out/$name.hf-project-venv.json"
+        nice -n 10 "$VENV/bin/python" scripts/vllm_tokens.py --engine transformers --model "$folder" \
+            --data "$out/world/data.json" --max-tokens "$tokens" --out "$out/$name.hf.json" </dev/null \
+            >"$out/$name.hf2.log" 2>&1 \
+            && log "transformers (vLLM venv) ran $name in $(($(date +%s) - t))s" \
+            || log "transformers failed on $name in both venvs: see $out/$name.hf.log, $out/$name.hf2.log"
     done <"$manifest"
     log "vLLM $VLLM_VERSION (CPU, bfloat16) against transformers (float32) on the same folders, $n world eval questions with their images, $tokens greedy tokens:"
     local status=0

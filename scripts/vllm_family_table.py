@@ -83,6 +83,11 @@ def row(family: str, setting: str, folder: str, expect: str, work: Path, min_fir
         problems.append(f"first-token agreement {out['first']:.1%} < {min_first:.0%}")
     out["note"] = "; ".join(problems)
     out["ok"] = not problems
+    first_try = work / f"{name}.hf-project-venv.json"
+    if first_try.is_file():  # the check fell back to the vLLM venv's transformers for the reference side
+        runtime = ", ".join(f"{k} {v}" for k, v in ours.get("runtime", {}).items())
+        failed = _reason(json.loads(first_try.read_text()).get("error", "?"))
+        out["reference"] = f"reference run with {runtime} (the vLLM venv's): the project venv's failed: {failed}"
     return out
 
 
@@ -98,6 +103,8 @@ def main() -> int:
         rows.append(row(family, setting, folder, expect, work, args.min_first))
     for r in rows:
         status = "ok" if r["ok"] else f"FAILED: {r['note']}"
+        if "reference" in r:
+            status += f" [{r['reference']}]"
         if "first" in r:
             status += (
                 f"  (first token {r['first']:.1%}, all tokens {r['all']:.1%} of {r['n']}; "
@@ -117,6 +124,8 @@ def main() -> int:
         k = round(r["first"] * r["n"])
         m = round(r["all"] * r["n"])
         result = "ok" if r["ok"] else r["note"]
+        if "reference" in r:
+            result += f"; {r['reference']}"
         print(
             f"| {r['family']} | {r['setting']} | {r['kernels']} | {r['kept']} | {r['first']:.1%} ({k}/{r['n']}) "
             f"| {r['all']:.1%} ({m}/{r['n']}) | {r['distinct_first']} | {result} |"

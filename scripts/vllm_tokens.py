@@ -100,10 +100,13 @@ def run_transformers(args, items) -> dict:
             logp = out.scores[0][0].float().log_softmax(-1).topk(2).values  # scores: after min_new_tokens' mask
             first.append(float(logp[0] - logp[1]))
     t2 = time.perf_counter()
+    from importlib.metadata import version
+
     return {
         "tokens": tokens,
         "prompt_tokens": lengths,
         "first_margin": first,
+        "runtime": {p: version(p) for p in ("transformers", "compressed-tensors")},
         "seconds": {"load": t1 - t0, "generate": t2 - t1},
     }
 
