@@ -137,7 +137,8 @@ _IDEFICS_IGNORE = ("re:.*vision_model.*", "re:.*connector.*", "re:.*lm_head")
 # qwen3_vl.py: hf_to_vllm_mapper) onto the same tower names as transformers'; idefics3 / smolvlm have no mapper and
 # transformers' `model.vision_model / connector / text_model` names (idefics3.py, Idefics3Model); HF-native internvl
 # is vLLM's InternS1 class (interns1.py, interns1_vit.py: embeddings, encoder.layer.N as transformers); InternVL2's
-# remote code saves its own names, which internvl.py reads. None of these was loaded by vLLM here.
+# remote code saves its own names, which internvl.py reads. Every family here but internvl2-internlm2 is served from
+# a tiny model (FP, AWQ W4 and W8A8 compressed-tensors exports) by `scripts/check_vllm.sh --families`.
 
 FAMILIES: tuple[ModelFamily, ...] = (
     # LLaVA-1.5 (CLIP + Vicuna/Llama, multi-head attention: the v -> o group exists) and
