@@ -1,4 +1,4 @@
-"""Comparing saved model folders and state dicts bit for bit (the tests of streaming and resume)."""
+"""Reading saved model folders (tensors, key names) and comparing state dicts bit for bit."""
 
 from pathlib import Path
 
@@ -13,6 +13,15 @@ def model_tensors(folder: Path) -> dict[str, torch.Tensor]:
         with safe_open(shard, "pt") as f:
             out.update({k: f.get_tensor(k) for k in f.keys()})
     return out
+
+
+def saved_keys(folder: Path) -> list[str]:
+    """Every tensor name in the ``*.safetensors`` shards of ``folder``, sorted (reads the headers only)."""
+    keys = []
+    for shard in sorted(Path(folder).glob("*.safetensors")):
+        with safe_open(shard, "pt") as f:
+            keys += list(f.keys())
+    return sorted(keys)
 
 
 def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:

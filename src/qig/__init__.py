@@ -6,9 +6,12 @@
     >>> "AWQConfig" in qig.__all__
     True
 
-The public names are imported lazily, so ``import qig`` (and the CLI's
-startup) does not pay for torch until they are used. Every registered
-method's config class is a public name (``qig.methods.CONFIGS``).
+The public names are imported lazily, so ``import qig`` does not pay for
+torch until they are used. The ``qig`` command does import torch at start-up:
+its parser is built from every method's config fields (``qig.methods.config``,
+whose quantizer specs are torch code) and the calibration defaults
+(``qig.calib``). Every registered method's config class is a public name
+(``qig.methods.CONFIGS``).
 """
 
 __version__ = "0.1.0"

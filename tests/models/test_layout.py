@@ -11,9 +11,10 @@ import json
 import pytest
 import torch
 from _families import TINY, build
+from _tensors import saved_keys
 
 from qig.models import FAMILIES, family_for
-from qig.models.layout import apply_layout, save_model, saved_keys
+from qig.models.layout import apply_layout, save_model
 
 _LLAVA_MAP = {  # vllm/model_executor/models/llava.py, llava_next.py, llava_onevision.py, gemma3_mm.py, interns1.py
     "model.language_model.": "language_model.model.",

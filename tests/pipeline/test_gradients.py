@@ -15,18 +15,76 @@ from pathlib import Path
 import pytest
 import torch
 from _tiny import calibration, tiny_llava
+from tqdm.auto import tqdm
 
 import qig
 from qig.calib import ANSWER, PROMPT, CalibrationSet, Sample, calibration_for, from_records
 from qig.loading import load_model_and_processor
 from qig.methods import MBQConfig, method_for
-from qig.models import family_for
+from qig.models import family_for, get_module
 from qig.pipeline import gradients
-from qig.pipeline.gradients import answer_gradients, full_autograd_gradients, layer_inputs_bytes, prepare_methods
+from qig.pipeline.gradients import (
+    _empty_sums,
+    _on_output,
+    answer_gradients,
+    answer_loss,
+    prepare_methods,
+    sublayer_outputs,
+)
 from qig.pipeline.layers import InMemoryLayers, layers_for
+from qig.pipeline.loop import frozen
 
 MODELS = Path(__file__).parents[1] / "models"  # the tiny family builders (_families) and the InternVL2 toy
 RTOL = 1e-4
+
+
+def full_autograd_gradients(model, family, calib, device, batch_size: int, progress: bool = True) -> dict:
+    """The reference for ``answer_gradients``: the loss back-propagated through the whole model at once.
+
+    Every decoder layer is on the device together; hooks on each layer's
+    sub-layer output linears accumulate the same sums.
+    """
+    device = torch.device(device)
+    modules = family.decoder_layers(model)
+    paths = sublayer_outputs(family)
+    sums = _empty_sums(paths, len(modules))
+    roles: list[torch.Tensor] = []  # the current batch's [b, T]
+
+    def needs_grad(_module, args, kwargs):
+        # The parameters are frozen; gradients start at the decoder's input.
+        return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
+
+    handles = [modules[0].register_forward_pre_hook(needs_grad, with_kwargs=True)]
+    for li, module in enumerate(modules):
+        for p in paths:
+            handles.append(get_module(module, p).register_forward_hook(_on_output(sums[p][li], lambda: roles[0])))
+    home = next(model.parameters()).device
+    model.to(device)
+    try:
+        with frozen(model), torch.enable_grad():
+            batches = list(calib.batches(batch_size))
+            for batch in tqdm(batches, desc="MBQ gradients", leave=False, disable=not progress):
+                inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+                roles[:] = [batch.roles.to(device)]
+                loss = answer_loss(model(**inputs, use_cache=False).logits, inputs["input_ids"], roles[0])
+                if loss is not None:
+                    loss.backward()
+                del loss
+    finally:
+        for h in handles:
+            h.remove()
+        model.to(home)
+    return sums
+
+
+def layer_inputs_bytes(calib: CalibrationSet, n_layers: int, hidden_size: int, dtype: torch.dtype) -> int:
+    """Bytes of the layer inputs ``answer_gradients`` stores on the host: L x N x T x C x element size."""
+    return n_layers * len(calib) * calib.seq_len * hidden_size * torch.empty((), dtype=dtype).element_size()
+
+
+def test_layer_inputs_bytes_is_layers_by_samples_by_tokens_by_width_by_element_size():
+    calib = CalibrationSet([Sample("a", {}, torch.zeros(100, dtype=torch.int8))] * 8, pad_token_id=0)
+    assert layer_inputs_bytes(calib, n_layers=28, hidden_size=3584, dtype=torch.bfloat16) == 28 * 8 * 100 * 3584 * 2
 
 
 class RecordedLayers(InMemoryLayers):

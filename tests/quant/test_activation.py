@@ -7,13 +7,30 @@ from qig.errors import QigError
 from qig.quant.activation import (
     activation_spec_of,
     fake_quantize_activations,
-    quantize_linear_,
+    install_activation_quantizer_,
     quantized_activations,
     remove_activation_quantizer_,
-    wa_linear,
 )
 from qig.quant.rtn import rtn_
-from qig.quant.spec import QuantSpec, activation_spec, quant_params, quantize
+from qig.quant.spec import QuantSpec, activation_spec, fake_quantize, quant_params, quantize
+
+
+def wa_linear(x, weight, bias, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> torch.Tensor:
+    """The W-A fake-quant linear as a function: ``linear(Q_a(x), Q_w(W), b)``; ``act_spec`` None keeps x.
+
+    x: [..., in]; weight: [out, in] -> [..., out].
+    """
+    xq = x if act_spec is None else fake_quantize_activations(x, act_spec)
+    return torch.nn.functional.linear(xq, fake_quantize(weight, weight_spec), bias)
+
+
+@torch.no_grad()
+def quantize_linear_(linear: torch.nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> None:
+    """Make ``linear`` a W-A fake-quant linear in place: weight fake-quantized, input quantizer installed."""
+    weight_spec.check(linear.in_features)
+    linear.weight.copy_(fake_quantize(linear.weight.data, weight_spec))
+    if act_spec is not None:
+        install_activation_quantizer_(linear, act_spec)
 
 
 def _linear(in_features=96, out_features=24, seed=0):

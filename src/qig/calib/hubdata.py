@@ -19,7 +19,8 @@ import os
 import re
 from pathlib import Path
 
-from qig.calib.files import Records, open_records
+from qig.calib.files import open_records
+from qig.calib.records import Records
 from qig.errors import QigError
 
 DATA_SUFFIXES = (".parquet", ".json", ".jsonl")

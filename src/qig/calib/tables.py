@@ -1,8 +1,8 @@
 """Calibration from tables: a Hugging Face ``datasets`` folder (``save_to_disk``) or a parquet file.
 
 A table's rows become the records ``qig.calib.files`` reads from JSON, so they
-pass the same schema check and give the same errors. Its columns are found by
-their usual names:
+pass the same schema check (``qig.calib.records``) and give the same errors.
+Its columns are found by their usual names:
 
 - images: ``image`` or ``images`` (``datasets``' Image feature, stored as
   ``{"bytes", "path"}``; raw bytes; or paths relative to the image folder; a
@@ -26,7 +26,7 @@ import logging
 from pathlib import Path
 
 from qig.calib.data import IMAGE_PLACEHOLDER
-from qig.calib.files import Records, check_record, image_refs, open_image
+from qig.calib.records import Records, check_record, image_refs, open_image
 from qig.errors import QigError
 
 log = logging.getLogger(__name__)

@@ -6,6 +6,6 @@
 """
 
 from qig.models.families import FAMILIES, family_for
-from qig.models.family import ModelFamily, ScaleGroup, get_module
+from qig.models.family import ModelFamily, ScaleGroup, get_module, linears
 
-__all__ = ["FAMILIES", "ModelFamily", "ScaleGroup", "family_for", "get_module"]
+__all__ = ["FAMILIES", "ModelFamily", "ScaleGroup", "family_for", "get_module", "linears"]

@@ -2,7 +2,8 @@
 
 :class:`ScaleGroup`, :class:`KeyRename` and :class:`ModelFamily` are the shapes
 of the data in ``qig.models.families``; :func:`get_module` walks a dotted path
-with an error that names what is missing.
+with an error that names what is missing; :func:`linears` lists the linears
+of a module (a decoder layer, a block) by their paths inside it.
 
     >>> from qig.models.family import ScaleGroup
     >>> ScaleGroup("mlp_out", prev="mlp.up_proj", linears=("mlp.down_proj",), block="mlp.down_proj").name
@@ -134,8 +135,7 @@ class ModelFamily:
         return {
             f"{self.layers}.{i}.{name}": mod
             for i, layer in enumerate(self.decoder_layers(model))
-            for name, mod in layer.named_modules()
-            if isinstance(mod, torch.nn.Linear)
+            for name, mod in linears(layer).items()
         }
 
     def active_groups(self, layer: torch.nn.Module) -> list[ScaleGroup]:
@@ -202,6 +202,16 @@ def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
         return root.get_submodule(path)
     except AttributeError as exc:
         raise QigError(f"{type(root).__name__} has no submodule {path!r}; is the model family mapping right?") from exc
+
+
+def linears(module: torch.nn.Module) -> dict[str, torch.nn.Linear]:
+    """Every linear of ``module`` by its path inside it ("self_attn.q_proj"; "" for a linear itself).
+
+    >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
+    >>> list(linears(mlp))
+    ['0', '2']
+    """
+    return {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def has_names(layer: torch.nn.Module, groups: tuple[ScaleGroup, ...]) -> bool:

@@ -90,21 +90,6 @@ def apply_layout(folder: str | os.PathLike, family: ModelFamily) -> int:
     return len(renamed)
 
 
-def saved_keys(folder: str | os.PathLike) -> list[str]:
-    """Every tensor name in the ``*.safetensors`` shards of ``folder``, sorted (reads the headers only).
-
-    >>> saved_keys("out/qig-w4")[:1]  # doctest: +SKIP
-    ['language_model.lm_head.weight']
-    """
-    from safetensors import safe_open
-
-    keys = []
-    for shard in sorted(Path(folder).glob("*.safetensors")):
-        with safe_open(shard, "pt") as f:
-            keys += list(f.keys())
-    return sorted(keys)
-
-
 def save_streamed(model: torch.nn.Module, folder: str | os.PathLike, family: ModelFamily, read_layer) -> int:
     """``save_model`` for a model whose decoder layers are not in memory: one shard per layer, read in turn.
 

@@ -9,6 +9,9 @@ before any layer is quantized.
 
     >>> chunks = capture(model, family_for(model), calib, batch_size=8, device=torch.device("cpu"))  # doctest: +SKIP
     >>> h = next_input(layer0, chunks[0].x, chunks[0], 0)  # doctest: +SKIP
+
+:func:`input_of` feeds a layer up to a given linear and returns that linear's
+input (a group's input, a GPTQ stage's Hessian input).
 """
 
 from __future__ import annotations
@@ -29,7 +32,11 @@ BEFORE_LAYERS = (
 
 
 class StopForward(Exception):
-    """Raised by a hook to end a forward pass early (its caller catches it)."""
+    """Raised by a hook to end a forward pass early (its caller catches it); ``x``: what the hook caught, if any."""
+
+    def __init__(self, x: torch.Tensor | None = None) -> None:
+        super().__init__()
+        self.x = x
 
 
 class Chunk:
@@ -197,6 +204,30 @@ def _plain_kwargs(kwargs: dict) -> dict:
     out = {k: v for k, v in kwargs.items() if k not in ("cache", "past_key_values", "past_key_value")}
     out["use_cache"] = False
     return out
+
+
+def input_of(
+    layer: torch.nn.Module, linear: torch.nn.Module, h: torch.Tensor, kwargs: dict, params=None
+) -> torch.Tensor | None:
+    """The input of ``linear`` when ``layer`` runs on ``h`` (with weight overrides ``params``), the layer stopped there.
+
+    None when the layer never calls ``linear``.
+    """
+
+    def stop(_module, args):
+        raise StopForward(args[0])
+
+    handle = linear.register_forward_pre_hook(stop)
+    try:
+        if params:
+            functional_call(layer, params, (h,), kwargs, strict=False)
+        else:
+            layer(h, **kwargs)
+    except StopForward as stopped:
+        return stopped.x
+    finally:
+        handle.remove()
+    return None
 
 
 def next_input(layer: torch.nn.Module, h: torch.Tensor, chunk: Chunk, layer_index: int, params=None) -> torch.Tensor:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 
 from qig.errors import QigError
-from qig.models import ModelFamily
+from qig.models import ModelFamily, linears
 
 
 def is_finite(t: torch.Tensor) -> bool:
@@ -32,11 +32,11 @@ def check_decoder_weights(model: torch.nn.Module, family: ModelFamily) -> None:
 def check_layer_weights(layer: torch.nn.Module, index: int, family: ModelFamily) -> None:
     """The same check for one decoder layer, named as the model names it."""
     prefix = f"{family.layers}.{index}."
-    _check_linears((prefix + n, m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear))
+    _check_linears((prefix + n, m) for n, m in linears(layer).items())
 
 
-def _check_linears(linears) -> None:
-    for path, linear in linears:
+def _check_linears(named) -> None:
+    for path, linear in named:
         for name, p in linear.named_parameters(recurse=False):
             if p.device.type == "meta":
                 continue

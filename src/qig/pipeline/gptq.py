@@ -21,9 +21,8 @@ import torch
 from qig.calib import PAD
 from qig.dist import broadcast_tensor, current, gather, ordered
 from qig.errors import QigError
-from qig.models import ModelFamily, ScaleGroup
-from qig.pipeline.capture import Chunk
-from qig.pipeline.groups import layer_linears
+from qig.models import ModelFamily, ScaleGroup, linears
+from qig.pipeline.capture import Chunk, input_of
 from qig.quant.gptq import GPTQSettings, Hessian, HessianPart, gptq_quantize, normalize_token_weights
 from qig.quant.spec import QuantSpec
 
@@ -46,10 +45,10 @@ def hessian_source(name: str, groups: list[ScaleGroup]) -> str | None:
 
 def sequential_stages(layer: torch.nn.Module, chunk: Chunk, layer_index: int) -> list[list[str]]:
     """The layer's linears in call order, those called on the same input tensor together ([q, k, v], [o], ...)."""
-    linears = layer_linears(layer)
+    by_name = linears(layer)
     calls: list[tuple[str, torch.Tensor]] = []
     handles = [
-        m.register_forward_pre_hook(lambda _m, args, n=n: calls.append((n, args[0]))) for n, m in linears.items()
+        m.register_forward_pre_hook(lambda _m, args, n=n: calls.append((n, args[0]))) for n, m in by_name.items()
     ]
     try:
         with torch.no_grad():
@@ -59,7 +58,7 @@ def sequential_stages(layer: torch.nn.Module, chunk: Chunk, layer_index: int) ->
             h.remove()
     names = [n for n, _ in calls]
     twice = sorted({n for n in names if names.count(n) > 1})
-    never = sorted(set(linears) - set(names))
+    never = sorted(set(by_name) - set(names))
     if twice or never:
         raise QigError(
             f"layer {layer_index}: GPTQ needs every linear called once per forward; "
@@ -90,12 +89,12 @@ def _stage_hessians(
     parts: dict[str | None, list[HessianPart]] = {s: [] for s in sources}
     for i, c in enumerate(chunks):
         real = c.roles != PAD  # [b, T]
-        try:
-            _raise_input_of(layer, first, c, layer_index)
-        except _Caught as caught:
-            for source, h in hessians.items():
-                w = real.float() if source is None else weights[source][i]
-                parts[source].append(h.part(caught.x, w, real=real))  # x: [b, T, C]
+        x = input_of(layer, first, c.xq, c.layer_kwargs[layer_index])  # [b, T, C]
+        if x is None:
+            raise QigError(f"layer {layer_index}: a linear GPTQ quantizes was not called by the layer")
+        for source, h in hessians.items():
+            w = real.float() if source is None else weights[source][i]
+            parts[source].append(h.part(x, w, real=real))
     for source, h in hessians.items():
         for part in _in_chunk_order(parts.pop(source), first.in_features, chunks[0].device):
             h.accumulate(part)
@@ -129,26 +128,6 @@ def _top(weights: list[torch.Tensor]) -> float:
     return max(gather(max((float(w.max()) for w in weights), default=0.0)))
 
 
-class _Caught(Exception):
-    """Carries a linear's input out of a forward pass stopped there."""
-
-    def __init__(self, x: torch.Tensor) -> None:
-        super().__init__()
-        self.x = x
-
-
-def _raise_input_of(layer: torch.nn.Module, first: torch.nn.Module, chunk: Chunk, layer_index: int) -> None:
-    def hook(_module, args):
-        raise _Caught(args[0])
-
-    handle = first.register_forward_pre_hook(hook)
-    try:
-        layer(chunk.xq, **chunk.layer_kwargs[layer_index])
-    finally:
-        handle.remove()
-    raise QigError(f"layer {layer_index}: a linear GPTQ quantizes was not called by the layer")
-
-
 @torch.no_grad()
 def gptq_layer_(
     layer: torch.nn.Module,
@@ -171,20 +150,20 @@ def gptq_layer_(
     group_weights: per group name, token weights per chunk [b, T] (pad = 0);
     a linear whose group is absent (or all, when empty) gets the plain Hessian.
     """
-    linears = layer_linears(layer)
+    by_name = linears(layer)
     groups = family.active_groups(layer)
     normalized = {g: normalize_token_weights(ws, _top(ws)) for g, ws in group_weights.items()}
     results: dict[str, dict[str, torch.Tensor]] = {}
     for stage in sequential_stages(layer, chunks[0], layer_index):
         sources = {n: hessian_source(n, groups) if group_weights else None for n in stage}
         sources = {n: s if s in normalized else None for n, s in sources.items()}
-        hessians = _stage_hessians(layer, linears[stage[0]], chunks, layer_index, set(sources.values()), normalized)
+        hessians = _stage_hessians(layer, by_name[stage[0]], chunks, layer_index, set(sources.values()), normalized)
         ranks = current()
         solved = {}
         for j, n in enumerate(stage):  # weight-parallel: linear j of the stage is solved by rank j % N
             if j % ranks.size != ranks.rank:
                 continue
-            r = gptq_quantize(linears[n].weight.data, hessians[sources[n]], spec, settings)
+            r = gptq_quantize(by_name[n].weight.data, hessians[sources[n]], spec, settings)
             solved[n] = {"weight": r.weight.cpu(), "scale": r.scale.cpu(), "zero": r.zero.cpu()}
             if r.g_idx is not None:
                 solved[n]["g_idx"] = r.g_idx.cpu()
@@ -194,6 +173,6 @@ def gptq_layer_(
             solved = {n: found for part in gather(solved) for n, found in part.items()}
         for n in stage:
             found = solved[n]
-            linears[n].weight.copy_(found.pop("weight"))
+            by_name[n].weight.copy_(found.pop("weight"))
             results[n] = found
     return results

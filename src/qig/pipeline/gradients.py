@@ -21,15 +21,15 @@ visited (``DecoderLayers.onload``: up 0..L-2, then down L-1..0, once each):
    output (the input gradient of layer l+1) back to its input.
 
 Hooks on the sub-layer output linears accumulate, as the gradient passes, the
-sums full autograd accumulates (:func:`full_autograd_gradients`, the
-reference): by the chain rule they are equal to float tolerance. What the model
+sums a whole-model backward accumulates (the reference the tests compare
+against): by the chain rule they are equal to float tolerance. What the model
 adds between layers (Qwen3-VL's DeepStack) is replayed as a constant, which
 leaves the gradient unchanged. Parameters get no gradient (every gradient is
 taken with respect to a layer input only).
 
 Memory: the stored layer inputs are L x N x T x C values in the hidden states'
 dtype (L decoder layers, N calibration samples, T the padded length, C the
-hidden size; :func:`layer_inputs_bytes`), on the host, moved to the device one
+hidden size), on the host, moved to the device one
 chunk at a time; plus one layer's worth of gradients (N x T x C) and, on the
 device, one layer, one chunk's graph and the model outside its decoder layers.
 
@@ -95,17 +95,6 @@ def prepare_methods(
             m.use_answer_gradients(sums)
 
 
-def layer_inputs_bytes(calib: CalibrationSet, n_layers: int, hidden_size: int, dtype: torch.dtype) -> int:
-    """Bytes of the layer inputs :func:`answer_gradients` stores on the host: L x N x T x C x element size.
-
-    >>> from qig.calib import CalibrationSet, Sample
-    >>> calib = CalibrationSet([Sample("a", {}, torch.zeros(100, dtype=torch.int8))] * 8, pad_token_id=0)
-    >>> layer_inputs_bytes(calib, n_layers=28, hidden_size=3584, dtype=torch.bfloat16)  # 28 x 8 x 100 x 3584 x 2
-    160563200
-    """
-    return n_layers * len(calib) * calib.seq_len * hidden_size * torch.empty((), dtype=dtype).element_size()
-
-
 def answer_gradients(
     model: torch.nn.Module,
     family: ModelFamily,
@@ -118,8 +107,8 @@ def answer_gradients(
     """Sums of mean_h |dL/dy| at every sub-layer output over vision / answer tokens, one layer at a time.
 
     The loss of each batch of ``batch_size`` samples is the mean cross-entropy
-    over its answer tokens, as in :func:`full_autograd_gradients`, whose result
-    this equals to float tolerance. Batches without answer tokens add nothing.
+    over its answer tokens; the result equals a whole-model backward's to float
+    tolerance. Batches without answer tokens add nothing.
 
         >>> sums = answer_gradients(model, family, calib, InMemoryLayers(model, family), "cpu", 4)  # doctest: +SKIP
     """
@@ -180,54 +169,6 @@ def _layer_inputs(layers: DecoderLayers, chunks: list[Chunk], device: torch.devi
             )
         bar.update()
     return stored
-
-
-def full_autograd_gradients(
-    model: torch.nn.Module,
-    family: ModelFamily,
-    calib: CalibrationSet,
-    device: str | torch.device,
-    batch_size: int,
-    progress: bool = True,
-) -> GradientSums:
-    """The reference for :func:`answer_gradients`: the loss back-propagated through the whole model at once.
-
-    Every decoder layer is on the device together; hooks on each layer's
-    sub-layer output linears accumulate the same sums.
-
-        >>> sums = full_autograd_gradients(model, family, calib, "cpu", batch_size=4)  # doctest: +SKIP
-    """
-    device = torch.device(device)
-    modules = family.decoder_layers(model)
-    paths = sublayer_outputs(family)
-    sums = _empty_sums(paths, len(modules))
-    roles: list[torch.Tensor] = []  # the current batch's [b, T]
-
-    def needs_grad(_module, args, kwargs):
-        # The parameters are frozen; gradients start at the decoder's input.
-        return (args[0].detach().requires_grad_(True), *args[1:]), kwargs
-
-    handles = [modules[0].register_forward_pre_hook(needs_grad, with_kwargs=True)]
-    for li, module in enumerate(modules):
-        for p in paths:
-            handles.append(get_module(module, p).register_forward_hook(_on_output(sums[p][li], lambda: roles[0])))
-    home = next(model.parameters()).device
-    model.to(device)
-    try:
-        with frozen(model), torch.enable_grad():
-            batches = list(calib.batches(batch_size))
-            for batch in tqdm(batches, desc="MBQ gradients", leave=False, disable=not progress):
-                inputs = {k: v.to(device) for k, v in batch.inputs.items()}
-                roles[:] = [batch.roles.to(device)]
-                loss = answer_loss(model(**inputs, use_cache=False).logits, inputs["input_ids"], roles[0])
-                if loss is not None:
-                    loss.backward()
-                del loss
-    finally:
-        for h in handles:
-            h.remove()
-        model.to(home)
-    return sums
 
 
 def sublayer_outputs(family: ModelFamily) -> list[str]:

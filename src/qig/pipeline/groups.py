@@ -20,15 +20,10 @@ from torch.func import functional_call
 from qig.calib import ROLE_NAMES
 from qig.errors import QigError
 from qig.methods import GroupContext
-from qig.models import ScaleGroup, get_module
-from qig.pipeline.capture import Chunk, StopForward
+from qig.models import ScaleGroup, get_module, linears
+from qig.pipeline.capture import Chunk, input_of
 from qig.quant.activation import quantized_activations
 from qig.quant.spec import QuantSpec
-
-
-def layer_linears(layer: torch.nn.Module) -> dict[str, torch.nn.Linear]:
-    """Every linear of a decoder layer by its path inside the layer ("self_attn.q_proj")."""
-    return {name: m for name, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
 
 
 def _expand_batch(obj, b: int, k: int):
@@ -90,23 +85,10 @@ def group_inputs(
     """
     first = get_module(layer, group.linears[0])
     caught: list[torch.Tensor] = []
-
-    def hook(_module, args):
-        caught.append(args[0])
-        raise StopForward
-
-    handle = first.register_forward_pre_hook(hook)
-    try:
-        for h, c in zip(hidden, chunks, strict=True):
-            try:
-                if overrides:
-                    functional_call(layer, overrides, (h,), c.layer_kwargs[layer_index], strict=False)
-                else:
-                    layer(h, **c.layer_kwargs[layer_index])
-            except StopForward:
-                pass
-    finally:
-        handle.remove()
+    for h, c in zip(hidden, chunks, strict=True):
+        x = input_of(layer, first, h, c.layer_kwargs[layer_index], overrides)
+        if x is not None:
+            caught.append(x)
     if len(caught) != len(chunks):
         raise QigError(f"group {group.name}: its first linear {group.linears[0]} was not called by the layer")
     return caught
@@ -147,7 +129,7 @@ def group_context(
         run_block=block_fn(layer, group, chunks, layer_index),
         spec=spec,
         act_spec=act_spec,
-        block_linears={n: m for n, m in block.named_modules() if isinstance(m, torch.nn.Linear)},
+        block_linears=linears(block),
     )
 
 

@@ -20,11 +20,11 @@ import torch
 from tqdm.auto import tqdm
 
 from qig.dist import current, merged_notes
-from qig.methods import Method, search_scales
-from qig.models import ModelFamily, ScaleGroup, get_module
+from qig.methods import GPTQConfig, Method, QuantConfig, search_scales
+from qig.models import ModelFamily, ScaleGroup, get_module, linears
 from qig.pipeline.capture import Chunk
 from qig.pipeline.gptq import gptq_layer_
-from qig.pipeline.groups import group_context, layer_linears, weight_stats
+from qig.pipeline.groups import group_context, weight_stats
 from qig.pipeline.journal import FinishedLayer, Journal
 from qig.pipeline.layers import DecoderLayers, InMemoryLayers
 from qig.pipeline.result import GroupRecord, InspectedGroup
@@ -77,6 +77,25 @@ class Mode:
     def streams(self, chunks: list[Chunk]) -> Streams:
         """The streams this mode carries: x for the group inputs, x^q for them or for GPTQ's Hessians."""
         return Streams(chunks, fp=bool(self.methods), quantized=self.quantized_inputs or self.quantizer == "gptq")
+
+
+def search_mode(config: QuantConfig, method: Method) -> Mode:
+    """The calibrated run: token weights (and a search) group by group, then RTN or GPTQ."""
+    gptq = config.gptq_settings
+    per_group = method.finds_scales or method.weights_tokens  # token weights (and a search) group by group
+    use_xq = method.needs_quantized_stream or config.act_spec is not None  # group inputs on x^q too
+    return Mode(
+        label=f"{config.name} {'search' if method.finds_scales else 'quantize'}",
+        spec=config.spec,
+        act_spec=config.act_spec,
+        methods=(method,) if per_group else (),
+        search=method.finds_scales,
+        quantizer="rtn" if gptq is None else "gptq",
+        gptq=gptq,
+        # GPTQ's Hessian: with the weights of the group's own method, or plain (every real token 1).
+        weighted_hessian=isinstance(config, GPTQConfig) and method.weights_tokens,
+        quantized_inputs=use_xq and per_group,
+    )
 
 
 @dataclass
@@ -169,9 +188,7 @@ def layer_loop(
 def _ungrouped(module: torch.nn.Module, groups: list[ScaleGroup], spec: QuantSpec) -> dict[str, torch.Tensor]:
     """The layer's linears in no scale group, quantized as they will be ("path.weight": W), for x^q."""
     grouped = {p for g in groups for p in g.linears}
-    return {
-        f"{n}.weight": fake_quantize(m.weight.data, spec) for n, m in layer_linears(module).items() if n not in grouped
-    }
+    return {f"{n}.weight": fake_quantize(m.weight.data, spec) for n, m in linears(module).items() if n not in grouped}
 
 
 def _replayable(journal: Journal | None, depth: int) -> set[int]:
@@ -214,14 +231,14 @@ def _replay(
     groups = {g.name: g for g in family.active_groups(module)}
     for name, s in saved.scales():
         group = groups[name]
-        linears = [get_module(module, p) for p in group.linears]
-        fold_scales_(get_module(module, group.prev), linears, s.to(module_device(module)), offset=group.prev_offset)
+        scaled = [get_module(module, p) for p in group.linears]
+        fold_scales_(get_module(module, group.prev), scaled, s.to(module_device(module)), offset=group.prev_offset)
     if streams is not None:
         with timer("propagate"):
             streams.advance_fp(module, li)
     module.load_state_dict(saved.state, strict=True)
     if mode.act_spec is not None and mode.quantizer == "rtn":  # as _finish_layer
-        install_activation_quantizers(layer_linears(module).values(), mode.act_spec)
+        install_activation_quantizers(linears(module).values(), mode.act_spec)
     out.records.extend(saved.records)
     out.quantized.update(saved.quantized)
     if saved.gptq_seconds is not None:
@@ -288,8 +305,8 @@ def _fold(mode: Mode, layer: LayerState, group: ScaleGroup, ctx, weights: dict, 
         found = s = mode.saved[(layer.index, group.name)]
     else:
         return None
-    linears = [get_module(layer.module, p) for p in group.linears]
-    fold_scales_(get_module(layer.module, group.prev), linears, s, offset=group.prev_offset)
+    scaled = [get_module(layer.module, p) for p in group.linears]
+    fold_scales_(get_module(layer.module, group.prev), scaled, s, offset=group.prev_offset)
     return found
 
 
@@ -331,9 +348,9 @@ def _finish_layer(
             streams.advance_fp(module, li)
     params = None  # weight overrides for x^q ("side": the model itself is not quantized)
     if mode.quantizer == "rtn":
-        out.quantized.update({f"{li}.{n}": p for n, p in rtn_(layer_linears(module), mode.spec).items()})
+        out.quantized.update({f"{li}.{n}": p for n, p in rtn_(linears(module), mode.spec).items()})
         if mode.act_spec is not None:
-            install_activation_quantizers(layer_linears(module).values(), mode.act_spec)
+            install_activation_quantizers(linears(module).values(), mode.act_spec)
     elif mode.quantizer == "gptq":
         with timer("gptq") as lap:
             found = gptq_layer_(module, family, streams.chunks, li, mode.spec, mode.gptq, layer.hessian_weights)
@@ -341,7 +358,7 @@ def _finish_layer(
         out.gptq_seconds.append(lap.seconds)
         log.debug("layer %d: GPTQ in %.2fs", li, lap.seconds)
     else:  # "side": the finished groups' quantized weights (and the ungrouped linears', in done since the start)
-        params = {f"{n}.weight": m.weight.data for n, m in layer_linears(module).items()}
+        params = {f"{n}.weight": m.weight.data for n, m in linears(module).items()}
         params = {k: layer.done[k] if k in layer.done else fake_quantize(w, mode.spec) for k, w in params.items()}
     if streams is not None:
         with timer("propagate"):

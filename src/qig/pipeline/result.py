@@ -18,7 +18,7 @@ import torch
 from qig.fileio import atomic_write_bytes, atomic_write_text
 from qig.methods import QuantConfig
 from qig.quant import stored
-from qig.runs import SEARCH_JSON, SEARCH_TENSORS
+from qig.runfiles import SEARCH_JSON, SEARCH_TENSORS
 
 
 @dataclass

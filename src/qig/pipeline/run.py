@@ -18,16 +18,15 @@ import torch
 
 from qig.calib import CalibrationSet
 from qig.errors import QigError
-from qig.methods import GPTQConfig, Method, QuantConfig, SearchConfig, method_for
-from qig.models import ModelFamily, family_for, get_module
+from qig.methods import QuantConfig, SearchConfig, method_for
+from qig.models import ModelFamily, family_for, get_module, linears
 from qig.models.checkpoint import STREAMED
 from qig.pipeline.capture import capture
 from qig.pipeline.finite import check_decoder_weights
 from qig.pipeline.gradients import prepare_methods
-from qig.pipeline.groups import layer_linears
 from qig.pipeline.journal import Journal, JournalIndex
 from qig.pipeline.layers import layers_for
-from qig.pipeline.loop import Mode, frozen, layer_loop
+from qig.pipeline.loop import Mode, frozen, layer_loop, search_mode
 from qig.pipeline.plan import memory_plan, offloads_streams
 from qig.pipeline.result import InspectedGroup, QuantizationResult
 from qig.pipeline.timing import Timer
@@ -80,7 +79,7 @@ def run_layerwise(
         return QuantizationResult(config=config, groups=out.records, timings=timer.totals, quantized=out.quantized)
     if calib is None:
         raise QigError(f"{config.name} needs calibration data; pass calib (e.g. qig.calib.calibration_for)")
-    mode = _search_mode(config, method)
+    mode = search_mode(config, method)
     carried = (bool(mode.methods), mode.quantized_inputs or mode.quantizer == "gptq")
     plan = memory_plan(model, family, layers, calib, config, method, device, carried, offload_streams)
     log.info("%s", plan.describe())
@@ -121,7 +120,7 @@ def _refuse(model: torch.nn.Module, family: ModelFamily, config: QuantConfig, sc
     And a model whose decoder linears hold NaN or inf (a corrupt checkpoint), before any work.
     """
     check_decoder_weights(model, family)
-    for name, lin in layer_linears(family.decoder_layers(model)[0]).items():
+    for name, lin in linears(family.decoder_layers(model)[0]).items():
         config.spec.check(lin.in_features, f"layer 0 {name}")
     if activation_quantization(model) is not None:
         raise QigError(
@@ -157,25 +156,6 @@ def _apply_mode(model, family: ModelFamily, config: QuantConfig, scales: dict[tu
                 "pass the search.safetensors of a run on this model"
             )
     return Mode(label="quantize", spec=config.spec, act_spec=config.act_spec, saved=scales, phase="quantize")
-
-
-def _search_mode(config: QuantConfig, method: Method) -> Mode:
-    """The calibrated run: token weights (and a search) group by group, then RTN or GPTQ."""
-    gptq = config.gptq_settings
-    per_group = method.finds_scales or method.weights_tokens  # token weights (and a search) group by group
-    use_xq = method.needs_quantized_stream or config.act_spec is not None  # group inputs on x^q too
-    return Mode(
-        label=f"{config.name} {'search' if method.finds_scales else 'quantize'}",
-        spec=config.spec,
-        act_spec=config.act_spec,
-        methods=(method,) if per_group else (),
-        search=method.finds_scales,
-        quantizer="rtn" if gptq is None else "gptq",
-        gptq=gptq,
-        # GPTQ's Hessian: with the weights of the group's own method, or plain (every real token 1).
-        weighted_hessian=isinstance(config, GPTQConfig) and method.weights_tokens,
-        quantized_inputs=use_xq and per_group,
-    )
 
 
 def collect_token_weights(

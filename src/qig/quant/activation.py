@@ -8,10 +8,10 @@ so the model keeps its architecture and its state dict. Both go through
 ``qig.quant.spec``'s ``quant_params`` / ``encode`` / ``decode``.
 
     >>> import torch
-    >>> from qig.quant.activation import activation_spec_of, quantize_linear_
-    >>> from qig.quant.spec import QuantSpec, activation_spec
+    >>> from qig.quant.activation import activation_spec_of, install_activation_quantizer_
+    >>> from qig.quant.spec import activation_spec
     >>> lin = torch.nn.Linear(64, 8)
-    >>> quantize_linear_(lin, QuantSpec(bits=4, group_size=None, symmetric=True), activation_spec(8))
+    >>> install_activation_quantizer_(lin, activation_spec(8))
     >>> activation_spec_of(lin).bits
     8
 
@@ -32,7 +32,7 @@ from collections.abc import Iterable, Iterator
 import torch
 
 from qig.errors import QigError
-from qig.quant.spec import QuantSpec, decode, encode, fake_quantize, quant_params
+from qig.quant.spec import QuantSpec, decode, encode, quant_params
 
 
 def fake_quantize_activations(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
@@ -47,21 +47,6 @@ def fake_quantize_activations(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
         # step, and no larger than xq or x) fits the dtype, so x + (xq - x) is xq bit for bit.
         return x + (xq - x).detach()
     return xq
-
-
-def wa_linear(
-    x: torch.Tensor,
-    weight: torch.Tensor,
-    bias: torch.Tensor | None,
-    weight_spec: QuantSpec,
-    act_spec: QuantSpec | None,
-) -> torch.Tensor:
-    """The W-A fake-quant linear as a function: ``linear(Q_a(x), Q_w(W), b)``; ``act_spec`` None keeps x.
-
-    x: [..., in]; weight: [out, in] -> [..., out].
-    """
-    xq = x if act_spec is None else fake_quantize_activations(x, act_spec)
-    return torch.nn.functional.linear(xq, fake_quantize(weight, weight_spec), bias)
 
 
 class ActivationQuantizer:
@@ -142,15 +127,6 @@ def activation_quantization(model: torch.nn.Module) -> tuple[QuantSpec, int] | N
     """
     specs = [s for s in map(activation_spec_of, model.modules()) if s is not None]
     return (specs[0], len(specs)) if specs else None
-
-
-@torch.no_grad()
-def quantize_linear_(linear: torch.nn.Linear, weight_spec: QuantSpec, act_spec: QuantSpec | None) -> None:
-    """Make ``linear`` a W-A fake-quant linear in place: weight fake-quantized, input quantizer installed."""
-    weight_spec.check(linear.in_features)
-    linear.weight.copy_(fake_quantize(linear.weight.data, weight_spec))
-    if act_spec is not None:
-        install_activation_quantizer_(linear, act_spec)
 
 
 @contextlib.contextmanager

@@ -175,10 +175,6 @@ class GPTQResult:
     error: float
     dead: int
 
-    def group_order(self) -> torch.Tensor | None:
-        """A column permutation [C] that makes every group contiguous (None if they already are)."""
-        return None if self.g_idx is None else torch.argsort(self.g_idx, stable=True)
-
 
 @torch.no_grad()
 def gptq_quantize(

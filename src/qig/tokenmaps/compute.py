@@ -21,7 +21,7 @@ import torch
 from qig.calib import DEFAULT_MAX_LENGTH, CalibrationSet, render_for
 from qig.errors import QigError
 from qig.methods import AWQConfig, MBQConfig, QIGConfig
-from qig.models import family_for
+from qig.models import family_for, linears
 from qig.pipeline import collect_token_weights
 from qig.tokenmaps.maps import TokenMaps, from_calibration
 
@@ -98,7 +98,7 @@ def compute_token_maps(
 
 def _first_layer_linears(model):
     layer = family_for(model).decoder_layers(model)[0]
-    return [(f"layer 0 {n}", m) for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)]
+    return [(f"layer 0 {n}", m) for n, m in linears(layer).items()]
 
 
 def embedded_questions(
