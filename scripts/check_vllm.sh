@@ -95,14 +95,17 @@ log "venvs ready"
 # --- --families: one tiny model per family, FP + AWQ W4 + RTN W8A8, vLLM's tokens against transformers' ----------
 #
 #  a. scripts/family_folders.py writes each family's servable tiny random model (tests/models/_families.py,
-#     size SERVABLE: head_dim 64, which vLLM's CPU attention needs) with a decisive lm_head read-out (see that
-#     script), in qig's serving layout: the FP folder.
+#     size SERVABLE: head_dim 64, which vLLM's CPU attention needs), its decoder redrawn at unit gain and its lm_head
+#     a decisive read-out (see that script: no training), in qig's serving layout: the FP folder.
 #  b. qig quantize makes an AWQ W4 g$QIG_VLLM_GROUP (64) and an RTN W8A8 compressed-tensors export of each; AWQ is
 #     calibrated on the embedded world's captions (`qig world calib`, passed with --calib, QIG_VLLM_SAMPLES: 16).
 #  c. scripts/vllm_tokens.py runs each folder greedily on QIG_VLLM_N (40) world eval questions with their images,
 #     QIG_VLLM_TOKENS (8) new tokens, by vLLM (bfloat16) and by transformers (float32, qig's loader), and
 #     scripts/vllm_family_table.py prints one line per family and folder, ok or the reason, and the table.
 #     Must: vLLM loads and generates, the decoder linears get the expected scheme, first-token agreement >= 95%.
+#     Where the project venv's transformers cannot run a folder, the vLLM venv's is the reference (the row says so).
+#  Settings: QIG_VLLM_OUT (out/check-vllm-families), QIG_VLLM_FAMILIES (all ten), QIG_VLLM_N, QIG_VLLM_TOKENS,
+#  QIG_VLLM_GROUP, QIG_VLLM_SAMPLES (above), QIG_VLLM_RESUME (1: keep every finished step's output).
 #  Without torchvision, transformers loads no video processor; scripts/vllm_shim.py stands in for one, in the
 #  vLLM venv (.pth) and, as sitecustomize on PYTHONPATH, in the project venv's runs here.
 check_families() {
