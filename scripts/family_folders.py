@@ -2,8 +2,8 @@
 
 Runs in the project venv. Per family: ``build(name, size=SERVABLE)`` from
 tests/models/_families.py (decoder hidden 256 with 4 heads of 64 and vision
-heads of 64: vLLM's CPU attention refuses head_dim 16), its lm_head replaced
-by a decisive read-out (below), saved with ``qig.models.layout.save_model``
+heads of 64: vLLM's CPU attention refuses head_dim 16), its decoder redrawn
+and its lm_head replaced by a decisive read-out (below), saved with ``qig.models.layout.save_model``
 (save_pretrained, then the family's serving key layout) and its processor.
 
 Decisive outputs. A random-weight model's state at the answer position is
@@ -31,15 +31,15 @@ would not. Nothing is trained; two documented, seed-fixed changes:
    the standardised coordinates of the state along the directions in which
    prompts differ most: the first token depends on the image and the question
    (up to ``2 * rank`` different ones), and a top-two margin below bfloat16's
-   rounding is rare (the check reports transformers' margin wherever the
-   engines differ).
+   rounding is rare (the check's families.json records transformers' margin
+   wherever the engines differ).
 
 The vision tower, the projector and the embeddings keep the builders' random
 weights; lm_head stays full precision in every export (the families' ignore
 lists). Tied embeddings (the tiny InternVL) are untied first: the input
 embeddings keep their values.
 
-    .venv/bin/python scripts/family_folders.py --out out/check-vllm/families [--only qwen2-vl gemma3]
+    .venv/bin/python scripts/family_folders.py --out out/check-vllm-families/fp [--only qwen2-vl gemma3]
 """
 
 import argparse
