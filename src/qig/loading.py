@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from qig.errors import QigError
-from qig.models.checkpoint import STREAMED, is_streamed  # noqa: F401  (public here: loading's callers ask)
+from qig.models.checkpoint import STREAMED
 
 log = logging.getLogger(__name__)
 

@@ -55,7 +55,7 @@ from typing import TYPE_CHECKING
 import torch
 
 from qig.errors import QigError
-from qig.models import ModelFamily, family_for, get_module
+from qig.models import ModelFamily, family_for, get_module, linears
 from qig.pipeline.plan import MemoryPlan, gib, shape_plan
 
 if TYPE_CHECKING:
@@ -132,8 +132,7 @@ def build_meta_model(folder: Path) -> torch.nn.Module:
 
 def quantized_linears(model: torch.nn.Module, family: ModelFamily) -> dict[str, torch.nn.Linear]:
     """The linears of decoder layer 0, by name inside the layer (every layer has the same shapes)."""
-    layer = family.decoder_layers(model)[0]
-    return {n: m for n, m in layer.named_modules() if isinstance(m, torch.nn.Linear)}
+    return linears(family.decoder_layers(model)[0])
 
 
 def working_group_sizes(widths: list[int], candidates: tuple[int, ...] = GROUP_SIZE_CANDIDATES) -> list[int]:

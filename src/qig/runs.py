@@ -39,16 +39,12 @@ from qig.errors import QigError
 from qig.fileio import atomic_dir, atomic_write_text
 from qig.methods import QuantConfig, make_config
 from qig.models.layout import save_model
+from qig.runfiles import REPORT_JSON, RUN_FILES, RUN_SUBDIR, SEARCH_JSON, SEARCH_TENSORS  # noqa: F401  (public here)
 
-if TYPE_CHECKING:  # the annotation only: qig.pipeline may read this module's names
-    from qig.pipeline import QuantizationResult
+if TYPE_CHECKING:  # the annotation only
+    from qig.pipeline.result import QuantizationResult
 
 CONFIG_KEY = "qig_quantization"  # the quantized model's config.json entry (keys: qig.api's module docstring)
-SEARCH_TENSORS = "search.safetensors"
-SEARCH_JSON = "search.json"
-REPORT_JSON = "report.json"
-RUN_FILES = (SEARCH_JSON, SEARCH_TENSORS, REPORT_JSON)
-RUN_SUBDIR = "qig"  # where an exported folder keeps the run files
 
 
 def run_file(folder: str | os.PathLike, name: str) -> Path | None:

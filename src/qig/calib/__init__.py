@@ -48,7 +48,7 @@ folder, a parquet file, else JSON / JSONL), not from the file name:
 
 Relative image paths are under ``image_folder``, by default the folder that
 holds the calibration file (or ``datasets`` folder). Every format's rows pass
-one schema check (``qig.calib.files.check_record``): a bad row gets the same
+one schema check (``qig.calib.records.check_record``): a bad row gets the same
 one-line ``QigError`` naming the record, in any format.
 
 Each token gets a role: ``vision`` (image placeholder positions after

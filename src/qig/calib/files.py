@@ -12,11 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from qig.calib.records import (
-    ROLE_OF,  # noqa: F401  (qig.calib.render still imports it from here)
-    Records,
-    check_record,
-)
+from qig.calib.records import Records, check_record
 from qig.calib.tables import open_table
 from qig.errors import QigError
 

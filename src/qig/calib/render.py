@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from qig.calib.data import ANSWER, DEFAULT_MAX_LENGTH, IMAGE_PLACEHOLDER, PROMPT, VISION, CalibrationSet, Sample
-from qig.calib.files import ROLE_OF
+from qig.calib.records import ROLE_OF
 from qig.errors import QigError
 
 log = logging.getLogger(__name__)

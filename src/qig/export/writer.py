@@ -30,35 +30,26 @@ import json
 import logging
 import os
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from qig.errors import QigError
 from qig.export.formats import ExportFormat, format_for
+from qig.export.formats.base import Run
 from qig.export.formats.compressed_tensors import ignore_list as ignore_list
 from qig.export.formats.compressed_tensors import packs_densely as packs_densely
 from qig.export.params import QuantizedWeight, from_params, recover
 from qig.fileio import atomic_dir, check_output_dir, temp_dir_beside
 from qig.loading import DTYPES, load_model_and_processor
+from qig.models import linears
 from qig.quant import stored
 from qig.quant.spec import QuantSpec
-from qig.runs import RUN_FILES, RUN_SUBDIR, SEARCH_TENSORS, config_from_dict, read_search_config, run_file
+from qig.runfiles import RUN_FILES, RUN_SUBDIR, SEARCH_TENSORS
+from qig.runs import config_from_dict, read_search_config, run_file
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Run:
-    """What ``qig quantize`` left in a folder: the saved config, its weight spec and activation bits, the quantizer
-    parameters per ``"<layer>.<linear>"`` (``{scale, zero[, g_idx]}``; empty for folders that kept none)."""
-
-    path: Path
-    config: dict
-    spec: QuantSpec
-    abits: int
-    quantized: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass
@@ -172,7 +163,7 @@ def export(
     quantized = codes(run, model)
     if dtype is not None:
         model.to(DTYPES[dtype])
-    ignored = sorted(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n not in quantized)
+    ignored = sorted(n for n in linears(model) if n not in quantized)
 
     with atomic_dir(output_dir, overwrite) as tmp:
         written = target.write(model, family=family, run=run, quantized=quantized, ignored=ignored, folder=tmp)

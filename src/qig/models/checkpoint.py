@@ -29,11 +29,6 @@ INDEX = "model.safetensors.index.json"
 STREAMED = "qig_checkpoint"  # the attribute of a streamed model holding where its decoder layers are read from
 
 
-def is_streamed(model: torch.nn.Module) -> bool:
-    """Whether the model's decoder layers are read from disk as the pipeline reaches them."""
-    return getattr(model, STREAMED, None) is not None
-
-
 def shard_files(folder: Path) -> list[Path]:
     """The safetensors shards of a checkpoint folder: those its index names, else every ``*.safetensors``."""
     index = folder / INDEX

@@ -71,7 +71,7 @@ def run_layerwise(
             "pass work_dir= (a folder with room for the quantized model)"
         )
     timer = Timer()
-    if scales is not None or not (method.finds_scales or config.gptq_settings is not None):
+    if scales is not None or not method.needs_calibration:
         mode = _apply_mode(model, family, config, scales or {})
         with frozen(model):
             out = layer_loop(model, family, mode, None, device, timer, progress, layers, journal)

@@ -16,9 +16,9 @@ the processor and the run files, and checks what an integer format stored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import ClassVar
 
 import torch
 
@@ -27,8 +27,17 @@ from qig.export.params import QuantizedWeight
 from qig.models.family import ModelFamily
 from qig.quant.spec import QuantSpec
 
-if TYPE_CHECKING:
-    from qig.export.writer import Run
+
+@dataclass
+class Run:
+    """What ``qig quantize`` left in a folder: the saved config, its weight spec and activation bits, the quantizer
+    parameters per ``"<layer>.<linear>"`` (``{scale, zero[, g_idx]}``; empty for folders that kept none)."""
+
+    path: Path
+    config: dict
+    spec: QuantSpec
+    abits: int
+    quantized: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
