@@ -322,7 +322,7 @@ def _save_weights(model: torch.nn.Module, tmp: Path, out: Path) -> None:
     if source is None:
         save_model(model, tmp)
         return
-    if not hasattr(source, "read_layer"):
+    if not source.quantized:
         raise QigError("the streamed model's layers were not quantized (run qig.quantize with work_dir first)")
 
     def read_layer(index: int) -> dict[str, torch.Tensor]:

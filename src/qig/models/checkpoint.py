@@ -20,6 +20,7 @@ import os
 import struct
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 
@@ -55,11 +56,17 @@ def read_header(shard: Path) -> dict:
 
 @dataclass
 class CheckpointIndex:
-    """Model parameter name -> (shard, name in the shard), for the parameters under ``prefix``."""
+    """Model parameter name -> (shard, name in the shard), for the parameters under ``prefix``.
+
+    A streamed model's layer source before its run: the source checkpoint's layers
+    (``quantized`` False); after the run ``qig.pipeline.journal.JournalIndex``
+    (``quantized`` True) reads the finished layers through the same ``read_prefix``.
+    """
 
     folder: Path
     prefix: str
     where: dict[str, tuple[Path, str]] = field(default_factory=dict)
+    quantized: ClassVar[bool] = False  # the layers it reads are the source's
 
     @classmethod
     def read(cls, folder: str | os.PathLike, model: torch.nn.Module, meta_state: dict, prefix: str) -> CheckpointIndex:

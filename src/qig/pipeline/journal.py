@@ -183,6 +183,8 @@ class JournalIndex:
     the same process, the streamed save).
     """
 
+    quantized = True  # the layers it reads are the run's finished ones
+
     def __init__(self, folder: Path, prefix: str) -> None:
         self.folder, self.prefix = folder, prefix
 
@@ -245,7 +247,7 @@ def fingerprint(model: torch.nn.Module, calib, config, run: dict | None = None) 
     cfg = getattr(model, "config", None)
     model_part: dict = {"config": hashlib.sha256(cfg.to_json_string().encode()).hexdigest()[:16] if cfg else None}
     index = getattr(model, STREAMED, None)
-    if index is not None and hasattr(index, "where"):
+    if index is not None and not index.quantized:  # the source checkpoint's shards
         from qig.models.checkpoint import shard_files
 
         shards = {}
