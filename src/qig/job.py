@@ -160,38 +160,13 @@ def run_job(
     """
     import qig
     from qig import dist
-    from qig.calib import calibration_for
-    from qig.hub import resolve_model
-    from qig.loading import load_model_and_processor, load_plan
     from qig.pipeline.journal import keeping_partial, partial_dir, remove_partial
     from qig.pipeline.timing import Timer
-    from qig.preflight import check_checkpoint_group_size
-    from qig.runs import Report
 
     ranks = ranks if ranks is not None else dist.Ranks()
     timer = Timer()
-    source = resolve_model(run_opts.model, run_opts.revision, run_opts.trust_remote_code)
-    if config.group_size is not None and not run_opts.trust_remote_code:  # remote code: checked once loaded
-        check_checkpoint_group_size(source.path, config.group_size)  # from the config alone, before any weight
-    plan = load_plan(run_opts.dtype, source.path, run_opts.device, run_opts.model_offload)
-    with timer("load"):
-        model, processor = load_model_and_processor(
-            source.path, dtype=plan.compute, trust_remote_code=run_opts.trust_remote_code, decoder=plan.decoder
-        )
-    log.info("%s", plan.describe())
-    calib = None
-    if scales is None and needs_calibration(config):
-        with timer("calibration_data"):
-            calib = calibration_for(
-                model,
-                processor,
-                run_opts.calib,
-                image_folder=run_opts.image_folder,
-                n_samples=run_opts.n_samples,
-                seed=run_opts.calib_seed,
-                max_length=run_opts.max_length,
-                split=run_opts.calib_split,
-            )
+    source, plan, model, processor = _load(run_opts, config, timer)
+    calib = _calibration(run_opts, config, model, processor, timer) if scales is None else None
     work = partial_dir(run_opts.output)
     with timer("quantize"), keeping_partial(work):
         result = qig.quantize(
@@ -208,17 +183,7 @@ def run_job(
         )
     result.applied_from = run_opts.scales
     model.to(plan.save)  # saved in the source's dtype unless asked otherwise
-    report = Report.for_result(
-        result,
-        options={**dataclasses.asdict(run_opts), **(options or {})},
-        source_model=str(source.path.resolve()) if run_opts.model else None,
-        source_hub={"repo_id": source.repo_id, "revision": source.revision} if source.repo_id else None,
-        n_calibration_samples=len(calib) if calib is not None else 0,
-        processes=ranks.size,
-        timings=timer.totals,
-        dtypes={"compute": _name(plan.compute), "saved": _name(plan.save)},
-        decoder=plan.decoder,
-    )
+    report = _report(run_opts, options, source, plan, result, calib, ranks, timer)
     if not ranks.main:
         dist.barrier()  # rank 0 writes; its failure, if any, is raised here too
         return None, result, calib
@@ -231,6 +196,59 @@ def run_job(
 
         write_run_report(result, calib, processor, model.config, out / "report")
     return out, result, calib
+
+
+def _load(run_opts: RunOptions, config, timer):
+    """The model resolved (a folder or a hub id), its group size checked from its config, loaded as planned."""
+    from qig.hub import resolve_model
+    from qig.loading import load_model_and_processor, load_plan
+    from qig.preflight import check_checkpoint_group_size
+
+    source = resolve_model(run_opts.model, run_opts.revision, run_opts.trust_remote_code)
+    if config.group_size is not None and not run_opts.trust_remote_code:  # remote code: checked once loaded
+        check_checkpoint_group_size(source.path, config.group_size)  # from the config alone, before any weight
+    plan = load_plan(run_opts.dtype, source.path, run_opts.device, run_opts.model_offload)
+    with timer("load"):
+        model, processor = load_model_and_processor(
+            source.path, dtype=plan.compute, trust_remote_code=run_opts.trust_remote_code, decoder=plan.decoder
+        )
+    log.info("%s", plan.describe())
+    return source, plan, model, processor
+
+
+def _calibration(run_opts: RunOptions, config, model, processor, timer):
+    """The calibration set the method needs (None for a method that reads no data)."""
+    from qig.calib import calibration_for
+
+    if not needs_calibration(config):
+        return None
+    with timer("calibration_data"):
+        return calibration_for(
+            model,
+            processor,
+            run_opts.calib,
+            image_folder=run_opts.image_folder,
+            n_samples=run_opts.n_samples,
+            seed=run_opts.calib_seed,
+            max_length=run_opts.max_length,
+            split=run_opts.calib_split,
+        )
+
+
+def _report(run_opts: RunOptions, options, source, plan, result, calib, ranks, timer):
+    from qig.runs import Report
+
+    return Report.for_result(
+        result,
+        options={**dataclasses.asdict(run_opts), **(options or {})},
+        source_model=str(source.path.resolve()) if run_opts.model else None,
+        source_hub={"repo_id": source.repo_id, "revision": source.revision} if source.repo_id else None,
+        n_calibration_samples=len(calib) if calib is not None else 0,
+        processes=ranks.size,
+        timings=timer.totals,
+        dtypes={"compute": _name(plan.compute), "saved": _name(plan.save)},
+        decoder=plan.decoder,
+    )
 
 
 def _name(dtype) -> str:

@@ -523,7 +523,7 @@ def preflight(
         >>> report = preflight("path/to/Qwen2.5-VL-72B-Instruct", make_config("awq", wbits=4))  # doctest: +SKIP
         >>> print(report.describe())  # doctest: +SKIP
     """
-    from qig.calib import DEFAULT_MAX_LENGTH, DEFAULT_N_SAMPLES
+    from qig.calib import DEFAULT_N_SAMPLES
     from qig.methods.base import method_for
 
     n_samples = DEFAULT_N_SAMPLES if n_samples is None else n_samples
@@ -538,21 +538,7 @@ def preflight(
     layer = layers[0]
     text = model.config.get_text_config()
 
-    groups = []
-    for g in family.groups:
-        active = g in family.active_groups(layer)
-        entry = {
-            "name": g.name,
-            "prev": g.prev,
-            "linears": {n: tuple(get_module(layer, n).weight.shape) for n in g.linears},
-            "block": g.block,
-            "active": active,
-        }
-        if not active:
-            prev = tuple(get_module(layer, g.prev).weight.shape)
-            first = tuple(get_module(layer, g.linears[0]).weight.shape)
-            entry["skipped"] = f"(skipped: {g.prev} {list(prev)} and {g.linears[0]} {list(first)} differ, GQA)"
-        groups.append(entry)
+    groups = _groups(family, layer)
     linears = {n: (m.out_features, m.in_features) for n, m in quantized_linears(model, family).items()}
     widths = {n: i for n, (_, i) in linears.items()}
     group_size = config.group_size
@@ -565,27 +551,11 @@ def preflight(
     vision_tp = {d: vision_tp_refusals(model.config.vision_config, d, model.config.model_type) for d in TP_DEGREES}
     serving = _serving(config)
 
-    vision = None
-    if tokens is None:
-        if image_size is None:
-            raise QigError("give an image size (width x height) or the tokens per sample")
-        width, height = image_size
-        if width < 1 or height < 1:
-            raise QigError(f"image size {width}x{height} must be positive")
-        vision = vision_tokens(folder, model.config, width, height)
-        tokens = vision["tokens_per_image"] + text_tokens
-    elif tokens < 1:
-        raise QigError(f"tokens per sample {tokens} must be at least 1")
+    vision, tokens = _sample_tokens(folder, model.config, image_size, tokens, text_tokens)
 
     method = method_for(config)
     plan = shape_plan(model, family, n_samples, tokens, config, method, device_memory, offload_streams)
-    notes = []
-    if tokens > DEFAULT_MAX_LENGTH:
-        cut = "cut through the image tokens" if vision else f"cut every sample to {DEFAULT_MAX_LENGTH} tokens"
-        notes.append(
-            f"{tokens} tokens per sample pass qig quantize's default --max-length {DEFAULT_MAX_LENGTH}, which would "
-            f"{cut}: pass --max-length {tokens} or more" + (" (or smaller images)" if vision else "")
-        )
+    notes = _length_notes(tokens, vision is not None)
     name = str(model_dir)
     return Preflight(
         model=name,
@@ -611,6 +581,54 @@ def preflight(
         plan=plan,
         notes=notes,
     )
+
+
+def _groups(family: ModelFamily, layer: torch.nn.Module) -> list[dict]:
+    """Every scale group of a decoder layer with its linears' shapes; an inactive one says why it is skipped."""
+    groups = []
+    for g in family.groups:
+        active = g in family.active_groups(layer)
+        entry = {
+            "name": g.name,
+            "prev": g.prev,
+            "linears": {n: tuple(get_module(layer, n).weight.shape) for n in g.linears},
+            "block": g.block,
+            "active": active,
+        }
+        if not active:
+            prev = tuple(get_module(layer, g.prev).weight.shape)
+            first = tuple(get_module(layer, g.linears[0]).weight.shape)
+            entry["skipped"] = f"(skipped: {g.prev} {list(prev)} and {g.linears[0]} {list(first)} differ, GQA)"
+        groups.append(entry)
+    return groups
+
+
+def _sample_tokens(folder: Path, config, image_size, tokens: int | None, text_tokens: int) -> tuple[dict | None, int]:
+    """(the vision tokens of one image at ``image_size``, or None when ``tokens`` is given; the tokens per sample)."""
+    if tokens is not None:
+        if tokens < 1:
+            raise QigError(f"tokens per sample {tokens} must be at least 1")
+        return None, tokens
+    if image_size is None:
+        raise QigError("give an image size (width x height) or the tokens per sample")
+    width, height = image_size
+    if width < 1 or height < 1:
+        raise QigError(f"image size {width}x{height} must be positive")
+    vision = vision_tokens(folder, config, width, height)
+    return vision, vision["tokens_per_image"] + text_tokens
+
+
+def _length_notes(tokens: int, images: bool) -> list[str]:
+    """A note when a sample passes ``qig quantize``'s default token cap."""
+    from qig.calib import DEFAULT_MAX_LENGTH
+
+    if tokens <= DEFAULT_MAX_LENGTH:
+        return []
+    cut = "cut through the image tokens" if images else f"cut every sample to {DEFAULT_MAX_LENGTH} tokens"
+    return [
+        f"{tokens} tokens per sample pass qig quantize's default --max-length {DEFAULT_MAX_LENGTH}, which would "
+        f"{cut}: pass --max-length {tokens} or more" + (" (or smaller images)" if images else "")
+    ]
 
 
 def _other_settings(config) -> dict:
