@@ -93,7 +93,6 @@ def quantize(
     if not isinstance(config, QuantConfig):
         raise QigError(f"config must be a method config such as QIGConfig(...), got {type(config).__name__}")
     check_device(device)
-    torch.manual_seed(config.seed)
     model.eval()
     with dist.use(dist.from_process_group()) as ranks:
         journal = None

@@ -637,8 +637,8 @@ def _other_settings(config) -> dict:
     Nested settings show only what differs in them: ``gptq.damp``, ``token_weights`` as ``qig(steps=4)``.
 
     >>> from qig.methods.config import make_config
-    >>> _other_settings(make_config("qig", wbits=3, steps=4, seed=1))
-    {'seed': 1, 'steps': 4}
+    >>> _other_settings(make_config("qig", wbits=3, steps=4, batch_size=8))
+    {'batch_size': 8, 'steps': 4}
     >>> _other_settings(make_config("gptq", wbits=4, token_weights=make_config("qig", wbits=4, steps=4)))
     {'token_weights': 'qig(steps=4)'}
     """

@@ -223,6 +223,7 @@ def config_from_dict(fields: dict) -> QuantConfig:
     name = fields.pop("method", None)
     if name is None:
         raise QigError("the saved config has no 'method'")
+    fields.pop("seed", None)  # runs saved before the field went: it seeded nothing the run drew
     return make_config(name, **fields)
 
 

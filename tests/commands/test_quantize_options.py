@@ -17,7 +17,6 @@ VALUES = {
     "group_size": 64,
     "batch_size": 3,
     "batch_tokens": 4096,
-    "seed": 7,
     "abits": 8,
     "n_grid": 5,
     "loss": "mse",

@@ -50,7 +50,6 @@ from qig.methods.config import (
     all_options,
     config_from_options,
     default_group_size,
-    make_config,
     methods_with,
     preset_names,
     token_weighting_names,
@@ -151,13 +150,11 @@ def build_config(run_opts: RunOptions, method_opts: dict[str, Any], saved: dict 
         )
     if saved is None:
         return config_from_options(run_opts.method, method_opts)
-    fields = dict(saved)
-    name = fields.pop("method", None)
-    if name is None:
-        raise QigError("the saved config has no 'method'")
     if "abits" in method_opts and "group_size" not in method_opts:
         method_opts = {**method_opts, "group_size": default_group_size(method_opts["abits"])}
-    return make_config(name, **{**fields, **method_opts})
+    from qig.runs import config_from_dict
+
+    return config_from_dict({**saved, **method_opts})
 
 
 def run(args) -> int:

@@ -47,7 +47,8 @@ class QuantConfig:
     every quantized linear's in_features), or None for per-channel.
     batch_size: calibration samples per forward. batch_tokens: a token budget per
     forward (samples x padded length); fewer samples go in a batch when
-    batch_size of them would pass it. seed: seeds torch for the run.
+    batch_size of them would pass it. (No ``seed``: nothing in a run draws a
+    random number; the calibration draw has its own ``calib_seed``.)
     abits: activation bits; 16 keeps activations in floating point (weight-only,
     WxA16: grouped asymmetric weights). 4-15 is a weight-activation mode (W4A8,
     W8A8, W4A4): weights per output channel, symmetric (group_size must be
@@ -56,6 +57,7 @@ class QuantConfig:
 
     name: ClassVar[str] = ""
     presets: ClassVar[tuple[str, ...]] = ()  # classmethods returning a config, e.g. QIGConfig.compat
+    unused: ClassVar[tuple[str, ...]] = ()  # shared fields the method never reads: no option, refused when set
 
     wbits: int = option(4, "weight bits, 2-8")
     group_size: int | None = option(
@@ -65,7 +67,6 @@ class QuantConfig:
     batch_tokens: int | None = option(
         None, "token budget per calibration forward: batch_size is cut so samples x padded length fit", min=1
     )
-    seed: int = option(0, "torch seed of the run")
     abits: int = option(
         WEIGHT_ONLY_ABITS,
         "activation bits, 4-16; e.g. 8 for W4A8/W8A8: per-token, dynamic (16: weight-only)",
@@ -76,6 +77,13 @@ class QuantConfig:
 
     def __post_init__(self) -> None:
         check_fields(self)
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        for key in self.unused:
+            if getattr(self, key) != defaults[key]:
+                raise QigError(
+                    f"{self.name} does not use {key} (it reads no calibration data); drop it "
+                    f"(CLI: --{key.replace('_', '-')})"
+                )
         if self.abits < WEIGHT_ONLY_ABITS and self.group_size is not None:
             raise QigError(
                 f"abits {self.abits} quantizes weights per output channel (symmetric), so group_size "
@@ -262,7 +270,7 @@ def options_of(cls: type[QuantConfig]) -> dict[str, FlatOption]:
     A field holding another method's config (GPTQ's ``token_weights``) is one
     option whose value is that method's name; its fields come from the same options.
     """
-    return flat_options(cls)
+    return {k: v for k, v in flat_options(cls).items() if k not in cls.unused}
 
 
 def all_options() -> dict[str, FlatOption]:

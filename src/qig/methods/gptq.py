@@ -80,13 +80,13 @@ class GPTQConfig(QuantConfig):
     def weighted_by(cls, method: str, wbits: int = 4, group_size: int | None = 128, **fields) -> GPTQConfig:
         """GPTQ whose Hessian is weighted by ``method``'s token weights (a search method: awq, mbq, qig).
 
-        ``fields`` go to GPTQConfig where it has them (gptq, batch_size, batch_tokens, seed), the rest
+        ``fields`` go to GPTQConfig where it has them (gptq, batch_size, batch_tokens), the rest
         to the weighting method's config (e.g. steps=8 for QIG).
 
         >>> GPTQConfig.weighted_by("mbq", wbits=3).token_weights.name
         'mbq'
         """
-        own = {k: fields.pop(k) for k in ("gptq", "batch_size", "batch_tokens", "seed") if k in fields}
+        own = {k: fields.pop(k) for k in ("gptq", "batch_size", "batch_tokens") if k in fields}
         allowed = token_weighting_names()
         if method not in allowed:
             raise QigError(f"token weights {method!r} are not available; use one of: {', '.join(allowed)}")

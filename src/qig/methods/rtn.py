@@ -23,6 +23,7 @@ class RTNConfig(QuantConfig):
     """
 
     name: ClassVar[str] = "rtn"
+    unused: ClassVar[tuple[str, ...]] = ("batch_size", "batch_tokens")  # no calibration forward to batch
 
 
 @register(RTNConfig)
