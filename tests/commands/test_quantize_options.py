@@ -164,3 +164,19 @@ def test_an_existing_folder_is_replaced_only_by_a_real_true(model_dir, tmp_path,
     assert "overwrite" in capsys.readouterr().err
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out", "r.yaml"]
+
+
+def test_rtn_refuses_the_batch_fields_it_never_reads(tmp_path, capsys):
+    from qig.methods import RTNConfig
+
+    with pytest.raises(QigError, match="rtn does not use batch_size"):
+        RTNConfig(wbits=4, batch_size=3)
+    assert run_cli("quantize", "--method", "rtn", "--batch-tokens", 4096, "--output", tmp_path / "o") == 2
+    assert "rtn has no option --batch-tokens" in capsys.readouterr().err
+
+
+def test_a_run_saved_with_the_old_seed_field_still_loads():
+    from qig.runs import config_from_dict
+
+    saved = {**QIGConfig(wbits=3).to_dict(), "seed": 0}  # search.json of a run made before seed went
+    assert config_from_dict(saved) == QIGConfig(wbits=3)
