@@ -526,39 +526,20 @@ def preflight(
     from qig.calib import DEFAULT_N_SAMPLES
     from qig.methods.base import method_for
 
-    n_samples = DEFAULT_N_SAMPLES if n_samples is None else n_samples
-    if n_samples < 1:
-        raise QigError(f"n_samples {n_samples} must be at least 1")
-    if device_memory <= 0:
-        raise QigError(f"device memory {device_memory} must be positive (bytes)")
+    n_samples = _check_sizes(DEFAULT_N_SAMPLES if n_samples is None else n_samples, device_memory)
     folder = model_folder(model_dir, revision)
     model = build_meta_model(folder)
     family = family_for(model)
     layers = family.decoder_layers(model)
     layer = layers[0]
-    text = model.config.get_text_config()
-
-    groups = _groups(family, layer)
     linears = {n: (m.out_features, m.in_features) for n, m in quantized_linears(model, family).items()}
     widths = {n: i for n, (_, i) in linears.items()}
     group_size = config.group_size
-    refusal = group_size_refusal(widths, group_size)
-
-    heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    grouped = config.abits == 16 and group_size is not None
-    tp = {d: tp_refusals(linears, heads, kv_heads, group_size, d, grouped) for d in TP_DEGREES}
-    alternatives = {d: tp_alternatives(linears, heads, kv_heads, d) for d, why in tp.items() if why and grouped}
-    vision_tp = {d: vision_tp_refusals(model.config.vision_config, d, model.config.model_type) for d in TP_DEGREES}
-    serving = _serving(config)
-
+    tp, alternatives, vision_tp = _tensor_parallel(model, model.config.get_text_config(), linears, config)
     vision, tokens = _sample_tokens(folder, model.config, image_size, tokens, text_tokens)
-
-    method = method_for(config)
-    plan = shape_plan(model, family, n_samples, tokens, config, method, device_memory, offload_streams)
-    notes = _length_notes(tokens, vision is not None)
-    name = str(model_dir)
+    plan = shape_plan(model, family, n_samples, tokens, config, method_for(config), device_memory, offload_streams)
     return Preflight(
-        model=name,
+        model=str(model_dir),
         model_class=type(model).__name__,
         family=family.name,
         n_layers=len(layers),
@@ -566,21 +547,39 @@ def preflight(
         method=config.name,
         setting=config.label(),
         settings=_other_settings(config),
-        groups=groups,
+        groups=_groups(family, layer),
         linears=linears,
         group_size=group_size,
-        refusal=refusal,
+        refusal=group_size_refusal(widths, group_size),
         working_group_sizes=working_group_sizes(list(widths.values())),
         tensor_parallel={d: tp[d] + vision_tp[d] for d in TP_DEGREES},
         vision_tensor_parallel=vision_tp,
         tensor_parallel_alternatives=alternatives,
-        serving=serving,
+        serving=_serving(config),
         vision=vision,
         tokens_per_sample=tokens,
         n_samples=n_samples,
         plan=plan,
-        notes=notes,
+        notes=_length_notes(tokens, vision is not None),
     )
+
+
+def _check_sizes(n_samples: int, device_memory: int) -> int:
+    if n_samples < 1:
+        raise QigError(f"n_samples {n_samples} must be at least 1")
+    if device_memory <= 0:
+        raise QigError(f"device memory {device_memory} must be positive (bytes)")
+    return n_samples
+
+
+def _tensor_parallel(model, text, linears: dict[str, tuple[int, int]], config) -> tuple[dict, dict, dict]:
+    """Per TP degree: why vLLM refuses the decoder's linears, what loads instead, and the vision tower's refusals."""
+    heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
+    grouped = config.abits == 16 and config.group_size is not None
+    tp = {d: tp_refusals(linears, heads, kv_heads, config.group_size, d, grouped) for d in TP_DEGREES}
+    alternatives = {d: tp_alternatives(linears, heads, kv_heads, d) for d, why in tp.items() if why and grouped}
+    vision_tp = {d: vision_tp_refusals(model.config.vision_config, d, model.config.model_type) for d in TP_DEGREES}
+    return tp, alternatives, vision_tp
 
 
 def _groups(family: ModelFamily, layer: torch.nn.Module) -> list[dict]:

@@ -283,6 +283,27 @@ class QIG(Method):
         self.path = quadrature(config.quadrature, config.steps)  # (nodes, weights)
         self.attention_path = quadrature(config.quadrature, max(config.steps, config.attention_steps))
 
+    def _reference(self, ctx: GroupContext) -> str | None:
+        """The reference input x' of this group: the configured one, or "zero" where x^q equals x (None: under
+        quantized-always x' = x there, and every weight is 0)."""
+        baseline = self.config.baseline
+        empty = baseline != "zero" and (
+            ctx.xq is None or all(torch.equal(a, b) for a, b in zip(ctx.x, ctx.xq, strict=True))
+        )
+        if not empty:
+            return baseline
+        if baseline == "quantized-always":
+            log.info(
+                "layer %d %s: x^q equals x here; every weight is 0 (quantized-always)", ctx.layer_index, ctx.group.name
+            )
+            return None
+        log.info(
+            "layer %d %s: the quantized stream equals the FP stream here; QIG uses x' = 0",
+            ctx.layer_index,
+            ctx.group.name,
+        )
+        return "zero"
+
     def token_weights(self, ctx: GroupContext) -> TokenWeights:
         cfg: QIGConfig = self.config
         if ctx.search_index < cfg.uniform_first_groups:
@@ -292,22 +313,10 @@ class QIG(Method):
             return TokenWeights(w, {"baseline": "none (uniform vision+answer, compat)", "uniform_fallback": 0})
         fq = ctx.linears if cfg.fq_linears == "group" or ctx.block_linears is None else ctx.block_linears
         quantized = {k: fake_quantize(lin.weight.data, ctx.spec) for k, lin in fq.items()}
-        baseline = cfg.baseline
-        empty = baseline != "zero" and (
-            ctx.xq is None or all(torch.equal(a, b) for a, b in zip(ctx.x, ctx.xq, strict=True))
-        )
-        if empty and baseline == "quantized-always":  # x' = x: IG is exactly 0, so is every weight
-            log.info(
-                "layer %d %s: x^q equals x here; every weight is 0 (quantized-always)", ctx.layer_index, ctx.group.name
-            )
-            return TokenWeights([torch.zeros_like(r, dtype=torch.float32) for r in ctx.roles], {"baseline": baseline})
-        if empty:
-            log.info(
-                "layer %d %s: the quantized stream equals the FP stream here; QIG uses x' = 0",
-                ctx.layer_index,
-                ctx.group.name,
-            )
-            baseline = "zero"
+        baseline = self._reference(ctx)
+        if baseline is None:  # x' = x: IG is exactly 0, so is every weight
+            zeros = [torch.zeros_like(r, dtype=torch.float32) for r in ctx.roles]
+            return TokenWeights(zeros, {"baseline": cfg.baseline})
         nodes, node_weights = self.attention_path if ctx.group.block_takes_layer_kwargs else self.path
         dead_weigh = "zero" if cfg.baseline == "quantized-always" else "uniform"  # samples of zero attribution
         out, dead = [], 0

@@ -72,11 +72,7 @@ def run_layerwise(
         )
     timer = Timer()
     if scales is not None or not method.needs_calibration:
-        mode = _apply_mode(model, family, config, scales or {})
-        with frozen(model):
-            out = layer_loop(model, family, mode, None, device, timer, progress, layers, journal)
-        _keep_streamed(model, layers, journal, family)
-        return QuantizationResult(config=config, groups=out.records, timings=timer.totals, quantized=out.quantized)
+        return _apply(model, family, config, scales or {}, device, timer, progress, layers, journal)
     if calib is None:
         raise QigError(f"{config.name} needs calibration data; pass calib (e.g. qig.calib.calibration_for)")
     mode = search_mode(config, method)
@@ -94,6 +90,11 @@ def run_layerwise(
         roles = streams.roles()
         del streams, chunks
     _keep_streamed(model, layers, journal, family)
+    return _searched(config, method, mode, out, roles, timer, plan)
+
+
+def _searched(config, method, mode, out, roles, timer, plan) -> QuantizationResult:
+    """The result of a calibrated run: the loop's records and quantized state, the method's summary, the plan."""
     summary = method.summary()
     if mode.gptq is not None:
         summary = {**summary, "gptq": {**dataclasses.asdict(mode.gptq), "seconds_per_layer": out.gptq_seconds}}
@@ -106,6 +107,15 @@ def run_layerwise(
         quantized=out.quantized,
         memory_plan=plan.items,
     )
+
+
+def _apply(model, family: ModelFamily, config, scales, device, timer, progress, layers, journal) -> QuantizationResult:
+    """The run without calibration: saved ``scales`` (or none) folded, every layer quantized by RTN."""
+    mode = _apply_mode(model, family, config, scales)
+    with frozen(model):
+        out = layer_loop(model, family, mode, None, device, timer, progress, layers, journal)
+    _keep_streamed(model, layers, journal, family)
+    return QuantizationResult(config=config, groups=out.records, timings=timer.totals, quantized=out.quantized)
 
 
 def _keep_streamed(model, layers, journal: Journal | None, family: ModelFamily) -> None:

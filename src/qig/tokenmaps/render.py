@@ -228,18 +228,7 @@ def sample_figure(maps: TokenMaps, i: int, path: str | os.PathLike, method: str 
     note = info.text(0.02, 1, "\n".join(rows), va="top", ha="left", fontsize=8.5, transform=info.transAxes)
     note.set_in_layout(False)
     if has_image:
-        image = maps.images[i][0].image
-        for r, layer in enumerate(maps.shown):
-            for c, group in enumerate(groups):
-                ax = fig.add_subplot(gs[1 + r, c])
-                ax.set_xticks([])
-                ax.set_yticks([])
-                if maps.get(method, layer, group) is None:
-                    ax.axis("off")
-                    continue
-                ax.imshow(overlay(image, vision_grid(maps, method, layer, group, i)), interpolation="nearest")
-                h = maps.entropy_of(method, layer, group, i, "vision")
-                ax.set_title(f"{method.upper()} L{layer} {group}  (H={h:.2f})", fontsize=8)
+        _overlays(fig, gs, maps, method, groups, i)
     _colourbar(fig, fig.add_subplot(gs[-2, 1 : n_cols - 1] if n_cols > 2 else gs[-2, :]))
     text_ax = fig.add_subplot(gs[-1, :])
     text_ax.axis("off")
@@ -253,6 +242,22 @@ def sample_figure(maps: TokenMaps, i: int, path: str | os.PathLike, method: str 
             t.set_in_layout(False)
     fig.suptitle(f"{method.upper()} token weights, H = entropy of the vision map (1 = uniform)", fontsize=9)
     fig.savefig(path)
+
+
+def _overlays(fig, gs, maps: TokenMaps, method: str, groups: list[str], i: int) -> None:
+    """Sample ``i``'s vision-token overlays, one row per shown layer and one column per group, from grid row 1."""
+    image = maps.images[i][0].image
+    for r, layer in enumerate(maps.shown):
+        for c, group in enumerate(groups):
+            ax = fig.add_subplot(gs[1 + r, c])
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if maps.get(method, layer, group) is None:
+                ax.axis("off")
+                continue
+            ax.imshow(overlay(image, vision_grid(maps, method, layer, group, i)), interpolation="nearest")
+            h = maps.entropy_of(method, layer, group, i, "vision")
+            ax.set_title(f"{method.upper()} L{layer} {group}  (H={h:.2f})", fontsize=8)
 
 
 def overview_figure(maps: TokenMaps, path: str | os.PathLike, method: str = "qig", n: int = 3) -> list[int]:
@@ -299,15 +304,7 @@ def overview_figure(maps: TokenMaps, path: str | os.PathLike, method: str = "qig
             ax.set_yticks([])
             h = maps.entropy_of(method, layer, group, i, "vision")
             ax.set_title(f"layer {layer}  (H={h:.2f})", fontsize=8.5)
-        text_ax = fig.add_subplot(gs[2 + 2 * r, :])
-        text_ax.axis("off")
-        rows = [(layer, j, line) for layer in maps.shown for j, line in enumerate(text[(i, layer)])]
-        for k, (layer, j, line) in enumerate(rows):
-            y = 1 - (k + 1) / len(rows)
-            _draw_chips(text_ax, line, 0.06, y, 7.5)
-            if j == 0:
-                t = text_ax.text(0.0, y, f"L{layer}", transform=text_ax.transAxes, fontsize=7.5, color="#444")
-                t.set_in_layout(False)
+        _token_rows(fig.add_subplot(gs[2 + 2 * r, :]), maps, text, i)
     chart = fig.add_subplot(gs[-1, :])
     _shares_axes(chart, maps, group)
     fig.suptitle(
@@ -317,6 +314,18 @@ def overview_figure(maps: TokenMaps, path: str | os.PathLike, method: str = "qig
     )
     fig.savefig(path)
     return chosen
+
+
+def _token_rows(text_ax, maps: TokenMaps, text: dict, i: int) -> None:
+    """Sample ``i``'s coloured token lines, every shown layer in turn, labelled with the layer."""
+    text_ax.axis("off")
+    rows = [(layer, j, line) for layer in maps.shown for j, line in enumerate(text[(i, layer)])]
+    for k, (layer, j, line) in enumerate(rows):
+        y = 1 - (k + 1) / len(rows)
+        _draw_chips(text_ax, line, 0.06, y, 7.5)
+        if j == 0:
+            t = text_ax.text(0.0, y, f"L{layer}", transform=text_ax.transAxes, fontsize=7.5, color="#444")
+            t.set_in_layout(False)
 
 
 def _shares_axes(ax, maps: TokenMaps, group: str) -> None:
