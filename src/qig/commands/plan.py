@@ -89,6 +89,7 @@ def parse_image_size(value: str) -> tuple[int, int]:
 
 
 def run(args) -> int:
+    from qig.methods.base import needs_calibration
     from qig.preflight import preflight
 
     opts = from_args(args, PlanOptions)
@@ -98,9 +99,9 @@ def run(args) -> int:
     method_opts.update({p: True for p in preset_names() if getattr(args, p, None)})
     config = config_from_options(method, method_opts)  # refuses what qig quantize refuses
     calibration = [k for k in ("n_samples", "image_size", "sample_tokens", "text_tokens") if _given(args, k)]
-    if config.name == "rtn" and calibration:
+    if calibration and not needs_calibration(config):
         flags = ", ".join("--" + k.replace("_", "-") for k in calibration)
-        raise QigError(f"{flags}: rtn uses no calibration data; drop them")
+        raise QigError(f"{flags}: {config.name} uses no calibration data; drop them")
     if opts.sample_tokens is not None and (opts.image_size is not None or args.text_tokens is not None):
         raise QigError(
             "--sample-tokens gives the whole sample; drop --image-size and --text-tokens, or drop --sample-tokens"

@@ -116,6 +116,13 @@ class Method:
     def prepare(self, model: torch.nn.Module, family, calib, device: torch.device) -> None:
         """A pass over the whole model before the layer-wise search; default none."""
 
+    def path_points(self) -> int:
+        """Points of an integration path a calibration chunk holds at once through a block (the memory plan asks).
+
+        0 for methods without a path; QIG's most quadrature nodes (``qig.pipeline.plan``).
+        """
+        return 0
+
     def use_answer_gradients(self, sums: dict[str, list[dict]]) -> None:
         """Take the answer-loss gradient sums (asked for by ``needs_answer_gradients``).
 

@@ -112,6 +112,9 @@ class GPTQ(Method):
             self.weighting.progress = self.progress
             self.weighting.prepare(model, family, calib, device)
 
+    def path_points(self) -> int:
+        return self.weighting.path_points() if self.weighting is not None else 0
+
     def use_answer_gradients(self, sums: dict[str, list[dict]]) -> None:
         assert self.weighting is not None, "plain GPTQ asks for no answer-loss gradients"
         self.weighting.use_answer_gradients(sums)

@@ -283,6 +283,9 @@ class QIG(Method):
         self.path = quadrature(config.quadrature, config.steps)  # (nodes, weights)
         self.attention_path = quadrature(config.quadrature, max(config.steps, config.attention_steps))
 
+    def path_points(self) -> int:
+        return max(self.config.steps, self.config.attention_steps)
+
     def _reference(self, ctx: GroupContext) -> str | None:
         """The reference input x' of this group: the configured one, or "zero" where x^q equals x (None: under
         quantized-always x' = x there, and every weight is 0)."""

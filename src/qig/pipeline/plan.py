@@ -152,10 +152,10 @@ def _add_items(plan: MemoryPlan, model, family, layers, n: int, t: int, config, 
     if method.finds_scales or method.weights_tokens:
         group = n * t * widest * dtype_bytes
         plan.add(f"largest group's inputs and reference outputs (width {widest})", group * (1 + carried), "device")
-    weighting = config if config.name == "qig" else getattr(config, "token_weights", None)
-    if getattr(weighting, "name", None) == "qig":
+    points = method.path_points()  # QIG's path, its own or GPTQ's borrowed weighting's
+    if points:
         chunk = min(config.batch_size, n) * t * widest * dtype_bytes
-        k = points_per_pass(min(config.batch_size, n) * t, max(weighting.steps, weighting.attention_steps))
+        k = points_per_pass(min(config.batch_size, n) * t, points)
         plan.add(f"QIG path batch ({k} points x one chunk, with gradients)", 3 * k * chunk, "device")
     if config.gptq_settings is not None:
         ins = {m.in_features for m in linears(first).values()}
