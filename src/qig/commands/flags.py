@@ -2,9 +2,10 @@
 
 Each command declares its options as a frozen dataclass whose fields use
 ``qig.options.option``; :func:`add_flags` turns every field into a flag (type,
-choices, help and default from the field), every flag defaulting to None so
-that "given" and "default" stay apart, and :func:`from_args` builds the
-validated dataclass from the flags actually given.
+choices, help and default from the field), a flag left out leaving no attribute
+(argparse's ``SUPPRESS``) so that "given" and "default" stay apart even for a
+value that is None on purpose (``--group-size channel``), and :func:`from_args`
+builds the validated dataclass from the flags actually given.
 
     >>> import argparse
     >>> from dataclasses import dataclass
@@ -26,26 +27,12 @@ validated dataclass from the flags actually given.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from typing import Any
 
 from qig.errors import QigError
 from qig.options import FlatOption, flat_options
-
-
-@dataclasses.dataclass(frozen=True)
-class Given:
-    """A flag's parsed value that is None on purpose (``--group-size channel``), kept apart from "not given".
-
-    Flags default to None to mean "left out"; a parser whose real answer is None returns ``Given(None)``
-    and ``given`` / ``unwrap`` take it out again.
-    """
-
-    value: Any
-
-
-def unwrap(value: Any) -> Any:
-    return value.value if isinstance(value, Given) else value
 
 
 def add_flags(parser, cls: type, types: dict[str, Any] | None = None) -> dict[str, FlatOption]:
@@ -60,13 +47,13 @@ def add_flags(parser, cls: type, types: dict[str, Any] | None = None) -> dict[st
 
 
 def add_flag(parser, opt: FlatOption, suffix: str = "", **overrides: Any) -> None:
-    """One flag for one option: type, choices and help from the field; default None ("not given")."""
+    """One flag for one option: type, choices and help from the field; left out, it sets nothing (``SUPPRESS``)."""
     kind, meta = opt.kind, opt.field.metadata
     help_text = meta.get("help") or opt.key.replace("_", " ")
     default = opt.field.default
     if default not in (None, False, dataclasses.MISSING) and not dataclasses.is_dataclass(default):
         help_text += f" (default {default})"
-    kw: dict[str, Any] = {"default": None, "help": (help_text + suffix).replace("%", "%%")}
+    kw: dict[str, Any] = {"default": argparse.SUPPRESS, "help": (help_text + suffix).replace("%", "%%")}
     if kind.base is bool:
         kw["action"] = "store_true"
     elif kind.choices or meta.get("choices"):
@@ -85,7 +72,7 @@ def add_flag(parser, opt: FlatOption, suffix: str = "", **overrides: Any) -> Non
 
 def given(args, options: dict[str, FlatOption]) -> dict[str, Any]:
     """The options given on the command line (a flag left out is absent, not its default)."""
-    return {k: unwrap(getattr(args, k)) for k in options if getattr(args, k, None) is not None}
+    return {k: getattr(args, k) for k in options if hasattr(args, k)}
 
 
 def from_args(args, cls: type):

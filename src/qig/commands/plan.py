@@ -96,13 +96,13 @@ def run(args) -> int:
     run_opts = given(args, {k: RUN_OPTIONS[k] for k in SHARED_RUN_OPTIONS})
     method = run_opts.get("method", RUN_OPTIONS["method"].field.default)
     method_opts = given(args, all_options())
-    method_opts.update({p: True for p in preset_names() if getattr(args, p, None)})
+    method_opts.update({p: True for p in preset_names() if getattr(args, p, False)})
     config = config_from_options(method, method_opts)  # refuses what qig quantize refuses
     calibration = [k for k in ("n_samples", "image_size", "sample_tokens", "text_tokens") if _given(args, k)]
     if calibration and not needs_calibration(config):
         flags = ", ".join("--" + k.replace("_", "-") for k in calibration)
         raise QigError(f"{flags}: {config.name} uses no calibration data; drop them")
-    if opts.sample_tokens is not None and (opts.image_size is not None or args.text_tokens is not None):
+    if opts.sample_tokens is not None and (opts.image_size is not None or hasattr(args, "text_tokens")):
         raise QigError(
             "--sample-tokens gives the whole sample; drop --image-size and --text-tokens, or drop --sample-tokens"
         )
@@ -125,4 +125,4 @@ def run(args) -> int:
 
 
 def _given(args, key: str) -> bool:
-    return getattr(args, key, None) is not None
+    return hasattr(args, key)

@@ -34,7 +34,7 @@ import dataclasses
 import logging
 from typing import Any
 
-from qig.commands.flags import Given, add_flag, add_flags, unwrap
+from qig.commands.flags import add_flag, add_flags
 from qig.errors import QigError
 from qig.job import (
     CALIBRATION_KEYS,
@@ -74,7 +74,9 @@ def register(sub) -> argparse.ArgumentParser:
     for preset in preset_names():
         holders = methods_with(preset)
         doc = getattr(CONFIGS[holders[0]], preset).__doc__.strip().splitlines()[0]
-        methods.add_argument(f"--{preset}", action="store_true", default=None, help=f"{doc} [{', '.join(holders)}]")
+        methods.add_argument(
+            f"--{preset}", action="store_true", default=argparse.SUPPRESS, help=f"{doc} [{', '.join(holders)}]"
+        )
     p.set_defaults(func=run)
     return p
 
@@ -101,9 +103,9 @@ def parse_group_size(value) -> int | None:
     raise QigError(f"group_size {value!r} must be an integer such as 128, or 'channel'")
 
 
-def group_size_flag(value: str) -> Given:
-    """``--group-size`` as argparse reads it: 'channel' is None, which a flag's default would read as "not given"."""
-    return Given(parse_group_size(value))
+def group_size_flag(value: str) -> int | None:
+    """``--group-size`` as argparse reads it: 'channel' is None (a flag left out sets nothing, so None is given)."""
+    return parse_group_size(value)
 
 
 def given_options(args) -> dict[str, Any]:
@@ -114,7 +116,7 @@ def given_options(args) -> dict[str, Any]:
     the same options given as flags are refused (``check_run``).
     """
     recipe = read_recipe(args.recipe, _known_keys()) if args.recipe else {}
-    flags = {key: unwrap(getattr(args, key)) for key in _known_keys() if getattr(args, key, None) is not None}
+    flags = {key: getattr(args, key) for key in _known_keys() if hasattr(args, key)}  # a flag left out sets nothing
     given = {**recipe, **flags}
     name = given.get("method", RunOptions.method)
     if given.get("scales") is not None or (name in CONFIGS and not needs_calibration(name)):
