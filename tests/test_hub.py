@@ -147,6 +147,15 @@ def test_calib_embedded_asks_for_the_toy_world_by_name(model_dir, tmp_path):
     assert read_report(out)["n_calibration_samples"] == 4
 
 
+def test_calib_embedded_takes_no_image_folder_or_split(model_dir, tmp_path, capsys):
+    argv = ["quantize", "--model", model_dir, "--method", "awq", "--calib", EMBEDDED, "--output", tmp_path / "o"]
+    assert run_cli(*argv, "--calib-split", "train") == 2
+    assert "--calib-split goes with a hub dataset id" in capsys.readouterr().err
+    assert run_cli(*argv, "--image-folder", tmp_path) == 2
+    assert "--image-folder goes with a calibration file" in capsys.readouterr().err
+    assert not (tmp_path / "o").exists()
+
+
 def test_the_embedded_models_keep_their_world_as_default():
     from qig.embedded import default_model_dir, sinks_model_dir
 

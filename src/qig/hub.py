@@ -40,9 +40,6 @@ class Resolved:
     repo_id: str | None = None
     revision: str | None = None
 
-    def describe(self) -> str:
-        return f"{self.repo_id}@{self.revision[:12]}" if self.repo_id and self.revision else str(self.path)
-
 
 def looks_like_repo_id(reference: str) -> bool:
     """Whether ``reference`` has the shape of a hub id (``org/name``), and not of a relative or absolute path.

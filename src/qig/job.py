@@ -24,8 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
 
-from qig.calib import DEFAULT_MAX_LENGTH, DEFAULT_N_SAMPLES
+from qig.calib import DEFAULT_MAX_LENGTH, DEFAULT_N_SAMPLES, check_calibration_file, check_calibration_source
 from qig.errors import QigError
+from qig.methods import needs_calibration
 from qig.methods.config import CONFIGS
 from qig.options import check_fields, flat_options, option
 
@@ -117,12 +118,12 @@ def check_run(run_opts: RunOptions, config, given: dict[str, Any]) -> None:
         flags = ", ".join("--" + k.replace("_", "-") for k in unused)
         raise QigError(f"{flags}: {why} no calibration data; drop them")
     if not without_data:
-        from qig.calib import check_calibration_file, check_calibration_source
-
         check_calibration_source(run_opts.model, run_opts.calib)
-    if not without_data and run_opts.calib is not None:
-        seed = 0 if run_opts.calib_seed is None else run_opts.calib_seed
-        check_calibration_file(run_opts.calib, run_opts.image_folder, run_opts.n_samples, seed, run_opts.calib_split)
+        if run_opts.calib is not None:
+            seed = 0 if run_opts.calib_seed is None else run_opts.calib_seed
+            check_calibration_file(
+                run_opts.calib, run_opts.image_folder, run_opts.n_samples, seed, run_opts.calib_split
+            )
     if run_opts.report:
         from qig.tokenmaps.render import require_matplotlib
 
@@ -134,13 +135,6 @@ def check_run(run_opts: RunOptions, config, given: dict[str, Any]) -> None:
 
         gptq = config.gptq_settings
         check_format(run_opts.format, config.spec, config.abits, act_order=gptq is not None and gptq.act_order)
-
-
-def needs_calibration(config_or_name) -> bool:
-    """``qig.methods.base.needs_calibration``, imported when asked (the method modules import torch)."""
-    from qig.methods.base import needs_calibration as ask
-
-    return ask(config_or_name)
 
 
 def run_job(

@@ -96,13 +96,10 @@ def model_folder(reference: str | os.PathLike, revision: str | None = None) -> P
     (``HF_HUB_OFFLINE``), from the Hugging Face cache. ``revision``: its branch, tag or commit.
     """
     from qig.hub import resolve_model
+    from qig.loading import read_vlm_config
 
     path = resolve_model(reference, revision, config_only=True).path
-    if not path.is_dir():
-        problem = "is a file, not a folder" if path.exists() else "does not exist"
-        raise QigError(f"model folder {path} {problem}; pass --model with a folder holding config.json, or a hub id")
-    if not (path / "config.json").is_file():
-        raise QigError(f"{path} has no config.json; qig plan needs at least the checkpoint's config.json")
+    read_vlm_config(path)  # the loader's own refusals: no folder, no config.json, no vision tower, remote code
     return path
 
 
@@ -115,8 +112,6 @@ def build_meta_model(folder: Path) -> torch.nn.Module:
     except (OSError, ValueError, KeyError) as exc:
         why = " ".join(str(exc).split())  # one line
         raise QigError(f"{folder / 'config.json'} cannot be read as a transformers config: {why}") from exc
-    if getattr(config, "vision_config", None) is None:
-        raise QigError(f"{folder} holds a {config.model_type!r} model without a vision tower; qig needs an LVLM")
     dtype = getattr(config, "dtype", None) or getattr(config, "torch_dtype", None) or torch.bfloat16
     dtype = getattr(torch, dtype) if isinstance(dtype, str) else dtype
     try:

@@ -22,14 +22,13 @@ files in its ``qig/`` subfolder; the readers here look there too.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
 import platform
 import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -257,7 +256,7 @@ class Report:
     options: dict = field(default_factory=dict)
     source_model: str | None = None
     source_hub: dict | None = None
-    versions: dict = field(default_factory=lambda: versions())
+    versions: dict = field(default_factory=versions)
     n_calibration_samples: int = 0
     processes: int = 1
     timings: dict = field(default_factory=dict)
@@ -274,7 +273,7 @@ class Report:
         return cls(timings=timings, **fields)
 
     def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
+        return asdict(self)
 
 
 def write_output(

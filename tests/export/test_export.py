@@ -171,7 +171,7 @@ def test_w4_g128_export_is_at_most_030_of_fp16(awq_ct):
 
 def test_3bit_weights_export_where_the_library_packs_them_densely(tmp_path, capsys):
     """compressed-tensors 0.18+ packs 3-bit codes densely, as vLLM reads them; 0.17 pads them, so qig refuses there."""
-    from qig.export.writer import packs_densely
+    from qig.export.formats.compressed_tensors import packs_densely
 
     run, out = tmp_path / "w3", tmp_path / "w3-ct"
     args = ("--method", "rtn", "--wbits", 3, "--group-size", 128, "--dtype", "float32")

@@ -218,6 +218,8 @@ def check_calibration_file(
     if os.fspath(path) == EMBEDDED:
         if image_folder is not None:
             raise QigError(f"--image-folder goes with a calibration file; --calib {EMBEDDED} has its own images")
+        if split is not None:
+            raise QigError(f"--calib-split goes with a hub dataset id; --calib {EMBEDDED} is one split")
         return
     _chosen_pairs(path, image_folder, n_samples, seed, quiet=True, split=split)
 

@@ -42,9 +42,9 @@ from qig.job import (
     SCALE_QUANTIZER_KEYS,
     RunOptions,
     check_run,
-    needs_calibration,
     run_job,
 )
+from qig.methods import needs_calibration
 from qig.methods.config import (
     CONFIGS,
     all_options,

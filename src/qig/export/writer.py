@@ -38,8 +38,6 @@ import torch
 from qig.errors import QigError
 from qig.export.formats import ExportFormat, format_for
 from qig.export.formats.base import Run
-from qig.export.formats.compressed_tensors import ignore_list as ignore_list
-from qig.export.formats.compressed_tensors import packs_densely as packs_densely
 from qig.export.params import QuantizedWeight, from_params, recover
 from qig.fileio import atomic_dir, check_output_dir, temp_dir_beside
 from qig.loading import DTYPES, load_model_and_processor
