@@ -9,7 +9,11 @@ Hugging Face cache (``qig.hub``: downloaded when online, from the cache when
 offline); it must hold a vision-language model. A weight-activation model folder (``qig quantize
 --abits 8``: its config.json has a ``qig_quantization`` entry with ``abits``
 below 16) is loaded with its per-token activation quantizers re-installed on
-the decoder linears, so it runs with activations really quantized.
+the decoder linears, so it runs with activations really quantized. A
+compressed-tensors folder (llm-compressor's, or ``qig export``'s) is
+decompressed linear by linear into its fake-quant weights, with qig's
+activation quantizers on the linears its scheme quantizes the inputs of
+(``qig.compressed``).
 """
 
 from __future__ import annotations
@@ -60,15 +64,20 @@ def load_model_and_processor(
         raise QigError(f"decoder={decoder!r}: use 'memory' (load every weight) or 'disk' (stream the layers)")
     path = resolve_model(model_dir, revision, trust_remote_code).path
     config = read_vlm_config(path, trust_remote_code)
-    model, processor = _from_pretrained(path, config, dtype, decoder, trust_remote_code)
-    abits = _saved_abits(config, path)
-    if activation_quantizers and abits < 16:
-        from qig.models import family_for
+    groups = _compressed_groups(config, path, decoder)
+    model, processor, quantized = _from_pretrained(path, config, dtype, decoder, trust_remote_code, groups)
+    if activation_quantizers:
         from qig.quant.activation import install_activation_quantizers
         from qig.quant.spec import activation_spec
 
-        n = install_activation_quantizers(family_for(model).decoder_linears(model).values(), activation_spec(abits))
-        log.info("%s: W-A model, activations quantized at run time (per token, %d bits) on %d linears", path, abits, n)
+        for abits, linears in _activation_linears(model, config, path, quantized).items():
+            n = install_activation_quantizers(linears, activation_spec(abits))
+            log.info(
+                "%s: W-A model, activations quantized at run time (per token, %d bits) on %d linears",
+                path,
+                abits,
+                n,
+            )
     if decoder == "disk":
         if torch.device(device).type != "cpu":
             raise QigError("decoder='disk' loads the model on the CPU; the pipeline brings each layer to the device")
@@ -103,10 +112,28 @@ def read_vlm_config(path: Path, trust_remote_code: bool = False) -> dict:
     return config
 
 
-def _from_pretrained(path: Path, config: dict, dtype, decoder: str, trust_remote_code: bool):
-    """transformers' model and processor of ``path``; their failures as one-line errors naming the folder."""
+def _compressed_groups(config: dict, path: Path, decoder: str) -> list | None:
+    """A compressed-tensors folder's config groups, checked readable before any weight is read (None: not one)."""
+    from qig.compressed import is_compressed, read_groups
+
+    if not is_compressed(config):
+        return None
+    groups = read_groups(config, path)
+    if decoder == "disk":
+        raise QigError(
+            f"{path} is a compressed-tensors checkpoint, decompressed while it loads; its decoder layers cannot be "
+            "streamed from disk: load the whole model (--model-offload none)"
+        )
+    return groups
+
+
+def _from_pretrained(path: Path, config: dict, dtype, decoder: str, trust_remote_code: bool, groups=None):
+    """transformers' model and processor of ``path``, and its decompressed linears (name -> config group; empty
+    unless ``groups``, a compressed-tensors folder's, see ``qig.compressed``); failures as one-line errors."""
     from safetensors import SafetensorError
     from transformers import AutoModelForImageTextToText, AutoProcessor
+
+    from qig.compressed import load_compressed
 
     auto_map = config.get("auto_map") or {}
     auto_model = AutoModelForImageTextToText
@@ -114,7 +141,10 @@ def _from_pretrained(path: Path, config: dict, dtype, decoder: str, trust_remote
         from transformers import AutoModel as auto_model
     try:
         processor = AutoProcessor.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
-        if decoder == "disk":
+        quantized = {}
+        if groups is not None:
+            model, quantized = load_compressed(path, groups, auto_model, dtype, trust_remote_code)
+        elif decoder == "disk":
             model = load_streamed(path, auto_model, dtype, trust_remote_code)
         else:
             model = auto_model.from_pretrained(
@@ -129,7 +159,7 @@ def _from_pretrained(path: Path, config: dict, dtype, decoder: str, trust_remote
         ) from exc
     except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as exc:
         raise QigError(f"could not load the model in {path}: {exc.__class__.__name__}: {exc}") from exc
-    return model, processor
+    return model, processor, quantized
 
 
 def load_streamed(path: Path, auto_model, dtype, trust_remote_code: bool = False) -> torch.nn.Module:
@@ -175,6 +205,26 @@ def load_streamed(path: Path, auto_model, dtype, trust_remote_code: bool = False
     index = CheckpointIndex.read(path, model, full.state_dict(), family.layers)
     setattr(model, STREAMED, index)
     return model
+
+
+def _activation_linears(model, config: dict, path: Path, quantized: dict) -> dict[int, list[torch.nn.Module]]:
+    """The linears whose inputs the saved model quantizes at run time, by activation bits (empty: weight-only).
+
+    A compressed-tensors folder: the linears of its groups with input activations;
+    a qig W-A folder: the decoder linears, with the bits its config.json records.
+    """
+    if quantized:
+        out: dict[int, list[torch.nn.Module]] = {}
+        for name, group in quantized.items():
+            if group.abits < 16:
+                out.setdefault(group.abits, []).append(model.get_submodule(name))
+        return out
+    abits = _saved_abits(config, path)
+    if abits == 16:
+        return {}
+    from qig.models import family_for
+
+    return {abits: list(family_for(model).decoder_linears(model).values())}
 
 
 def _saved_abits(config: dict, path: Path) -> int:
