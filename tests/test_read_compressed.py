@@ -1,7 +1,7 @@
 """Reading compressed-tensors checkpoints (qig.compressed): llm-compressor's presets, written by the library alone.
 
-Each checkpoint is what llm-compressor writes for one of its presets (W4A16_ASYM, AWQ's default; W4A16; W8A16;
-W8A8), made here with ``compressed-tensors`` only: its scheme attached to the embedded model's decoder linears,
+Each checkpoint is what llm-compressor writes for a scheme (its presets W4A16_ASYM, AWQ's default, W4A16 and W8A8;
+int8 per output channel, a custom scheme), made here with ``compressed-tensors`` only: its scheme attached to the embedded model's decoder linears,
 min-max scales from the library's ``calculate_qparams``, compressed by ``ModelCompressor`` and saved as
 llm-compressor saves (``save_pretrained`` then ``update_config``). qig must load each as the fake-quant model of the
 same codes: the library's ``fake_quantize`` of the source weights, and for W8A8 qig's own per-token activation
@@ -30,7 +30,7 @@ from compressed_tensors.quantization import (  # noqa: E402
 from compressed_tensors.quantization.lifecycle.forward import fake_quantize  # noqa: E402
 from compressed_tensors.quantization.utils import calculate_qparams  # noqa: E402
 
-# llm-compressor's preset schemes (compressed_tensors.quantization.quant_scheme.PRESET_SCHEMES), as data
+# the schemes as data: presets of compressed_tensors.quantization.quant_scheme.PRESET_SCHEMES, and int8 per channel
 TOKEN_A8 = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token", "dynamic": True}
 CASES = {
     "w4a16-g128-asym": ({"num_bits": 4, "symmetric": False, "strategy": "group", "group_size": 128}, None),

@@ -12,6 +12,7 @@ from qig.commands.quantize import build_config, given_options, split_options
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 W_ONLY = ("rtn", "gptq", "awq", "mbq", "qig")  # the weight-only rows of the paper's tables
 W_A = ("rtn", "smoothquant", "mbq", "qig")
+PEER = ("awq", "gptq", "mbq", "qig")  # llm-compressor's setting (docs/migration.md): batch_size, which RTN refuses
 
 
 def test_there_are_recipes_for_the_paper_and_the_embedded_model():
@@ -21,7 +22,7 @@ def test_there_are_recipes_for_the_paper_and_the_embedded_model():
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=[p.stem for p in RECIPES])
 def test_every_recipe_builds_each_method_of_its_table(recipe):
-    methods = W_A if "a8" in recipe.stem else W_ONLY
+    methods = PEER if recipe.stem.startswith("llmcompressor-") else W_A if "a8" in recipe.stem else W_ONLY
     for method in methods:
         args = build_parser().parse_args(["quantize", "--recipe", str(recipe), "--method", method, "--output", "o"])
         run_opts, method_opts = split_options(given_options(args))
@@ -53,3 +54,22 @@ def test_the_embedded_recipe_runs_end_to_end_and_lmms_eval_scores_it(tmp_path, c
     scores = tmp_path / "lmms.json"
     assert run_cli("eval", "--model", out, "--tasks", "qig_world", "--limit", 20, "--json", scores) == 0
     assert "qig_world" in capsys.readouterr().out and scores.is_file()
+
+
+def test_the_migration_recipe_writes_what_qig_eval_reads(tmp_path, capsys):
+    """recipes/llmcompressor-awq-w4g128.yaml (docs/migration.md): AWQ W4 g128 asym as compressed-tensors."""
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "llmcompressor-awq-w4g128.yaml"
+    out = tmp_path / "awq-w4"
+    assert run_cli("quantize", "--recipe", recipe, "--n-samples", 8, "--output", out, "--no-progress") == 0
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    weights = qc["config_groups"]["group_0"]["weights"]
+    assert (qc["format"], weights["num_bits"], weights["group_size"], weights["symmetric"]) == (
+        "pack-quantized",
+        4,
+        128,
+        False,
+    )
+    assert json.loads((out / "qig" / "report.json").read_text())["config"]["batch_size"] == 16
+    capsys.readouterr()
+    assert run_cli("eval", "--model", out, "--limit", 20) == 0
+    assert "overall" in capsys.readouterr().out
