@@ -56,6 +56,8 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from qig.pipeline.loop import LoopObserver  # noqa: E402  (after the environment it reads)
+
 OFFICIAL_FILES = {
     "qig": "qmllm/methods/qig/quantize/auto_scale.py",
     "qig_wa": "qmllm/methods/qig/quantize/auto_scale_wa_distort.py",
@@ -208,13 +210,49 @@ def qig_config(setting: str, row: str, n: int):
     return QIGConfig.compat(**common) if row == "qig-compat" else QIGConfig(**common)
 
 
+class Watch(LoopObserver):
+    """qig's layer loop observed: at the start of each decoder layer the official code runs on a copy of the
+    layer with the same inputs; after each group, qig's values are kept."""
+
+    def __init__(self, official, setting: str, row: str, trace: OfficialTrace) -> None:
+        self.official, self.setting, self.row, self.trace = official, setting, row, trace
+        self.layers: dict[int, dict] = {}
+        self.groups: list[dict] = []
+
+    def layer_started(self, layer, streams) -> None:
+        from qig.calib import PAD
+
+        (chunk,) = streams.chunks
+        first = len(self.trace.groups)
+        seconds = run_official(self.official, self.setting, self.row, layer.module, chunk, layer.index, self.trace)
+        self.layers[layer.index] = {
+            "official": seconds,
+            "official_groups": self.trace.groups[first:],
+            "qig": 0.0,
+            "real": (chunk.roles != PAD).cpu(),
+        }
+
+    def group_visited(self, visit) -> None:
+        self.layers[visit.layer.index]["qig"] += visit.seconds
+        self.groups.append(
+            {
+                "layer": visit.layer.index,
+                "group": visit.group.name,
+                "ratio": visit.record.ratio,
+                "weights": visit.record.token_weights,
+                "losses": list(visit.found.losses),  # the shared search's, or a method's own (s = 1)
+                "seconds": visit.seconds,
+                "weights_seconds": visit.phases.get("token_weights", 0.0),  # the loop's own timing of the phase
+            }
+        )
+
+
 def run_row(official, setting: str, row: str, model_dir, n_samples: int) -> dict:
     """One row: qig's layer loop, the official search at the start of every layer. Per group records."""
     import torch
 
-    from qig.calib import PAD, calibration_for
+    from qig.calib import calibration_for
     from qig.loading import load_model_and_processor
-    from qig.pipeline import loop
     from qig.pipeline.run import run_layerwise
 
     model, processor = load_model_and_processor(model_dir, dtype=torch.float32)
@@ -224,46 +262,9 @@ def run_row(official, setting: str, row: str, model_dir, n_samples: int) -> dict
     for fn in (official["qig"], official["qig_wa"], official["mbq"]):
         if hasattr(fn, "_layer_idx"):
             del fn._layer_idx  # the official counter starts again with the run
-    layers: dict[int, dict] = {}
-    groups: list[dict] = []
-    losses: list[list[float]] = []
-    visit, fold = loop._visit_group, loop._fold
-
-    def traced_fold(*args, **kwargs):
-        found = fold(*args, **kwargs)  # a SearchResult: the shared search's, or a method's own (s = 1)
-        losses.append(list(found.losses))
-        return found
-
-    def traced_visit(mode, layer, group, search_index, streams, timer):
-        (chunk,) = streams.chunks
-        if layer.index not in layers:
-            first = len(trace.groups)
-            seconds = run_official(official, setting, row, layer.module, chunk, layer.index, trace)
-            layers[layer.index] = {"official": seconds, "official_groups": trace.groups[first:], "qig": 0.0}
-            layers[layer.index]["real"] = (chunk.roles != PAD).cpu()
-        start, weighing = time.perf_counter(), timer.totals.get("token_weights", 0.0)
-        record = visit(mode, layer, group, search_index, streams, timer)
-        seconds = time.perf_counter() - start
-        layers[layer.index]["qig"] += seconds
-        groups.append(
-            {
-                "layer": layer.index,
-                "group": group.name,
-                "ratio": record.ratio,
-                "weights": record.token_weights,
-                "losses": losses[-1],
-                "seconds": seconds,
-                "weights_seconds": timer.totals["token_weights"] - weighing,  # the loop's own timing of the phase
-            }
-        )
-        return record
-
-    loop._visit_group, loop._fold = traced_visit, traced_fold
-    try:
-        run_layerwise(model, config, calib, device="cpu", progress=False)
-    finally:
-        loop._visit_group, loop._fold = visit, fold
-    return {"layers": layers, "groups": groups}
+    watch = Watch(official, setting, row, trace)
+    run_layerwise(model, config, calib, device="cpu", progress=False, observers=[watch])
+    return {"layers": watch.layers, "groups": watch.groups}
 
 
 def compare(run: dict) -> list[dict]:

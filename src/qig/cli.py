@@ -24,16 +24,30 @@ import traceback
 from qig import fileio
 from qig.errors import QigError
 
-# Each module has register(subparsers) -> parser, setting ``func(args) -> int``.
-COMMANDS = ("world", "eval", "quantize", "inspect", "models", "export", "plan")
+# The subcommands and the line ``qig --help`` shows for each. Each is a module of ``qig.commands`` whose
+# ``register(parser)`` adds its flags and sets ``func(args) -> int``; only the command asked for is imported,
+# so ``qig --help`` and ``qig models`` start without torch.
+COMMANDS = {
+    "world": "write a split of the embedded visual-QA world (PNG + LLaVA-style JSON)",
+    "eval": "evaluate a model on the embedded visual-QA benchmark (or a LLaVA-style JSON)",
+    "quantize": "post-training quantization (every method, WxA16 or W-A); writes a loadable model folder",
+    "inspect": "token-sensitivity maps (QIG vs MBQ vs AWQ token weights) as pictures + HTML, no quantization",
+    "models": "list the supported model families, their classes and what is supported",
+    "export": "write a quantize run in a serving format or as fake-quant weights (qig export --help lists them)",
+    "plan": "dry run on a checkpoint's config: scale groups, group size, vLLM TP degrees, vision tokens, memory",
+}
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str] | None = None) -> argparse.ArgumentParser:
+    """The ``qig`` parser; with ``argv`` only the subcommand it names gets its flags (None: every subcommand)."""
     parser = argparse.ArgumentParser(prog="qig", description="Post-training quantization of vision-language models")
     parser.add_argument("--debug", action="store_true", help="show tracebacks and debug logging")
     sub = parser.add_subparsers(dest="command", required=True)
-    for name in COMMANDS:
-        importlib.import_module(f"qig.commands.{name}").register(sub)
+    named = None if argv is None else next((a for a in argv if not a.startswith("-")), "")
+    for name, line in COMMANDS.items():
+        p = sub.add_parser(name, help=line)
+        if named is None or name == named:
+            importlib.import_module(f"qig.commands.{name}").register(p)
     return parser
 
 
@@ -58,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
             # Library chatter (e.g. transformers' backend notices) is not for users of the CLI.
             os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
             logging.getLogger("transformers").setLevel(logging.ERROR)
-        args = build_parser().parse_args(argv)
+        args = build_parser(argv).parse_args(argv)
         return int(args.func(args) or 0)
     except QigError as exc:
         if debug:

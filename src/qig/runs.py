@@ -29,6 +29,7 @@ import platform
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from dataclasses import fields as dataclass_fields
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -36,7 +37,7 @@ import torch
 
 from qig.errors import QigError
 from qig.fileio import atomic_dir, atomic_write_text
-from qig.methods import QuantConfig, make_config
+from qig.methods import QuantConfig, config_class, config_from_options
 from qig.models.layout import save_model
 from qig.runfiles import REPORT_JSON, RUN_FILES, RUN_SUBDIR, SEARCH_JSON, SEARCH_TENSORS  # noqa: F401  (public here)
 
@@ -217,13 +218,22 @@ def check_scale(s: torch.Tensor, layer: int, group: str, where: str = "") -> Non
 
 
 def config_from_dict(fields: dict) -> QuantConfig:
-    """Rebuild a config from ``QuantConfig.to_dict()`` output (as saved in search.json)."""
+    """Rebuild a config from ``QuantConfig.to_dict()`` output (as saved in search.json).
+
+    A saved config holds every field: those its method never reads (``unused``,
+    at their defaults) are dropped, as is the ``seed`` of runs saved before it went.
+    """
     fields = dict(fields)
-    name = fields.pop("method", None)
+    name = fields.get("method")
     if name is None:
         raise QigError("the saved config has no 'method'")
     fields.pop("seed", None)  # runs saved before the field went: it seeded nothing the run drew
-    return make_config(name, **fields)
+    cls = config_class(name)
+    defaults = {f.name: f.default for f in dataclass_fields(cls)}
+    for key in cls.unused:
+        if fields.get(key, defaults[key]) == defaults[key]:
+            fields.pop(key, None)
+    return config_from_options(name, fields)
 
 
 def versions() -> dict[str, str]:

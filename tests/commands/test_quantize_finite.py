@@ -71,16 +71,16 @@ def test_bad_saved_scales_are_refused(model_dir, tmp_path, capsys, tensors, mess
 
 def _nan_after_rtn(monkeypatch):
     """RTN writes a NaN into the weights it quantized (a stand-in for a quantizer that overflows)."""
-    import qig.pipeline.loop as loop
+    import qig.pipeline.finish as finish
 
-    real = loop.rtn_
+    real = finish.rtn_
 
     def rtn_(linears, spec):
         params = real(linears, spec)
         linears["mlp.up_proj"].weight.data[0, 0] = math.nan
         return params
 
-    monkeypatch.setattr(loop, "rtn_", rtn_)
+    monkeypatch.setattr(finish, "rtn_", rtn_)
     return "quantized model's tensor model.language_model.layers.0.mlp.up_proj.weight holds NaN or inf"
 
 

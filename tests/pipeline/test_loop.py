@@ -8,6 +8,10 @@ import qig
 from qig.errors import QigError
 from qig.methods import AWQConfig, RTNConfig, SmoothQuantConfig
 from qig.models import family_for
+from qig.pipeline.finish import LayerState, LookOnly, RoundToNearest
+from qig.pipeline.loop import LoopObserver
+from qig.pipeline.run import run_layerwise
+from qig.pipeline.timing import Timer
 from qig.quant.activation import activation_quantization
 from qig.quant.rtn import rtn_
 from qig.quant.spec import dequantize, quantize_with
@@ -107,3 +111,51 @@ def test_wa_search_sees_the_inputs_of_the_quantized_model(monkeypatch):
         assert torch.allclose((xq / s)[real], x_final[real], rtol=1e-4, atol=1e-5)
         if li > 0:  # the streams have diverged: x^q is not the FP input
             assert not torch.allclose(xq[real], x[real], rtol=1e-3, atol=1e-3)
+
+
+class _Seen(LoopObserver):
+    def __init__(self):
+        self.events = []
+
+    def layer_started(self, layer, streams):
+        self.events.append(("start", layer.index, len(streams.chunks)))
+
+    def group_visited(self, visit):
+        self.events.append(("group", visit.layer.index, visit.group.name, visit.record, visit.found, visit.phases))
+
+    def layer_finished(self, layer, finished):
+        self.events.append(("finish", layer.index, sorted(finished.quantized)))
+
+
+def test_observers_see_every_layer_and_group_in_order():
+    """The loop's hooks: a start, its groups (each with its record, its search result and phases), a finish."""
+    model, calib = tiny_llava(layers=2), calibration(4)
+    seen = _Seen()
+    result = run_layerwise(model, AWQConfig(wbits=3, group_size=32, n_grid=4), calib, progress=False, observers=[seen])
+    kinds = [e[0] for e in seen.events]
+    per_layer = ["start"] + ["group"] * (len(result.groups) // 2) + ["finish"]
+    assert kinds == per_layer * 2
+    groups = [e for e in seen.events if e[0] == "group"]
+    assert [e[3] for e in groups] == result.groups  # the records the result keeps, the same objects
+    for _, li, name, record, found, phases in groups:
+        assert (record.layer, record.group) == (li, name)
+        assert torch.equal(found.scales.float(), record.scales) and found.ratio == record.ratio
+        assert {"group_inputs", "token_weights", "search"} <= set(phases)
+    finishes = [e for e in seen.events if e[0] == "finish"]
+    assert [f[2] for f in finishes] == [sorted(_linears(layer)) for layer in family_for(model).decoder_layers(model)]
+
+
+def test_the_finisher_decides_what_x_q_meets():
+    """LookOnly leaves the model untouched; RoundToNearest quantizes it in place with the kept parameters."""
+    model = tiny_llava(layers=1)
+    layer = family_for(model).decoder_layers(model)[0]
+    before = {n: m.weight.detach().clone() for n, m in _linears(layer).items()}
+    spec = RTNConfig(wbits=3, group_size=32).spec
+    state = LayerState(0, layer)
+    looked = LookOnly(spec).apply(state, family_for(model), None, Timer())
+    assert all(torch.equal(m.weight, before[n]) for n, m in _linears(layer).items())
+    assert looked.quantized == {} and sorted(looked.xq_weights) == sorted(f"{n}.weight" for n in before)
+    done = RoundToNearest(spec).apply(state, family_for(model), None, Timer())
+    assert done.xq_weights is None and sorted(done.quantized) == sorted(before)
+    for n, m in _linears(layer).items():
+        assert torch.equal(m.weight, looked.xq_weights[f"{n}.weight"])  # the same quantizer, in place this time

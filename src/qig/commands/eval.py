@@ -83,11 +83,10 @@ TASKS_REFUSE = {
 }
 
 
-def register(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("eval", help="evaluate a model on the embedded visual-QA benchmark (or a LLaVA-style JSON)")
+def register(p: argparse.ArgumentParser) -> None:
+    """Flags of ``qig eval`` on ``p`` (the subparser ``qig.cli`` made for it)."""
     add_flags(p, EvalOptions)
     p.set_defaults(func=run)
-    return p
 
 
 def run(args) -> int:

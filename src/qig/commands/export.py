@@ -38,16 +38,12 @@ class ExportOptions:
         check_fields(self)
 
 
-def register(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "export",
-        help="write a quantized folder as " + " or ".join(format_names()),
-        epilog=_formats_help(),
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+def register(p: argparse.ArgumentParser) -> None:
+    """Flags of ``qig export`` on ``p`` (the subparser ``qig.cli`` made for it)."""
+    p.epilog = _formats_help()
+    p.formatter_class = argparse.RawDescriptionHelpFormatter
     add_flags(p, ExportOptions)
     p.set_defaults(func=run)
-    return p
 
 
 def _formats_help() -> str:

@@ -78,13 +78,10 @@ class InspectOptions:
         check_calibration_source(self.model, self.calib)
 
 
-def register(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "inspect", help="token-sensitivity maps (QIG vs MBQ vs AWQ token weights) as pictures + HTML, no quantization"
-    )
+def register(p: argparse.ArgumentParser) -> None:
+    """Flags of ``qig inspect`` on ``p`` (the subparser ``qig.cli`` made for it)."""
     add_flags(p, InspectOptions, types={"group_size": group_size_flag})
     p.set_defaults(func=run)
-    return p
 
 
 def run(args) -> int:

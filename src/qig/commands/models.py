@@ -15,27 +15,26 @@ from __future__ import annotations
 import argparse
 import json
 
+MODES = ("W-only", "W-A")
 
-def register(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("models", help="list the supported model families, their classes and what is supported")
+
+def register(p: argparse.ArgumentParser) -> None:
+    """Flags of ``qig models`` on ``p`` (the subparser ``qig.cli`` made for it)."""
     p.add_argument("--json", action="store_true", help="print the listing as JSON")
     p.set_defaults(func=run)
-    return p
 
 
 def listing() -> list[dict]:
-    """One row per family: name, classes, model types, methods, modes, notes."""
-    from qig.methods import CONFIGS
+    """One row per family: name, classes, model types, modes, notes (every family runs every method)."""
     from qig.models import FAMILIES
     from qig.models.families import _FALLBACK_LAYER_PATHS
 
-    modes = ["W-only", "W-A"]
+    modes = list(MODES)
     rows = [
         {
             "family": fam.name,
             "classes": list(fam.classes),
             "model_types": list(fam.model_types),
-            "methods": list(CONFIGS),
             "modes": modes,
             "remote_code": fam.remote_code,
             "note": fam.note,
@@ -47,7 +46,6 @@ def listing() -> list[dict]:
             "family": "llama-names (fallback)",
             "classes": ["any model with Llama-named decoder layers"],
             "model_types": [],
-            "methods": list(CONFIGS),
             "modes": modes,
             "remote_code": False,
             "note": "layers at " + ", ".join(_FALLBACK_LAYER_PATHS),
@@ -67,8 +65,9 @@ def run(args) -> int:
     for r in rows:
         remote = " [--trust-remote-code]" if r["remote_code"] else ""
         print(f"{r['family']:<{width}}  {', '.join(r['classes'])}{remote}")
-        print(f"{'':<{width}}  methods: {', '.join(r['methods'])}; modes: {', '.join(r['modes'])}")
+        print(f"{'':<{width}}  modes: {', '.join(r['modes'])}")
         if r["note"]:
             print(f"{'':<{width}}  {r['note']}")
-    print(f"\nOther models are refused; {HOW_TO_ADD}.")
+    print(f"\nEvery family runs every method of qig quantize (qig quantize --help lists them), {' and '.join(MODES)}.")
+    print(f"Other models are refused; {HOW_TO_ADD}.")
     return 0

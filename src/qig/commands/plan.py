@@ -56,12 +56,9 @@ class PlanOptions:
         check_fields(self)
 
 
-def register(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "plan",
-        help="dry run on a checkpoint's config: scale groups, group size, vLLM TP degrees, vision tokens, memory",
-        description="Reads config.json (and preprocessor_config.json) only; no weights. Method flags as qig quantize.",
-    )
+def register(p: argparse.ArgumentParser) -> None:
+    """Flags of ``qig plan`` on ``p`` (the subparser ``qig.cli`` made for it)."""
+    p.description = "Reads config.json (and preprocessor_config.json) only; no weights. Method flags as qig quantize."
     add_flags(p, PlanOptions)
     for key in SHARED_RUN_OPTIONS:
         add_flag(p, RUN_OPTIONS[key])
@@ -73,7 +70,6 @@ def register(sub) -> argparse.ArgumentParser:
         doc = getattr(CONFIGS[holders[0]], preset).__doc__.strip().splitlines()[0]
         methods.add_argument(f"--{preset}", action="store_true", default=None, help=f"{doc} [{', '.join(holders)}]")
     p.set_defaults(func=run)
-    return p
 
 
 def parse_image_size(value: str) -> tuple[int, int]:

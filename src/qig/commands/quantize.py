@@ -49,7 +49,6 @@ from qig.methods.config import (
     CONFIGS,
     all_options,
     config_from_options,
-    default_group_size,
     methods_with,
     preset_names,
     token_weighting_names,
@@ -59,12 +58,11 @@ from qig.options import FlatOption, read_recipe
 log = logging.getLogger(__name__)
 
 
-def register(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser(
-        "quantize",
-        help=f"PTQ ({', '.join(CONFIGS)}; WxA16 or W-A); writes a loadable model folder",
-        description="Flags default to nothing: what is not given is the config's default. "
-        "A flag the chosen method does not take is refused.",
+def register(p: argparse.ArgumentParser) -> None:
+    """Flags of ``qig quantize`` on ``p`` (the subparser ``qig.cli`` made for it)."""
+    p.description = (
+        "Flags default to nothing: what is not given is the config's default. "
+        "A flag the chosen method does not take is refused."
     )
     p.add_argument("--recipe", default=None, help="YAML file whose keys stand for the flags (e.g. wbits: 3)")
     add_flags(p, RunOptions)
@@ -78,7 +76,6 @@ def register(sub) -> argparse.ArgumentParser:
             f"--{preset}", action="store_true", default=argparse.SUPPRESS, help=f"{doc} [{', '.join(holders)}]"
         )
     p.set_defaults(func=run)
-    return p
 
 
 def _add_method_flag(parser, opt: FlatOption, holders: list[str]) -> None:
@@ -152,10 +149,10 @@ def build_config(run_opts: RunOptions, method_opts: dict[str, Any], saved: dict 
         )
     if saved is None:
         return config_from_options(run_opts.method, method_opts)
-    if "abits" in method_opts and "group_size" not in method_opts:
-        method_opts = {**method_opts, "group_size": default_group_size(method_opts["abits"])}
     from qig.runs import config_from_dict
 
+    if "abits" in method_opts:  # another activation setting: the group size given, or that setting's default
+        saved = {k: v for k, v in saved.items() if k != "group_size"}
     return config_from_dict({**saved, **method_opts})
 
 

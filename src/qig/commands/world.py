@@ -31,11 +31,10 @@ class WorldOptions:
         check_fields(self)
 
 
-def register(sub) -> argparse.ArgumentParser:
-    p = sub.add_parser("world", help="write a split of the embedded visual-QA world (PNG + LLaVA-style JSON)")
+def register(p: argparse.ArgumentParser) -> None:
+    """Flags of ``qig world`` on ``p`` (the subparser ``qig.cli`` made for it)."""
     add_flags(p, WorldOptions)
     p.set_defaults(func=run)
-    return p
 
 
 def run(args) -> int:

@@ -211,52 +211,6 @@ def preset_names() -> tuple[str, ...]:
     return tuple(dict.fromkeys(p for c in CONFIGS.values() for p in c.presets))
 
 
-def make_config(name: str, **fields) -> QuantConfig:
-    """Build a config from a method name and fields, refusing unknown fields with the allowed list.
-
-    >>> make_config("qig", wbits=3, steps=8).steps
-    8
-    >>> make_config("qig", preset="compat").steps
-    32
-    """
-    cls = config_class(name)
-    fields = _nested(cls, fields)
-    preset = fields.pop("preset", None)
-    if preset is not None:
-        if preset not in cls.presets:
-            offered = ", ".join(f"{p} ({n})" for n, c in CONFIGS.items() for p in c.presets) or "none"
-            raise QigError(f"preset {preset!r} is not available for {name}; presets: {offered}")
-        return getattr(cls, preset)(**fields)
-    allowed = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(fields) - allowed)
-    if unknown:
-        raise QigError(f"{name} has no option(s) {', '.join(unknown)}; its options: {', '.join(sorted(allowed))}")
-    return cls(**fields)
-
-
-def _nested(cls: type[QuantConfig], fields: dict) -> dict:
-    """Rebuild nested settings saved as plain mappings (``to_dict`` output): gptq, token_weights."""
-    fields = dict(fields)
-    for f in dataclasses.fields(cls):
-        value, kind = fields.get(f.name), kinds(cls)[f.name]
-        if not isinstance(value, dict) or kind.base is None:
-            continue
-        if issubclass(kind.base, QuantConfig):
-            inner = dict(value)
-            if "method" not in inner:
-                raise QigError(f"{f.name} needs a 'method' (one of: {', '.join(token_weighting_names())})")
-            fields[f.name] = make_config(inner.pop("method"), **inner)
-        elif dataclasses.is_dataclass(kind.base):
-            allowed = {g.name for g in dataclasses.fields(kind.base)}
-            unknown = sorted(set(value) - allowed)
-            if unknown:
-                raise QigError(
-                    f"{f.name} has no option(s) {', '.join(unknown)}; its options: {', '.join(sorted(allowed))}"
-                )
-            fields[f.name] = kind.base(**value)
-    return fields
-
-
 # ---------------------------------------------------------------- from named options (CLI flags, recipe keys)
 
 
@@ -294,14 +248,18 @@ def default_group_size(abits: int) -> int | None:
 
 
 def config_from_options(method: str, given: dict[str, Any]) -> QuantConfig:
-    """The config of ``method`` from the options actually given (flags, recipe keys), by option key.
+    """The config of ``method`` from the options actually given, by option key: the one way a config is built.
 
-    Nothing is filled in that was not given, except ``group_size`` in W-A
-    modes (:func:`default_group_size`); an option the method does not take is
-    refused with the list of those it does. A preset (``compat: True``) starts
-    from the preset and the other options override it. ``token_weights`` (GPTQ)
-    names the method whose token weights weight the Hessian; that method's own
-    options (e.g. ``steps`` for qig) are given alongside.
+    ``given`` holds flags, recipe keys, the keywords of :func:`make_config` or a
+    saved ``to_dict()`` (``search.json``) alike. Nothing is filled in that was not
+    given, except ``group_size`` in W-A modes (:func:`default_group_size`); an
+    option the method does not take is refused with the list of those it does.
+    A preset (``compat: True``, or ``preset: "compat"``) starts from the preset
+    and the other options override it. Nested settings come flat (``damp``) or
+    whole (``gptq``: a settings object or mapping). ``token_weights`` (GPTQ) is
+    a config, a saved mapping, or the name of the method whose token weights
+    weight the Hessian; with a name, that method's own options (e.g. ``steps``
+    for qig) are given alongside.
 
     >>> config_from_options("qig", {"compat": True, "baseline": "quantized"}).baseline
     'quantized'
@@ -310,7 +268,13 @@ def config_from_options(method: str, given: dict[str, Any]) -> QuantConfig:
     """
     cls = config_class(method)
     given = dict(given)
+    saved = given.pop("method", method)
+    if saved != method:
+        raise QigError(f"the options name method {saved!r}, not {method!r}")
     presets = [p for p in preset_names() if _preset_wanted(p, given.pop(p, False))]
+    if "preset" in given:
+        presets.append(_preset_named(cls, method, given.pop("preset")))
+    whole = _whole_fields(cls, given)
     own = options_of(cls)
     inner, inner_field = _borrowed_config(cls, own, given, presets)
     unknown = [k for k in given if k not in own]
@@ -319,9 +283,54 @@ def config_from_options(method: str, given: dict[str, Any]) -> QuantConfig:
     if "group_size" not in given:
         given["group_size"] = default_group_size(given.get("abits", WEIGHT_ONLY_ABITS))
     fields = nest(cls, given)
-    if inner_field is not None:
+    if inner_field is not None and inner_field not in whole:
         fields[inner_field] = inner
-    return _with_presets(cls, method, presets, fields)
+    return _with_presets(cls, method, presets, {**fields, **whole})
+
+
+def make_config(name: str, **fields) -> QuantConfig:
+    """:func:`config_from_options` with keywords.
+
+    >>> make_config("qig", wbits=3, steps=8).steps
+    8
+    >>> make_config("qig", preset="compat").steps
+    32
+    """
+    return config_from_options(name, fields)
+
+
+def _preset_named(cls: type[QuantConfig], method: str, preset: str) -> str:
+    if preset not in cls.presets:
+        offered = ", ".join(f"{p} ({n})" for n, c in CONFIGS.items() for p in c.presets) or "none"
+        raise QigError(f"preset {preset!r} is not available for {method}; presets: {offered}")
+    return preset
+
+
+def _whole_fields(cls: type[QuantConfig], given: dict) -> dict:
+    """The nested fields given whole (removed from ``given``): settings as an object or a mapping of its fields,
+    another method's config as an object or a saved mapping (``{"method": "qig", ...}``)."""
+    whole = {}
+    for f in dataclasses.fields(cls):
+        value, kind = given.get(f.name), kinds(cls)[f.name]
+        if not (dataclasses.is_dataclass(kind.base) and isinstance(value, (dict, kind.base))):
+            continue
+        del given[f.name]
+        if isinstance(value, kind.base):
+            whole[f.name] = value
+        elif issubclass(kind.base, QuantConfig):
+            inner = dict(value)
+            if "method" not in inner:
+                raise QigError(f"{f.name} needs a 'method' (one of: {', '.join(token_weighting_names())})")
+            whole[f.name] = config_from_options(inner["method"], inner)
+        else:
+            allowed = {g.name for g in dataclasses.fields(kind.base)}
+            unknown = sorted(set(value) - allowed)
+            if unknown:
+                raise QigError(
+                    f"{f.name} has no option(s) {', '.join(unknown)}; its options: {', '.join(sorted(allowed))}"
+                )
+            whole[f.name] = kind.base(**value)
+    return whole
 
 
 def _preset_wanted(name: str, value) -> bool:

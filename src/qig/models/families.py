@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-
-import torch
+from typing import TYPE_CHECKING
 
 from qig.errors import QigError
 from qig.models.family import KeyRename, ModelFamily, ScaleGroup, has_names
+
+if TYPE_CHECKING:  # annotations only; family_for imports it (see qig.models.family)
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -309,6 +311,8 @@ def family_for(model: torch.nn.Module) -> ModelFamily:
     >>> family_for(model).name  # doctest: +SKIP
     'qwen2-vl'
     """
+    import torch
+
     model_type = getattr(getattr(model, "config", None), "model_type", None)
     for fam in FAMILIES:
         if fam.matches(model):

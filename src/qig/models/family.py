@@ -5,6 +5,10 @@ of the data in ``qig.models.families``; :func:`get_module` walks a dotted path
 with an error that names what is missing; :func:`linears` lists the linears
 of a module (a decoder layer, a block) by their paths inside it.
 
+The entries are data: this module and ``qig.models.families`` import torch
+only in the functions that look at a model, so ``qig models`` lists the
+families without it.
+
     >>> from qig.models.family import ScaleGroup
     >>> ScaleGroup("mlp_out", prev="mlp.up_proj", linears=("mlp.down_proj",), block="mlp.down_proj").name
     'mlp_out'
@@ -18,10 +22,12 @@ from __future__ import annotations
 import logging
 import re
 from dataclasses import dataclass
-
-import torch
+from typing import TYPE_CHECKING
 
 from qig.errors import QigError
+
+if TYPE_CHECKING:  # annotations only
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +131,8 @@ class ModelFamily:
         return any(ignore_matches(entry, name) for entry in self.ignore)
 
     def decoder_layers(self, model: torch.nn.Module) -> torch.nn.ModuleList:
+        import torch
+
         layers = get_module(model, self.layers)
         if not isinstance(layers, torch.nn.ModuleList):
             raise QigError(f"{self.layers} of the {self.name} family is not a ModuleList of decoder layers")
@@ -151,6 +159,8 @@ class ModelFamily:
 
     def matches(self, model: torch.nn.Module) -> bool:
         """The model's type is one of ours and its first decoder layer has every module our groups name."""
+        import torch
+
         if getattr(getattr(model, "config", None), "model_type", None) not in self.model_types:
             return False
         try:
@@ -207,10 +217,13 @@ def get_module(root: torch.nn.Module, path: str) -> torch.nn.Module:
 def linears(module: torch.nn.Module) -> dict[str, torch.nn.Linear]:
     """Every linear of ``module`` by its path inside it ("self_attn.q_proj"; "" for a linear itself).
 
+    >>> import torch
     >>> mlp = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 4))
     >>> list(linears(mlp))
     ['0', '2']
     """
+    import torch
+
     return {name: m for name, m in module.named_modules() if isinstance(m, torch.nn.Linear)}
 
 

@@ -3,37 +3,35 @@
 Per decoder layer, on the compute device: the layer's scale groups in order
 (:func:`_visit_group`: the group's inputs, the methods' token weights, a
 channel scale found or saved and folded in), then the layer is finished
-(:func:`_finish_layer`: x through the FP, folded layer; the layer quantized
-by RTN or GPTQ, keeping the quantizer's parameters, or quantized on the side
-only; x^q through the quantized layer). A :class:`Mode` says which of these
-steps a run takes; ``qig.pipeline.run`` builds the modes.
+(:func:`_finish_layer`: x through the FP, folded layer; the mode's
+:class:`~qig.pipeline.finish.Finisher` (RTN, GPTQ, or quantizing on the side
+only); x^q through the quantized layer). A :class:`Mode` says which of these
+steps a run takes; ``qig.pipeline.run`` builds the modes. A
+:class:`LoopObserver` sees every layer and group as the loop goes.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
 from tqdm.auto import tqdm
 
 from qig.dist import current, merged_notes
-from qig.methods import GPTQConfig, Method, QuantConfig, search_scales
+from qig.methods import GPTQConfig, Method, QuantConfig, SearchResult, search_scales
 from qig.models import ModelFamily, ScaleGroup, get_module, linears
 from qig.pipeline.capture import Chunk
-from qig.pipeline.gptq import gptq_layer_
+from qig.pipeline.finish import GPTQ, Finished, Finisher, LayerState, RoundToNearest
 from qig.pipeline.groups import group_context, weight_stats
 from qig.pipeline.journal import FinishedLayer, Journal
 from qig.pipeline.layers import DecoderLayers, InMemoryLayers
 from qig.pipeline.result import GroupRecord, InspectedGroup
 from qig.pipeline.streams import Streams, cat_rows, every_chunk
 from qig.pipeline.timing import Timer
-from qig.quant.activation import install_activation_quantizers
 from qig.quant.fold import fold_scales_
-from qig.quant.gptq import GPTQSettings
-from qig.quant.rtn import rtn_
 from qig.quant.spec import QuantSpec, fake_quantize
 
 log = logging.getLogger(__name__)
@@ -48,11 +46,11 @@ class Mode:
     token weights at every group looked at (none: the bar counts layers).
     search: ``methods[0]`` finds each group's channel scale, folded before the
     next group. saved: scales to fold instead, ``{(layer, group): s}``.
-    quantizer: "rtn" or "gptq" quantize each finished layer in place (W-A:
-    activation quantizers installed), "side" leaves the model untouched and
-    quantizes the weights for x^q only (the token weights of ``qig inspect``).
-    gptq / weighted_hessian: GPTQ's settings, its Hessians weighted by
-    ``methods[0]``'s token weights. quantized_inputs: group inputs on x^q too.
+    finish: what finishes each layer (:mod:`qig.pipeline.finish`: RTN or GPTQ
+    in place, or the weights quantized on the side for x^q only, for the token
+    weights of ``qig inspect``); None: RTN with ``spec`` and ``act_spec``.
+    weighted_hessian: GPTQ's Hessians weighted by ``methods[0]``'s token
+    weights. quantized_inputs: group inputs on x^q too.
     looked_at: layers whose groups are looked at (None: all); depth: layers
     visited (None: all). phase: the timing the whole loop counts as, if any.
     """
@@ -63,20 +61,29 @@ class Mode:
     methods: tuple[Method, ...] = ()
     search: bool = False
     saved: dict[tuple[int, str], torch.Tensor] | None = None
-    quantizer: str = "rtn"
-    gptq: GPTQSettings | None = None
+    finish: Finisher | None = None
     weighted_hessian: bool = False
     quantized_inputs: bool = False
     looked_at: frozenset[int] | None = None
     depth: int | None = None
     phase: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.finish is None:
+            object.__setattr__(self, "finish", RoundToNearest(self.spec, self.act_spec))
+
+    @property
+    def carried(self) -> tuple[bool, bool]:
+        """Whether the mode carries x (for the group inputs) and x^q (for them, or for GPTQ's Hessians)."""
+        return bool(self.methods), self.quantized_inputs or self.finish.needs_quantized_stream
+
     def looks_at(self, layer_index: int) -> bool:
         return bool(self.methods) and (self.looked_at is None or layer_index in self.looked_at)
 
     def streams(self, chunks: list[Chunk]) -> Streams:
         """The streams this mode carries: x for the group inputs, x^q for them or for GPTQ's Hessians."""
-        return Streams(chunks, fp=bool(self.methods), quantized=self.quantized_inputs or self.quantizer == "gptq")
+        fp, quantized = self.carried
+        return Streams(chunks, fp=fp, quantized=quantized)
 
 
 def search_mode(config: QuantConfig, method: Method) -> Mode:
@@ -90,8 +97,7 @@ def search_mode(config: QuantConfig, method: Method) -> Mode:
         act_spec=config.act_spec,
         methods=(method,) if per_group else (),
         search=method.finds_scales,
-        quantizer="rtn" if gptq is None else "gptq",
-        gptq=gptq,
+        finish=RoundToNearest(config.spec, config.act_spec) if gptq is None else GPTQ(config.spec, gptq),
         # GPTQ's Hessian: with the weights of the group's own method, or plain (every real token 1).
         weighted_hessian=isinstance(config, GPTQConfig) and method.weights_tokens,
         quantized_inputs=use_xq and per_group,
@@ -99,20 +105,41 @@ def search_mode(config: QuantConfig, method: Method) -> Mode:
 
 
 @dataclass
-class LayerState:
-    """One decoder layer while the loop is on it."""
-
-    index: int
-    module: torch.nn.Module
-    done: dict[str, torch.Tensor] = field(default_factory=dict)  # "path.weight": finished groups, quantized
-    hessian_weights: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # group -> per chunk [b, T]
-
-
-@dataclass
 class LoopOutput:
     records: list[GroupRecord | InspectedGroup] = field(default_factory=list)
     quantized: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # "layer.linear" -> params
-    gptq_seconds: list[float] = field(default_factory=list)
+    gptq_seconds: list[float] = field(default_factory=list)  # the finisher's own seconds, per layer that keeps them
+
+
+@dataclass
+class GroupVisit:
+    """One scale group the loop is done with: what it recorded, the scale found (a ``SearchResult``,
+    a saved tensor, or None), its seconds, and its seconds per timed phase (group_inputs, token_weights, search)."""
+
+    layer: LayerState
+    group: ScaleGroup
+    record: GroupRecord | InspectedGroup | None
+    found: SearchResult | torch.Tensor | None
+    seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)
+
+
+class LoopObserver:
+    """Hooks into the layer loop, for benchmarks and tools; every hook does nothing unless overridden.
+
+    ``layer_started`` comes before a computed layer's first group (a layer replayed
+    from a journal is not computed and has no hooks), ``group_visited`` after each
+    group, ``layer_finished`` after the layer's finisher, before x^q goes through it.
+    """
+
+    def layer_started(self, layer: LayerState, streams: Streams | None) -> None:
+        pass
+
+    def group_visited(self, visit: GroupVisit) -> None:
+        pass
+
+    def layer_finished(self, layer: LayerState, finished: Finished) -> None:
+        pass
 
 
 @contextlib.contextmanager
@@ -138,51 +165,65 @@ def layer_loop(
     progress: bool = True,
     layers: DecoderLayers | None = None,
     journal: Journal | None = None,
+    observers: Sequence[LoopObserver] = (),
 ) -> LoopOutput:
     """Every decoder layer (up to ``mode.depth``) in turn on ``device``: its groups in order, then the layer.
 
     layers: where the layers come from (default: the model, in memory; a streamed
     model's come from disk). journal: each finished layer is written to it, and the
     layers it already holds are replayed (:func:`_replay`) instead of computed.
+    observers: told of every computed layer and group (:class:`LoopObserver`).
     """
     layers = layers if layers is not None else InMemoryLayers(model, family)
     depth = len(layers) if mode.depth is None else min(mode.depth, len(layers))
     replayable = _replayable(journal, depth)
     per_group = bool(mode.methods)  # the bar counts groups, else layers
     groups = [family.active_groups(layers.modules[li]) for li in range(depth)]
-    steps = sum(len(g) for g in groups) if per_group else depth
     out = LoopOutput()
     search_index = 0
+    steps = sum(map(len, groups)) if per_group else depth
     with tqdm(total=steps, desc=mode.label, disable=not progress) as bar, timer(mode.phase):
         for li in range(depth):
             with layers.onload(li, device) as module:
-                first = len(out.records)
                 if li in replayable:
                     bar.set_postfix_str(f"layer {li} from {journal.folder.name}")
                     _replay(mode, journal.load_layer(li, device), module, family, streams, timer, out)
-                    search_index += len(groups[li])
                     bar.update(len(groups[li]) if per_group else 1)
-                    continue
-                layer = LayerState(li, module)
-                if mode.quantized_inputs:  # x^q meets the linears no group scales (o_proj under GQA) quantized
-                    layer.done.update(_ungrouped(module, groups[li], mode.spec))
-                for group in groups[li]:
-                    bar.set_postfix_str(f"layer {li} {group.name}")
-                    with timer(None) as lap:
-                        record = _visit_group(mode, layer, group, search_index, streams, timer)
-                    if isinstance(record, GroupRecord):
-                        record.seconds = lap.seconds
-                    if record is not None:
-                        out.records.append(record)
-                    search_index += 1
-                    bar.update(int(per_group))
-                bar.set_postfix_str(f"layer {li} {mode.quantizer}")
-                _finish_layer(mode, layer, family, streams, timer, out)
-                if journal is not None and current().main:  # the ranks' layers are the same: rank 0 keeps it
-                    with timer("journal"):
-                        journal.save_layer(_finished(mode, li, module, out, first))
-                bar.update(int(not per_group))
+                else:
+                    layer = LayerState(li, module)
+                    finished = _layer(
+                        mode, layer, groups[li], search_index, family, streams, timer, out, bar, observers
+                    )
+                    if journal is not None and current().main:  # the ranks' layers are the same: rank 0 keeps it
+                        with timer("journal"):
+                            journal.save_layer(_finished(layer, finished, out))
+                    bar.update(int(not per_group))
+            search_index += len(groups[li])
     return out
+
+
+def _layer(mode, layer: LayerState, groups, search_index, family, streams, timer, out, bar, observers) -> Finished:
+    """One computed layer: its groups in order (each recorded, each observed), then the layer finished."""
+    if mode.quantized_inputs:  # x^q meets the linears no group scales (o_proj under GQA) quantized
+        layer.done.update(_ungrouped(layer.module, groups, mode.spec))
+    for obs in observers:
+        obs.layer_started(layer, streams)
+    for offset, group in enumerate(groups):
+        bar.set_postfix_str(f"layer {layer.index} {group.name}")
+        before = dict(timer.totals)
+        with timer(None) as lap:
+            visit = _visit_group(mode, layer, group, search_index + offset, streams, timer)
+        visit.seconds = lap.seconds
+        visit.phases = {k: v - before.get(k, 0.0) for k, v in timer.totals.items() if v != before.get(k)}
+        if isinstance(visit.record, GroupRecord):
+            visit.record.seconds = lap.seconds
+        if visit.record is not None:
+            out.records.append(visit.record)
+        for obs in observers:
+            obs.group_visited(visit)
+        bar.update(int(bool(mode.methods)))
+    bar.set_postfix_str(f"layer {layer.index} {mode.finish.label}")
+    return _finish_layer(mode, layer, family, streams, timer, out, observers)
 
 
 def _ungrouped(module: torch.nn.Module, groups: list[ScaleGroup], spec: QuantSpec) -> dict[str, torch.Tensor]:
@@ -205,15 +246,14 @@ def _replayable(journal: Journal | None, depth: int) -> set[int]:
     return done
 
 
-def _finished(mode: Mode, li: int, module: torch.nn.Module, out: LoopOutput, first: int) -> FinishedLayer:
-    """What the journal keeps of layer ``li``, just finished."""
-    prefix = f"{li}."
+def _finished(layer: LayerState, finished: Finished, out: LoopOutput) -> FinishedLayer:
+    """What the journal keeps of ``layer``, just finished."""
     return FinishedLayer(
-        index=li,
-        state=dict(module.state_dict()),
-        quantized={k: v for k, v in out.quantized.items() if k.startswith(prefix)},
-        records=[r for r in out.records[first:] if isinstance(r, GroupRecord)],
-        gptq_seconds=out.gptq_seconds[-1] if mode.quantizer == "gptq" else None,  # one per finished layer
+        index=layer.index,
+        state=dict(layer.module.state_dict()),
+        quantized={f"{layer.index}.{n}": p for n, p in finished.quantized.items()},
+        records=[r for r in out.records if isinstance(r, GroupRecord) and r.layer == layer.index],
+        gptq_seconds=finished.seconds,
     )
 
 
@@ -237,8 +277,7 @@ def _replay(
         with timer("propagate"):
             streams.advance_fp(module, li)
     module.load_state_dict(saved.state, strict=True)
-    if mode.act_spec is not None and mode.quantizer == "rtn":  # as _finish_layer
-        install_activation_quantizers(linears(module).values(), mode.act_spec)
+    mode.finish.replay(module)
     out.records.extend(saved.records)
     out.quantized.update(saved.quantized)
     if saved.gptq_seconds is not None:
@@ -254,7 +293,7 @@ def module_device(module: torch.nn.Module) -> torch.device:
 
 def _visit_group(
     mode: Mode, layer: LayerState, group: ScaleGroup, search_index: int, streams: Streams | None, timer: Timer
-) -> GroupRecord | InspectedGroup | None:
+) -> GroupVisit:
     """One scale group: its inputs, every method's token weights, its scale folded in; what to record."""
     ctx, weights = None, {}
     if mode.looks_at(layer.index):
@@ -287,7 +326,7 @@ def _visit_group(
             found.loss_before,
             found.loss_after,
         )
-    return _record(mode, layer.index, group, ctx, weights, found)
+    return GroupVisit(layer, group, _record(mode, layer.index, group, ctx, weights, found), found)
 
 
 def _fold(mode: Mode, layer: LayerState, group: ScaleGroup, ctx, weights: dict, timer: Timer):
@@ -312,7 +351,7 @@ def _fold(mode: Mode, layer: LayerState, group: ScaleGroup, ctx, weights: dict, 
 
 def _record(mode: Mode, li: int, group: ScaleGroup, ctx, weights: dict, found) -> GroupRecord | InspectedGroup | None:
     """What the result keeps of one group: its token weights per method (inspect), its search, or its saved scale."""
-    if mode.quantizer == "side":  # inspecting: every method's weights, nothing searched
+    if not mode.finish.quantizes:  # inspecting: every method's weights, nothing searched
         if not weights:
             return None
         rows = {name: cat_rows(every_chunk(tw.weights)) for name, tw in weights.items()}
@@ -339,27 +378,26 @@ def _record(mode: Mode, li: int, group: ScaleGroup, ctx, weights: dict, found) -
 
 
 def _finish_layer(
-    mode: Mode, layer: LayerState, family: ModelFamily, streams: Streams | None, timer: Timer, out: LoopOutput
-) -> None:
-    """x through the FP (folded) layer; the layer quantized, its parameters kept; x^q through the quantized layer."""
-    li, module = layer.index, layer.module
+    mode: Mode,
+    layer: LayerState,
+    family: ModelFamily,
+    streams: Streams | None,
+    timer: Timer,
+    out: LoopOutput,
+    observers: Sequence[LoopObserver] = (),
+) -> Finished:
+    """x through the FP (folded) layer; the mode's finisher; x^q through the finished layer."""
     if streams is not None:
         with timer("propagate"):
-            streams.advance_fp(module, li)
-    params = None  # weight overrides for x^q ("side": the model itself is not quantized)
-    if mode.quantizer == "rtn":
-        out.quantized.update({f"{li}.{n}": p for n, p in rtn_(linears(module), mode.spec).items()})
-        if mode.act_spec is not None:
-            install_activation_quantizers(linears(module).values(), mode.act_spec)
-    elif mode.quantizer == "gptq":
-        with timer("gptq") as lap:
-            found = gptq_layer_(module, family, streams.chunks, li, mode.spec, mode.gptq, layer.hessian_weights)
-        out.quantized.update({f"{li}.{n}": p for n, p in found.items()})
-        out.gptq_seconds.append(lap.seconds)
-        log.debug("layer %d: GPTQ in %.2fs", li, lap.seconds)
-    else:  # "side": the finished groups' quantized weights (and the ungrouped linears', in done since the start)
-        params = {f"{n}.weight": m.weight.data for n, m in linears(module).items()}
-        params = {k: layer.done[k] if k in layer.done else fake_quantize(w, mode.spec) for k, w in params.items()}
+            streams.advance_fp(layer.module, layer.index)
+    finished = mode.finish.apply(layer, family, streams, timer)
+    out.quantized.update({f"{layer.index}.{n}": p for n, p in finished.quantized.items()})
+    if finished.seconds is not None:
+        out.gptq_seconds.append(finished.seconds)
+        log.debug("layer %d: %s in %.2fs", layer.index, mode.finish.label, finished.seconds)
+    for obs in observers:
+        obs.layer_finished(layer, finished)
     if streams is not None:
         with timer("propagate"):
-            streams.advance_quantized(module, li, params)
+            streams.advance_quantized(layer.module, layer.index, finished.xq_weights)
+    return finished

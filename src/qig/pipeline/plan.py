@@ -129,8 +129,7 @@ def run_streams(config, method) -> tuple[bool, bool]:
     """Whether a calibrated run of ``config`` carries x and x^q: the rule of :func:`qig.pipeline.run.run_layerwise`."""
     if not (method.finds_scales or config.gptq_settings is not None):
         return (False, False)  # RTN: no calibration, no streams
-    mode = search_mode(config, method)
-    return (bool(mode.methods), mode.quantized_inputs or mode.quantizer == "gptq")
+    return search_mode(config, method).carried
 
 
 def _add_items(plan: MemoryPlan, model, family, layers, n: int, t: int, config, method, streams, outside: int) -> None:

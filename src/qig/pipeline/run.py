@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Sequence
 
 import torch
 
@@ -22,11 +23,12 @@ from qig.methods import QuantConfig, SearchConfig, method_for
 from qig.models import ModelFamily, family_for, get_module, linears
 from qig.models.checkpoint import STREAMED
 from qig.pipeline.capture import capture
+from qig.pipeline.finish import LookOnly
 from qig.pipeline.finite import check_decoder_weights
 from qig.pipeline.gradients import prepare_methods
 from qig.pipeline.journal import Journal, JournalIndex
 from qig.pipeline.layers import layers_for
-from qig.pipeline.loop import Mode, frozen, layer_loop, search_mode
+from qig.pipeline.loop import LoopObserver, Mode, frozen, layer_loop, search_mode
 from qig.pipeline.plan import memory_plan, offloads_streams
 from qig.pipeline.result import InspectedGroup, QuantizationResult
 from qig.pipeline.timing import Timer
@@ -45,6 +47,7 @@ def run_layerwise(
     progress: bool = True,
     journal: Journal | None = None,
     offload_streams: str = "auto",
+    observers: Sequence[LoopObserver] = (),
 ) -> QuantizationResult:
     """Quantize ``model``'s decoder layers in place; return what the search found and the quantized state.
 
@@ -52,6 +55,7 @@ def run_layerwise(
     replayed, not recomputed (resume). A model streamed from disk (``decoder="disk"``)
     needs one: its finished layers live there, and the model reads them from it
     afterwards. offload_streams: "auto", "cpu" or "none" (:mod:`qig.pipeline.plan`).
+    observers: see every computed layer and group (:class:`~qig.pipeline.loop.LoopObserver`).
 
     With ``scales`` (``{(layer, group): s}``) the search is skipped: those scales
     are folded and the layers quantized with RTN, without calibration data.
@@ -72,12 +76,15 @@ def run_layerwise(
         )
     timer = Timer()
     if scales is not None or not method.needs_calibration:
-        return _apply(model, family, config, scales or {}, device, timer, progress, layers, journal)
+        mode = _apply_mode(model, family, config, scales or {})
+        with frozen(model):
+            out = layer_loop(model, family, mode, None, device, timer, progress, layers, journal, observers)
+        _keep_streamed(model, layers, journal, family)
+        return QuantizationResult(config=config, groups=out.records, timings=timer.totals, quantized=out.quantized)
     if calib is None:
         raise QigError(f"{config.name} needs calibration data; pass calib (e.g. qig.calib.calibration_for)")
     mode = search_mode(config, method)
-    carried = (bool(mode.methods), mode.quantized_inputs or mode.quantizer == "gptq")
-    plan = memory_plan(model, family, layers, calib, config, method, device, carried, offload_streams)
+    plan = memory_plan(model, family, layers, calib, config, method, device, mode.carried, offload_streams)
     log.info("%s", plan.describe())
     offload = offloads_streams(plan, offload_streams, device)
     with frozen(model):
@@ -86,18 +93,19 @@ def run_layerwise(
         with timer("capture"):
             chunks = capture(model, family, calib, config.samples_per_batch(calib.seq_len), device, offload)
             streams = mode.streams(chunks)
-        out = layer_loop(model, family, mode, streams, device, timer, progress, layers, journal)
+        out = layer_loop(model, family, mode, streams, device, timer, progress, layers, journal, observers)
         roles = streams.roles()
         del streams, chunks
     _keep_streamed(model, layers, journal, family)
-    return _searched(config, method, mode, out, roles, timer, plan)
+    return _searched(config, method, out, roles, timer, plan)
 
 
-def _searched(config, method, mode, out, roles, timer, plan) -> QuantizationResult:
+def _searched(config, method, out, roles, timer, plan) -> QuantizationResult:
     """The result of a calibrated run: the loop's records and quantized state, the method's summary, the plan."""
     summary = method.summary()
-    if mode.gptq is not None:
-        summary = {**summary, "gptq": {**dataclasses.asdict(mode.gptq), "seconds_per_layer": out.gptq_seconds}}
+    if config.gptq_settings is not None:
+        gptq = dataclasses.asdict(config.gptq_settings)
+        summary = {**summary, "gptq": {**gptq, "seconds_per_layer": out.gptq_seconds}}
     return QuantizationResult(
         config=config,
         groups=out.records,
@@ -107,15 +115,6 @@ def _searched(config, method, mode, out, roles, timer, plan) -> QuantizationResu
         quantized=out.quantized,
         memory_plan=plan.items,
     )
-
-
-def _apply(model, family: ModelFamily, config, scales, device, timer, progress, layers, journal) -> QuantizationResult:
-    """The run without calibration: saved ``scales`` (or none) folded, every layer quantized by RTN."""
-    mode = _apply_mode(model, family, config, scales)
-    with frozen(model):
-        out = layer_loop(model, family, mode, None, device, timer, progress, layers, journal)
-    _keep_streamed(model, layers, journal, family)
-    return QuantizationResult(config=config, groups=out.records, timings=timer.totals, quantized=out.quantized)
 
 
 def _keep_streamed(model, layers, journal: Journal | None, family: ModelFamily) -> None:
@@ -201,7 +200,7 @@ def collect_token_weights(
         label="token weights",
         spec=spec,
         methods=methods,
-        quantizer="side",
+        finish=LookOnly(spec),
         quantized_inputs=True,
         looked_at=wanted,
         depth=max(wanted) + 1,
