@@ -176,6 +176,7 @@ def measure(args, work: Path) -> dict:
             for tool, method in jobs if r % 2 == 0 else reversed(jobs):  # the order flips every repeat
                 key = f"{s.key}/{tool}" + (f"-{method}" if method else "")
                 out = work / "out" / f"{key.replace('/', '-')}-r{r}"
+                out.parent.mkdir(parents=True, exist_ok=True)
                 run = run_peer(s, files, out, args) if method is None else run_qig(s, method, files, out, args)
                 run["folder"] = str(out)
                 runs.setdefault(key, []).append(run)
