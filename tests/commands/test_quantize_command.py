@@ -22,7 +22,7 @@ def test_quantize_writes_a_loadable_model_and_the_search(model_dir, tmp_path, ca
     assert {"load", "calibration_data", "quantize", "save"} <= set(report["timings"])
     assert "torch" in report["versions"]
     search = json.loads((out / "search.json").read_text())
-    assert {"loss_before", "loss_after", "token_weights"} <= set(search["groups"][0])
+    assert {"loss_before", "loss_after", "weight_stats"} <= set(search["groups"][0])
     assert "loss before" in capsys.readouterr().out
     from qig.evaluate import load_model_and_processor
 

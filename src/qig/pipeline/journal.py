@@ -123,17 +123,7 @@ class Journal:
                 tensors[f"group.{r.group}.scales"] = r.scales.contiguous()
             if r.token_weights is not None:
                 tensors[f"group.{r.group}.token_weights"] = r.token_weights.contiguous()
-            meta.append(
-                {
-                    "group": r.group,
-                    "ratio": r.ratio,
-                    "loss_before": r.loss_before,
-                    "loss_after": r.loss_after,
-                    "weight_stats": r.weight_stats,
-                    "notes": r.notes,
-                    "seconds": r.seconds,
-                }
-            )
+            meta.append(r.to_json())
         atomic_write_bytes(layer_file(self.folder, layer.index, "safetensors"), save(tensors, {"format": FORMAT}))
         info = {"layer": layer.index, "groups": meta, "gptq_seconds": layer.gptq_seconds}
         atomic_write_text(layer_file(self.folder, layer.index, "json"), json.dumps(info, indent=1) + "\n")
@@ -155,23 +145,14 @@ class Journal:
             if key.startswith("quantized."):
                 name, _, param = key[len("quantized.") :].rpartition(".")
                 quantized.setdefault(name, {})[param] = value
-        records = []
-        for g in info["groups"]:
-            scales = tensors.get(f"group.{g['group']}.scales")
-            records.append(
-                GroupRecord(
-                    layer=index,
-                    group=g["group"],
-                    scales=None if scales is None else scales.cpu(),
-                    ratio=g["ratio"],
-                    loss_before=g["loss_before"],
-                    loss_after=g["loss_after"],
-                    token_weights=_cpu(tensors.get(f"group.{g['group']}.token_weights")),
-                    weight_stats=g["weight_stats"],
-                    notes=g["notes"],
-                    seconds=g["seconds"],
-                )
+        records = [
+            GroupRecord.from_json(
+                {**g, "layer": index},
+                _cpu(tensors.get(f"group.{g['group']}.scales")),
+                _cpu(tensors.get(f"group.{g['group']}.token_weights")),
             )
+            for g in info["groups"]
+        ]
         return FinishedLayer(index, state, quantized, records, info.get("gptq_seconds"))
 
 

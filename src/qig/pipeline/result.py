@@ -36,6 +36,24 @@ class GroupRecord:
     notes: dict = field(default_factory=dict)
     seconds: float = 0.0
 
+    def to_json(self) -> dict:
+        """The record less its tensors: one entry of ``search.json``'s groups and of a journal layer's."""
+        return {
+            "layer": self.layer,
+            "group": self.group,
+            "ratio": self.ratio,
+            "loss_before": self.loss_before,
+            "loss_after": self.loss_after,
+            "weight_stats": self.weight_stats,
+            "notes": self.notes,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_json(cls, entry: dict, scales: torch.Tensor | None, token_weights: torch.Tensor | None) -> GroupRecord:
+        """A record back from :meth:`to_json` and its tensors."""
+        return cls(scales=scales, token_weights=token_weights, **entry)
+
 
 @dataclass
 class InspectedGroup:
@@ -81,19 +99,7 @@ class QuantizationResult:
             "config": self.config.to_dict(),
             "applied_from": self.applied_from,
             "method_summary": self.method_summary,
-            "groups": [
-                {
-                    "layer": g.layer,
-                    "group": g.group,
-                    "ratio": g.ratio,
-                    "loss_before": g.loss_before,
-                    "loss_after": g.loss_after,
-                    "token_weights": g.weight_stats,
-                    "notes": g.notes,
-                    "seconds": g.seconds,
-                }
-                for g in self.groups
-            ],
+            "groups": [g.to_json() for g in self.groups],
         }
 
     def tensors(self) -> dict[str, torch.Tensor]:
