@@ -457,6 +457,29 @@ CASES: list[ErrorCase] = [
         "model/config.json: `{not json`",
         setup=write("model/config.json", "{not json"),
     ),
+    ErrorCase(
+        "eval-compressed-float8",
+        ("eval", "--model", f"{TMP}/model", "--limit", "2"),
+        2,
+        "stores weights as 'float-quantized'; qig reads the integer formats",
+        "a compressed-tensors checkpoint in FP8 (`format: float-quantized`)",
+        setup=write(
+            "model/config.json",
+            json.dumps(
+                {
+                    "model_type": "llava",
+                    "vision_config": {},
+                    "quantization_config": {
+                        "quant_method": "compressed-tensors",
+                        "format": "float-quantized",
+                        "config_groups": {
+                            "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}
+                        },
+                    },
+                }
+            ),
+        ),
+    ),
     ErrorCase("eval-limit-zero", ("eval", "--limit", "0"), 2, "limit 0 is not supported", "--limit 0"),
     ErrorCase("eval-batch-size-zero", ("eval", "--batch-size", "0"), 2, "batch_size 0", "--batch-size 0"),
     ErrorCase(
