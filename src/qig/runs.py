@@ -39,6 +39,7 @@ from qig.errors import QigError
 from qig.fileio import atomic_dir, atomic_write_text
 from qig.methods import QuantConfig, config_class, config_from_options
 from qig.models.layout import save_model
+from qig.quant.fold import check_scale
 from qig.runfiles import REPORT_JSON, RUN_FILES, RUN_SUBDIR, SEARCH_JSON, SEARCH_TENSORS  # noqa: F401  (public here)
 
 if TYPE_CHECKING:  # the annotation only
@@ -148,7 +149,7 @@ def load_scales(path: str | os.PathLike) -> tuple[dict[tuple[int, str], torch.Te
 
     Refused, naming the key or the group: a ``scales.*`` key that is not
     ``scales.<layer>.<group>``, a tensor that is not 1-D, entries that are NaN,
-    inf, zero or negative (see :func:`check_scale`).
+    inf, zero or negative (see :func:`qig.quant.fold.check_scale`).
 
     >>> scales, config = load_scales("out/qig-w3/search.safetensors")  # doctest: +SKIP
     >>> scales[(0, "attn_in")].shape  # doctest: +SKIP
@@ -188,33 +189,6 @@ def load_scales(path: str | os.PathLike) -> tuple[dict[tuple[int, str], torch.Te
     if sidecar.is_file():
         config = _search_config(sidecar)
     return scales, config
-
-
-def check_scale(s: torch.Tensor, layer: int, group: str, where: str = "") -> None:
-    """Refuse a saved channel scale that is not a 1-D float tensor or has entries that are NaN, inf, zero or negative.
-
-    ``where`` prefixes the message (the file the scale came from). A fold divides
-    the previous op by ``s`` and multiplies the linears by it, so every entry must
-    be finite and positive.
-
-    >>> check_scale(torch.ones(8), 0, "attn_in")
-    >>> check_scale(torch.zeros(8), 3, "mlp_in")  # doctest: +ELLIPSIS
-    Traceback (most recent call last):
-    ...
-    qig.errors.QigError: layer 3 mlp_in: 8 of its 8 scales are zero or negative; ...
-    """
-    fix = "a scale must be a finite positive number; re-run the search, or pass the search.safetensors of a good run"
-    if not isinstance(s, torch.Tensor) or s.dim() != 1 or s.numel() == 0:
-        shape = list(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
-        raise QigError(f"{where}scales.{layer}.{group} must be a 1-D tensor, one scale per channel; got shape {shape}")
-    if not s.is_floating_point():
-        raise QigError(f"{where}scales.{layer}.{group} must hold floating-point scales, got {s.dtype}; {fix}")
-    bad = int((~torch.isfinite(s)).sum())
-    if bad:
-        raise QigError(f"{where}layer {layer} {group}: {bad} of its {s.numel()} scales are NaN or inf; {fix}")
-    bad = int((s <= 0).sum())
-    if bad:
-        raise QigError(f"{where}layer {layer} {group}: {bad} of its {s.numel()} scales are zero or negative; {fix}")
 
 
 def config_from_dict(fields: dict) -> QuantConfig:

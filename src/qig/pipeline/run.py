@@ -33,7 +33,7 @@ from qig.pipeline.plan import memory_plan, offloads_streams
 from qig.pipeline.result import InspectedGroup, QuantizationResult
 from qig.pipeline.timing import Timer
 from qig.quant.activation import activation_quantization
-from qig.runs import check_scale
+from qig.quant.fold import check_scale
 
 log = logging.getLogger(__name__)
 

@@ -22,6 +22,33 @@ from qig.errors import QigError
 from qig.quant.spec import QuantSpec, compute_dtype, fake_quantize
 
 
+def check_scale(s: torch.Tensor, layer: int, group: str, where: str = "") -> None:
+    """Refuse a saved channel scale that is not a 1-D float tensor or has entries that are NaN, inf, zero or negative.
+
+    ``where`` prefixes the message (the file the scale came from). A fold divides
+    the previous op by ``s`` and multiplies the linears by it, so every entry must
+    be finite and positive.
+
+    >>> check_scale(torch.ones(8), 0, "attn_in")
+    >>> check_scale(torch.zeros(8), 3, "mlp_in")  # doctest: +ELLIPSIS
+    Traceback (most recent call last):
+    ...
+    qig.errors.QigError: layer 3 mlp_in: 8 of its 8 scales are zero or negative; ...
+    """
+    fix = "a scale must be a finite positive number; re-run the search, or pass the search.safetensors of a good run"
+    if not isinstance(s, torch.Tensor) or s.dim() != 1 or s.numel() == 0:
+        shape = list(s.shape) if isinstance(s, torch.Tensor) else type(s).__name__
+        raise QigError(f"{where}scales.{layer}.{group} must be a 1-D tensor, one scale per channel; got shape {shape}")
+    if not s.is_floating_point():
+        raise QigError(f"{where}scales.{layer}.{group} must hold floating-point scales, got {s.dtype}; {fix}")
+    bad = int((~torch.isfinite(s)).sum())
+    if bad:
+        raise QigError(f"{where}layer {layer} {group}: {bad} of its {s.numel()} scales are NaN or inf; {fix}")
+    bad = int((s <= 0).sum())
+    if bad:
+        raise QigError(f"{where}layer {layer} {group}: {bad} of its {s.numel()} scales are zero or negative; {fix}")
+
+
 @torch.no_grad()
 def fold_scales_(
     prev: torch.nn.Module, linears: Sequence[torch.nn.Linear], scales: torch.Tensor, offset: float = 0.0
