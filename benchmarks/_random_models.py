@@ -24,6 +24,16 @@ Without torchvision, transformers cannot load any LLaVA-OneVision processor
 in the current process (``benchmarks/_child.py`` calls it). The saved folder
 itself names the real ``LlavaOnevisionVideoProcessor``, so it loads as a real
 checkpoint does wherever torchvision is installed.
+
+:func:`build_llava` builds the same decoder in the embedded model's layout
+instead (``LlavaForConditionalGeneration``, ``LlavaProcessor``, no video half,
+no torchvision needed): the model ``benchmarks/vs_llmcompressor.py`` gives both
+tools, since llm-compressor loads it as its docs load a VLM
+(``AutoModelForImageTextToText``). Its SigLIP tower at the real width sees
+336 px images in 14 px patches: 24 x 24 = 576 image tokens per sample, LLaVA-1.5's
+count, plus the caption.
+
+    python benchmarks/_random_models.py /tmp/llava-4 --layers 4 --layout llava
 """
 
 from __future__ import annotations
@@ -55,6 +65,8 @@ TILE = 384
 PATCHES = (TILE // VISION["patch_size"]) ** 2  # 729 tokens per 384 view
 # anyres grids: one pinpoint each, so every (square) image gets that many tiles.
 GRIDS = {"1x1": [[384, 384]], "2x2": [[768, 768]], "3x3": [[1152, 1152]]}
+LLAVA_IMAGE = 336  # build_llava's image side: 24 x 24 patches of 14 px = 576 image tokens, as LLaVA-1.5
+LLAVA_MAX_LENGTH = 4096  # build_llava's max_position_embeddings and tokenizer cap: far above a sample's length
 BUILD_FILE = "qig_random_build.json"  # what a cached folder was built with
 BUILD_VERSION = 2  # raised whenever what is built changes, so older cached folders are rebuilt
 
@@ -228,24 +240,129 @@ def build_onevision(
         dtype=dtype,
         max_shard_size=max_shard_size,
     )
-    marker = folder / BUILD_FILE
-    if marker.is_file() and json.loads(marker.read_text()) == spec:
+    if _built(folder, spec):
         return folder
     torch.manual_seed(seed)
     config = onevision_config(layers, decoder, grid, vision_layers)
     model = LlavaOnevisionForConditionalGeneration(config).to(getattr(torch, dtype)).eval()
-    proc = processor(grid)
+    _save(folder, model, processor(grid), spec)
+    _name_real_video_processor(folder)
+    _built(folder, spec, mark=True)
+    return folder
+
+
+def _built(folder: Path, spec: dict, mark: bool = False) -> bool:
+    """Whether ``folder`` holds a model built with ``spec``; ``mark``: record that it now does."""
+    marker = folder / BUILD_FILE
+    if mark:
+        marker.write_text(json.dumps(spec, indent=1))
+    return marker.is_file() and json.loads(marker.read_text()) == spec
+
+
+def _save(folder: Path, model, proc, spec: dict) -> None:
+    """Save model (sharded at ``spec``'s size) and processor into ``folder``, replacing any older build."""
     model.generation_config.pad_token_id = proc.tokenizer.pad_token_id
     model.generation_config.eos_token_id = proc.tokenizer.eos_token_id
     model.generation_config.bos_token_id = None
     folder.mkdir(parents=True, exist_ok=True)
-    marker.unlink(missing_ok=True)
+    (folder / BUILD_FILE).unlink(missing_ok=True)
     for old in folder.glob("*.safetensors*"):
         old.unlink()
-    model.save_pretrained(folder, max_shard_size=max_shard_size)
+    model.save_pretrained(folder, max_shard_size=spec["max_shard_size"])
     proc.save_pretrained(folder)
-    _name_real_video_processor(folder)
-    marker.write_text(json.dumps(spec, indent=1))
+
+
+def llava_processor():
+    """``LlavaProcessor`` as the embedded model's (tokenizer, ChatML, SigLIP image processor) at ``LLAVA_IMAGE`` px."""
+    from transformers import LlavaProcessor
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    from qig.embedded.model import CHAT_TEMPLATE, IMAGE_TOKEN, build_tokenizer
+
+    tok = build_tokenizer()
+    tok.model_max_length = LLAVA_MAX_LENGTH
+    side = {"height": LLAVA_IMAGE, "width": LLAVA_IMAGE}
+    image_processor = SiglipImageProcessorPil(size=side, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    return LlavaProcessor(
+        image_processor=image_processor,
+        tokenizer=tok,
+        patch_size=VISION["patch_size"],
+        vision_feature_select_strategy="full",  # SigLIP has no CLS token to drop
+        chat_template=CHAT_TEMPLATE,
+        image_token=IMAGE_TOKEN,
+        num_additional_image_tokens=0,
+    )
+
+
+def llava_config(layers: int, decoder: str = "qwen2-0.5b", vision_layers: int = 2):
+    """``LlavaConfig`` as the embedded model's, ``decoder``'s dimensions at depth ``layers``, a real-width tower."""
+    from transformers import LlavaConfig, Qwen2Config, SiglipVisionConfig
+
+    from qig.embedded.model import IMAGE_TOKEN, build_tokenizer
+
+    tok = build_tokenizer()
+    text = Qwen2Config(
+        vocab_size=len(tok),
+        num_hidden_layers=layers,
+        max_position_embeddings=LLAVA_MAX_LENGTH,
+        rope_theta=1000000.0,
+        rms_norm_eps=1e-6,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=False,
+        **DECODERS[decoder],
+    )
+    return LlavaConfig(
+        vision_config=SiglipVisionConfig(num_hidden_layers=vision_layers, **{**VISION, "image_size": LLAVA_IMAGE}),
+        text_config=text,
+        image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
+        projector_hidden_act="gelu",
+        vision_feature_select_strategy="full",
+        vision_feature_layer=-1,
+        image_seq_length=(LLAVA_IMAGE // VISION["patch_size"]) ** 2,
+        pad_token_id=tok.pad_token_id,
+        eos_token_id=tok.eos_token_id,
+        tie_word_embeddings=False,
+    )
+
+
+def build_llava(
+    folder: str | Path,
+    layers: int,
+    seed: int = 0,
+    decoder: str = "qwen2-0.5b",
+    vision_layers: int = 2,
+    dtype: str = "bfloat16",
+    max_shard_size: str = "200MB",
+) -> Path:
+    """Save a random-weight LLaVA in the embedded model's layout (model + processor) to ``folder``; reuse it if built
+    alike before.
+
+    >>> build_llava("/tmp/llava-4", layers=4)  # doctest: +SKIP
+    PosixPath('/tmp/llava-4')
+    """
+    import torch
+    from transformers import LlavaForConditionalGeneration
+
+    folder = Path(folder)
+    spec = dict(
+        version=BUILD_VERSION,
+        layout="llava",
+        layers=layers,
+        seed=seed,
+        decoder=decoder,
+        vision_layers=vision_layers,
+        image=LLAVA_IMAGE,
+        dtype=dtype,
+        max_shard_size=max_shard_size,
+    )
+    if _built(folder, spec):
+        return folder
+    torch.manual_seed(seed)
+    model = LlavaForConditionalGeneration(llava_config(layers, decoder, vision_layers))
+    _save(folder, model.to(getattr(torch, dtype)).eval(), llava_processor(), spec)
+    _built(folder, spec, mark=True)
     return folder
 
 
@@ -280,8 +397,14 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", choices=["bfloat16", "float16", "float32"], default="bfloat16")
     p.add_argument("--max-shard-size", default="200MB")
+    p.add_argument("--layout", choices=["onevision", "llava"], default="onevision", help="llava: --grid is not used")
     a = p.parse_args(argv)
-    folder = build_onevision(a.folder, a.layers, a.seed, a.decoder, a.grid, a.vision_layers, a.dtype, a.max_shard_size)
+    if a.layout == "llava":
+        folder = build_llava(a.folder, a.layers, a.seed, a.decoder, a.vision_layers, a.dtype, a.max_shard_size)
+    else:
+        folder = build_onevision(
+            a.folder, a.layers, a.seed, a.decoder, a.grid, a.vision_layers, a.dtype, a.max_shard_size
+        )
     print(folder)
     return 0
 

@@ -1,12 +1,18 @@
 """qig against llm-compressor, side by side: time, CPU time, peak memory and accuracy on the same inputs (a benchmark).
 
     bash scripts/peer_env.sh                              # once: llm-compressor in .venv-peer
-    python benchmarks/vs_llmcompressor.py                 # every setting, 128 samples, 2 repeats, 4 eval seeds
-    python benchmarks/vs_llmcompressor.py --quick         # 8 samples, 1 repeat, 1 seed of 50 questions: it works
+    python benchmarks/vs_llmcompressor.py                 # every setting, 128 samples (real widths: 8), 2 repeats
+    python benchmarks/vs_llmcompressor.py --quick         # 8 samples (real widths: 2), 1 repeat, 1 seed: it works
+    python benchmarks/vs_llmcompressor.py --settings awq-w4-real gptq-w4-real --cache /tmp/qig-peer-models
     python benchmarks/vs_llmcompressor.py --settings awq-w4 gptq-w4 --phases --threads 2
 
 Settings (``SETTINGS``): AWQ W4 g128, GPTQ W4 g128 and AWQ W3 g128 on the embedded model, AWQ W2 per-channel on
-the sinks model (``qig.embedded.sinks_model_dir()``); against each llm-compressor AWQ run, qig's AWQ, QIG and MBQ.
+the sinks model (``qig.embedded.sinks_model_dir()``), and AWQ W4 g128 and GPTQ W4 g128 at real widths; against each
+llm-compressor AWQ run, qig's AWQ, QIG and MBQ. The real-width model, where compute rather than start-up dominates, is
+a random-weight LLaVA in the embedded model's layout with Qwen2-0.5B's decoder widths (hidden 896, intermediate 4864,
+14 / 2 heads), ``REAL_LAYERS`` decoder layers and a 2-layer SigLIP tower at its real width on 336 px images (576 image
+tokens + the caption per sample), built once into ``--cache`` (``benchmarks/_random_models.py``'s ``build_llava``)
+and calibrated on ``--real-samples``; llm-compressor loads it as it loads the embedded model.
 Each run is a fresh subprocess with the same thread count (``OMP_NUM_THREADS``), one tool after the other and
 interleaved (the order flips every repeat), wall time including start-up; CPU time and peak RSS come from
 ``os.wait4``. Ratios are qig / llm-compressor, medians over ``--repeats``.
@@ -17,8 +23,10 @@ Both tools calibrate on the same records: the embedded world's calibration split
 pixel values and answer-only loss masks against qig's rendering sample by sample, stopping the benchmark if any
 differs. llm-compressor runs with ``use_loss_mask=True`` (AWQ's loss over answer tokens) and batch 16, qig with
 batch 16; both write compressed-tensors, and each output is scored by ``qig eval`` (which reads either:
-``qig.compressed``) on ``--seeds``. The run writes ``--json`` and a Markdown table (``--markdown``) with the date,
-machine and versions; ``--phases`` adds where each run spent its time (qig: report.json's timings;
+``qig.compressed``) on ``--seeds``; the real-width outputs, whose accuracy means nothing on random weights, by their
+fidelity to the FP model instead (``benchmarks/_fidelity.py``: next-token KL and top-1 agreement on ``--fidelity-n``
+held-out samples). The run writes ``--json`` and a Markdown table (``--markdown``) with the date, machine and
+versions; ``--phases`` adds where each run spent its time (qig: report.json's timings;
 llm-compressor: import, load, render, oneshot, save).
 """
 
@@ -41,6 +49,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
+if str(HERE) not in sys.path:
+    sys.path.insert(0, str(HERE))
 PEER_MARK, QIG_MARK = "LLMC ", "QIG_PEAK "
 
 
@@ -50,7 +60,7 @@ class Setting:
 
     key: str  # --settings name
     label: str
-    model: str  # "default" or "sinks"
+    model: str  # "default", "sinks" or "real"
     wbits: int
     group_size: int | None  # None: per output channel
     peer: str  # llm-compressor's modifier: "awq" or "gptq"
@@ -62,38 +72,66 @@ SETTINGS = (
     Setting("gptq-w4", "W4 g128", "default", 4, 128, "gptq", ("gptq",)),
     Setting("awq-w3", "W3 g128", "default", 3, 128, "awq", ("awq", "qig", "mbq")),
     Setting("awq-w2-sinks", "W2 per-channel, sinks model", "sinks", 2, None, "awq", ("awq", "qig", "mbq")),
+    Setting("awq-w4-real", "W4 g128, real widths", "real", 4, 128, "awq", ("awq", "qig", "mbq")),
+    Setting("gptq-w4-real", "W4 g128, real widths", "real", 4, 128, "gptq", ("gptq",)),
 )
+REAL_DECODER, REAL_LAYERS = "qwen2-0.5b", 4  # the real-width model: Qwen2-0.5B's decoder widths, 4 layers
+# Calibration samples on it: one qig AWQ W4 run with 16 took 502 s wall, 591 s CPU (449 s of it the search) on 2
+# threads of a 2-core machine shared with another job, one with 2 samples 180 s (search 147 s): about 100 s fixed and
+# 20 s per sample there; 8 aim at 2-3 minutes on a quiet machine.
+REAL_SAMPLES = 8
 
 
-def model_dir(name: str) -> Path:
+def model_dir(name: str, cache: Path) -> Path:
+    """The model folder of ``Setting.model``; the real-width one is built into ``cache`` on first use."""
+    from _random_models import build_llava
+
     from qig.embedded import default_model_dir, sinks_model_dir
 
+    if name == "real":
+        folder = cache / f"llava-{REAL_DECODER}-L{REAL_LAYERS}"
+        return build_llava(folder, REAL_LAYERS, decoder=REAL_DECODER, dtype="float32")  # both tools compute in it
     return sinks_model_dir() if name == "sinks" else default_model_dir()
 
 
-def prepare(work: Path, n_samples: int, models: set[str]) -> dict[str, Path]:
-    """Write the calibration records, and for each model qig's rendering of them (the peer's check)."""
+def n_samples(name: str, args) -> int:
+    """Calibration samples on model ``name``: ``--real-samples`` at real widths, else ``--n-samples``."""
+    return args.real_samples if name == "real" else args.n_samples
+
+
+def prepare(work: Path, models: set[str], args) -> dict[str, Path]:
+    """For each model: its folder, the calibration records, and qig's rendering of them (the peer's check)."""
+    from qig.embedded import world
+
+    files = {}
+    for name in sorted(models):
+        n = n_samples(name, args)
+        calib = work / f"calib-{n}" / "data.json"
+        if not calib.is_file():
+            world.write_split("calib", calib.parent, n, world.DEFAULT_CALIB_SEED)
+        files[f"{name}.model"], files[f"{name}.calib"] = model_dir(name, Path(args.cache)), calib
+        files[f"{name}.rendered"], files[f"{name}.order"] = render(files[f"{name}.model"], calib, n, work / name)
+    return files
+
+
+def render(folder: Path, calib: Path, n: int, stem: Path) -> tuple[Path, Path]:
+    """qig's rendering of the records (``stem``-rendered.safetensors) and their order (``stem``-order.json)."""
     from safetensors.torch import save_file
 
     from qig.calib import ANSWER, calibration_for
-    from qig.embedded import world
     from qig.loading import load_model_and_processor
 
-    calib = world.write_split("calib", work / "calib", n_samples, world.DEFAULT_CALIB_SEED)
-    files = {"calib": calib}
-    for name in sorted(models):
-        model, processor = load_model_and_processor(model_dir(name))
-        samples = calibration_for(model, processor, calib, n_samples=n_samples).samples  # qig quantize's order
-        tensors = {}
-        for i, s in enumerate(samples):
-            tensors[f"{i}.input_ids"] = s.inputs["input_ids"][0].contiguous()
-            tensors[f"{i}.pixel_values"] = s.inputs["pixel_values"][0].contiguous()
-            tensors[f"{i}.loss_mask"] = (s.roles == ANSWER).long()
-        files[f"{name}.rendered"] = work / f"{name}-rendered.safetensors"
-        save_file(tensors, files[f"{name}.rendered"])
-        files[f"{name}.order"] = work / f"{name}-order.json"
-        files[f"{name}.order"].write_text(json.dumps([s.id for s in samples]))
-    return files
+    model, processor = load_model_and_processor(folder)
+    samples = calibration_for(model, processor, calib, n_samples=n).samples  # qig quantize's order
+    tensors = {}
+    for i, s in enumerate(samples):
+        tensors[f"{i}.input_ids"] = s.inputs["input_ids"][0].contiguous()
+        tensors[f"{i}.pixel_values"] = s.inputs["pixel_values"][0].contiguous()
+        tensors[f"{i}.loss_mask"] = (s.roles == ANSWER).long()
+    rendered, order = stem.with_name(f"{stem.name}-rendered.safetensors"), stem.with_name(f"{stem.name}-order.json")
+    save_file(tensors, rendered)
+    order.write_text(json.dumps([s.id for s in samples]))
+    return rendered, order
 
 
 def _measured(cmd: list[str], env: dict, log: Path) -> dict:
@@ -121,9 +159,9 @@ def _env(threads: int) -> dict:
 def run_qig(s: Setting, method: str, files: dict, out: Path, args) -> dict:
     """``qig quantize`` of one method (via benchmarks/_child.py), writing compressed-tensors."""
     group = ["--group-size", str(s.group_size) if s.group_size else "channel"]
-    cmd = [sys.executable, str(HERE / "_child.py"), "quantize", "--model", str(model_dir(s.model))]
-    cmd += ["--method", method, "--wbits", str(s.wbits), *group, "--calib", str(files["calib"])]
-    cmd += ["--n-samples", str(args.n_samples), "--batch-size", str(args.batch_size)]
+    cmd = [sys.executable, str(HERE / "_child.py"), "quantize", "--model", str(files[f"{s.model}.model"])]
+    cmd += ["--method", method, "--wbits", str(s.wbits), *group, "--calib", str(files[f"{s.model}.calib"])]
+    cmd += ["--n-samples", str(n_samples(s.model, args)), "--batch-size", str(args.batch_size)]
     cmd += ["--format", "compressed-tensors", "--output", str(out), "--overwrite", "--no-progress"]
     run = _measured(cmd, _env(args.threads), out.with_suffix(".log"))
     if run["rc"] != 0:
@@ -136,8 +174,8 @@ def run_qig(s: Setting, method: str, files: dict, out: Path, args) -> dict:
 
 def run_peer(s: Setting, files: dict, out: Path, args) -> dict:
     """llm-compressor's oneshot (benchmarks/_llmc_child.py) in the peer venv."""
-    cmd = [args.peer_python, str(HERE / "_llmc_child.py"), "--model", str(model_dir(s.model))]
-    cmd += ["--calib", str(files["calib"]), "--order", str(files[f"{s.model}.order"])]
+    cmd = [args.peer_python, str(HERE / "_llmc_child.py"), "--model", str(files[f"{s.model}.model"])]
+    cmd += ["--calib", str(files[f"{s.model}.calib"]), "--order", str(files[f"{s.model}.order"])]
     cmd += ["--rendered", str(files[f"{s.model}.rendered"]), "--output", str(out), "--modifier", s.peer]
     cmd += ["--wbits", str(s.wbits), "--batch-size", str(args.batch_size)]
     cmd += ["--group-size", str(s.group_size)] if s.group_size else []
@@ -165,10 +203,28 @@ def accuracy(folder: Path, args) -> list[float]:
     return scores
 
 
+def score(runs: dict[str, list[dict]], settings: list[Setting], files: dict, args) -> None:
+    """Score each run's first output: ``qig eval`` accuracy, or at real widths the fidelity to the FP model."""
+    import _fidelity
+
+    model_of = {s.key: s.model for s in settings}
+    references = {}
+    for key, rs in runs.items():
+        name = model_of[key.split("/")[0]]
+        if name != "real":
+            rs[0]["accuracy"] = accuracy(Path(rs[0]["folder"]), args)
+            print(f"{key}: accuracy {statistics.mean(rs[0]['accuracy']):.2f}", file=sys.stderr)
+            continue
+        if name not in references:
+            references[name] = _fidelity.reference(files[f"{name}.model"], args.fidelity_n)
+        rs[0]["fidelity"] = _fidelity.score(references[name], Path(rs[0]["folder"]))
+        print(f"{key}: fidelity {rs[0]['fidelity']}", file=sys.stderr)
+
+
 def measure(args, work: Path) -> dict:
-    """Every setting's runs, interleaved over the repeats; accuracy of the first repeat's outputs."""
+    """Every setting's runs, interleaved over the repeats; accuracy (or fidelity) of the first repeat's outputs."""
     settings = [s for s in SETTINGS if s.key in args.settings]
-    files = prepare(work, args.n_samples, {s.model for s in settings})
+    files = prepare(work, {s.model for s in settings}, args)
     runs: dict[str, list[dict]] = {}
     for r in range(args.repeats):
         for s in settings:
@@ -181,9 +237,7 @@ def measure(args, work: Path) -> dict:
                 run["folder"] = str(out)
                 runs.setdefault(key, []).append(run)
                 print(f"repeat {r} {key}: {run['wall_s']:.1f}s wall, {run['cpu_s']:.1f}s CPU", file=sys.stderr)
-    for key, rs in runs.items():
-        rs[0]["accuracy"] = accuracy(Path(rs[0]["folder"]), args)
-        print(f"{key}: accuracy {statistics.mean(rs[0]['accuracy']):.2f}", file=sys.stderr)
+    score(runs, settings, files, args)
     return {"settings": [asdict(s) for s in settings], "runs": runs}
 
 
@@ -230,8 +284,10 @@ def table(result: dict, args) -> str:
         + ", ".join(f"{k} {v}" for k, v in env["qig"].items())
         + "; llm-compressor side: "
         + ", ".join(f"{k} {v}" for k, v in env["llm-compressor"].items()),
-        f"{args.n_samples} samples, batch {args.batch_size}, median of {args.repeats} interleaved repeats; accuracy: "
-        f"mean over seeds {', '.join(map(str, args.seeds))} of {args.eval_n} questions (qig eval)",
+        f"{args.n_samples} samples on the embedded models, batch {args.batch_size}, median of {args.repeats} "
+        f"interleaved repeats; accuracy: mean over seeds {', '.join(map(str, args.seeds))} of {args.eval_n} "
+        "questions (qig eval)",
+        *_real_note(result, args),
         "",
         "| setting | qig | llm-compressor | time ratio | CPU ratio | peak RSS MiB qig / llmc | accuracy qig / llmc |",
         "|---|---|---|---|---|---|---|",
@@ -249,9 +305,28 @@ def table(result: dict, args) -> str:
                 f"| {_median(ours, 'wall_s') / _median(peer, 'wall_s'):.2f} "
                 f"| {_median(ours, 'cpu_s') / _median(peer, 'cpu_s'):.2f} "
                 f"| {_median(ours, 'peak_rss_mib'):.0f} / {_median(peer, 'peak_rss_mib'):.0f} "
-                f"| {statistics.mean(ours[0]['accuracy']):.2f} / {statistics.mean(peer[0]['accuracy']):.2f} |"
+                f"| {_quality(ours[0], peer[0])} |"
             )
     return "\n".join(head + rows)
+
+
+def _real_note(result: dict, args) -> list[str]:
+    """The table's line on the real-width rows, if any: their model, samples and fidelity score."""
+    if not any(s["model"] == "real" for s in result["settings"]):
+        return []
+    return [
+        f"real widths: random weights, {REAL_DECODER}'s decoder widths, {REAL_LAYERS} layers, {args.real_samples} "
+        f"samples of 576 image tokens + caption; instead of accuracy, fidelity to the FP model on {args.fidelity_n} "
+        "held-out samples: mean next-token KL(FP || quantized) in nats and top-1 agreement over all positions"
+    ]
+
+
+def _quality(ours: dict, peer: dict) -> str:
+    """The accuracy cell: mean accuracies, or at real widths KL and top-1 agreement, qig / llm-compressor."""
+    if "fidelity" in ours:
+        a, b = ours["fidelity"], peer["fidelity"]
+        return f"KL {a['kl']:.4f} / {b['kl']:.4f}, top-1 {a['top1']:.1f} / {b['top1']:.1f} %"
+    return f"{statistics.mean(ours['accuracy']):.2f} / {statistics.mean(peer['accuracy']):.2f}"
 
 
 def phase_table(result: dict) -> str:
@@ -270,12 +345,19 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--settings", nargs="+", default=keys, choices=keys)
     p.add_argument("--peer-python", default=str(ROOT / ".venv-peer" / "bin" / "python"), help="scripts/peer_env.sh's")
     p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--real-samples", type=int, default=REAL_SAMPLES, help="calibration samples at real widths")
+    p.add_argument("--fidelity-n", type=int, default=8, help="held-out samples scoring the real-width outputs")
+    p.add_argument(
+        "--cache",
+        default=str(Path(tempfile.gettempdir()) / "qig-peer-models"),
+        help="the real-width model is built and kept here",
+    )
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS of every run")
     p.add_argument("--repeats", type=int, default=2, help="interleaved repeats; medians are reported")
     p.add_argument("--seeds", type=int, nargs="+", default=None, help="eval seeds (default: qig eval's and the 3 next)")
     p.add_argument("--eval-n", type=int, default=1000, help="questions per eval seed")
-    p.add_argument("--quick", action="store_true", help="8 samples, 1 repeat, one seed of 50 questions")
+    p.add_argument("--quick", action="store_true", help="8 (real widths: 2) samples, 1 repeat, small scoring sets")
     p.add_argument("--phases", action="store_true", help="also print where each run spent its time")
     p.add_argument("--workdir", default=None, help="keep the calibration files and outputs here (default: a temp)")
     p.add_argument("--json", default=None, help="default: benchmarks/results/vs_llmcompressor[-quick].json")
@@ -286,6 +368,7 @@ def parse(argv=None) -> argparse.Namespace:
     args.seeds = args.seeds or [world.DEFAULT_EVAL_SEED + i for i in range(4)]
     if args.quick:
         args.n_samples, args.repeats, args.seeds, args.eval_n = 8, 1, args.seeds[:1], 50
+        args.real_samples, args.fidelity_n = 2, 2
     name = "vs_llmcompressor-quick" if args.quick else "vs_llmcompressor"
     args.json = args.json or str(HERE / "results" / f"{name}.json")
     args.markdown = args.markdown or str(Path(args.json).with_suffix(".md"))
