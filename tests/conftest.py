@@ -18,3 +18,14 @@ def model_dir(tmp_path_factory):
     tiny_llava(outliers=True).save_pretrained(path)
     processor().save_pretrained(path)
     return path
+
+
+@pytest.fixture(scope="module")
+def other_model_dir(tmp_path_factory):
+    """Another tiny LLaVA folder (no outlier channels): a second model whose results differ from model_dir's."""
+    from _tiny import processor, tiny_llava
+
+    path = tmp_path_factory.mktemp("tiny-other") / "model"
+    tiny_llava(outliers=False).save_pretrained(path)
+    processor().save_pretrained(path)
+    return path

@@ -1,11 +1,11 @@
 """Reading compressed-tensors checkpoints (qig.compressed): llm-compressor's presets, written by the library alone.
 
 Each checkpoint is what llm-compressor writes for a scheme (its presets W4A16_ASYM, AWQ's default, W4A16 and W8A8;
-int8 per output channel, a custom scheme), made here with ``compressed-tensors`` only: its scheme attached to the embedded model's decoder linears,
-min-max scales from the library's ``calculate_qparams``, compressed by ``ModelCompressor`` and saved as
-llm-compressor saves (``save_pretrained`` then ``update_config``). qig must load each as the fake-quant model of the
-same codes: the library's ``fake_quantize`` of the source weights, and for W8A8 qig's own per-token activation
-quantizers, as on a qig W-A folder.
+int8 per output channel, a custom scheme), made here with ``compressed-tensors`` only: its scheme attached to the
+embedded model's decoder linears, min-max scales from the library's ``calculate_qparams``, compressed by
+``ModelCompressor`` and saved as llm-compressor saves (``save_pretrained`` then ``update_config``). qig must load
+each as the fake-quant model of the same codes: the library's ``fake_quantize`` of the source weights, and for W8A8
+qig's own per-token activation quantizers, as on a qig W-A folder.
 """
 
 import json

@@ -22,7 +22,6 @@ from pathlib import Path
 import pytest
 import torch
 from _cli import run_cli
-from _tiny import processor, tiny_llava
 from safetensors.torch import load_file
 from test_quantize_options import NEEDS, VALUES
 
@@ -41,11 +40,8 @@ TIME = re.compile(r"second|time|elapsed|date")
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, model_dir) -> dict:
+def inputs(tmp_path_factory, model_dir, other_model_dir) -> dict:
     root = tmp_path_factory.mktemp("inputs")
-    other_model = root / "other-model"
-    tiny_llava(outliers=False).save_pretrained(other_model)
-    processor().save_pretrained(other_model)
     runs = {}
     for name, flags in {"run4": ["--wbits", "4", "--group-size", "64"], "run8": ["--wbits", "8"]}.items():
         argv = ["--model", model_dir, "--method", "rtn", *flags, "--no-progress", "--output", root / name]
@@ -53,7 +49,7 @@ def inputs(tmp_path_factory, model_dir) -> dict:
         runs[name] = root / name
     return {
         "model_dir": model_dir,
-        "other_model": other_model,
+        "other_model": other_model_dir,
         "split": world.write_split("calib", root / "split", n=4, seed=0),
         "other_images": world.write_split("calib", root / "other", n=4, seed=1).parent,
         "eval_split": world.write_split("eval", root / "eval-a", n=6, seed=3),

@@ -23,7 +23,6 @@ from pathlib import Path
 import pytest
 import torch
 from _cli import run_cli
-from _tiny import processor, tiny_llava
 from safetensors.torch import load_file
 from test_hub import OTHER, _parquet_rows, _rows, cached
 
@@ -82,17 +81,14 @@ def _digest(out: Path) -> str:
 
 
 @pytest.fixture(scope="module")
-def inputs(tmp_path_factory, model_dir) -> dict:
+def inputs(tmp_path_factory, model_dir, other_model_dir) -> dict:
     root = tmp_path_factory.mktemp("inputs")
-    other_model = root / "other-model"
-    tiny_llava(outliers=False).save_pretrained(other_model)
-    processor().save_pretrained(other_model)
     split = world.write_split("calib", root / "split", n=6, seed=0)
     other = world.write_split("calib", root / "other", n=6, seed=1)  # the same file names, other images
     return {
         "model_dir": model_dir,
         "split": split,
-        "other_model": other_model,
+        "other_model": other_model_dir,
         "other_split": other,
         "other_images": other.parent,
     }
