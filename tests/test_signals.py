@@ -16,6 +16,7 @@ import pytest
 pytestmark = pytest.mark.skipif(os.name != "posix", reason="POSIX signals")
 
 WORLD = ("world", "eval", "--n", "3000")
+QUANTIZE = ("quantize", "--method", "rtn", "--wbits", "4", "--no-progress")  # its command imports torch: > 1 s
 
 
 def _start(*argv) -> subprocess.Popen:
@@ -48,7 +49,9 @@ def _until(proc: subprocess.Popen, ready, what: str, timeout: float = 120.0) -> 
 def _importing(proc: subprocess.Popen):
     """True about 0.2 s after the start, once ``main`` catches SIGTERM (Linux: /proc's SigCgt mask).
 
-    ``main`` installs its handlers just before it imports the commands (over a second of torch and friends).
+    ``main`` installs its handlers just before it imports the command asked for (qig quantize's: over a second of
+    torch and friends; a library whose import is interrupted may turn the stop into its own error, which ``main``
+    reports as the stop).
     """
     status = Path(f"/proc/{proc.pid}/status")
     start = time.monotonic()
@@ -81,7 +84,7 @@ def _finish(proc: subprocess.Popen) -> tuple[int, list[str]]:
 )
 def test_signal_during_the_imports(tmp_path, sig, code, word):
     out = tmp_path / "w"
-    proc = _start(*WORLD, "--output", out)
+    proc = _start(*QUANTIZE, "--output", out)
     _until(proc, _importing(proc), "its signal handlers were installed")
     proc.send_signal(sig)
     rc, err = _finish(proc)
@@ -115,3 +118,23 @@ def test_sigkill_while_writing_leaves_a_temporary_the_rerun_removes(tmp_path):
     assert rc == 0, err
     assert any(str(stale) in line and "no longer running" in line for line in err)
     assert (out / "data.json").is_file() and _temps(out) == []
+
+
+def test_an_error_a_stop_turned_into_is_reported_as_the_stop(monkeypatch, capsys):
+    """numpy interrupted in its import raises ImportError, not KeyboardInterrupt: still 'interrupted', 130."""
+    import qig.commands.models as models
+    from qig.cli import main
+
+    def run(args):
+        try:
+            os.kill(os.getpid(), signal.SIGINT)  # main's handler raises KeyboardInterrupt here
+            time.sleep(5)
+        except KeyboardInterrupt:
+            raise ImportError("cannot load module more than once per process") from None
+
+    monkeypatch.setattr(models, "run", run)
+    assert main(["models"]) == 130
+    assert capsys.readouterr().err.strip() == "interrupted"
+    monkeypatch.setattr(models, "run", lambda args: (_ for _ in ()).throw(ImportError("broken")))
+    with pytest.raises(ImportError):  # without a stop, an error is an error
+        main(["models"])

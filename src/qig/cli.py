@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     debug = "--debug" in argv
     fileio.clear_unfinished()
-    state = {"reporting": False}
+    state = {"reporting": False, "stop": None}
     previous = _catch_signals(state)
     try:
         level = logging.DEBUG if debug else logging.INFO
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         args = build_parser(argv).parse_args(argv)
         return int(args.func(args) or 0)
     except QigError as exc:
+        if state["stop"] is not None:  # the stop turned into an error on its way out (e.g. a broken import)
+            return _stopped(state, debug)
         if debug:
             raise
         print(f"error: {exc}", file=sys.stderr)
@@ -82,19 +84,29 @@ def main(argv: list[str] | None = None) -> int:
             print(note, file=sys.stderr)
         return 2
     except (KeyboardInterrupt, Terminated) as exc:
-        state["reporting"] = True  # a further signal now is ignored: we are on the way out
-        if debug:
-            traceback.print_exc()
-        word, code = STOPS[type(exc)]
-        unwritten = fileio.unfinished_outputs()
-        if unwritten:
-            word += f"; nothing was written to {', '.join(map(str, unwritten))}"
-        print(word, file=sys.stderr)
-        for note in fileio.resumable_notes():
-            print(note, file=sys.stderr)
-        return code
+        state["stop"] = type(exc)
+        return _stopped(state, debug)
+    except Exception:
+        if state["stop"] is None:
+            raise
+        return _stopped(state, debug)  # a library turned the stop into its own error (numpy's interrupted import)
     finally:
         _restore_signals(previous)
+
+
+def _stopped(state: dict, debug: bool) -> int:
+    """The stop's one line (and what was not written), its exit code."""
+    state["reporting"] = True  # a further signal now is ignored: we are on the way out
+    if debug:
+        traceback.print_exc()
+    word, code = STOPS[state["stop"]]
+    unwritten = fileio.unfinished_outputs()
+    if unwritten:
+        word += f"; nothing was written to {', '.join(map(str, unwritten))}"
+    print(word, file=sys.stderr)
+    for note in fileio.resumable_notes():
+        print(note, file=sys.stderr)
+    return code
 
 
 def _catch_signals(state: dict) -> dict:
@@ -111,7 +123,8 @@ def _catch_signals(state: dict) -> dict:
     def handler(signum, frame):
         if state["reporting"]:
             return
-        raise KeyboardInterrupt if signum == signal.SIGINT else Terminated
+        state["stop"] = KeyboardInterrupt if signum == signal.SIGINT else Terminated
+        raise state["stop"]
 
     previous = {}
     for sig in (signal.SIGINT, signal.SIGTERM):
