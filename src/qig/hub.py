@@ -24,6 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from qig.errors import QigError
+from qig.options import option
 
 # What a model folder needs (config, weights as safetensors, tokenizer and processor files, chat templates).
 MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja", "*.tiktoken", "*.py"]
@@ -157,3 +158,22 @@ def _cache_dir() -> str:
     from huggingface_hub import constants
 
     return os.environ.get("HF_HUB_CACHE") or str(constants.HF_HUB_CACHE)
+
+
+# The flags that name a model or a calibration source, declared once for every command that takes them.
+def model_option():
+    return option(
+        None, "model folder or hub id such as Qwen/Qwen2-VL-2B-Instruct (default: the embedded model)", path=True
+    )
+
+
+def revision_option():
+    return option(None, "branch, tag or commit of a hub id in --model (default: main)")
+
+
+def calib_split_option():
+    return option(None, "split of a hub dataset id in --calib (default: its only split)")
+
+
+def calib_images_option():
+    return option(None, "images of --calib (default: the file's folder)", path=True)

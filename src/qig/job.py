@@ -26,6 +26,7 @@ from typing import Any, Literal
 
 from qig.calib import DEFAULT_MAX_LENGTH, DEFAULT_N_SAMPLES, check_calibration_file, check_calibration_source
 from qig.errors import QigError
+from qig.hub import calib_images_option, calib_split_option, model_option, revision_option
 from qig.methods import needs_calibration
 from qig.methods.config import CONFIGS
 from qig.options import check_fields, flat_options, option
@@ -47,10 +48,8 @@ CALIBRATION_KEYS = ("calib", "calib_split", "image_folder", "n_samples", "calib_
 class RunOptions:
     """What a ``qig quantize`` run reads and writes, beside the method's config; each field is a flag."""
 
-    model: str | None = option(
-        None, "model folder or hub id such as Qwen/Qwen2-VL-2B-Instruct (default: the embedded model)", path=True
-    )
-    revision: str | None = option(None, "branch, tag or commit of a hub id in --model (default: main)")
+    model: str | None = model_option()
+    revision: str | None = revision_option()
     trust_remote_code: bool = option(
         False, "allow a model folder's own Python code to run (e.g. InternVL2); read it first"
     )
@@ -61,8 +60,8 @@ class RunOptions:
         "'embedded' (the toy world's split; the default for the embedded models only)",
         path=True,
     )
-    calib_split: str | None = option(None, "split of a hub dataset id in --calib (default: its only split)")
-    image_folder: str | None = option(None, "images of --calib (default: the file's folder)", path=True)
+    calib_split: str | None = calib_split_option()
+    image_folder: str | None = calib_images_option()
     n_samples: int = option(DEFAULT_N_SAMPLES, "calibration samples", min=1)
     calib_seed: int | None = option(
         None, "seed that shuffles --calib (default 0) or draws the embedded split (default: the world's)", min=0

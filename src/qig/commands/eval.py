@@ -12,6 +12,7 @@ from qig.commands.flags import add_flags, from_args
 from qig.embedded import world
 from qig.errors import QigError
 from qig.fileio import atomic_write_text
+from qig.hub import model_option, revision_option
 from qig.options import check_fields, option
 
 
@@ -19,10 +20,8 @@ from qig.options import check_fields, option
 class EvalOptions:
     """``qig eval``'s options; each field is a flag."""
 
-    model: str | None = option(
-        None, "model folder or hub id such as Qwen/Qwen2-VL-2B-Instruct (default: the embedded model)", path=True
-    )
-    revision: str | None = option(None, "branch, tag or commit of a hub id in --model (default: main)")
+    model: str | None = model_option()
+    revision: str | None = revision_option()
     seed: int = option(world.DEFAULT_EVAL_SEED, "eval split seed (other seeds: new sets)", min=0)
     n: int = option(1000, "questions generated for the eval split", min=1)
     limit: int | None = option(None, "evaluate only the first N questions", min=1)

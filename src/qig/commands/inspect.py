@@ -20,6 +20,7 @@ from typing import Literal
 from qig.commands.flags import add_flags, from_args
 from qig.commands.quantize import group_size_flag
 from qig.errors import QigError
+from qig.hub import calib_images_option, calib_split_option, model_option, revision_option
 from qig.options import check_fields, option
 
 log = logging.getLogger(__name__)
@@ -29,18 +30,16 @@ log = logging.getLogger(__name__)
 class InspectOptions:
     """``qig inspect``'s options; each field is a flag."""
 
-    model: str | None = option(
-        None, "model folder or hub id such as Qwen/Qwen2-VL-2B-Instruct (default: the embedded model)", path=True
-    )
-    revision: str | None = option(None, "branch, tag or commit of a hub id in --model (default: main)")
+    model: str | None = model_option()
+    revision: str | None = revision_option()
     calib: str | None = option(
         None,
         "calibration records as qig quantize --calib takes them, or 'embedded' (the default for the embedded "
         "models only)",
         path=True,
     )
-    calib_split: str | None = option(None, "split of a hub dataset id in --calib (default: its only split)")
-    image_folder: str | None = option(None, "images of --calib (default: the file's folder)", path=True)
+    calib_split: str | None = calib_split_option()
+    image_folder: str | None = calib_images_option()
     embedded: Literal["qa", "captions"] = option(
         "qa", "without --calib: embedded questions about the scene, or calibration captions"
     )

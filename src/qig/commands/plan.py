@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from qig.commands.flags import add_flag, add_flags, from_args, given
 from qig.commands.quantize import RUN_OPTIONS, _add_method_flag
 from qig.errors import QigError
+from qig.hub import revision_option
 from qig.methods.config import CONFIGS, all_options, config_from_options, methods_with, preset_names
 from qig.options import check_fields, option
 from qig.preflight import DEFAULT_DEVICE_MEMORY, DEFAULT_IMAGE_SIZE, DEFAULT_TEXT_TOKENS
@@ -41,7 +42,7 @@ class PlanOptions:
         required=True,
         path=True,
     )
-    revision: str | None = option(None, "branch, tag or commit of a hub id in --model (default: main)")
+    revision: str | None = revision_option()
     image_size: str | None = option(
         None, f"one calibration image, WIDTHxHEIGHT (default {IMAGE_SIZE}); its vision tokens come from its processor"
     )
