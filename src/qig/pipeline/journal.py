@@ -284,6 +284,8 @@ def remove_partial(work: Path) -> None:
 
     from qig import fileio
 
-    if work.is_dir():
+    try:
         shutil.rmtree(work)
+    except FileNotFoundError:  # not made, or removed by another rank of the same run
+        pass
     fileio.forget_resumable(work)
