@@ -1,4 +1,16 @@
-"""Giving freed host memory back to the operating system while layers stream through.
+"""Host memory while layers stream through: tensors kept on the host between uses, and freed memory given back.
+
+:func:`to_host` and :class:`HostChunks` keep tensors on the host (pinned memory
+when they come from a GPU) and copy them to the compute device on every read:
+the calibration streams between layers (``qig.pipeline.capture.Chunk``) and a
+scale group's inputs and reference outputs between the search's candidates
+(``qig.methods.GroupContext``). The copies are exact, so a computation on them
+gives the resident tensors' bits.
+
+    >>> import torch
+    >>> kept = HostChunks([torch.ones(2, 3)])
+    >>> kept[0].sum().item(), len(kept)
+    (6.0, 1)
 
 glibc's allocator keeps freed blocks of the sizes it saw freed last on its heap
 instead of unmapping them; with one decoder layer after another allocated and
@@ -15,6 +27,54 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from collections.abc import Iterable, Iterator, Sequence
+
+import torch
+
+
+def to_host(t: torch.Tensor) -> torch.Tensor:
+    """A host copy of ``t``: pinned memory for a CUDA tensor (so copies back can overlap), a plain copy otherwise."""
+    if t.device.type == "cuda":
+        return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
+    return t.to("cpu", copy=True)
+
+
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A copy of the host tensor ``t`` on ``device`` (a copy on a CPU device too: the offload path, tested there)."""
+    return t.to(device, copy=True, non_blocking=True)
+
+
+class HostChunks(Sequence[torch.Tensor]):
+    """Per-chunk tensors kept on the host; indexing or iterating gives a fresh copy on the device they came from.
+
+    ``append`` (or the constructor) copies each tensor to the host as it comes, so
+    the device holds one chunk at a time while the caller builds the list.
+    """
+
+    def __init__(self, tensors: Iterable[torch.Tensor] = ()) -> None:
+        self._host: list[torch.Tensor] = []
+        self.device: torch.device | None = None
+        for t in tensors:
+            self.append(t)
+
+    def append(self, t: torch.Tensor) -> None:
+        self.device = t.device if self.device is None else self.device
+        self._host.append(to_host(t))
+
+    def __len__(self) -> int:
+        return len(self._host)
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [to_device(t, self.device) for t in self._host[i]]
+        return to_device(self._host[i], self.device)
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        return (to_device(t, self.device) for t in self._host)
+
+    def nbytes(self) -> int:
+        """Bytes held on the host."""
+        return sum(t.numel() * t.element_size() for t in self._host)
 
 
 @functools.cache

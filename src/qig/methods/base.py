@@ -11,7 +11,7 @@ does the rest. A method that does not search (RTN) says so.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -19,6 +19,7 @@ import torch
 
 from qig.calib import ANSWER, PAD, VISION
 from qig.errors import QigError
+from qig.hostmem import HostChunks
 from qig.methods.config import CONFIGS, QuantConfig
 from qig.models import ScaleGroup
 from qig.quant.activation import quantized_activations
@@ -39,22 +40,30 @@ class GroupContext:
     spec / act_spec: the weight quantizer, and the activation quantizer of W-A
     modes (None in weight-only modes). block_linears: every linear of the
     inspected block, by key inside it (None: the group's linears only).
+    offloaded: x, xq and what :meth:`keep` keeps wait on the host and come to the
+    device one chunk at a time, on every read (``qig.hostmem.HostChunks``; the
+    memory plan decides, ``qig.pipeline.plan``).
     """
 
     layer_index: int
     group: ScaleGroup
     search_index: int
-    x: list[torch.Tensor]
-    xq: list[torch.Tensor] | None
+    x: Sequence[torch.Tensor]
+    xq: Sequence[torch.Tensor] | None
     roles: list[torch.Tensor]
     linears: dict[str, torch.nn.Linear]
     run_block: BlockFn
     spec: QuantSpec
     act_spec: QuantSpec | None = None
     block_linears: dict[str, torch.nn.Linear] | None = None
+    offloaded: bool = False
+
+    def keep(self, per_chunk: Iterable[torch.Tensor]) -> Sequence[torch.Tensor]:
+        """Per-chunk tensors (e.g. reference outputs) kept where the group's inputs are: a list, or on the host."""
+        return HostChunks(per_chunk) if self.offloaded else list(per_chunk)
 
     @property
-    def search_inputs(self) -> list[torch.Tensor]:
+    def search_inputs(self) -> Sequence[torch.Tensor]:
         """The inputs candidates run on: x in weight-only modes, x^q in W-A modes (METHOD.md section 6)."""
         if self.act_spec is None:
             return self.x

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -82,10 +82,10 @@ def token_errors(y_ref: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tenso
     return d.abs().mean(-1) if loss == "mae" else d.square().mean(-1)
 
 
-def reference_outputs(ctx: GroupContext, reference: str = "fp") -> list[torch.Tensor]:
+def reference_outputs(ctx: GroupContext, reference: str = "fp") -> Sequence[torch.Tensor]:
     """What candidates are scored against: the FP block on x ("fp"), or on the search inputs ("quantized")."""
     inputs = ctx.x if reference == "fp" else ctx.search_inputs
-    return [ctx.run_block(x, i, None) for i, x in enumerate(inputs)]  # per chunk [b, T, H]
+    return ctx.keep(ctx.run_block(x, i, None) for i, x in enumerate(inputs))  # per chunk [b, T, H]
 
 
 @torch.no_grad()

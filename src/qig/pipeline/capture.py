@@ -22,6 +22,7 @@ from torch.func import functional_call
 from qig.calib import CalibrationSet
 from qig.dist import current
 from qig.errors import QigError
+from qig.hostmem import to_device, to_host
 from qig.models import ModelFamily
 from qig.pipeline.finite import check_hidden
 
@@ -71,16 +72,10 @@ class Chunk:
         self._xq = self._x if xq is x else self._put(xq)
 
     def _put(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None or not self.offloaded:
-            return t
-        if t.device.type == "cuda":
-            return torch.empty(t.shape, dtype=t.dtype, pin_memory=True).copy_(t)
-        return t.to("cpu", copy=True)
+        return t if t is None or not self.offloaded else to_host(t)
 
     def _get(self, t: torch.Tensor | None) -> torch.Tensor | None:
-        if t is None or not self.offloaded:
-            return t
-        return t.to(self.device, copy=True, non_blocking=True)
+        return t if t is None or not self.offloaded else to_device(t, self.device)
 
     @property
     def x(self) -> torch.Tensor | None:
