@@ -46,16 +46,64 @@ def test_a_streamed_model_needs_a_work_folder():
         qig.quantize(model, make_config("rtn", wbits=4), None, progress=False)
 
 
-def test_offloaded_streams_give_the_same_bits(tmp_path):
+OFFLOADED = {
+    "awq": dict(wbits=3, n_grid=4),
+    "qig": dict(wbits=3, n_grid=4),
+    "qig-w4a8": dict(method="qig", wbits=4, abits=8, group_size=None, n_grid=4, reference_output="quantized"),
+    "smoothquant-w8a8": dict(method="smoothquant", wbits=8, abits=8, group_size=None),
+    "gptq-qig-weighted": dict(method="gptq", wbits=3, token_weights="qig"),
+}
+
+
+@pytest.mark.parametrize("name", list(OFFLOADED))
+def test_offloaded_streams_and_group_inputs_give_the_same_bits(name, monkeypatch):
+    from _tiny import calibration, tiny_llava
+
+    from qig.hostmem import HostChunks
+
+    options = dict(OFFLOADED[name])
+    method = options.pop("method", name)
+    held = []  # what the offloaded runs kept on the host, per chunk
+    append = HostChunks.append
+    monkeypatch.setattr(HostChunks, "append", lambda self, t: (held.append(t.shape), append(self, t))[1])
     results = {}
     for offload in ("none", "cpu"):
-        model, proc = load_model_and_processor()
-        calib = qig.calib.calibration_for(model, proc, None, n_samples=6)
-        config = make_config("qig", wbits=3, n_grid=4, batch_size=2)
-        result = qig.quantize(model, config, calib, progress=False, offload_streams=offload)
+        held.clear()
+        model = tiny_llava(kv_heads=4, outliers=True)  # MHA: the v -> o group too
+        config = make_config(method, batch_size=2, **options)
+        result = qig.quantize(model, config, calibration(6), progress=False, offload_streams=offload)
         results[offload] = (result.tensors(), model.state_dict())
+        on_device = [k for k in result.memory_plan if k.endswith("one chunk on the device")]
+        assert len(on_device) == (2 if offload == "cpu" else 0) and bool(held) == (offload == "cpu")
     assert same(results["none"][0], results["cpu"][0])
     assert same(results["none"][1], results["cpu"][1])
+
+
+def test_the_plan_offloads_the_streams_first_then_the_group_inputs():
+    from _tiny import tiny_llava
+
+    from qig.methods import method_for
+    from qig.models import family_for
+    from qig.pipeline.plan import GROUP_INPUTS, STREAMS, shape_plan
+
+    model = tiny_llava()
+    config = make_config("qig", wbits=3, batch_size=2)
+
+    def plan(free: int):
+        return shape_plan(model, family_for(model), 16, 64, config, method_for(config), free)
+
+    roomy = plan(2**30)
+    assert not roomy.on_host(STREAMS) and not roomy.on_host(GROUP_INPUTS)
+    needed = roomy.on("device")
+    streams = roomy.items[roomy.key(STREAMS)]
+    just_streams = plan(int((needed - streams + streams // 8) / 0.8) + 8)  # room once the streams go (a chunk stays)
+    assert just_streams.on_host(STREAMS) and not just_streams.on_host(GROUP_INPUTS)
+    both = plan(int(needed / 8))
+    assert both.on_host(STREAMS) and both.on_host(GROUP_INPUTS)
+    group = both.items[both.key(GROUP_INPUTS)]
+    assert both.items[f"{GROUP_INPUTS}: one chunk on the device"] == group * 2 // 16  # 2 of 16 samples a chunk
+    assert both.on("device") < just_streams.on("device") < needed
+    assert "come to the device one chunk at a time" in both.describe()
 
 
 def test_offloaded_chunks_copy_on_every_read():

@@ -84,9 +84,15 @@ def _stage_hessians(
     sources: set[str | None],
     weights: dict[str, list[torch.Tensor]],
 ) -> dict[str | None, Hessian]:
-    """One Hessian per weight source (None = plain) from the input of ``first``, the layer stopped right there."""
+    """One Hessian per weight source (None = plain) from the input of ``first``, the layer stopped right there.
+
+    One process adds each chunk's part as it comes (one [C, C] part alive at a time); several
+    keep their parts until every rank's are exchanged in chunk order. The same parts are added
+    in the same order either way.
+    """
     hessians = {s: Hessian(first.in_features, chunks[0].device) for s in sources}
     parts: dict[str | None, list[HessianPart]] = {s: [] for s in sources}
+    alone = current().size == 1
     for i, c in enumerate(chunks):
         real = c.roles != PAD  # [b, T]
         x = input_of(layer, first, c.xq, c.layer_kwargs[layer_index])  # [b, T, C]
@@ -94,7 +100,14 @@ def _stage_hessians(
             raise QigError(f"layer {layer_index}: a linear GPTQ quantizes was not called by the layer")
         for source, h in hessians.items():
             w = real.float() if source is None else weights[source][i]
-            parts[source].append(h.part(x, w, real=real))
+            part = h.part(x, w, real=real)
+            if alone:
+                h.accumulate(part)
+            else:
+                parts[source].append(part)
+        del x
+    if alone:
+        return hessians
     for source, h in hessians.items():
         for part in _in_chunk_order(parts.pop(source), first.in_features, chunks[0].device):
             h.accumulate(part)
@@ -109,9 +122,6 @@ def _in_chunk_order(parts: list[HessianPart], n: int, device: torch.device) -> I
     [C, C] products of its own chunks (the costly part) before any is sent.
     """
     ranks = current()
-    if ranks.size == 1:
-        yield from parts
-        return
     meta = ordered([(p.m, p.tokens, p.live.cpu()) for p in parts])
     mine = iter(parts)
     for k, (m, tokens, live) in enumerate(meta):

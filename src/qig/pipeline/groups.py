@@ -12,13 +12,14 @@ inspected block as a function of its input with optional weight overrides.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 import torch
 from torch.func import functional_call
 
 from qig.calib import ROLE_NAMES
 from qig.errors import QigError
+from qig.hostmem import HostChunks
 from qig.methods import GroupContext
 from qig.models import ScaleGroup, get_module, linears
 from qig.pipeline.capture import Chunk, input_of
@@ -78,13 +79,15 @@ def group_inputs(
     chunks: list[Chunk],
     layer_index: int,
     overrides: dict[str, torch.Tensor],
-) -> list[torch.Tensor]:
+    offload: bool = False,
+) -> Sequence[torch.Tensor]:
     """The input of the group's first linear for each chunk's layer input ``hidden``, the layer stopped there.
 
     hidden may be lazy (a generator): offloaded streams come to the device one chunk at a time.
+    offload: each input goes to the host as it is caught (a :class:`~qig.hostmem.HostChunks`).
     """
     first = get_module(layer, group.linears[0])
-    caught: list[torch.Tensor] = []
+    caught: list[torch.Tensor] | HostChunks = HostChunks() if offload else []
     for h, c in zip(hidden, chunks, strict=True):
         x = input_of(layer, first, h, c.layer_kwargs[layer_index], overrides)
         if x is not None:
@@ -104,19 +107,22 @@ def group_context(
     done: dict[str, torch.Tensor],
     with_quantized_stream: bool,
     act_spec: QuantSpec | None = None,
+    offload: bool = False,
 ) -> GroupContext:
     """Everything a method needs to weight one group's tokens: its inputs on both streams, roles, block.
 
     done: quantized weights of the layer's finished groups ("path.weight"); on x^q
     they run quantized, with their inputs quantized too in W-A modes (``act_spec``).
+    offload: the inputs (and the reference outputs the search keeps) wait on the host
+    and come to the device one chunk at a time (``GroupContext.offloaded``).
     """
     with torch.no_grad():
-        x_in = group_inputs(layer, group, (c.x for c in chunks), chunks, layer_index, {})
+        x_in = group_inputs(layer, group, (c.x for c in chunks), chunks, layer_index, {}, offload)
         xq_in = None
         if with_quantized_stream:
             finished = [get_module(layer, key.removesuffix(".weight")) for key in done]
             with quantized_activations(finished, act_spec):
-                xq_in = group_inputs(layer, group, (c.xq for c in chunks), chunks, layer_index, done)
+                xq_in = group_inputs(layer, group, (c.xq for c in chunks), chunks, layer_index, done, offload)
     block = get_module(layer, group.block)
     return GroupContext(
         layer_index=layer_index,
@@ -130,6 +136,7 @@ def group_context(
         spec=spec,
         act_spec=act_spec,
         block_linears=linears(block),
+        offloaded=offload,
     )
 
 

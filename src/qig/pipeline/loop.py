@@ -53,6 +53,9 @@ class Mode:
     weights. quantized_inputs: group inputs on x^q too.
     looked_at: layers whose groups are looked at (None: all); depth: layers
     visited (None: all). phase: the timing the whole loop counts as, if any.
+    offload_inputs: the group inputs and reference outputs wait on the host and
+    come to the device one chunk at a time (the memory plan's choice,
+    ``qig.pipeline.plan``).
     """
 
     label: str
@@ -67,6 +70,7 @@ class Mode:
     looked_at: frozenset[int] | None = None
     depth: int | None = None
     phase: str | None = None
+    offload_inputs: bool = False
 
     def __post_init__(self) -> None:
         if self.finish is None:
@@ -308,6 +312,7 @@ def _visit_group(
                 layer.done,
                 mode.quantized_inputs,
                 mode.act_spec,
+                mode.offload_inputs,
             )
         with timer("token_weights"):
             weights = {m.config.name: m.token_weights(ctx) for m in mode.methods}

@@ -3,11 +3,20 @@
 Bytes are counted from shapes (samples x padded tokens x width x dtype), not
 measured: the two calibration streams, one decoder layer, the largest group's
 inputs (x and x^q of the group, and the reference outputs the search scores
-against), QIG's path batch (K path points of one chunk through the block, with
-their gradients), GPTQ's Hessians of one layer, MBQ's stored layer inputs
-(its layer-wise gradient pass), the parts of the model outside the decoder.
-``--offload-streams auto`` keeps the streams on the host when the device would
-not hold them next to everything else (:func:`offloads_streams`).
+against), one chunk's activations through a layer, QIG's path batch (K path
+points of one chunk through the block, with their gradients), GPTQ's Hessians
+of one layer, MBQ's stored layer inputs (its layer-wise gradient pass), the
+parts of the model outside the decoder.
+
+What can wait on the host, and comes to the device one calibration chunk at a
+time, is placed by ``--offload-streams`` (:func:`_place`): "auto" keeps the
+streams on the host when the device would not hold the plan (past
+``DEVICE_SHARE`` of its free memory), then the group inputs and reference
+outputs too if it still would not; "cpu" keeps both on the host, "none"
+neither. An offloaded item leaves one chunk's share of it on the device.
+Offloading changes no bit of the result (the copies are exact); it costs a
+host-to-device copy of every chunk on each use: the streams once per layer and
+stream, the group inputs and reference outputs once per candidate scale.
 
     >>> plan = memory_plan(model, family, layers, calib, config, method, torch.device("cuda"))  # doctest: +SKIP
     >>> print(plan.describe())  # doctest: +SKIP
@@ -16,6 +25,7 @@ not hold them next to everything else (:func:`offloads_streams`).
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -28,7 +38,10 @@ from qig.pipeline.loop import search_mode
 log = logging.getLogger(__name__)
 
 OFFLOAD_CHOICES = ("auto", "cpu", "none")
-DEVICE_SHARE = 0.8  # auto offload: the streams stay on the device if the plan fits in this share of its free memory
+DEVICE_SHARE = 0.8  # auto offload: an item stays on the device if the plan fits in this share of its free memory
+STREAMS = "calibration streams"
+GROUP_INPUTS = "largest group's inputs and reference outputs"
+OFFLOADABLE = (STREAMS, GROUP_INPUTS)  # in the order "auto" moves them to the host
 
 
 def gib(n: float) -> str:
@@ -44,12 +57,22 @@ class MemoryPlan:
     notes: list[str] = field(default_factory=list)
     device: str = "cpu"
     device_free: int | None = None
+    chunk_share: float = 1.0  # one calibration chunk's share of the samples (what an offloaded item leaves)
 
     def add(self, name: str, n: int, where: str) -> None:
         self.items[name], self.where[name] = int(n), where
 
     def on(self, where: str) -> int:
         return sum(n for k, n in self.items.items() if self.where[k] == where)
+
+    def key(self, prefix: str) -> str | None:
+        """The item named ``prefix ...``, if the plan has one."""
+        return next((k for k in self.items if k.startswith(prefix)), None)
+
+    def on_host(self, prefix: str) -> bool:
+        """Whether the item named ``prefix ...`` (``STREAMS``, ``GROUP_INPUTS``) waits on the host."""
+        key = self.key(prefix)
+        return key is not None and self.where[key] == "host"
 
     def describe(self) -> str:
         width = max(len(k) for k in self.items)
@@ -83,7 +106,7 @@ def memory_plan(
     )
     free = _device_free(device)
     plan.device_free = free
-    _place_streams(plan, offload, device)
+    _place(plan, offload, device)
     return plan
 
 
@@ -117,11 +140,11 @@ def shape_plan(
     outside = _outside_bytes(model, family, count_meta=True)
     _add_items(plan, model, family, InMemoryLayers(model, family), n_samples, seq_len, config, method, streams, outside)
     if not any(streams):  # RTN: no calibration data, no streams
-        key = next(k for k in plan.items if k.startswith("calibration streams"))
+        key = plan.key(STREAMS)
         del plan.items[key], plan.where[key]
         plan.notes.append(f"{config.name} needs no calibration data")
         return plan
-    _place_streams(plan, offload, device)
+    _place(plan, offload, device)
     return plan
 
 
@@ -146,16 +169,22 @@ def _add_items(plan: MemoryPlan, model, family, layers, n: int, t: int, config, 
     else:
         plan.add(f"decoder layers ({len(layers)})", layers.layer_bytes(0) * len(layers), "host")
     carried = sum(streams)
-    plan.add(f"calibration streams ({carried} x {n} samples x {t} tokens x {width})", carried * stream, "device")
-    widest = max((get_module(first, g.linears[0]).in_features for g in family.active_groups(first)), default=0)
+    plan.add(f"{STREAMS} ({carried} x {n} samples x {t} tokens x {width})", carried * stream, "device")
+    widest = max((m.in_features for m in linears(first).values()), default=0)
+    b = min(config.samples_per_batch(t), n)  # samples per calibration chunk
+    plan.chunk_share = b / n
+    chunk = b * t * widest * dtype_bytes  # one chunk at the widest width (the MLP's intermediate)
+    plan.add(f"one chunk's activations ({b} samples, ~3 x width {widest})", 3 * chunk, "device")
+    grouped = max((get_module(first, g.linears[0]).in_features for g in family.active_groups(first)), default=0)
     if method.finds_scales or method.weights_tokens:
-        group = n * t * widest * dtype_bytes
-        plan.add(f"largest group's inputs and reference outputs (width {widest})", group * (1 + carried), "device")
+        # the group's input on each carried stream; the block's output (the reference) at the stream's width
+        group = n * t * (carried * grouped + width) * dtype_bytes
+        plan.add(f"{GROUP_INPUTS} (width {grouped}, outputs {width})", group, "device")
     points = method.path_points()  # QIG's path, its own or GPTQ's borrowed weighting's
     if points:
-        chunk = min(config.batch_size, n) * t * widest * dtype_bytes
-        k = points_per_pass(min(config.batch_size, n) * t, points)
-        plan.add(f"QIG path batch ({k} points x one chunk, with gradients)", 3 * k * chunk, "device")
+        k = points_per_pass(b * t, points)
+        # f and f_q each keep about three tensors of the widest width per path point for the backward
+        plan.add(f"QIG path batch ({k} points x one chunk, with gradients)", 6 * k * chunk, "device")
     if config.gptq_settings is not None:
         ins = {m.in_features for m in linears(first).values()}
         plan.add("GPTQ Hessians of one layer (float32)", sum(i * i * 4 for i in ins) * 2, "device")
@@ -165,16 +194,22 @@ def _add_items(plan: MemoryPlan, model, family, layers, n: int, t: int, config, 
         )
 
 
-def _place_streams(plan: MemoryPlan, offload: str, device: torch.device) -> None:
-    """Move the streams to the host in ``plan`` when :func:`offloads_streams` says so."""
-    if offloads_streams(plan, offload, device):
-        key = next(k for k in plan.items if k.startswith("calibration streams"))
+def _place(plan: MemoryPlan, offload: str, device: torch.device) -> None:
+    """Move the streams, then the group inputs, to the host in ``plan``, each when :func:`offloads` says so.
+
+    An item moved leaves one chunk's share of it on the device (it comes over one chunk at a time).
+    """
+    for prefix in OFFLOADABLE:
+        key = plan.key(prefix)
+        if key is None or not offloads(plan, offload, device):
+            continue
         plan.where[key] = "host"
-        plan.notes.append("the streams are kept on the host and come to the device one chunk at a time")
+        plan.add(f"{prefix}: one chunk on the device", math.ceil(plan.items[key] * plan.chunk_share), "device")
+        plan.notes.append(f"the {prefix} are kept on the host and come to the device one chunk at a time")
 
 
-def offloads_streams(plan: MemoryPlan, offload: str, device: torch.device) -> bool:
-    """Whether the streams are kept on the host: "cpu" always, "none" never, "auto" when the device is short.
+def offloads(plan: MemoryPlan, offload: str, device: torch.device) -> bool:
+    """Whether what can wait on the host does: "cpu" always, "none" never, "auto" when the device is short.
 
     On a CPU device "auto" never offloads (the host is the device); "cpu" still does, which copies
     every chunk on each use: the offload path, exercised without a GPU.

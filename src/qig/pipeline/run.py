@@ -29,7 +29,7 @@ from qig.pipeline.gradients import prepare_methods
 from qig.pipeline.journal import Journal, JournalIndex
 from qig.pipeline.layers import layers_for
 from qig.pipeline.loop import LoopObserver, Mode, frozen, layer_loop, search_mode
-from qig.pipeline.plan import memory_plan, offloads_streams
+from qig.pipeline.plan import GROUP_INPUTS, STREAMS, memory_plan
 from qig.pipeline.result import InspectedGroup, QuantizationResult
 from qig.pipeline.timing import Timer
 from qig.quant.activation import activation_quantization
@@ -54,7 +54,8 @@ def run_layerwise(
     journal: every finished layer is written to it, and the layers it holds are
     replayed, not recomputed (resume). A model streamed from disk (``decoder="disk"``)
     needs one: its finished layers live there, and the model reads them from it
-    afterwards. offload_streams: "auto", "cpu" or "none" (:mod:`qig.pipeline.plan`).
+    afterwards. offload_streams: "auto", "cpu" or "none": whether the calibration streams and the search's
+    group inputs wait on the host (:mod:`qig.pipeline.plan`).
     observers: see every computed layer and group (:class:`~qig.pipeline.loop.LoopObserver`).
 
     With ``scales`` (``{(layer, group): s}``) the search is skipped: those scales
@@ -86,7 +87,8 @@ def run_layerwise(
     mode = search_mode(config, method)
     plan = memory_plan(model, family, layers, calib, config, method, device, mode.carried, offload_streams)
     log.info("%s", plan.describe())
-    offload = offloads_streams(plan, offload_streams, device)
+    offload = plan.on_host(STREAMS)
+    mode = dataclasses.replace(mode, offload_inputs=plan.on_host(GROUP_INPUTS))
     with frozen(model):
         with timer("prepare"):
             prepare_methods(model, family, [method], calib, layers, device, progress)
