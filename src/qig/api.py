@@ -69,6 +69,7 @@ def quantize(
     *,
     device: str | torch.device = "cpu",
     scales: dict[tuple[int, str], torch.Tensor] | None = None,
+    clips: dict[tuple[int, str], torch.Tensor] | None = None,
     progress: bool = True,
     work_dir: str | os.PathLike | None = None,
     resume: bool = False,
@@ -79,7 +80,8 @@ def quantize(
 
     calib: the calibration set (``qig.calib``); RTN and ``scales=`` need none.
     device: where each decoder layer is computed ("cpu", "cuda", "cuda:1").
-    scales: apply saved scales (``load_scales``) instead of searching.
+    scales: apply saved scales (``load_scales``) instead of searching; clips: with them, the
+    saved clip ratios (``qig.runs.load_clips``, ``{(layer, linear path): [out, n_groups]}``).
     work_dir: a folder where every finished layer is kept as the run goes
     (``qig.pipeline.journal``); required for a model loaded with ``decoder="disk"``.
     resume: continue the run whose finished layers are in ``work_dir`` (refused if
@@ -97,7 +99,7 @@ def quantize(
     with dist.use(dist.from_process_group()) as ranks:
         journal = None
         if work_dir is not None:
-            journal = _journal(model, calib, config, device, scales, work_dir, resume, fingerprint_extra, ranks)
+            journal = _journal(model, calib, config, device, scales, work_dir, resume, fingerprint_extra, ranks, clips)
         elif resume:
             raise QigError("resume=True needs the work_dir of the run to continue")
         result = run_layerwise(
@@ -106,6 +108,7 @@ def quantize(
             calib,
             device=device,
             scales=scales,
+            clips=clips,
             progress=progress and ranks.main,
             journal=journal,
             offload_streams=offload_streams,
@@ -115,13 +118,15 @@ def quantize(
     return result
 
 
-def _journal(model, calib, config, device, scales, work_dir, resume, extra, ranks):
+def _journal(model, calib, config, device, scales, work_dir, resume, extra, ranks, clips=None):
     """The run's journal: rank 0 opens (or resumes) it; the other ranks read the same folder."""
     from qig.pipeline.journal import Journal, fingerprint
 
     stamp = fingerprint(model, calib, config, {"device": torch.device(device).type, **(extra or {})})
     if scales is not None:
         stamp["scales"] = {f"{li}.{g}": float(s.double().sum()) for (li, g), s in sorted(scales.items())}
+    if clips:
+        stamp["clips"] = {f"{li}.{p}": float(r.double().sum()) for (li, p), r in sorted(clips.items())}
     journal = Journal.open(work_dir, stamp, resume=resume) if ranks.main else None
     dist.barrier()  # the folder exists (or rank 0's refusal is raised on every rank)
     return journal if journal is not None else Journal(Path(work_dir), stamp)

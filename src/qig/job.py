@@ -143,10 +143,12 @@ def run_job(
     options: dict[str, Any] | None = None,
     ranks=None,
     device: str | None = None,
+    clips: dict | None = None,
 ):
     """Load, calibrate, quantize and write ``run_opts.output``; returns (the folder, the result, the calibration set).
 
-    scales: saved scales to apply instead of searching (``qig.runs.load_scales``);
+    scales: saved scales to apply instead of searching (``qig.runs.load_scales``), with
+    the saved run's clip ratios ``clips`` (``qig.runs.load_clips``), if it searched any;
     options: what the report records as given beside ``run_opts`` (the method's
     options); ranks/device: a distributed run's (``qig.dist``; default one process
     on ``run_opts.device``). On a rank that does not write, the folder is None.
@@ -168,6 +170,7 @@ def run_job(
             calib,
             device=device or run_opts.device,
             scales=scales,
+            clips=clips,
             progress=not run_opts.no_progress and ranks.main,
             work_dir=work,
             resume=run_opts.resume,

@@ -191,6 +191,37 @@ def load_scales(path: str | os.PathLike) -> tuple[dict[tuple[int, str], torch.Te
     return scales, config
 
 
+CLIP_KEY = re.compile(r"clip\.([0-9]+)\.([A-Za-z_][A-Za-z0-9_.]*)")  # clip.<layer>.<linear path in the layer>
+
+
+def load_clips(path: str | os.PathLike) -> dict[tuple[int, str], torch.Tensor]:
+    """The clip ratios a run with ``weight_clip`` stored, ``{(layer, linear path): [out, n_groups]}``; {} if none.
+
+    Read from the same ``search.safetensors`` (or its folder) as :func:`load_scales`;
+    a ``--scales`` run applies them with the scales.
+
+    >>> load_clips("out/awq-clip-w3")[(0, "self_attn.q_proj")].shape  # doctest: +SKIP
+    torch.Size([256, 2])
+    """
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if path.is_dir():
+        path = run_file(path, SEARCH_TENSORS) or path / SEARCH_TENSORS
+    clips = {}
+    for key, value in load_file(path).items():  # load_scales has read (and checked) the file
+        if not key.startswith("clip."):
+            continue
+        match = CLIP_KEY.fullmatch(key)
+        if match is None or value.dim() != 2 or not bool(((value > 0) & (value <= 1)).all()):
+            raise QigError(
+                f"{path}: {key!r} is not clip.<layer>.<linear> holding ratios in (0, 1] per row and group; "
+                "the file was not written by qig or was edited, pass the search.safetensors of an earlier run"
+            )
+        clips[(int(match[1]), match[2])] = value
+    return clips
+
+
 def config_from_dict(fields: dict) -> QuantConfig:
     """Rebuild a config from ``QuantConfig.to_dict()`` output (as saved in search.json).
 

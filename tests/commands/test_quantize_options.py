@@ -38,6 +38,8 @@ VALUES = {
     "fq_linears": "block",
     "fq_gradient": "none",
     "alpha": 0.7,
+    "weight_clip": True,
+    "duo_scaling": True,
     "compat": True,
 }
 NEEDS = {  # option -> the other options that make its value valid, where the method takes them

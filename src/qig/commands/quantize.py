@@ -166,18 +166,19 @@ def run(args) -> int:
 
 def _run(args, ranks, device: str) -> int:
     from qig.api import summary_table
-    from qig.runs import load_scales
+    from qig.runs import load_clips, load_scales
 
     given = given_options(args)
     run_opts, method_opts = split_options(given)
-    scales = saved = None
+    scales = saved = clips = None
     if run_opts.scales:
         scales, saved = load_scales(run_opts.scales)
+        clips = load_clips(run_opts.scales) or None
     config = build_config(run_opts, method_opts, saved)
     if saved is not None and not method_opts:
         log.info("applying %s with the saved run's quantizer %s", run_opts.scales, config.spec.label())
     check_run(run_opts, config, given)
-    out, result, _ = run_job(run_opts, config, scales, method_opts, ranks, device)
+    out, result, _ = run_job(run_opts, config, scales, method_opts, ranks, device, clips=clips)
     if out is not None:
         print(summary_table(result))
         print(f"wrote {config.name} {config.label()} model to {out}")

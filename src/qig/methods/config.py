@@ -150,6 +150,12 @@ class SearchConfig(QuantConfig):
     pad_tokens: pad positions are no tokens ("skip", METHOD.md), or count as
     tokens in the channel statistic and, where the method weighs them, in the
     loss ("count": the official code, which searches on the padded batch).
+    weight_clip: after each group's scale is folded, the group's linears are
+    clamped per output row and weight group to the ratio of their range that
+    minimises the method's token-weighted output error (``qig.methods.clip``),
+    then quantized as usual; the ratios are stored with the run.
+    duo_scaling: candidates ``s = m^r / w^(1-r)`` with w the group's mean
+    normalised |W| per input channel (``qig.methods.search.candidate_scales``).
     """
 
     n_grid: int = option(20, "scale candidates of the search", min=1)
@@ -162,9 +168,18 @@ class SearchConfig(QuantConfig):
     pad_tokens: Literal["skip", "count"] = option(
         "skip", "pad positions in the channel statistic and the token weights (count: the official code)"
     )
+    weight_clip: bool = option(
+        False, "after each scale, search a clip ratio per output row and weight group (AWQ's auto_clip), token-weighted"
+    )
+    duo_scaling: bool = option(False, "candidate scales m^r / w^(1-r), w: mean normalised |W| (llm-compressor's AWQ)")
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.duo_scaling and self.n_grid < 2:
+            raise QigError(
+                f"duo_scaling changes the candidates r > 0, and n_grid {self.n_grid} has only r = 0 (s = 1); "
+                "pass n_grid 2 or more (CLI: --n-grid 20), or drop duo_scaling"
+            )
         if self.reference_output != "fp" and self.abits == WEIGHT_ONLY_ABITS:
             raise QigError(
                 "reference_output 'quantized' (scoring against f(x^q)) applies to weight-activation modes; "

@@ -66,6 +66,13 @@ class GPTQConfig(QuantConfig):
                 f"token_weights {tw.name} is set for {tw.spec.label()} but GPTQ quantizes {self.spec.label()}; "
                 "give both the same wbits and group_size (or use GPTQConfig.weighted_by)"
             )
+        lent = [k for k in ("weight_clip", "duo_scaling") if getattr(tw, k)]
+        if lent:
+            flags = ", ".join("--" + k.replace("_", "-") for k in lent)
+            raise QigError(
+                f"token_weights {tw.name} only lends its token weights, so {flags} (of its scale search) would do "
+                f"nothing; drop {flags}, or search scales before GPTQ: --method {tw.name} --quantizer gptq {flags}"
+            )
         if tw.quantizer != "rtn":
             raise QigError(
                 f"token_weights {tw.name} only lends its token weights; its quantizer must stay 'rtn', not "

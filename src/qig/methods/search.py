@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -29,7 +29,7 @@ from qig.dist import current, ordered
 from qig.errors import QigError
 from qig.methods.base import GroupContext, counted_tokens
 from qig.quant.fold import scaled_fake_quantize
-from qig.quant.spec import fake_quantize
+from qig.quant.spec import QuantSpec, fake_quantize
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ class SearchResult:
     loss_before: float  # candidate r = 0 (s = 1): plain quantization
     loss_after: float
     losses: list[float] = field(default_factory=list)
+    clips: dict[str, torch.Tensor] = field(default_factory=dict)  # linear key -> clip ratios [out, n_groups]
 
 
 def channel_means(xs: list[torch.Tensor], roles: list[torch.Tensor], pad_tokens: str = "skip") -> torch.Tensor:
@@ -67,13 +68,47 @@ def ordered_on(parts: list, device: torch.device) -> list:
     return [(t.to(device), n) for t, n in ordered([(t.cpu(), n) for t, n in parts])]
 
 
-def candidate_scales(m: torch.Tensor, n_grid: int) -> Iterator[tuple[float, torch.Tensor]]:
-    """(r, s) for r in {0, 1/n, ..., (n-1)/n}: s = max(m^r, 1e-4) / sqrt(max(s) min(s))."""
+def candidate_scales(
+    m: torch.Tensor, n_grid: int, w_mean: torch.Tensor | None = None
+) -> Iterator[tuple[float, torch.Tensor]]:
+    """(r, s) for r in {0, 1/n, ..., (n-1)/n}: s = max(m^r, 1e-4) / sqrt(max(s) min(s)).
+
+    With ``w_mean`` [C] (duo scaling, llm-compressor's AWQ default) ``s = max(m^r / (w^(1-r) + 1e-4), 1e-4)``
+    for r > 0; r = 0 stays s = 1, as llm-compressor keeps the identity in its grid.
+
+    >>> [r for r, _ in candidate_scales(torch.ones(4), 4, w_mean=torch.ones(4))]
+    [0.0, 0.25, 0.5, 0.75]
+    """
     for i in range(n_grid):
         r = i / n_grid
-        s = m.pow(r).clamp(min=1e-4)
+        if w_mean is None or i == 0:
+            s = m.pow(r).clamp(min=1e-4)
+        else:
+            s = (m.pow(r) / (w_mean.pow(1 - r) + 1e-4)).clamp(min=1e-4)
         s = s / (s.max() * s.min()).sqrt()
         yield r, s
+
+
+def weight_means(linears: Iterable[torch.nn.Linear], spec: QuantSpec) -> torch.Tensor:
+    """Duo scaling's w [C]: per input channel, the mean of |W| normalised by its quantization group's max|W|.
+
+    Every row of every linear of the group counts once (llm-compressor's definition: each
+    group of ``group_size`` inputs of a row, or the whole row per channel, divided by its
+    largest magnitude + 1e-6, then averaged over all rows).
+
+    >>> weight_means([torch.nn.Linear(4, 2)], QuantSpec(bits=4, group_size=None)).shape
+    torch.Size([4])
+    """
+    total, rows = None, 0
+    for lin in linears:
+        w = lin.weight.detach().float().abs()  # [out, C]
+        g = spec.group_size or w.shape[1]
+        wg = w.reshape(w.shape[0], -1, g)  # [out, G, g]
+        wg = wg / (wg.amax(-1, keepdim=True) + 1e-6)
+        part = wg.reshape(w.shape).double().sum(0)  # [C]
+        total = part if total is None else total + part
+        rows += w.shape[0]
+    return (total / rows).float()
 
 
 def token_errors(y_ref: torch.Tensor, y: torch.Tensor, loss: str) -> torch.Tensor:
@@ -138,15 +173,18 @@ def search_scales(
     loss: str = "mae",
     reference: str = "fp",
     pad_tokens: str = "skip",
+    duo_scaling: bool = False,
 ) -> SearchResult:
     """Pick the candidate scale minimising sum_t w_t e_t(s) / sum_t w_t over all chunks.
 
     weights: per chunk [b, T] (0 on pad tokens, unless the method counts them). Ties go to the smaller r.
     reference / pad_tokens: see ``SearchConfig.reference_output`` (W-A modes only) and ``pad_tokens``.
+    duo_scaling: candidates ``m^r / w^(1-r)`` (:func:`candidate_scales`, :func:`weight_means`).
     """
     y_ref = reference_outputs(ctx, reference)
     m = channel_means(ctx.search_inputs, ctx.roles, pad_tokens)
-    grid = list(candidate_scales(m, n_grid))
+    w_mean = weight_means(ctx.linears.values(), ctx.spec).to(m.device) if duo_scaling else None
+    grid = list(candidate_scales(m, n_grid, w_mean))
     losses = score_scales(ctx, weights, y_ref, [s for _, s in grid], loss)
     finite = [math.isfinite(v) for v in losses]
     if not all(finite):

@@ -41,6 +41,7 @@ class LayerState:
     module: torch.nn.Module
     done: dict[str, torch.Tensor] = field(default_factory=dict)  # "path.weight": finished groups, quantized
     hessian_weights: dict[str, list[torch.Tensor]] = field(default_factory=dict)  # group -> per chunk [b, T]
+    clips: dict[str, torch.Tensor] = field(default_factory=dict)  # "path": clip ratios [out, n_groups]
 
 
 @dataclass

@@ -123,6 +123,8 @@ class Journal:
                 tensors[f"group.{r.group}.scales"] = r.scales.contiguous()
             if r.token_weights is not None:
                 tensors[f"group.{r.group}.token_weights"] = r.token_weights.contiguous()
+            for path, ratios in r.clips.items():
+                tensors[f"group.{r.group}.clip.{path}"] = ratios.contiguous()
             meta.append(r.to_json())
         atomic_write_bytes(layer_file(self.folder, layer.index, "safetensors"), save(tensors, {"format": FORMAT}))
         info = {"layer": layer.index, "groups": meta, "gptq_seconds": layer.gptq_seconds}
@@ -150,6 +152,11 @@ class Journal:
                 {**g, "layer": index},
                 _cpu(tensors.get(f"group.{g['group']}.scales")),
                 _cpu(tensors.get(f"group.{g['group']}.token_weights")),
+                {
+                    k[len(f"group.{g['group']}.clip.") :]: v.cpu()
+                    for k, v in tensors.items()
+                    if k.startswith(f"group.{g['group']}.clip.")
+                },
             )
             for g in info["groups"]
         ]

@@ -22,6 +22,7 @@ from tqdm.auto import tqdm
 
 from qig.dist import current, merged_notes
 from qig.methods import GPTQConfig, Method, QuantConfig, SearchResult, search_scales
+from qig.methods.clip import search_clip
 from qig.models import ModelFamily, ScaleGroup, get_module, linears
 from qig.pipeline.capture import Chunk
 from qig.pipeline.finish import GPTQ, Finished, Finisher, LayerState, RoundToNearest
@@ -31,6 +32,7 @@ from qig.pipeline.layers import DecoderLayers, InMemoryLayers
 from qig.pipeline.result import GroupRecord, InspectedGroup
 from qig.pipeline.streams import Streams, cat_rows, every_chunk
 from qig.pipeline.timing import Timer
+from qig.quant.clip import clip_linear_, clip_weight
 from qig.quant.fold import fold_scales_
 from qig.quant.spec import QuantSpec, fake_quantize
 
@@ -45,7 +47,9 @@ class Mode:
     activation quantizer of W-A modes (None: weight-only). methods: asked for
     token weights at every group looked at (none: the bar counts layers).
     search: ``methods[0]`` finds each group's channel scale, folded before the
-    next group. saved: scales to fold instead, ``{(layer, group): s}``.
+    next group (and, with its ``weight_clip``, the group's clip ratios). saved:
+    scales to fold instead, ``{(layer, group): s}``; saved_clips: clip ratios to
+    apply, ``{(layer, linear path): [out, n_groups]}``.
     finish: what finishes each layer (:mod:`qig.pipeline.finish`: RTN or GPTQ
     in place, or the weights quantized on the side for x^q only, for the token
     weights of ``qig inspect``); None: RTN with ``spec`` and ``act_spec``.
@@ -64,6 +68,7 @@ class Mode:
     methods: tuple[Method, ...] = ()
     search: bool = False
     saved: dict[tuple[int, str], torch.Tensor] | None = None
+    saved_clips: dict[tuple[int, str], torch.Tensor] | None = None
     finish: Finisher | None = None
     weighted_hessian: bool = False
     quantized_inputs: bool = False
@@ -321,7 +326,9 @@ def _visit_group(
         layer.hessian_weights[group.name] = weights[mode.methods[0].config.name].weights
     if mode.quantized_inputs:  # the finished group runs quantized on x^q for the groups after it
         for p in group.linears:
-            layer.done[f"{p}.weight"] = fake_quantize(get_module(layer.module, p).weight.data, mode.spec)
+            w = get_module(layer.module, p).weight.data
+            w = clip_weight(w, layer.clips[p], mode.spec) if p in layer.clips else w
+            layer.done[f"{p}.weight"] = fake_quantize(w, mode.spec)
     if mode.search:
         log.debug(
             "layer %d %s: r=%.2f loss %.4g -> %.4g",
@@ -343,7 +350,7 @@ def _fold(mode: Mode, layer: LayerState, group: ScaleGroup, ctx, weights: dict, 
             found = method.scales(ctx, w)  # closed form (SmoothQuant), or None: the search
             if found is None:
                 c = method.config
-                found = search_scales(ctx, w, c.n_grid, c.loss, c.reference_output, c.pad_tokens)
+                found = search_scales(ctx, w, c.n_grid, c.loss, c.reference_output, c.pad_tokens, c.duo_scaling)
         s = found.scales
     elif mode.saved and (layer.index, group.name) in mode.saved:
         found = s = mode.saved[(layer.index, group.name)]
@@ -351,6 +358,11 @@ def _fold(mode: Mode, layer: LayerState, group: ScaleGroup, ctx, weights: dict, 
         return None
     scaled = [get_module(layer.module, p) for p in group.linears]
     fold_scales_(get_module(layer.module, group.prev), scaled, s, offset=group.prev_offset)
+    if mode.search and getattr(mode.methods[0].config, "weight_clip", False):
+        with timer("clip"):  # on the folded weights; applied when the layer is finished (_finish_layer)
+            ratios = search_clip(ctx, weights[mode.methods[0].config.name].weights, s)
+        found.clips = dict(zip(group.linears, ratios.values(), strict=True))
+        layer.clips.update(found.clips)
     return found
 
 
@@ -370,6 +382,7 @@ def _record(mode: Mode, li: int, group: ScaleGroup, ctx, weights: dict, found) -
             layer=li,
             group=group.name,
             scales=searched.scales.float().cpu() if searched else None,
+            clips=searched.clips if searched else {},
             ratio=searched.ratio if searched else None,
             loss_before=searched.loss_before if searched else None,
             loss_after=searched.loss_after if searched else None,
@@ -377,8 +390,9 @@ def _record(mode: Mode, li: int, group: ScaleGroup, ctx, weights: dict, found) -
             weight_stats=weight_stats(rows, roles),
             notes=merged_notes(tw.notes),
         )
-    if found is not None:  # a saved scale, applied
-        return GroupRecord(layer=li, group=group.name, scales=found.float().cpu())
+    if found is not None:  # a saved scale, applied (with its saved clip ratios)
+        clips = {p: r for (at, p), r in (mode.saved_clips or {}).items() if at == li and p in group.linears}
+        return GroupRecord(layer=li, group=group.name, scales=found.float().cpu(), clips=clips)
     return None
 
 
@@ -395,6 +409,10 @@ def _finish_layer(
     if streams is not None:
         with timer("propagate"):
             streams.advance_fp(layer.module, layer.index)
+    if mode.saved_clips:
+        layer.clips.update({p: r for (li, p), r in mode.saved_clips.items() if li == layer.index})
+    for path, ratios in layer.clips.items():  # after x went through the FP layer: the clamp is part of quantizing
+        clip_linear_(get_module(layer.module, path), ratios, mode.spec)
     finished = mode.finish.apply(layer, family, streams, timer)
     out.quantized.update({f"{layer.index}.{n}": p for n, p in finished.quantized.items()})
     if finished.seconds is not None:

@@ -35,6 +35,7 @@ class GroupRecord:
     weight_stats: dict = field(default_factory=dict)
     notes: dict = field(default_factory=dict)
     seconds: float = 0.0
+    clips: dict[str, torch.Tensor] = field(default_factory=dict)  # linear path in the layer -> [out, n_groups]
 
     def to_json(self) -> dict:
         """The record less its tensors: one entry of ``search.json``'s groups and of a journal layer's."""
@@ -50,9 +51,15 @@ class GroupRecord:
         }
 
     @classmethod
-    def from_json(cls, entry: dict, scales: torch.Tensor | None, token_weights: torch.Tensor | None) -> GroupRecord:
+    def from_json(
+        cls,
+        entry: dict,
+        scales: torch.Tensor | None,
+        token_weights: torch.Tensor | None,
+        clips: dict[str, torch.Tensor] | None = None,
+    ) -> GroupRecord:
         """A record back from :meth:`to_json` and its tensors."""
-        return cls(scales=scales, token_weights=token_weights, **entry)
+        return cls(scales=scales, token_weights=token_weights, clips=clips or {}, **entry)
 
 
 @dataclass
@@ -87,6 +94,10 @@ class QuantizationResult:
         """``{(layer, group): s}``, the form ``quantize(..., scales=...)`` takes (searched groups only)."""
         return {(g.layer, g.group): g.scales for g in self.groups if g.scales is not None}
 
+    def clips(self) -> dict[tuple[int, str], torch.Tensor]:
+        """``{(layer, linear path): ratios [out, n_groups]}``: the clip search's choices (``weight_clip``)."""
+        return {(g.layer, p): r for g in self.groups for p, r in g.clips.items()}
+
     def token_weights(self, layer: int, group: str) -> torch.Tensor | None:
         """The token weights [N, T] one group's search used (None if not searched)."""
         for g in self.groups:
@@ -110,6 +121,8 @@ class QuantizationResult:
                 tensors[f"scales.{g.layer}.{g.group}"] = g.scales.contiguous()
             if g.token_weights is not None:
                 tensors[f"token_weights.{g.layer}.{g.group}"] = g.token_weights.contiguous()
+            for path, ratios in g.clips.items():
+                tensors[f"clip.{g.layer}.{path}"] = ratios.contiguous()
         if self.roles is not None:
             tensors["roles"] = self.roles.contiguous()
         tensors.update(stored.to_tensors(self.quantized))  # e.g. quantized.0.self_attn.q_proj.scale

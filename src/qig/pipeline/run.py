@@ -33,6 +33,7 @@ from qig.pipeline.plan import GROUP_INPUTS, STREAMS, memory_plan
 from qig.pipeline.result import InspectedGroup, QuantizationResult
 from qig.pipeline.timing import Timer
 from qig.quant.activation import activation_quantization
+from qig.quant.clip import clip_weight
 from qig.quant.fold import check_scale
 
 log = logging.getLogger(__name__)
@@ -44,6 +45,7 @@ def run_layerwise(
     calib: CalibrationSet | None,
     device: str | torch.device = "cpu",
     scales: dict[tuple[int, str], torch.Tensor] | None = None,
+    clips: dict[tuple[int, str], torch.Tensor] | None = None,
     progress: bool = True,
     journal: Journal | None = None,
     offload_streams: str = "auto",
@@ -59,7 +61,8 @@ def run_layerwise(
     observers: see every computed layer and group (:class:`~qig.pipeline.loop.LoopObserver`).
 
     With ``scales`` (``{(layer, group): s}``) the search is skipped: those scales
-    are folded and the layers quantized with RTN, without calibration data.
+    are folded and the layers quantized with RTN, without calibration data; ``clips``
+    (``{(layer, linear path): ratios [out, n_groups]}``) clamps those linears first.
     With ``config.gptq_settings`` set the layers are quantized by GPTQ (see
     :func:`~qig.pipeline.gptq.gptq_layer_`) instead of RTN.
 
@@ -77,7 +80,7 @@ def run_layerwise(
         )
     timer = Timer()
     if scales is not None or not method.needs_calibration:
-        mode = _apply_mode(model, family, config, scales or {})
+        mode = _apply_mode(model, family, config, scales or {}, clips or {})
         with frozen(model):
             out = layer_loop(model, family, mode, None, device, timer, progress, layers, journal, observers)
         _keep_streamed(model, layers, journal, family)
@@ -145,7 +148,13 @@ def _refuse(model: torch.nn.Module, family: ModelFamily, config: QuantConfig, sc
         )
 
 
-def _apply_mode(model, family: ModelFamily, config: QuantConfig, scales: dict[tuple[int, str], torch.Tensor]) -> Mode:
+def _apply_mode(
+    model,
+    family: ModelFamily,
+    config: QuantConfig,
+    scales: dict[tuple[int, str], torch.Tensor],
+    clips: dict[tuple[int, str], torch.Tensor] | None = None,
+) -> Mode:
     """Saved scales folded, then RTN: no calibration, no streams (also plain RTN, with no scales).
 
     Every scale is checked before the first layer: its group exists, it is finite and
@@ -166,7 +175,24 @@ def _apply_mode(model, family: ModelFamily, config: QuantConfig, scales: dict[tu
                 f"{channels} inputs; they were found for another model, "
                 "pass the search.safetensors of a run on this model"
             )
-    return Mode(label="quantize", spec=config.spec, act_spec=config.act_spec, saved=scales, phase="quantize")
+    for (li, path), ratios in sorted((clips or {}).items()):
+        if li >= len(layers) or path not in linears(layers[li]):
+            raise QigError(f"saved clip ratios name layer {li} {path}, a linear this model does not have")
+        lin = linears(layers[li])[path]
+        clip_weight(lin.weight.data[:1], ratios[:1], config.spec)  # refuses a shape from another group size
+        if ratios.shape[0] != lin.out_features:
+            raise QigError(
+                f"saved clip ratios for layer {li} {path} have {ratios.shape[0]} rows, but the linear has "
+                f"{lin.out_features} outputs; pass the search.safetensors of a run on this model"
+            )
+    return Mode(
+        label="quantize",
+        spec=config.spec,
+        act_spec=config.act_spec,
+        saved=scales,
+        saved_clips=clips or None,
+        phase="quantize",
+    )
 
 
 def collect_token_weights(
