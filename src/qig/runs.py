@@ -39,6 +39,7 @@ from qig.errors import QigError
 from qig.fileio import atomic_dir, atomic_write_text
 from qig.methods import QuantConfig, config_class, config_from_options
 from qig.models.layout import save_model
+from qig.pipeline.finite import first_non_finite
 from qig.quant.fold import check_scale
 from qig.runfiles import REPORT_JSON, RUN_FILES, RUN_SUBDIR, SEARCH_JSON, SEARCH_TENSORS  # noqa: F401  (public here)
 
@@ -353,15 +354,15 @@ def _refuse_nonfinite(items, what: str, out: Path) -> None:
         f"nothing was written to {out}; a folded scale or the quantizer overflowed the model's dtype, or the "
         "source is corrupt (check the source model and the scales, or load the model in float32)"
     )
-    for key, t in items:
-        if t.is_floating_point() and t.device.type != "meta" and not bool(torch.isfinite(t).all()):
-            raise QigError(f"the {what} {key} holds NaN or inf values; {fix}")
+    bad = first_non_finite(items)
+    if bad is not None:
+        raise QigError(f"the {what} {bad} holds NaN or inf values; {fix}")
 
 
 def check_finite_output(model: torch.nn.Module, result: QuantizationResult, report: dict, out: Path) -> None:
     """Refuse NaN or inf in the model's state_dict, the search result's tensors, or search.json / report.json.
 
-    Reads only: one ``isfinite`` per floating tensor. The source weights, the
+    Reads only: each floating tensor's minimum and maximum (``qig.pipeline.finite``). The source weights, the
     saved scales and the hidden states are checked where they enter the
     pipeline; this is the last guard before anything reaches ``out``.
     """

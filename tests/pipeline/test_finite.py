@@ -116,3 +116,23 @@ def test_the_checks_only_read():
     assert is_finite(h) and is_finite(torch.tensor([1, 2])) and not is_finite(torch.tensor([1.0, math.inf]))
     with pytest.raises(QigError, match="^layer 2's output holds NaN or inf in calibration batch 1; the fix$"):
         check_hidden(torch.full((1, 2, 2), math.nan), "layer 2's output", 1, "the fix")
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf, -math.inf], ids=["nan", "inf", "minus-inf"])
+def test_the_first_non_finite_tensor_is_named(bad):
+    from qig.pipeline.finite import first_non_finite
+
+    ok = torch.randn(8, 8)
+    broken = torch.randn(4, 4, dtype=torch.bfloat16)
+    broken[2, 3] = bad
+    named = [("ints", torch.arange(3)), ("empty", torch.empty(0)), ("meta", torch.empty(2, device="meta"))]
+    assert first_non_finite([*named, ("ok", ok)]) is None
+    assert first_non_finite([("ok", ok), ("broken", broken), ("also", broken.clone())]) == "broken"
+    assert not is_finite(broken) and is_finite(ok)
+
+
+def test_a_float16_tensor_whose_sum_overflows_is_finite():
+    from qig.pipeline.finite import first_non_finite
+
+    big = torch.full((4, 1000), 60000.0, dtype=torch.float16)  # every entry finite, the sum far past 65504
+    assert not torch.isfinite(big.sum()) and is_finite(big) and first_non_finite([("big", big)]) is None
