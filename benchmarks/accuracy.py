@@ -162,6 +162,9 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=1000, help="questions per eval seed")
     p.add_argument("--n-samples", type=int, default=128, help="calibration samples")
     p.add_argument("--calib", default=None, help="calibration JSON/JSONL (default: embedded calib split)")
+    p.add_argument(
+        "--calib-seed", type=int, default=None, help="draw of the calibration set (default: qig quantize's)"
+    )
     p.add_argument("--image-folder", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--qig-steps", type=int, default=None, help="QIG quadrature points (default: the config's)")
@@ -196,7 +199,9 @@ def main(argv=None) -> int:
     models = {d: load_model_and_processor(args.model, dtype=getattr(torch, d)) for d in dtypes}
     fp_states = {d: {k: v.clone() for k, v in m.state_dict().items()} for d, (m, _) in models.items()}
     model, processor = models[dtypes[0]]
-    calib = calibration_for(model, processor, args.calib, image_folder=args.image_folder, n_samples=args.n_samples)
+    calib = calibration_for(
+        model, processor, args.calib, image_folder=args.image_folder, n_samples=args.n_samples, seed=args.calib_seed
+    )
 
     def label(setting: str, dtype: str) -> str:
         """A setting's key in the tables: the setting alone for the default float32 run, else with its dtype."""
@@ -283,6 +288,7 @@ def main(argv=None) -> int:
     if args.json:
         with open(args.json, "w") as f:
             out = {"eval_seeds": seeds, "limit": args.limit, "n_samples": args.n_samples, "dtypes": dtypes}
+            out |= {"model": args.model, "calib_seed": args.calib_seed}
             out |= {"results": results, "fidelity": fidelity, "token_weight_shares": shares, "correct": correct}
             json.dump(out, f, indent=1)
     return 0

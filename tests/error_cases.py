@@ -237,6 +237,20 @@ CASES: list[ErrorCase] = [
         "GPTQ's damping for AWQ's default RTN quantizer",
     ),
     ErrorCase(
+        "quantize-duo-scaling-one-candidate",
+        ("quantize", "--method", "awq", "--duo-scaling", "--n-grid", "1", "--output", OUT),
+        2,
+        "duo_scaling changes the candidates r > 0",
+        "duo scaling with a grid of one candidate (s = 1)",
+    ),
+    ErrorCase(
+        "quantize-weight-clip-on-borrowed-token-weights",
+        ("quantize", "--method", "gptq", "--token-weights", "qig", "--weight-clip", "--output", OUT),
+        2,
+        "only lends its token weights, so --weight-clip",
+        "the clipping search on the token weights GPTQ borrows",
+    ),
+    ErrorCase(
         "quantize-no-output",
         ("quantize", "--method", "rtn"),
         2,

@@ -167,3 +167,21 @@ def test_saved_clips_for_another_group_size_are_refused(runs, tmp_path):
     config = make_config("rtn", wbits=3, group_size=64)
     with pytest.raises(QigError, match="do not fit a weight"):
         qig.quantize(tiny_llava(outliers=True, layers=1, kv_heads=4), config, scales=scales, clips=result.clips())
+
+
+def test_weight_activation_runs_clip_and_duo_scale_too(calib4):
+    """W4A8 (symmetric per-channel weights): the clip bounds are +-ratio x absmax, the kept params reproduce W."""
+    model = tiny_llava(outliers=True, layers=1)
+    config = make_config("qig", wbits=4, abits=8, n_grid=4, weight_clip=True, duo_scaling=True)
+    result = qig.quantize(model, config, calib4, progress=False)
+    layer = family_for(model).decoder_layers(model)[0]
+    assert result.clips() and all(r.shape[1] == 1 for r in result.clips().values())
+    for (li, path), _ in result.clips().items():
+        w = get_module(layer, path).weight.data
+        p = result.quantized[f"{li}.{path}"]
+        assert torch.equal(
+            dequantize(quantize_with(w, p["scale"], p["zero"], config.spec), p["scale"], p["zero"], config.spec).to(
+                w.dtype
+            ),
+            w,
+        )
