@@ -35,6 +35,8 @@ quantizers of a W-A model, and that exporters read::
         "weight_symmetric": true,        # symmetric abs-max (W-A) or asymmetric min-max (weight-only)
         "abits": 8,                      # activation bits; 16: activations not quantized (weight-only)
         "activations": "per-token symmetric dynamic",   # or "none" when abits is 16
+        # with --scheme also: "scheme", "number" and "activation_number" ("int", "fp8", "nvfp4", "mxfp4"),
+        # and for NVFP4 activations "input_global_scales": {"<layer>.<linear>": calibrated per-tensor scale}
         "quantized_modules": "decoder linears"          # which linears carry both quantizers
     }
 
@@ -114,7 +116,7 @@ def quantize(
             offload_streams=offload_streams,
         )
     if getattr(model, "config", None) is not None:
-        setattr(model.config, CONFIG_KEY, quantization_entry(config))
+        setattr(model.config, CONFIG_KEY, quantization_entry(config, result.quantized))
     return result
 
 
@@ -132,23 +134,32 @@ def _journal(model, calib, config, device, scales, work_dir, resume, extra, rank
     return journal if journal is not None else Journal(Path(work_dir), stamp)
 
 
-def quantization_entry(config: QuantConfig) -> dict:
+def quantization_entry(config: QuantConfig, quantized: dict | None = None) -> dict:
     """The ``qig_quantization`` entry of a quantized model's config (keys in the module docstring).
+
+    quantized: the run's quantizer parameters (``QuantizationResult.quantized``); NVFP4 activations' calibrated
+    per-tensor scales are recorded from them, by ``"<layer>.<linear>"``.
 
     >>> quantization_entry(qig.RTNConfig(wbits=8, abits=8, group_size=None))["activations"]  # doctest: +SKIP
     'per-token symmetric dynamic'
     """
-    spec = config.spec
-    return {
+    spec, act = config.spec, config.act_spec
+    entry = {
         "format": "fake-quant",
         "method": config.name,
         "wbits": spec.bits,
         "group_size": spec.group_size,
         "weight_symmetric": spec.symmetric,
         "abits": config.abits,
-        "activations": "per-token symmetric dynamic" if config.act_spec is not None else "none",
+        "activations": "per-token symmetric dynamic" if act is not None else "none",
         "quantized_modules": "decoder linears",
     }
+    if config.scheme is not None:
+        entry.update(scheme=config.scheme, number=spec.number, activation_number=None if act is None else act.number)
+    scales = {k: float(p["input_global_scale"]) for k, p in (quantized or {}).items() if "input_global_scale" in p}
+    if scales:
+        entry["input_global_scales"] = scales
+    return entry
 
 
 def check_device(device) -> None:

@@ -133,7 +133,7 @@ def check_run(run_opts: RunOptions, config, given: dict[str, Any]) -> None:
         from qig.export import check_format
 
         gptq = config.gptq_settings
-        check_format(run_opts.format, config.spec, config.abits, act_order=gptq is not None and gptq.act_order)
+        check_format(run_opts.format, config.spec, config.act_spec, act_order=gptq is not None and gptq.act_order)
 
 
 def run_job(

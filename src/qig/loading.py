@@ -67,17 +67,16 @@ def load_model_and_processor(
     groups = _compressed_groups(config, path, decoder)
     model, processor, quantized = _from_pretrained(path, config, dtype, decoder, trust_remote_code, groups)
     if activation_quantizers:
-        from qig.quant.activation import install_activation_quantizers
+        from qig.quant.activation import install_activation_quantizer_, install_activation_quantizers
         from qig.quant.spec import activation_spec
 
+        number, scales = _saved_activation_number(config, path)
         for abits, linears in _activation_linears(model, config, path, quantized).items():
-            n = install_activation_quantizers(linears, activation_spec(abits))
-            log.info(
-                "%s: W-A model, activations quantized at run time (per token, %d bits) on %d linears",
-                path,
-                abits,
-                n,
-            )
+            spec = activation_spec(abits, number)
+            n = install_activation_quantizers(linears, spec)
+            for name, scale in scales.items():  # NVFP4: each linear's calibrated per-tensor scale
+                install_activation_quantizer_(_decoder_linear(model, name), spec, torch.tensor([scale]))
+            log.info("%s: W-A model, activations quantized at run time (%s) on %d linears", path, spec.label(), n)
     if decoder == "disk":
         if torch.device(device).type != "cpu":
             raise QigError("decoder='disk' loads the model on the CPU; the pipeline brings each layer to the device")
@@ -225,6 +224,36 @@ def _activation_linears(model, config: dict, path: Path, quantized: dict) -> dic
     from qig.models import family_for
 
     return {abits: list(family_for(model).decoder_linears(model).values())}
+
+
+def _saved_activation_number(config: dict, path: Path) -> tuple[str, dict[str, float]]:
+    """The activation number format ``qig quantize --scheme`` recorded ("int" if none), and NVFP4's per-linear
+    calibrated scales by ``"<layer>.<linear>"`` (empty otherwise)."""
+    from qig.quant.spec import NUMBERS
+    from qig.runs import CONFIG_KEY
+
+    entry = config.get(CONFIG_KEY)
+    if not isinstance(entry, dict):
+        return "int", {}
+    number = entry.get("activation_number") or "int"
+    scales = entry.get("input_global_scales") or {}
+    if number not in NUMBERS or not isinstance(scales, dict):
+        raise QigError(
+            f"{path / 'config.json'}: {CONFIG_KEY}.activation_number {number!r} is not one of {', '.join(NUMBERS)} "
+            "(or input_global_scales is not a mapping); re-run qig quantize"
+        )
+    if number == "nvfp4" and not scales:
+        raise QigError(
+            f"{path / 'config.json'}: NVFP4 activations without {CONFIG_KEY}.input_global_scales; re-run qig quantize"
+        )
+    return number, scales
+
+
+def _decoder_linear(model, key: str) -> torch.nn.Module:
+    """The decoder linear ``"<layer>.<linear>"`` (the key a run stores its parameters by)."""
+    from qig.models import family_for
+
+    return model.get_submodule(f"{family_for(model).layers}.{key}")
 
 
 def _saved_abits(config: dict, path: Path) -> int:

@@ -663,7 +663,7 @@ def _serving(config) -> str:
     from qig.export.scheme import scheme_for
 
     try:
-        return scheme_for(config.spec, config.abits).serving
+        return scheme_for(config.spec, config.act_spec).serving
     except QigError as exc:
         return f"no compressed-tensors export: {exc}"
 

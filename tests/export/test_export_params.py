@@ -6,7 +6,7 @@ import torch
 from qig.errors import QigError
 from qig.export.params import check_storable, from_params, recover
 from qig.quant.gptq import GPTQSettings, Hessian, gptq_quantize
-from qig.quant.spec import QuantSpec, fake_quantize, quantize
+from qig.quant.spec import QuantSpec, activation_spec, fake_quantize, quantize
 
 
 def _weights(seed: int, out: int = 64, inp: int = 256, dtype=torch.float32) -> torch.Tensor:
@@ -126,7 +126,7 @@ def test_signed_codes_keep_the_differences():
 def test_scheme_of_each_setting(spec, abits, fmt, serving):
     from qig.export.scheme import scheme_for
 
-    s = scheme_for(spec, abits)
+    s = scheme_for(spec, None if abits == 16 else activation_spec(abits))
     assert s.format == fmt and serving in s.serving
     assert s.weights["num_bits"] == spec.bits and s.weights["symmetric"] == spec.symmetric
     assert (s.input_activations is None) == (abits == 16)
@@ -139,4 +139,4 @@ def test_activation_bits_the_format_has_no_scheme_for_are_refused():
     from qig.export.scheme import scheme_for
 
     with pytest.raises(QigError, match="activation bits 6 cannot be exported"):
-        scheme_for(QuantSpec(4, None, symmetric=True), 6)
+        scheme_for(QuantSpec(4, None, symmetric=True), activation_spec(6))

@@ -11,7 +11,7 @@ from qig.errors import QigError
 from qig.export import check_format, export_after, format_names
 from qig.export.formats import ExportFormat, Written, register
 from qig.export.formats import base as formats_base
-from qig.quant.spec import QuantSpec
+from qig.quant.spec import QuantSpec, activation_spec
 
 
 class DequantizedWeights(ExportFormat):
@@ -20,9 +20,9 @@ class DequantizedWeights(ExportFormat):
     name = "dequantized-weights"
     help = "decoder weights dequantized into weights.safetensors, the setting in setting.json"
 
-    def check(self, spec, abits=16, act_order=False):
-        if abits != 16:
-            raise QigError(f"dequantized-weights holds weight-only settings, not activation bits {abits}")
+    def check(self, spec, act_spec=None, act_order=False):
+        if act_spec is not None:
+            raise QigError(f"dequantized-weights holds weight-only settings, not activation bits {act_spec.bits}")
 
     def write(self, model, *, family, run, quantized, ignored, folder):
         weights = {f"{p}.weight": qw.dequantize(model.get_submodule(p).weight.dtype) for p, qw in quantized.items()}
@@ -104,7 +104,7 @@ def test_a_registered_format_is_written_by_qig_quantize(toy_format, model_dir, t
 def test_a_registered_format_refuses_what_it_cannot_hold(toy_format):
     check_format(toy_format, QuantSpec(bits=4, group_size=128))
     with pytest.raises(QigError, match="not activation bits 8"):
-        check_format(toy_format, QuantSpec(bits=8, group_size=None, symmetric=True), abits=8)
+        check_format(toy_format, QuantSpec(bits=8, group_size=None, symmetric=True), activation_spec(8))
 
 
 def test_an_unregistered_format_is_refused(capsys):

@@ -45,13 +45,16 @@ class QuantizedWeight:
     """One linear's integer codes and the parameters that dequantize them to the saved weight.
 
     q: [out, in] int16, qig's convention (``0..2^b-1`` asymmetric, signed
-    symmetric). scale, zero: [out, n_groups] float32 (zero holds integers).
+    symmetric), or float32 values of a float number (fp8, nvfp4, mxfp4).
+    scale, zero: [out, n_groups] float32 (zero holds integers; NVFP4's scale
+    is the effective ``fp8 / global_scale``). global_scale: NVFP4's [1].
     """
 
     q: torch.Tensor
     scale: torch.Tensor
     zero: torch.Tensor
     spec: QuantSpec
+    global_scale: torch.Tensor | None = None
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``decode(q, scale, zero)`` per group, in ``dtype``: [out, in]."""
@@ -70,13 +73,26 @@ class QuantizedWeight:
         return (self.q - offset).to(torch.int8), (self.zero - offset).to(torch.int8)
 
 
-def from_params(w_hat: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, spec: QuantSpec, name: str):
-    """Codes of ``w_hat`` [out, in] for stored per-group ``scale``/``zero`` [out, n_groups], checked exactly."""
+def from_params(
+    w_hat: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    spec: QuantSpec,
+    name: str,
+    global_scale: torch.Tensor | None = None,
+):
+    """Codes of ``w_hat`` [out, in] for stored per-group ``scale``/``zero`` [out, n_groups], checked exactly.
+
+    global_scale: NVFP4's per-tensor scale, which the run stored with them (required for NVFP4).
+    """
     g = spec.group_size or w_hat.shape[1]
     spec.check(w_hat.shape[1], name)
+    if spec.number == "nvfp4" and global_scale is None:
+        raise QigError(f"{name}: the run stored no NVFP4 global_scale; export the folder 'qig quantize' wrote")
     s, z = scale.float().reshape(-1, 1), zero.float().reshape(-1, 1)
-    q = encode(w_hat.reshape(-1, g), s, z, spec).to(torch.int16)  # [G, g]
-    qw = QuantizedWeight(q.reshape(w_hat.shape), s.reshape(scale.shape), z.reshape(zero.shape), spec)
+    q = encode(w_hat.reshape(-1, g), s, z, spec).to(torch.float32 if spec.is_float else torch.int16)  # [G, g]
+    gs = None if global_scale is None else global_scale.float().reshape(1)
+    qw = QuantizedWeight(q.reshape(w_hat.shape), s.reshape(scale.shape), z.reshape(zero.shape), spec, gs)
     _check_exact(qw, w_hat, name, "the stored scales and zero points")
     return qw
 
@@ -86,6 +102,11 @@ def recover(w_hat: torch.Tensor, spec: QuantSpec, name: str) -> QuantizedWeight:
     """Codes, scale and zero point of fake-quantized ``w_hat`` [out, in], read back exactly from its values."""
     out_f, in_f = w_hat.shape
     spec.check(in_f, name)
+    if spec.is_float:
+        raise QigError(
+            f"{name}: a {spec.number} folder without stored quantizer parameters cannot be read back; export the "
+            "unchanged folder 'qig quantize' wrote (search.safetensors keeps them)"
+        )
     g = spec.group_size or in_f
     w = w_hat.detach().reshape(-1, g)  # [G, g], the saved dtype
     x = w.double()

@@ -94,8 +94,7 @@ def read_run(path: str | os.PathLike) -> Run:
             quantized = stored.from_tensors(load_file(tensors_file))
         except (SafetensorError, OSError) as exc:
             raise QigError(f"{tensors_file} is not a readable safetensors file: {exc}") from exc
-    abits = int(saved.get("abits", 16))
-    return Run(path=path, config=saved, spec=config.spec, abits=abits, quantized=quantized)
+    return Run(path=path, config=saved, spec=config.spec, act_spec=config.act_spec, quantized=quantized)
 
 
 def decoder_linears(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Linear]]:
@@ -130,7 +129,9 @@ def codes(run: Run, model: torch.nn.Module) -> dict[str, QuantizedWeight]:
                 "(g_idx); compressed-tensors no longer stores group act-order, so re-run GPTQ without --act-order "
                 "or export with --format fake-quant"
             )
-        out[path] = from_params(mod.weight.data, params["scale"], params["zero"], run.spec, path)
+        out[path] = from_params(
+            mod.weight.data, params["scale"], params["zero"], run.spec, path, params.get("global_scale")
+        )
     return out
 
 
@@ -153,7 +154,7 @@ def export(
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
     run = read_run(input_dir)
-    target.check(run.spec, run.abits)
+    target.check(run.spec, run.act_spec)
     model, processor = load_model_and_processor(run.path, dtype="auto", activation_quantizers=False)
     from qig.models import family_for
 
@@ -177,12 +178,12 @@ def export(
     return ExportResult(output_dir, fmt, sorted(quantized), ignored, written.layout, written.serving)
 
 
-def check_format(fmt: str, spec: QuantSpec, abits: int = 16, act_order: bool = False) -> None:
+def check_format(fmt: str, spec: QuantSpec, act_spec: QuantSpec | None = None, act_order: bool = False) -> None:
     """Refuse, before any work, a format that cannot hold the setting (``qig quantize --format`` calls it).
 
     act_order: the run is GPTQ with act-order, whose permuted groups compressed-tensors cannot store.
     """
-    format_for(fmt).check(spec, abits, act_order)
+    format_for(fmt).check(spec, act_spec, act_order)
 
 
 def export_after(write_run, output_dir: str | os.PathLike, fmt: str, overwrite: bool = False) -> Path:

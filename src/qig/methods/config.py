@@ -34,6 +34,7 @@ from typing import Any, ClassVar, Literal
 from qig.errors import QigError
 from qig.options import FlatOption, Kind, check_fields, flat_options, kinds, nest, option
 from qig.quant.gptq import GPTQSettings
+from qig.quant.schemes import scheme_named, scheme_names
 from qig.quant.spec import QuantSpec, activation_spec
 
 WEIGHT_ONLY_ABITS = 16
@@ -53,6 +54,9 @@ class QuantConfig:
     WxA16: grouped asymmetric weights). 4-15 is a weight-activation mode (W4A8,
     W8A8, W4A4): weights per output channel, symmetric (group_size must be
     None), activations per token, symmetric, quantized at run time.
+    scheme: a named setting (``qig.quant.schemes``: W4A16, FP8_DYNAMIC,
+    W4AFP8, NVFP4, MXFP4, ...), which sets wbits, abits and group_size (left
+    at their defaults, or given equal) and the number formats they cannot say.
     """
 
     name: ClassVar[str] = ""
@@ -74,9 +78,18 @@ class QuantConfig:
         max=16,
         hint="8 for W4A8 / W8A8, 4 for W4A4; 16 keeps activations in floating point: weight-only",
     )
+    scheme: str | None = option(
+        None,
+        "a named setting instead of --wbits/--abits/--group-size (W4A16: symmetric int4 g128; FP8_DYNAMIC; "
+        "W4AFP8; NVFP4; MXFP4; ...)",
+        choices=scheme_names,
+    )
 
     def __post_init__(self) -> None:
+        if isinstance(self.scheme, str):
+            object.__setattr__(self, "scheme", self.scheme.upper())  # as llm-compressor's presets: any case
         check_fields(self)
+        self._resolve_scheme()
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         for key in self.unused:
             if getattr(self, key) != defaults[key]:
@@ -84,7 +97,7 @@ class QuantConfig:
                     f"{self.name} does not use {key} (it reads no calibration data); drop it "
                     f"(CLI: --{key.replace('_', '-')})"
                 )
-        if self.abits < WEIGHT_ONLY_ABITS and self.group_size is not None:
+        if self.scheme is None and self.abits < WEIGHT_ONLY_ABITS and self.group_size is not None:
             raise QigError(
                 f"abits {self.abits} quantizes weights per output channel (symmetric), so group_size "
                 f"{self.group_size!r} is not allowed; pass group_size=None (CLI: --group-size channel, or leave it "
@@ -102,18 +115,43 @@ class QuantConfig:
             return self.batch_size
         return max(1, min(self.batch_size, self.batch_tokens // seq_len))
 
+    def _resolve_scheme(self) -> None:
+        """A scheme sets wbits, abits and group_size: defaults take its values, other values are refused."""
+        if self.scheme is None:
+            return
+        scheme = scheme_named(self.scheme)
+        defaults = {f.name: f.default for f in dataclasses.fields(QuantConfig)}
+        wanted = {"wbits": scheme.weights.bits, "abits": scheme.abits, "group_size": scheme.weights.group_size}
+        for key, value in wanted.items():
+            given = getattr(self, key)
+            if given == value:
+                continue
+            if given != defaults[key]:
+                raise QigError(
+                    f"scheme {self.scheme} sets {key} {value!r}, not {given!r}; drop --{key.replace('_', '-')} "
+                    "(or drop --scheme and give --wbits/--abits/--group-size)"
+                )
+            object.__setattr__(self, key, value)
+
     @property
     def spec(self) -> QuantSpec:
-        """The weight quantizer every step of the method uses (symmetric per-channel in W-A modes)."""
+        """The weight quantizer every step of the method uses (the scheme's; else symmetric per-channel in W-A
+        modes, min-max with zero points weight-only)."""
+        if self.scheme is not None:
+            return scheme_named(self.scheme).weights
         return QuantSpec(bits=self.wbits, group_size=self.group_size, symmetric=self.abits < WEIGHT_ONLY_ABITS)
 
     @property
     def act_spec(self) -> QuantSpec | None:
         """The activation quantizer of W-A modes (per token, dynamic); None when activations stay FP (abits 16)."""
+        if self.scheme is not None:
+            return scheme_named(self.scheme).activations
         return activation_spec(self.abits) if self.abits < WEIGHT_ONLY_ABITS else None
 
     def label(self) -> str:
-        """The setting in the usual notation: "W3A16 g128", "W4A8 per-channel sym"."""
+        """The setting in the usual notation: "W3A16 g128", "W4A8 per-channel sym", "NVFP4"."""
+        if self.scheme is not None:
+            return self.scheme
         g = f"g{self.group_size}" if self.group_size else "per-channel"
         return f"W{self.wbits}A{self.abits} {g}" + (" sym" if self.abits < WEIGHT_ONLY_ABITS else "")
 
@@ -295,12 +333,19 @@ def config_from_options(method: str, given: dict[str, Any]) -> QuantConfig:
     unknown = [k for k in given if k not in own]
     if unknown:
         raise QigError(_no_such_options(method, unknown, own))
-    if "group_size" not in given:
+    if "group_size" not in given and given.get("scheme") is None:
         given["group_size"] = default_group_size(given.get("abits", WEIGHT_ONLY_ABITS))
     fields = nest(cls, given)
     if inner_field is not None and inner_field not in whole:
         fields[inner_field] = inner
-    return _with_presets(cls, method, presets, {**fields, **whole})
+    config = _with_presets(cls, method, presets, {**fields, **whole})
+    for key in ("wbits", "abits", "group_size"):  # given with a scheme: equal to what the scheme sets, or refused
+        if config.scheme is not None and key in given and given[key] != getattr(config, key):
+            raise QigError(
+                f"scheme {config.scheme} sets {key} {getattr(config, key)!r}, not {given[key]!r}; drop "
+                f"--{key.replace('_', '-')} (or drop --scheme and give --wbits/--abits/--group-size)"
+            )
+    return config
 
 
 def make_config(name: str, **fields) -> QuantConfig:

@@ -6,7 +6,9 @@ already holds the quantized weights):
 
 - :class:`RoundToNearest` quantizes the layer's linears in place with the
   shared quantizer and keeps its parameters; in W-A modes it installs the
-  per-token activation quantizers too.
+  per-token activation quantizers too (NVFP4's with the per-tensor scale each
+  linear's input takes on the calibration tokens of x^q, kept with the
+  parameters as ``input_global_scale``).
 - :class:`GPTQ` quantizes them in place with GPTQ (Hessians from x^q,
   optionally token-weighted), keeping the parameters and its seconds.
 - :class:`LookOnly` (``qig inspect``) leaves the model untouched: the
@@ -23,14 +25,17 @@ from typing import ClassVar
 
 import torch
 
+from qig.calib import PAD
+from qig.dist import gather
 from qig.models import ModelFamily, linears
+from qig.pipeline.capture import Chunk, next_input
 from qig.pipeline.gptq import gptq_layer_
 from qig.pipeline.streams import Streams
 from qig.pipeline.timing import Timer
-from qig.quant.activation import install_activation_quantizers
+from qig.quant.activation import install_activation_quantizer_, install_activation_quantizers
 from qig.quant.gptq import GPTQSettings
 from qig.quant.rtn import rtn_
-from qig.quant.spec import QuantSpec, fake_quantize
+from qig.quant.spec import QuantSpec, fake_quantize, global_scale
 
 
 @dataclass
@@ -68,8 +73,11 @@ class Finisher:
     def apply(self, layer: LayerState, family: ModelFamily, streams: Streams | None, timer: Timer) -> Finished:
         raise NotImplementedError
 
-    def replay(self, module: torch.nn.Module) -> None:
-        """What a finished state loaded from the journal lacks (nothing, unless activations are quantized)."""
+    def replay(self, module: torch.nn.Module, quantized: dict[str, dict[str, torch.Tensor]]) -> None:
+        """What a finished state loaded from the journal lacks (nothing, unless activations are quantized).
+
+        quantized: the layer's parameters per linear (its name in the layer), as :meth:`apply` kept them.
+        """
 
 
 @dataclass(frozen=True)
@@ -82,12 +90,48 @@ class RoundToNearest(Finisher):
 
     def apply(self, layer: LayerState, family: ModelFamily, streams: Streams | None, timer: Timer) -> Finished:
         quantized = rtn_(linears(layer.module), self.spec)
-        self.replay(layer.module)
+        if self.act_spec is not None and self.act_spec.number == "nvfp4":
+            install_activation_quantizers(linears(layer.module).values(), self.act_spec)  # per-tensor: dynamic
+            for name, top in input_maxima(layer.module, streams.chunks, layer.index).items():
+                quantized[name]["input_global_scale"] = global_scale(top, self.act_spec)
+        self.replay(layer.module, quantized)
         return Finished(quantized)
 
-    def replay(self, module: torch.nn.Module) -> None:
-        if self.act_spec is not None:
-            install_activation_quantizers(linears(module).values(), self.act_spec)
+    def replay(self, module: torch.nn.Module, quantized: dict[str, dict[str, torch.Tensor]]) -> None:
+        if self.act_spec is None:
+            return
+        for name, lin in linears(module).items():
+            scale = quantized.get(name, {}).get("input_global_scale")
+            install_activation_quantizer_(lin, self.act_spec, None if scale is None else scale.to(lin.weight.device))
+
+
+@torch.no_grad()
+def input_maxima(module: torch.nn.Module, chunks: list[Chunk], layer_index: int) -> dict[str, torch.Tensor]:
+    """Per linear of the layer, max |input| over the real tokens of every chunk's x^q (every rank's): [1] each.
+
+    The layer runs as it is (quantized weights, and whatever activation quantizers it holds).
+    """
+    tops: dict[str, torch.Tensor] = {}
+
+    def observe(name: str, real: torch.Tensor):
+        def hook(_module, args):
+            x = args[0][real] if real.shape == args[0].shape[:-1] else args[0]  # [tokens, C]
+            top = x.detach().abs().amax().float().reshape(1).cpu()
+            tops[name] = top if name not in tops else torch.maximum(tops[name], top)
+
+        return hook
+
+    for chunk in chunks:
+        real = chunk.roles != PAD  # [b, T]
+        handles = [m.register_forward_pre_hook(observe(n, real)) for n, m in linears(module).items()]
+        try:
+            next_input(module, chunk.xq, chunk, layer_index)
+        finally:
+            for h in handles:
+                h.remove()
+    names = sorted(tops)
+    every = gather(torch.stack([tops[n] for n in names]))  # every rank's, the same order
+    return {n: torch.stack([t[i] for t in every]).amax(0) for i, n in enumerate(names)}
 
 
 @dataclass(frozen=True)

@@ -177,6 +177,8 @@ def gptq_layer_(
             solved[n] = {"weight": r.weight.cpu(), "scale": r.scale.cpu(), "zero": r.zero.cpu()}
             if r.g_idx is not None:
                 solved[n]["g_idx"] = r.g_idx.cpu()
+            if r.global_scale is not None:
+                solved[n]["global_scale"] = r.global_scale.cpu()
             if r.dead:
                 log.info("layer %d %s: %d dead input channel(s) in the GPTQ Hessian", layer_index, n, r.dead)
         if ranks.size > 1:  # every rank takes every solved linear (one exchange per stage, in rank order)

@@ -286,7 +286,7 @@ def _replay(
         with timer("propagate"):
             streams.advance_fp(module, li)
     module.load_state_dict(saved.state, strict=True)
-    mode.finish.replay(module)
+    mode.finish.replay(module, {k.split(".", 1)[1]: p for k, p in saved.quantized.items()})
     out.records.extend(saved.records)
     out.quantized.update(saved.quantized)
     if saved.gptq_seconds is not None:

@@ -1,11 +1,16 @@
 """The weight-activation fake-quant linear (METHOD.md section 2): y = Q_w(W) Q_a(x) + b.
 
-Q_w quantizes the weight per output channel, symmetric (``QuantSpec(bits,
-None, symmetric=True)``), once: the linear keeps the dequantized weight, as
-in weight-only modes. Q_a quantizes the input per token, symmetric abs-max,
-at run time (``activation_spec(bits)``): a forward pre-hook on the linear,
-so the model keeps its architecture and its state dict. Both go through
-``qig.quant.spec``'s ``quant_params`` / ``encode`` / ``decode``.
+Q_w quantizes the weight once (per output channel, symmetric, for the integer
+W-A modes; the scheme's own spec otherwise): the linear keeps the dequantized
+weight, as in weight-only modes. Q_a quantizes the input per token, symmetric
+abs-max, at run time (``activation_spec(bits, number)``; FP4 numbers in
+groups of 16 or 32 along the token's channels): a forward pre-hook on the
+linear, so the model keeps its architecture and its state dict. Both go
+through ``qig.quant.spec``'s ``quant_params`` / ``encode`` / ``decode``.
+NVFP4 activations also have a per-tensor scale: a quantizer holds the one
+calibrated for its linear (``tensor_scale``, what the export writes as
+``input_global_scale``), or, without one, takes it from each tensor it
+meets.
 
     >>> import torch
     >>> from qig.quant.activation import activation_spec_of, install_activation_quantizer_
@@ -35,12 +40,19 @@ from qig.errors import QigError
 from qig.quant.spec import QuantSpec, decode, encode, quant_params
 
 
-def fake_quantize_activations(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
-    """Per-token quantize-dequantize of ``x`` [..., C] (one scale per token over its C channels)."""
+def fake_quantize_activations(
+    x: torch.Tensor, spec: QuantSpec, tensor_scale: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-token quantize-dequantize of ``x`` [..., C] (one scale per token, or per group of its C channels).
+
+    tensor_scale: NVFP4's per-tensor scale (default: from ``x`` itself).
+    """
     if not spec.dynamic:
         raise QigError(f"{spec.label()} is a weight quantizer; activations need activation_spec(bits)")
     rows = x.detach().reshape(-1, x.shape[-1])  # [tokens, C]
-    scale, zero = quant_params(rows, spec)  # [tokens, 1] each
+    scale, zero = quant_params(rows, spec, tensor_scale)  # [tokens, n_groups] each
+    g = spec.group_size or rows.shape[-1]
+    rows, scale, zero = rows.reshape(-1, g), scale.reshape(-1, 1), zero.reshape(-1, 1)  # [tokens * n_groups, g]
     xq = decode(encode(rows, scale, zero, spec), scale, zero).reshape(x.shape).to(x.dtype)
     if x.requires_grad:
         # Straight-through: value of xq, gradient of x. Exact in bf16 / fp16 too: xq - x (at most half a
@@ -50,15 +62,16 @@ def fake_quantize_activations(x: torch.Tensor, spec: QuantSpec) -> torch.Tensor:
 
 
 class ActivationQuantizer:
-    """A forward pre-hook quantizing a linear's input per token with ``spec``."""
+    """A forward pre-hook quantizing a linear's input per token with ``spec`` (and NVFP4's ``tensor_scale``)."""
 
-    def __init__(self, spec: QuantSpec) -> None:
+    def __init__(self, spec: QuantSpec, tensor_scale: torch.Tensor | None = None) -> None:
         if not spec.dynamic:
             raise QigError(f"{spec.label()} is a weight quantizer; activations need activation_spec(bits)")
         self.spec = spec
+        self.tensor_scale = tensor_scale
 
     def __call__(self, _module: torch.nn.Module, args: tuple) -> tuple:
-        return (fake_quantize_activations(args[0], self.spec), *args[1:])
+        return (fake_quantize_activations(args[0], self.spec, self.tensor_scale), *args[1:])
 
     def __repr__(self) -> str:
         return f"ActivationQuantizer({self.spec.label()})"
@@ -74,10 +87,18 @@ def activation_spec_of(module: torch.nn.Module) -> QuantSpec | None:
     return module._forward_pre_hooks[ids[0]].spec if ids else None
 
 
-def install_activation_quantizer_(linear: torch.nn.Linear, spec: QuantSpec) -> None:
+def install_activation_quantizer_(
+    linear: torch.nn.Linear, spec: QuantSpec, tensor_scale: torch.Tensor | None = None
+) -> None:
     """Quantize ``linear``'s input per token at run time from now on (replacing a quantizer already there)."""
     remove_activation_quantizer_(linear)
-    linear.register_forward_pre_hook(ActivationQuantizer(spec), prepend=True)
+    linear.register_forward_pre_hook(ActivationQuantizer(spec, tensor_scale), prepend=True)
+
+
+def activation_tensor_scale(module: torch.nn.Module) -> torch.Tensor | None:
+    """The calibrated per-tensor scale of ``module``'s activation quantizer (NVFP4), or None."""
+    ids = _hook_ids(module)
+    return module._forward_pre_hooks[ids[0]].tensor_scale if ids else None
 
 
 def remove_activation_quantizer_(module: torch.nn.Module) -> bool:

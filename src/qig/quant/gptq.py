@@ -35,12 +35,13 @@ dtype as it will be stored, and that error is the one spread onward.
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import torch
 
 from qig.errors import QigError
-from qig.quant.spec import QuantSpec, decode, encode, quant_params
+from qig.quant.spec import QuantSpec, decode, encode, global_scale, quant_params
 
 
 @dataclass(frozen=True)
@@ -165,7 +166,8 @@ class GPTQResult:
     int32 group of each input column, or None when column c is in group
     c // group_size (no act-order, or per-channel). error: the objective
     trace((W - W_hat) H (W - W_hat)^T) / out (for logs). dead: input channels
-    whose Hessian diagonal was zero.
+    whose Hessian diagonal was zero. global_scale: NVFP4's per-tensor scale [1]
+    (None for other numbers).
     """
 
     weight: torch.Tensor
@@ -174,6 +176,7 @@ class GPTQResult:
     g_idx: torch.Tensor | None
     error: float
     dead: int
+    global_scale: torch.Tensor | None = None
 
 
 @torch.no_grad()
@@ -217,6 +220,8 @@ def gptq_quantize(
     Hinv = _upper_cholesky_of_inverse(H)  # [C, C], upper triangular
 
     g = spec.group_size or C
+    group_spec = dataclasses.replace(spec, group_size=g)
+    tensor_scale = global_scale(W, spec)  # NVFP4: one per weight, from the weight before any update
     Q = torch.zeros_like(W)
     scales: list[torch.Tensor] = []
     zeros: list[torch.Tensor] = []
@@ -233,7 +238,7 @@ def gptq_quantize(
                 # The group's weights as they are now: within the block from W1 (up to date),
                 # past it from W (up to date at a block start; block and group sizes divide).
                 current = torch.cat([W1[:, i:], W[:, i2:]], dim=1)[:, :g]  # [out, g]
-                s, z = quant_params(current, QuantSpec(spec.bits, g, spec.symmetric))  # [out, 1] each
+                s, z = quant_params(current, group_spec, tensor_scale)  # [out, 1] each
                 scale, zero = s[:, 0], z[:, 0]
                 scales.append(scale)
                 zeros.append(zero)
@@ -263,6 +268,7 @@ def gptq_quantize(
         g_idx=g_idx,
         error=error,
         dead=int(dead.sum()),
+        global_scale=tensor_scale,
     )
 
 

@@ -18,7 +18,7 @@ from collections.abc import Mapping
 
 import torch
 
-from qig.quant.spec import QuantSpec, dequantize, quantize
+from qig.quant.spec import QuantSpec, dequantize, global_scale, quantize
 
 
 @torch.no_grad()
@@ -26,13 +26,17 @@ def rtn_(linears: Mapping[str, torch.nn.Linear], spec: QuantSpec) -> dict[str, d
     """Replace each linear's weight by its fake-quantized value (bias untouched); return each one's parameters.
 
     Returns ``{name: {"scale", "zero"}}``, both [out, n_groups] float32 on the
-    CPU: the weight is exactly ``dequantize(quantize_with(w, scale, zero))``.
+    CPU: the weight is exactly ``dequantize(quantize_with(w, scale, zero))``;
+    NVFP4 adds the weight's ``global_scale`` [1].
     """
     params = {}
     for name, lin in linears.items():
         spec.check(lin.in_features, name)
         w = lin.weight.data
-        q, scale, zero = quantize(w, spec)
+        tensor_scale = global_scale(w, spec)
+        q, scale, zero = quantize(w, spec, tensor_scale)
         lin.weight.copy_(dequantize(q, scale, zero, spec).to(w.dtype))  # = fake_quantize(w, spec)
         params[name] = {"scale": scale.cpu(), "zero": zero.cpu()}
+        if tensor_scale is not None:
+            params[name]["global_scale"] = tensor_scale.cpu()
     return params

@@ -2,8 +2,10 @@
 
 Every quantizer qig runs (RTN after any scale search, GPTQ, W-A per-channel
 RTN) hands back, per linear, the parameters its integers were computed with:
-``scale`` and ``zero`` [out, n_groups] float32, and ``g_idx`` [in] int32
-under GPTQ's act-order. A run keeps them per ``"<layer>.<linear>"``
+``scale`` and ``zero`` [out, n_groups] float32, ``g_idx`` [in] int32
+under GPTQ's act-order, and for NVFP4 the weight's per-tensor
+``global_scale`` [1] (the scale is then the effective ``fp8 / global``) and,
+with NVFP4 activations, the calibrated ``input_global_scale`` [1]. A run keeps them per ``"<layer>.<linear>"``
 (``"0.self_attn.q_proj"``); the saved weights are exactly
 ``dequantize(quantize_with(w, scale, zero))``, so the export packs from them
 instead of reading the grid back from the weights.
@@ -23,7 +25,7 @@ import torch
 PREFIX = "quantized."
 # qig before the RTN parameters were kept stored GPTQ's alone, under this prefix; still read.
 OLD_PREFIXES = ("gptq.",)
-FIELDS = ("scale", "zero", "g_idx")
+FIELDS = ("scale", "zero", "g_idx", "global_scale", "input_global_scale")
 
 
 def to_tensors(state: dict[str, dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:

@@ -30,13 +30,14 @@ from qig.quant.spec import QuantSpec
 
 @dataclass
 class Run:
-    """What ``qig quantize`` left in a folder: the saved config, its weight spec and activation bits, the quantizer
-    parameters per ``"<layer>.<linear>"`` (``{scale, zero[, g_idx]}``; empty for folders that kept none)."""
+    """What ``qig quantize`` left in a folder: the saved config, its weight and activation specs (None:
+    weight-only), the quantizer parameters per ``"<layer>.<linear>"`` (``qig.quant.stored``; empty for folders that
+    kept none)."""
 
     path: Path
     config: dict
     spec: QuantSpec
-    abits: int
+    act_spec: QuantSpec | None
     quantized: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)
 
 
@@ -54,7 +55,7 @@ class ExportFormat:
     name: ClassVar[str] = ""
     help: ClassVar[str] = ""
 
-    def check(self, spec: QuantSpec, abits: int = 16, act_order: bool = False) -> None:
+    def check(self, spec: QuantSpec, act_spec: QuantSpec | None = None, act_order: bool = False) -> None:
         """Refuse, in one line and before any work, a setting this format cannot hold; default: any is held.
 
         act_order: the run is GPTQ with act-order (its groups follow a column permutation).

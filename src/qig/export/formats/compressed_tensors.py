@@ -37,8 +37,8 @@ class CompressedTensors(ExportFormat):
     name = "compressed-tensors"
     help = "packed integers and a quantization_config (vLLM, transformers; the export extra)"
 
-    def check(self, spec: QuantSpec, abits: int = 16, act_order: bool = False) -> None:
-        scheme = scheme_for(spec, abits)
+    def check(self, spec: QuantSpec, act_spec: QuantSpec | None = None, act_order: bool = False) -> None:
+        scheme = scheme_for(spec, act_spec)
         if act_order:
             raise QigError(
                 "GPTQ with --act-order permutes its groups' columns (g_idx), which compressed-tensors no longer "
@@ -47,17 +47,22 @@ class CompressedTensors(ExportFormat):
         _require_library(scheme)
 
     def write(self, model, *, family, run, quantized, ignored, folder: Path) -> Written:
-        scheme = scheme_for(run.spec, run.abits)
+        scheme = scheme_for(run.spec, run.act_spec)
         for path, qw in quantized.items():
             check_storable(qw, path)
         if hasattr(model.config, CONFIG_KEY):
             # The fake-quant record would make 'qig eval' install its own activation quantizers on top of the
             # ones compressed-tensors installs at load; quantization_config describes the export instead.
             delattr(model.config, CONFIG_KEY)
-        _write_compressed(model, family, quantized, scheme, ignored, folder)
+        input_scales = {}
+        if run.act_spec is not None and run.act_spec.number == "nvfp4":
+            input_scales = _input_scales(run, quantized, family)
+        _write_compressed(model, family, quantized, scheme, ignored, folder, input_scales)
         return Written(scheme.format, scheme.serving)
 
     def stored_codes(self, module: torch.nn.Module, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
+        if qw.spec.is_float:
+            return _float_codes(module, qw), qw.q
         from compressed_tensors.compressors.pack_quantized.helpers import unpack_from_int32
 
         q, _ = qw.signed()
@@ -66,6 +71,52 @@ class CompressedTensors(ExportFormat):
         else:
             stored = module.weight.data
         return stored, q
+
+
+def _float_codes(module: torch.nn.Module, qw: QuantizedWeight) -> torch.Tensor:
+    """The float codes the module stores: FP8 in ``weight``, FP4 two to a byte in ``weight_packed``."""
+    if qw.spec.number == "fp8":
+        return module.weight.data.float()
+    from compressed_tensors.compressors.nvfp4.helpers import unpack_fp4_from_uint8
+
+    rows, cols = qw.q.shape
+    return unpack_fp4_from_uint8(module.weight_packed.data, rows, cols, dtype=torch.float32)
+
+
+def _set_params(mod: torch.nn.Module, qw: QuantizedWeight, scheme: Scheme, input_scale: torch.Tensor | None) -> None:
+    """Put qig's parameters where compressed-tensors reads them, as the values its compressor stores exactly."""
+    spec = qw.spec
+    scale = qw.scale.float()
+    if spec.number == "nvfp4":
+        scale = scale * qw.global_scale  # back to the FP8 group scale (exact: the effective scale is fp8 / global)
+        _param(mod, "weight_global_scale", qw.global_scale.float().reshape(1))
+    _param(mod, "weight_scale", scale.reshape(mod.weight_scale.shape).contiguous())  # float32: exact
+    if hasattr(mod, "weight_zero_point"):
+        if scheme.weights["symmetric"]:
+            mod.weight_zero_point.zero_()
+        else:
+            _, zero = qw.signed()
+            mod.weight_zero_point.copy_(zero.reshape(mod.weight_zero_point.shape))
+    if input_scale is not None:
+        _param(mod, "input_global_scale", input_scale.float().reshape(1))
+
+
+def _param(mod: torch.nn.Module, name: str, value: torch.Tensor) -> None:
+    setattr(mod, name, torch.nn.Parameter(value, requires_grad=False))
+
+
+def _input_scales(run, quantized: dict[str, QuantizedWeight], family: ModelFamily) -> dict[str, torch.Tensor]:
+    """Per decoder linear (model path) the calibrated NVFP4 activation scale the run stored; refused if missing."""
+    out = {}
+    for path in quantized:
+        params = run.quantized.get(path.removeprefix(f"{family.layers}."), {})
+        if "input_global_scale" not in params:
+            raise QigError(
+                f"{path}: the run stored no calibrated NVFP4 activation scale (input_global_scale); export the "
+                "unchanged folder 'qig quantize' wrote, or re-run it with this qig"
+            )
+        out[path] = params["input_global_scale"]
+    return out
 
 
 def _require_library(scheme: Scheme | None = None) -> None:
@@ -119,9 +170,18 @@ def ignore_list(family: ModelFamily, kept: Sequence[str], saved: Sequence[str] =
 
 @torch.no_grad()
 def _write_compressed(
-    model, family: ModelFamily, quantized: dict[str, QuantizedWeight], scheme: Scheme, ignored: list[str], tmp: Path
+    model,
+    family: ModelFamily,
+    quantized: dict[str, QuantizedWeight],
+    scheme: Scheme,
+    ignored: list[str],
+    tmp: Path,
+    input_scales: dict[str, torch.Tensor],
 ):
-    """Attach the scheme to the decoder linears, set the stored parameters, compress, save."""
+    """Attach the scheme to the decoder linears, set the stored parameters, compress, save.
+
+    input_scales: per decoder linear, the calibrated per-tensor scale of NVFP4 activations.
+    """
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
 
@@ -146,15 +206,7 @@ def _write_compressed(
         extra = sorted(set(attached) ^ set(quantized))[:3]
         raise QigError(f"the compressed-tensors scheme did not land on exactly the decoder linears (e.g. {extra})")
     for path, qw in quantized.items():
-        mod = model.get_submodule(path)
-        q, zero = qw.signed()
-        scale = qw.scale.reshape(mod.weight_scale.shape)
-        mod.weight_scale = torch.nn.Parameter(scale.float().contiguous(), requires_grad=False)  # float32: exact
-        if hasattr(mod, "weight_zero_point"):
-            if scheme.weights["symmetric"]:
-                mod.weight_zero_point.zero_()
-            else:
-                mod.weight_zero_point.copy_(zero.reshape(mod.weight_zero_point.shape))
+        _set_params(model.get_submodule(path), qw, scheme, input_scales.get(path))
     compressor = ModelCompressor.from_pretrained_model(model, scheme.format)
     compressor.compress_model(model)
     save_model(model, tmp, family)
