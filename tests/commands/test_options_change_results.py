@@ -18,7 +18,7 @@ import json
 import pytest
 import torch
 from _tiny import processor, tiny_llava
-from test_quantize_options import NEEDS, VALUES
+from test_quantize_options import NEEDS, OWN_VALUES, VALUES
 
 import qig
 from qig.calib import EMBEDDED, calibration_for
@@ -75,7 +75,7 @@ def test_an_accepted_option_changes_what_the_run_writes(world, method, key):
     cls = CONFIGS[method]
     needs = {k: v for k, v in NEEDS.get(key, {}).items() if k in options_of(cls)}
     base = {**BASE[method], **needs}
-    changed = {**base, key: OTHER.get(key, VALUES[key])}
+    changed = {**base, key: OTHER.get(key, OWN_VALUES.get((method, key), VALUES[key]))}
     if key == "abits":  # W-A: per-channel weights
         changed["group_size"] = None
     assert _run(world, method, changed) != _run(world, method, base), (

@@ -40,8 +40,10 @@ VALUES = {
     "alpha": 0.7,
     "weight_clip": True,
     "duo_scaling": True,
+    "scheme": "NVFP4A16",
     "compat": True,
 }
+OWN_VALUES = {("smoothquant", "scheme"): "FP8_DYNAMIC"}  # W-A only: a W-A scheme with its BASE's bits
 NEEDS = {  # option -> the other options that make its value valid, where the method takes them
     "block_size": {"quantizer": "gptq"},
     "damp": {"quantizer": "gptq"},
@@ -89,7 +91,7 @@ def test_every_flag_reaches_its_config_or_is_refused(method, key):
         pytest.skip("W-A weights are per channel: no group size to set")
     if method == "gptq" and key == "abits":
         pytest.skip("GPTQ is weight-only: abits below 16 is refused by the config itself")
-    options[key] = VALUES[key]
+    options[key] = OWN_VALUES.get((method, key), VALUES[key])
     if not takes:
         with pytest.raises(QigError, match=f"{method} has no option --{key.replace('_', '-')}|is a preset of") as err:
             _config(method, options)
@@ -103,7 +105,7 @@ def test_every_flag_reaches_its_config_or_is_refused(method, key):
     elif key == "token_weights":
         assert config.token_weights.name == VALUES[key]
     else:
-        assert _field(config, key) == VALUES[key]
+        assert _field(config, key) == options[key]
 
 
 @pytest.mark.parametrize(
