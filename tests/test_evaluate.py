@@ -77,3 +77,35 @@ def test_answer_positions_follow_each_family_chat_template(name):
         n_answer = len(proc.tokenizer(answer, add_special_tokens=False).input_ids)
         assert lp.shape[0] == n_answer + 1  # + the end-of-turn token
         assert torch.allclose(lp, lp1, atol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "flags", [("--wbits", "4"), ("--wbits", "8", "--abits", "8")], ids=["rtn-w4", "rtn-w8a8-activations-quantized"]
+)
+def test_reading_the_decoder_from_disk_gives_the_in_memory_answers(flags, tmp_path):
+    """``qig eval --model-offload disk``: each layer read as it is called, the same answers and KL to the bit."""
+    import json
+
+    from _cli import run_cli
+
+    run = tmp_path / "run"
+    assert run_cli("quantize", "--method", "rtn", *flags, "--output", run, "--no-progress") == 0
+    reports = {}
+    for offload in ("none", "disk"):
+        out = tmp_path / f"{offload}.json"
+        args = ("--limit", "6", "--batch-size", "4", "--model-offload", offload, "--json", out)
+        assert run_cli("eval", "--model", run, *args) == 0  # scored against the source model, read the same way
+        reports[offload] = json.loads(out.read_text())
+    assert reports["disk"]["predictions"] == reports["none"]["predictions"]
+    assert reports["disk"]["fidelity"] == reports["none"]["fidelity"]  # the log-probs, not only the answers
+    assert reports["disk"]["activations"] == reports["none"]["activations"]
+
+
+def test_a_streamed_model_releases_every_layer_after_each_call():
+    from qig.evaluate import eval_split, generate_answers, load_for_eval
+
+    model, processor = load_for_eval(model_offload="disk")
+    layers = model.model.language_model.layers
+    assert generate_answers(model, processor, eval_split(limit=2), batch_size=2)
+    assert all(p.device.type == "meta" for p in layers.parameters())
+    assert all(p.device.type != "meta" for n, p in model.named_parameters() if "language_model.layers." not in n)

@@ -88,8 +88,9 @@ def quantize(
     (``qig.pipeline.journal``); required for a model loaded with ``decoder="disk"``.
     resume: continue the run whose finished layers are in ``work_dir`` (refused if
     the model, the calibration data or the config differ from that run's).
-    offload_streams: keep the calibration streams on the host ("cpu"), on the
-    device ("none"), or decide from the memory plan ("auto").
+    offload_streams: keep the calibration streams and the search's group inputs
+    and reference outputs on the host ("cpu"), on the device ("none"), or decide
+    from the memory plan ("auto": the streams first, then the group inputs).
     fingerprint_extra: more of what the results depend on, compared on resume.
 
     >>> result = quantize(model, AWQConfig(wbits=4, group_size=128), calib)  # doctest: +SKIP

@@ -14,6 +14,15 @@ A weight-activation model folder (``qig quantize --abits 8``) is loaded by
 ``qig.loading.load_model_and_processor`` with its per-token activation
 quantizers re-installed, so it is evaluated with activations really quantized
 at run time.
+
+A model larger than the host or the device can keep its decoder on disk
+(:func:`load_for_eval`, ``model_offload="disk"``): each decoder layer is read
+onto the device when the model calls it and released after
+(``qig.pipeline.layers.stream_calls``), with the answers of the model held
+whole. The cost is reading: every forward pass reads the whole decoder once,
+so a batch of questions reads it 1 + ``MAX_NEW_TOKENS`` times for its answers
+(the prompt, then each new token) and once more for the reference log-probs;
+a larger ``batch_size`` reads it fewer times for the same questions.
 """
 
 from __future__ import annotations
@@ -204,6 +213,40 @@ def eval_split(seed: int = world.DEFAULT_EVAL_SEED, limit: int | None = None, n:
     return world.generate("eval", min(n, limit) if limit else n, seed)
 
 
+def load_for_eval(
+    model_dir: str | os.PathLike | None = None,
+    device: str = "cpu",
+    model_offload: str = "none",
+    revision: str | None = None,
+    dtype: torch.dtype = torch.float32,
+    trust_remote_code: bool = False,
+):
+    """The model and processor as evaluation runs them: whole on ``device``, or with the decoder read from disk.
+
+    model_offload: "none" loads every weight; "disk" keeps the decoder layers on
+    disk and reads each onto ``device`` when the model calls it (see the module
+    doc for the cost); "auto" does that when the checkpoint passes a quarter of
+    the host's available memory (``qig.loading.load_plan``'s rule).
+
+        >>> model, processor = load_for_eval("out/qig-w4", "cuda", model_offload="disk")  # doctest: +SKIP
+    """
+    from qig.hub import resolve_model
+    from qig.loading import load_plan
+    from qig.pipeline.layers import stream_calls
+
+    if model_offload not in ("auto", "disk", "none"):
+        raise QigError(f"model_offload {model_offload!r}: use auto, disk or none")
+    path = resolve_model(model_dir, revision, trust_remote_code).path
+    if load_plan("float32", path, device, model_offload).decoder == "memory":
+        return load_model_and_processor(path, device, dtype=dtype, trust_remote_code=trust_remote_code)
+    model, processor = load_model_and_processor(
+        path, "cpu", dtype=dtype, trust_remote_code=trust_remote_code, decoder="disk"
+    )
+    stream_calls(model, torch.device(device))
+    log.info("%s: decoder layers read from disk, one at a time, as the model calls them", path)
+    return model, processor
+
+
 def run_eval(
     model_dir: str | os.PathLike | None = None,
     seed: int = world.DEFAULT_EVAL_SEED,
@@ -217,15 +260,18 @@ def run_eval(
     blank_images: bool = False,
     reference: ReferenceOutputs | None = None,
     revision: str | None = None,
+    model_offload: str = "none",
 ) -> dict:
     """Evaluate a model folder or hub id on the world's eval split (or ``data``); see module doc.
 
     ``blank_images`` replaces every image by an empty background (same noise
     level), to show how much the answers depend on the image. ``reference``:
     a reference's outputs on the same questions, computed once
-    (``reference_outputs``), instead of ``reference_dir``.
+    (``reference_outputs``), instead of ``reference_dir``. ``model_offload``:
+    where the decoder layers of the model and of ``reference_dir`` are read from
+    (:func:`load_for_eval`).
     """
-    model, processor = load_model_and_processor(model_dir, device, revision=revision)
+    model, processor = load_for_eval(model_dir, device, model_offload, revision)
     if data is not None:
         records = load_records(data, image_folder, limit)
     else:
@@ -233,7 +279,7 @@ def run_eval(
     if blank_images:
         records = [(world.blank_image(seed + i), rec) for i, (_, rec) in enumerate(records)]
     if reference_dir is not None:
-        reference = load_model_and_processor(reference_dir, device)
+        reference = load_for_eval(reference_dir, device, model_offload)
     report = evaluate_records(model, processor, records, batch_size, reference)
     report["activations"] = activation_note(model)
     report["model"] = str(model_dir) if model_dir is not None else "embedded"

@@ -171,6 +171,15 @@ def revision_option():
     return option(None, "branch, tag or commit of a hub id in --model (default: main)")
 
 
+def model_offload_option():
+    return option(
+        "auto",
+        "disk: read each decoder layer from the checkpoint when it is used (host memory: the rest of the "
+        "model and a layer); none: load the whole model; auto: disk when the decoder passes a quarter of the "
+        "available host memory",
+    )
+
+
 def calib_split_option():
     return option(None, "split of a hub dataset id in --calib (default: its only split)")
 

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 from qig.calib import DEFAULT_MAX_LENGTH, DEFAULT_N_SAMPLES, check_calibration_file, check_calibration_source
 from qig.errors import QigError
-from qig.hub import calib_images_option, calib_split_option, model_option, revision_option
+from qig.hub import calib_images_option, calib_split_option, model_offload_option, model_option, revision_option
 from qig.methods import needs_calibration
 from qig.methods.config import CONFIGS
 from qig.options import check_fields, flat_options, option
@@ -79,14 +79,11 @@ class RunOptions:
         "dtype the model is loaded, quantized and saved in (auto: the checkpoint's; on a CPU device a float16 "
         "checkpoint is quantized in float32, which CPUs run ~10x faster, and saved in float16)",
     )
-    model_offload: Literal["auto", "disk", "none"] = option(
-        "auto",
-        "disk: read each decoder layer from the checkpoint when it is quantized (host memory: the rest of the "
-        "model and a layer); none: load the whole model; auto: disk when the decoder passes a quarter of the "
-        "available host memory",
-    )
+    model_offload: Literal["auto", "disk", "none"] = model_offload_option()
     offload_streams: Literal["auto", "cpu", "none"] = option(
-        "auto", "keep the calibration streams on the host (cpu) or the device (none); auto: the memory plan decides"
+        "auto",
+        "keep the calibration streams and the search's group inputs on the host (cpu) or the device (none); "
+        "auto: the memory plan decides (the streams first)",
     )
     resume: bool = option(False, "continue the interrupted run of this --output from its last finished layer")
     report: bool = option(False, "also write token maps of the search's weights to OUT/report")

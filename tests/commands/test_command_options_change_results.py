@@ -141,7 +141,10 @@ COMMANDS = {
             "reference": ((), ("--reference", "{other_model}")),
             "blank_images": ((), ("--blank-images",)),
         },
-        same={"batch_size": (("--batch-size", "5"), "questions per forward: padded batches, the same answers")},
+        same={
+            "batch_size": (("--batch-size", "5"), "questions per forward: padded batches, the same answers"),
+            "model_offload": (("--model-offload", "disk"), "the decoder layers read from disk as called: the same"),
+        },
         elsewhere={
             "json": "where the report is written",
             "device": "where the model runs; this machine has a CPU only (tests/cuda, scripts/gpu_check.sh)",

@@ -7,12 +7,13 @@ import dataclasses
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from qig.commands.flags import add_flags, from_args
 from qig.embedded import world
 from qig.errors import QigError
 from qig.fileio import atomic_write_text
-from qig.hub import model_option, revision_option
+from qig.hub import model_offload_option, model_option, revision_option
 from qig.options import check_fields, option
 
 
@@ -34,6 +35,7 @@ class EvalOptions:
     )
     blank_images: bool = option(False, "replace every image by an empty background")
     device: str = option("cpu", "compute device: cpu, cuda, cuda:N")
+    model_offload: Literal["auto", "disk", "none"] = model_offload_option()
     batch_size: int = option(64, "questions per forward", min=1)
     json: str | None = option(None, "write the report (with per-question predictions) here", path=True)
     tasks: str | None = option(
@@ -69,7 +71,8 @@ class EvalOptions:
         if refused:
             raise QigError(
                 f"{', '.join(refused)} not taken with --tasks (lmms-eval reads each task's own data and scores it); "
-                f"with --tasks use --model, --device, --batch-size, --limit, --json, and --seed/--n for {EMBEDDED_TASK}"
+                "with --tasks use --model, --device, --model-offload, --batch-size, --limit, --json, and --seed/--n "
+                f"for {EMBEDDED_TASK}"
             )
 
 
@@ -112,6 +115,7 @@ def run(args) -> int:
         device=opts.device,
         batch_size=opts.batch_size,
         blank_images=opts.blank_images,
+        model_offload=opts.model_offload,
     )
     print(format_table(report))
     if note:
@@ -135,6 +139,7 @@ def run_tasks(opts: EvalOptions) -> int:
         seed=opts.seed,
         n=opts.n,
         revision=opts.revision,
+        model_offload=opts.model_offload,
     )
     print(format_results(results))
     if opts.json:

@@ -5,9 +5,11 @@
 Model args (``--model_args k=v,...``): ``pretrained`` (a model folder or hub id, with ``revision``; default
 the embedded model), ``device`` (cpu, cuda, cuda:N), ``batch_size``, ``dtype``
 (float32, as ``qig eval`` loads; bfloat16, float16, or auto: the checkpoint's),
-``trust_remote_code`` and ``max_new_tokens`` (for tasks that set none).
+``trust_remote_code``, ``max_new_tokens`` (for tasks that set none) and
+``model_offload`` (none, the default here; disk: the decoder layers read from
+disk as the model calls them; auto: ``qig eval --model-offload``'s rule).
 
-The folder is loaded by ``qig.loading.load_model_and_processor``: a
+The folder is loaded by ``qig.evaluate.load_for_eval``: a
 weight-activation folder gets its per-token activation quantizers back, which
 lmms-eval's own ``llava_hf`` model, loading with plain transformers, leaves out
 (it scores the float answers). A question with one image is rendered and
@@ -35,8 +37,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from qig.errors import QigError
-from qig.evaluate import _batch, _prompt
-from qig.loading import activation_note, load_model_and_processor
+from qig.evaluate import _batch, _prompt, load_for_eval
+from qig.loading import activation_note
 
 try:
     from lmms_eval.api.model import lmms
@@ -65,6 +67,7 @@ class QigModel(lmms):
         max_new_tokens: int = 1024,
         max_batch_size: int | None = None,  # passed by lmms-eval's CLI; batches here have a fixed size
         revision: str | None = None,
+        model_offload: str = "none",
         **unknown,
     ) -> None:
         super().__init__()
@@ -73,7 +76,7 @@ class QigModel(lmms):
         if unknown:
             allowed = (
                 "pretrained (a folder or hub id), revision, device, batch_size, dtype, trust_remote_code, "
-                "max_new_tokens"
+                "max_new_tokens, model_offload"
             )
             raise QigError(f"the qig model takes no {', '.join(sorted(unknown))}; its model args are: {allowed}")
         if dtype not in DTYPES:
@@ -86,8 +89,8 @@ class QigModel(lmms):
 
         check_device(device)
         self._device = torch.device(device)
-        self._model, self.processor = load_model_and_processor(
-            pretrained, device, dtype=DTYPES[dtype], trust_remote_code=bool(trust_remote_code), revision=revision
+        self._model, self.processor = load_for_eval(
+            pretrained, device, model_offload, revision, DTYPES[dtype], bool(trust_remote_code)
         )
         self.processor.tokenizer.padding_side = "left"  # batched generation, as qig.evaluate.generate_answers pads
         self.pretrained = str(pretrained) if pretrained is not None else "embedded"

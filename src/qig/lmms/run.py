@@ -37,11 +37,13 @@ def run_tasks(
     seed: int = world.DEFAULT_EVAL_SEED,
     n: int = 1000,
     revision: str | None = None,
+    model_offload: str = "none",
 ) -> dict:
     """lmms-eval's results dict (``results``, ``samples``, ...) for ``tasks`` scored with the qig model.
 
     seed, n: the embedded task's split (as ``qig eval --seed/--n``); limit:
-    lmms-eval's, the first N documents of every task.
+    lmms-eval's, the first N documents of every task. model_offload: where the
+    decoder layers are read from (``qig.evaluate.load_for_eval``).
     """
     try:
         from lmms_eval.evaluator import simple_evaluate
@@ -57,7 +59,9 @@ def run_tasks(
         said = "; ".join(f"{name!r}" + (f" (did you mean {', '.join(m)}?)" if m else "") for name, m in hints.items())
         raise QigError(f"unknown lmms-eval task {said}; `lmms-eval --tasks list` lists them, {EMBEDDED_TASK} is qig's")
     pretrained = None if model_dir is None else str(model_dir)
-    model = QigModel(pretrained=pretrained, device=device, batch_size=batch_size, revision=revision)
+    model = QigModel(
+        pretrained=pretrained, device=device, batch_size=batch_size, revision=revision, model_offload=model_offload
+    )
     with tempfile.TemporaryDirectory(prefix="qig-lmms-") as tmp:
         n_written = min(n, limit) if limit else n  # the questions qig eval would score: eval_split's rule
         specs = [embedded_task(Path(tmp), seed, n_written) if name == EMBEDDED_TASK else name for name in tasks]

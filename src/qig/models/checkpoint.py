@@ -47,6 +47,8 @@ def read_header(shard: Path) -> dict:
     try:
         with shard.open("rb") as f:
             (n,) = struct.unpack("<Q", f.read(8))
+            if n > shard.stat().st_size - 8:  # a corrupt length would have us read that many bytes
+                raise ValueError(f"its header length {n} passes the file's {shard.stat().st_size} bytes")
             header = json.loads(f.read(n))
     except (OSError, ValueError, struct.error) as exc:
         raise QigError(f"{shard} is not a readable safetensors file: {exc}") from exc

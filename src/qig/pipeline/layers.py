@@ -14,6 +14,11 @@ the layer on the compute device for the duration of the ``with`` block.
     >>> layers = InMemoryLayers(model, family_for(model))  # doctest: +SKIP
     >>> with layers.onload(0, torch.device("cpu")) as layer:  # doctest: +SKIP
     ...     h = layer(x, **kwargs)
+
+:func:`stream_calls` makes a streamed model run whole (evaluation,
+generation): each decoder layer is onloaded when the model calls it and
+released when it returns, so every forward pass reads the decoder from disk
+once, one layer at a time.
 """
 
 from __future__ import annotations
@@ -23,8 +28,9 @@ from collections.abc import Iterator
 
 import torch
 
+from qig.errors import QigError
 from qig.hostmem import trim
-from qig.models import ModelFamily
+from qig.models import ModelFamily, family_for, get_module
 
 
 class DecoderLayers:
@@ -101,3 +107,53 @@ def layers_for(model: torch.nn.Module, family: ModelFamily) -> DecoderLayers:
 
     index = getattr(model, STREAMED, None)
     return InMemoryLayers(model, family) if index is None else CheckpointLayers(model, family, index)
+
+
+def stream_calls(model: torch.nn.Module, device: torch.device) -> CheckpointLayers:
+    """Make a model loaded with ``decoder="disk"`` run whole on ``device``; returns its layers.
+
+    Everything but the decoder layers moves to ``device``; each decoder layer is
+    read from the checkpoint onto ``device`` when the model calls it and released
+    to the meta device when the call returns (forward hooks around
+    :meth:`CheckpointLayers.onload`; released on an error too). The computation is
+    the in-memory model's: the same modules with the same weights, one at a time.
+    A forward pass reads every layer once: ``generate`` reads the decoder once per
+    new token (the KV cache stays on ``device``).
+
+        >>> model, processor = load_model_and_processor("out/qig-w4", decoder="disk")  # doctest: +SKIP
+        >>> stream_calls(model, torch.device("cuda"))  # doctest: +SKIP
+        >>> model.generate(**inputs, max_new_tokens=6)  # doctest: +SKIP
+    """
+    family = family_for(model)
+    layers = layers_for(model, family)
+    if not isinstance(layers, CheckpointLayers):
+        raise QigError("stream_calls needs a model loaded with decoder='disk' (its layers on the meta device)")
+    parent, _, name = family.layers.rpartition(".")
+    holder, held = get_module(model, parent), get_module(model, family.layers)
+    setattr(holder, name, torch.nn.ModuleList())  # out of the tree while the rest moves (meta tensors cannot)
+    try:
+        model.to(device)
+    finally:
+        setattr(holder, name, held)
+    open_layers: dict[int, contextlib.AbstractContextManager] = {}
+
+    def onload(index: int):
+        def hook(_module, _args, _kwargs):
+            loading = layers.onload(index, device)
+            loading.__enter__()
+            open_layers[index] = loading
+
+        return hook
+
+    def release(index: int):
+        def hook(_module, _args, _kwargs, _output):
+            loading = open_layers.pop(index, None)
+            if loading is not None:
+                loading.__exit__(None, None, None)
+
+        return hook
+
+    for i, module in enumerate(layers.modules):
+        module.register_forward_pre_hook(onload(i), with_kwargs=True)
+        module.register_forward_hook(release(i), with_kwargs=True, always_call=True)
+    return layers
