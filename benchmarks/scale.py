@@ -59,6 +59,7 @@ from _random_models import (  # noqa: E402  (benchmarks/, the script's own folde
     VOCAB,
     build_onevision,
     decoder_layer_params,
+    onevision_config,
     vision_tokens,
 )
 from _rows import gptq_rows, method_rows, row_flags  # noqa: E402
@@ -279,6 +280,54 @@ def method_flops(d: dict, N: int, T: int) -> dict[str, float]:
     }
 
 
+PLAN_METHODS = ("awq", "qig", "gptq")
+
+
+def meta_onevision(decoder: str, grid: str):
+    """LLaVA-OneVision with ``decoder``'s dimensions, full depth and real vocabulary, on the meta device (bf16)."""
+    import torch
+    from transformers import LlavaOnevisionForConditionalGeneration
+
+    config = onevision_config(FULL_DEPTH[decoder], decoder, grid, vision_layers=26)
+    config.text_config.vocab_size = VOCAB[decoder]
+    with torch.device("meta"):
+        return LlavaOnevisionForConditionalGeneration._from_config(config, dtype=torch.bfloat16)
+
+
+def plan_lines(decoder: str, n_samples: int, tokens: int, gpu_gib: float) -> list[str]:
+    """qig's own memory plan (``qig.pipeline.plan.shape_plan``, ``--offload-streams auto``) of AWQ, QIG and GPTQ.
+
+    W4 g128, the methods' defaults; where a plan passes the share of the GPU that ``auto`` keeps
+    (``DEVICE_SHARE``), the largest chunk that stays within it (``--batch-tokens``: fewer samples
+    per forward; the search adds the chunks' losses, so it scores the same candidates).
+    """
+    from qig.methods import method_for
+    from qig.methods.config import make_config
+    from qig.models import family_for
+    from qig.pipeline.plan import DEVICE_SHARE, GROUP_INPUTS, STREAMS, gib, shape_plan
+
+    model = meta_onevision(decoder, "1x1")  # the grid changes the processor only; the plan takes T
+    family = family_for(model)
+    out = ["    qig's memory plan (offload auto), device and host peak, what waits on the host:"]
+    for name in PLAN_METHODS:
+        for b in (None, 8, 4, 2, 1):
+            budget = None if b is None else b * tokens
+            config = make_config(name, wbits=4, batch_tokens=budget)
+            plan = shape_plan(model, family, n_samples, tokens, config, method_for(config), int(gpu_gib * GIB))
+            fits = plan.on("device") <= gpu_gib * GIB
+            if plan.on("device") <= DEVICE_SHARE * gpu_gib * GIB or b == 1:
+                break
+        host = [w for w, p in (("streams", STREAMS), ("group inputs", GROUP_INPUTS)) if plan.on_host(p)]
+        decoder_bytes = next(v for k, v in plan.items.items() if k.startswith("decoder layers"))
+        chunk = f"--batch-tokens {budget} ({b} samples/chunk)" if budget else "default chunks"
+        out.append(
+            f"      {name:<5} {gib(plan.on('device')):>10} {'fits' if fits else 'EXCEEDS'} {gpu_gib:.0f}, "
+            f"host {gib(plan.on('host') - decoder_bytes)} + decoder; {chunk}; "
+            f"on the host: {', '.join(host) or 'nothing'}"
+        )
+    return out
+
+
 def paper_table(n_samples: int = 128, gpu_gib: float = 80.0, tflops: float = 400.0) -> str:
     """Memory and FLOP estimates for LLaVA-OneVision-7B / -72B in bf16 (estimates, formulas printed)."""
     from qig.methods import QIGConfig
@@ -304,6 +353,10 @@ def paper_table(n_samples: int = 128, gpu_gib: float = 80.0, tflops: float = 400
         "  GPTQ = LF (x^q) + staged inputs + Hessians 2 N T (3 h^2 + i^2) + 4/3 in^3 Cholesky/inverse per Hessian"
         " + 2 out in^2 column updates per linear",
         f"  hours = L x FLOPs/layer / {tflops:.0f} TFLOP/s (an ASSUMED sustained rate, not measured)",
+        "  everything on the device = the working sets above with every stream and group input on the GPU;",
+        "  qig's memory plan = what qig quantize itself plans (qig.pipeline.plan, as qig plan prints it): the",
+        "    streams, then the group inputs and reference outputs wait on the host when the GPU is short, one chunk",
+        "    on the device at a time; host = what waits there, besides the decoder (on disk with --model-offload disk)",
         "",
     ]
     for m in PAPER_MODELS:
@@ -333,17 +386,19 @@ def paper_table(n_samples: int = 128, gpu_gib: float = 80.0, tflops: float = 400
                 "qig": layer + 2 * stream + 2 * group + stream + path,  # x and x^q, both group inputs, the path
                 "gptq": layer + stream + group + 3 * i * i * 4,  # x^q, the stage input, Hessian factorisation
             }
+            plans = plan_lines(m.decoder, N, T, gpu_gib)
             lines += [
                 f"  T = {T} tokens per sample ({label}):",
                 f"    {'stream x / x and x^q':<36} {stream / GIB:8.2f} / {2 * stream / GIB:.2f} GiB",
                 f"    {'down_proj group input x / with x^q':<36} {group / GIB:8.2f} / {2 * group / GIB:.2f} GiB",
                 f"    {'QIG path z / MLP path activations':<36} {z / GIB:8.2f} / {path / GIB:.2f} GiB",
                 f"    {'MBQ stored layer inputs (host)':<36} {L * stream / GIB:8.1f} GiB (L streams, for its backward)",
-                f"    {'device working set per layer':<36} "
+                f"    {'everything on the device, per layer':<36} "
                 + ", ".join(
                     f"{k} {v / GIB:.0f} GiB ({'fits' if v / GIB < gpu_gib else 'EXCEEDS'} {gpu_gib:.0f})"
                     for k, v in working.items()
                 ),
+                *plans,
                 f"    {'method':<10} {'TFLOP/layer':>12} {'PFLOP, all layers':>18} {f'h at {tflops:.0f} TFLOP/s':>18}",
             ]
             for k, v in method_flops(d, N, T).items():
