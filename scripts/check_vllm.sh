@@ -222,6 +222,8 @@ quantize qig-w4g128 --method qig --wbits 4 --group-size 128 --n-samples "$SAMPLE
 add qig-w4g128 "$OUT/qig-w4g128" must "$WNA16"
 quantize rtn-w8a8 --method rtn --wbits 8 --abits 8
 add rtn-w8a8 "$OUT/rtn-w8a8" must "$W8A8"
+quantize awq-w4a16-sym --method awq --scheme W4A16 --n-samples "$SAMPLES"
+add awq-w4a16-sym "$OUT/awq-w4a16-sym" must "$WNA16"
 # reported, not required: what vLLM 0.32's CPU build does with qig's other exportable settings
 quantize rtn-w4a8 --method rtn --wbits 4 --abits 8
 add rtn-w4a8 "$OUT/rtn-w4a8" extra CompressedTensorsW4A8Int/Dynamic4bitLinearKernel
@@ -251,6 +253,28 @@ done <"$MANIFEST"
 status=0
 log "vLLM $VLLM_VERSION (CPU) against qig eval, $N embedded eval questions, greedy:"
 "$PY" scripts/vllm_table.py --dir "$OUT" || status=1
+
+# --- 5. the GPU-only schemes: vLLM's own parser on each export ---------------------------------------------
+# vLLM's CPU build has no kernel for FP8, W4AFP8, NVFP4 or MXFP4, so these exports are not served here; vLLM's
+# compressed-tensors parser reads each one's quantization_config and picks the scheme class for the decoder
+# linears, as it would on an H100 (sm90) and a B200 (sm100): scripts/vllm_schemes.py (stands in for the GPU's
+# capability and skips the class's kernel choice). Every row must get its intended class on the GPU it targets.
+schemes=()
+for setting in "fp8-dynamic FP8_DYNAMIC rtn CompressedTensorsW8A8Fp8" "w4afp8 W4AFP8 rtn CompressedTensorsW4A8Fp8" \
+    "nvfp4a16 NVFP4A16 rtn CompressedTensorsW4A4Fp4" "nvfp4 NVFP4 awq CompressedTensorsW4A4Fp4" \
+    "mxfp4a16 MXFP4A16 rtn CompressedTensorsW4A4Mxfp4" "mxfp4 MXFP4 rtn CompressedTensorsW4A4Mxfp4"; do
+    set -- $setting
+    # NVFP4's activation scales are calibrated: AWQ with one candidate is round-to-nearest plus that calibration
+    extra=()
+    [ "$3" = awq ] && extra=(--n-grid 1 --n-samples "$SAMPLES")
+    quantize "$1" --method "$3" --scheme "$2" "${extra[@]}" || status=1
+    schemes+=("$1=$OUT/$1=$4")
+done
+"$VENV/bin/python" scripts/vllm_schemes.py --capability 90 "${schemes[@]}" 2>/dev/null | grep -v '^Triton' \
+    || status=1
+# W4AFP8 is a Hopper-only scheme in vLLM 0.32 (its parser asks for sm90 exactly): not asked of a B200
+"$VENV/bin/python" scripts/vllm_schemes.py --capability 100 "${schemes[@]/w4afp8=*/}" 2>/dev/null \
+    | grep -v '^Triton' || status=1
 
 # --- 4. the compressed-tensors pin: 0.17 (vLLM's) writes what 0.20 writes --------------------------------
 if [ "$PIN" = 1 ]; then

@@ -135,16 +135,17 @@ def _weight_activation_note(spec: QuantSpec, act_spec: QuantSpec) -> str:
     return f"vLLM has no integer W{spec.bits}A{abits} scheme; transformers loads it (activations fake-quantized)"
 
 
-# Float numbers, read from vLLM 0.32's compressed_tensors.py (_get_scheme_from_parts) and its schemes' minimum
-# capabilities; scripts/check_vllm.sh runs vLLM's own parser on each export and prints the class it picks.
+# Float numbers: the class vLLM 0.32's parser picks (compressed_tensors.py, _get_scheme_from_parts) and its
+# get_min_capability(), as scripts/vllm_schemes.py prints them for each export (check_vllm.sh step 5).
 FLOAT_NOTES = {
-    ("fp8", "fp8"): "vLLM: FP8 W8A8 (CompressedTensorsW8A8Fp8, dynamic per-token): NVIDIA GPUs sm89+ (Ada, Hopper); "
-    "older GPUs run the weights through Marlin as W8A16",
-    ("int", "fp8"): "vLLM: W4AFP8 (CompressedTensorsW4A8Fp8): Hopper (sm90) CUTLASS kernels only",
-    ("nvfp4", None): "vLLM: NVFP4 weight-only (CompressedTensorsW4A16Fp4): Blackwell (sm100) natively, Marlin on "
-    "older GPUs (sm80+)",
-    ("nvfp4", "nvfp4"): "vLLM: NVFP4 W4A4 (CompressedTensorsW4A4Fp4): Blackwell (sm100+); older GPUs fall back to "
-    "weight-only Marlin (sm80+)",
-    ("mxfp4", None): "vLLM: MXFP4 weight-only (CompressedTensorsW4A16Mxfp4): GPUs through Marlin / emulation",
-    ("mxfp4", "mxfp4"): "vLLM: MXFP4 W4A4 (CompressedTensorsW4A4Mxfp4 / emulation): Blackwell (sm100+)",
+    ("fp8", "fp8"): "vLLM: FP8 W8A8 (CompressedTensorsW8A8Fp8, dynamic per-token): NVIDIA GPUs sm89+ (Ada, Hopper, "
+    "Blackwell); below sm89 vLLM runs the weights as W8A16 (CompressedTensorsW8A16Fp8)",
+    ("int", "fp8"): "vLLM: W4AFP8 (CompressedTensorsW4A8Fp8): Hopper (sm90) only; vLLM 0.32 finds no scheme for it "
+    "on other GPUs",
+    ("nvfp4", None): "vLLM: NVFP4 weight-only (CompressedTensorsW4A4Fp4, a16): FP4 kernels on Blackwell (sm100), "
+    "Marlin on older GPUs (sm75+)",
+    ("nvfp4", "nvfp4"): "vLLM: NVFP4 W4A4 (CompressedTensorsW4A4Fp4): FP4 tensor cores on Blackwell (sm100); older "
+    "GPUs (sm75+) run it through Marlin with 16-bit activations",
+    ("mxfp4", None): "vLLM: MXFP4 (CompressedTensorsW4A4Mxfp4, weight-only): NVIDIA GPUs sm80+",
+    ("mxfp4", "mxfp4"): "vLLM: MXFP4 W4A4 (CompressedTensorsW4A4Mxfp4): NVIDIA GPUs sm80+",
 }
