@@ -5,6 +5,7 @@
     python benchmarks/scale.py --device cuda --extra=--model-offload=disk --extra=--offload-streams=cpu
     python benchmarks/scale.py --decoder qwen2-7b --depths 2 --n-samples 128 --device cuda   # 7B layers
     python benchmarks/scale.py --paper                            # the 7B / 72B extrapolation only, no runs
+    python benchmarks/scale.py --methods rtn awq --depths 6 24 --extra=--model-offload=disk --eval-offload disk
 
 Models (``benchmarks/_random_models.py``): transformers' ``LlavaOnevisionConfig``
 with a ``Qwen2Config`` decoder at Qwen2-0.5B's dimensions (hidden 896, 14 / 2
@@ -27,6 +28,13 @@ included) and, on CUDA, ``torch.cuda.max_memory_allocated``. ``--extra`` flags
 go to every ``qig quantize`` unchanged (e.g. ``--extra=--model-offload=disk``).
 Flags that only some methods take are given only to those: ``--n-samples`` and
 ``--max-length`` to the calibrated ones, ``--n-grid`` to the searches.
+
+``--eval-offload none|disk|auto`` adds the next step of the flow: each
+quantized folder is scored by ``qig eval --model-offload ...`` in its own
+process (``--eval-limit`` questions of the embedded split, ``--reference none``),
+and its peak RSS is reported beside the quantize run's, with its ratio over
+the smallest depth. The export step is not measured yet (its streamed
+version is still to come: README, "not yet streamed").
 
 ``--paper`` prints, without running anything, the memory and FLOP estimates
 for LLaVA-OneVision-7B and -72B (128 samples, bf16, one 80 GB GPU), each
@@ -102,6 +110,9 @@ class Run:
     vision_per_sample: float | None = None
     timings: dict = field(default_factory=dict)
     error: str | None = None
+    eval_rc: int | None = None  # qig eval of the quantized folder (--eval-offload)
+    eval_wall_s: float | None = None
+    eval_peak_rss_bytes: int | None = None
 
 
 def model_folder(cache: Path, decoder: str, depth: int, grid: str, vision_layers: int, seed: int) -> Path:
@@ -182,6 +193,14 @@ def measure(args, row: str, depth: int, grid: str) -> Run:
         tokens = calibration_tokens(run_files)
         if tokens is not None:
             run.tokens_per_sample, run.vision_per_sample = tokens
+        if args.eval_offload is not None:
+            argv = ["eval", "--model", str(output), "--model-offload", args.eval_offload, "--device", args.device]
+            argv += ["--limit", str(args.eval_limit), "--batch-size", str(args.eval_limit), "--reference", "none"]
+            (tmp / "eval").mkdir()
+            rc, wall, rss, _, tail = run_child(argv, tmp / "eval")
+            run.eval_rc, run.eval_wall_s, run.eval_peak_rss_bytes = rc, wall, rss
+            if rc != 0:
+                run.error = tail or f"eval exit {rc}"
     return run
 
 
@@ -197,14 +216,20 @@ def format_table(runs: list[Run]) -> str:
         if r.rc == 0 and r.peak_rss_bytes and (key not in base or r.depth < base[key].depth):
             base[key] = r
     width = max(8, *(len(r.method) for r in runs))
+    evals = any(r.eval_peak_rss_bytes for r in runs)
     head = (
         f"{'method':<{width}} {'depth':>5} {'grid':>4} {'tok/sample':>10} {'vision':>6} {'s/layer':>8} "
         f"{'wall s':>7} {'peak RSS GiB':>12} {'RSS x':>6} {'dev peak GiB':>12} {'decoder bf16 GiB':>16}"
     )
+    if evals:
+        head += f" {'eval wall s':>11} {'eval RSS GiB':>12} {'eval x':>6}"
     lines = [head]
     for r in runs:
         b = base.get((r.method, r.grid))
         ratio = f"{r.peak_rss_bytes / b.peak_rss_bytes:>6.2f}" if b and r.peak_rss_bytes else f"{'-':>6}"
+        eval_ratio = f"{'-':>6}"
+        if b and b.eval_peak_rss_bytes and r.eval_peak_rss_bytes:
+            eval_ratio = f"{r.eval_peak_rss_bytes / b.eval_peak_rss_bytes:>6.2f}"
         tok = f"{r.tokens_per_sample:>10.0f}" if r.tokens_per_sample else f"{'-':>10}"
         vis = f"{r.vision_per_sample:>6.0f}" if r.vision_per_sample else f"{'-':>6}"
         spl = f"{r.s_per_layer:>8.2f}" if r.s_per_layer is not None else f"{'-':>8}"
@@ -214,6 +239,9 @@ def format_table(runs: list[Run]) -> str:
             f"{r.method:<{width}} {r.depth:>5} {r.grid:>4} {tok} {vis} {spl} {wall} "
             f"{_gib(r.peak_rss_bytes):>12} {ratio} {_gib(r.cuda_peak_allocated_bytes):>12} {_gib(decoder):>16}"
         )
+        if evals:
+            eval_wall = f"{r.eval_wall_s:>11.1f}" if r.eval_wall_s is not None else f"{'-':>11}"
+            line += f" {eval_wall} {_gib(r.eval_peak_rss_bytes):>12} {eval_ratio}"
         if r.rc != 0:
             line += f"  FAILED (exit {r.rc})"
         lines.append(line)
@@ -427,6 +455,13 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--device", default="cpu")
     p.add_argument("--extra", action="append", default=[], help="flags for every qig quantize (--extra=--flag=v)")
+    p.add_argument(
+        "--eval-offload",
+        choices=["none", "disk", "auto"],
+        default=None,
+        help="also qig eval each output, decoder read so",
+    )
+    p.add_argument("--eval-limit", type=int, default=2, help="questions qig eval scores (one batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "qig-scale-models"))
     p.add_argument("--scratch", default=None, help="where the runs' output folders go (default: the temp dir)")
@@ -446,7 +481,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{d['num_attention_heads']}/{d['num_key_value_heads']} heads, "
         f"{decoder_layer_params(args.decoder) / 1e6:.1f} M weights per layer), SigLIP {args.vision_layers} layers "
         f"at 1152 / patch 14 / 384; W{args.wbits} g{args.group_size}, {args.n_samples} samples, "
-        f"device {args.device}, extra {args.extra or 'none'}",
+        f"device {args.device}, extra {args.extra or 'none'}"
+        + (f"; qig eval --model-offload {args.eval_offload}, {args.eval_limit} questions" if args.eval_offload else ""),
         flush=True,
     )
     runs: list[Run] = []
@@ -459,7 +495,8 @@ def main(argv: list[str] | None = None) -> int:
                 spl = f"{run.s_per_layer:.2f} s/layer, " if run.s_per_layer is not None else ""
                 print(
                     f"{row} depth {depth} grid {grid}: {status}, {spl}wall {run.wall_s:.1f} s, "
-                    f"peak RSS {_gib(run.peak_rss_bytes)} GiB",
+                    f"peak RSS {_gib(run.peak_rss_bytes)} GiB"
+                    + (f", eval peak RSS {_gib(run.eval_peak_rss_bytes)} GiB" if run.eval_rc is not None else ""),
                     file=sys.stderr,
                     flush=True,
                 )
@@ -468,7 +505,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.json:
                     Path(args.json).write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
     print(format_table(runs))
-    failed = [r for r in runs if r.rc != 0]
+    failed = [r for r in runs if r.rc != 0 or r.eval_rc not in (None, 0)]
     if failed:
         print(f"{len(failed)} run(s) failed: " + ", ".join(f"{r.method}@{r.depth}/{r.grid}" for r in failed))
     return 1 if failed else 0
