@@ -206,6 +206,11 @@ def _place(plan: MemoryPlan, offload: str, device: torch.device) -> None:
         plan.where[key] = "host"
         plan.add(f"{prefix}: one chunk on the device", math.ceil(plan.items[key] * plan.chunk_share), "device")
         plan.notes.append(f"the {prefix} are kept on the host and come to the device one chunk at a time")
+    if offload != "none" and plan.device_free is not None and plan.on("device") > DEVICE_SHARE * plan.device_free:
+        plan.notes.append(
+            "still past the device's share: fewer samples per chunk (--batch-tokens) shrink one chunk's "
+            "activations, QIG's path batch and what the offloaded items keep on the device"
+        )
 
 
 def offloads(plan: MemoryPlan, offload: str, device: torch.device) -> bool:
