@@ -6,6 +6,14 @@
     python benchmarks/accuracy.py --settings w4a8 w8a8 w4a4 --eval-seeds 1234 1 2   # weight-activation
     python benchmarks/accuracy.py --settings w4a8 --methods mbq qig "qig[tokens=vision+answer]" --fidelity
     python benchmarks/accuracy.py --dtype float32 bfloat16 --settings w3g128 --methods fp rtn awq gptq
+    python benchmarks/accuracy.py --settings W4A16 FP8_DYNAMIC W4AFP8 NVFP4 MXFP4 --eval-seeds 1234 1 2  # --scheme
+
+A setting is also a scheme name (``qig quantize --scheme``: W4A16, W4A16_ASYM,
+W8A16, W8A8, FP8_DYNAMIC, W4AFP8, NVFP4A16, NVFP4, MXFP4A16, MXFP4); its rows
+run with ``scheme=`` instead of bits. Where RTN does not exist (NVFP4's
+activations need calibrated scales), ``awq[n_grid=1]`` (its only candidate is
+s = 1: round-to-nearest with the calibrated activation scales) is the
+baseline the pooled section measures recovery against.
 
 The rows come from the method registry (``qig.methods.CONFIGS``): by default
 fp and every registered method except GPTQ that applies to the setting, i.e.
@@ -71,6 +79,8 @@ from _rows import gptq_rows, method_rows  # noqa: E402  (benchmarks/, the script
 FP_ROW = "fp"  # the unquantized model
 DTYPES = ("float32", "bfloat16", "float16")
 DTYPE_GAP = 0.5  # points: the largest accuracy difference to the first dtype a row may show
+# The row recovery is measured against: RTN, or where RTN does not exist (NVFP4) RTN with calibrated activations.
+BASELINES = ("rtn", "awq[n_grid=1]")
 
 
 def all_rows() -> list[str]:
@@ -100,28 +110,52 @@ def split_row(row: str) -> tuple[str, dict]:
     return m.group(1), options
 
 
-def make_row_config(row: str, wbits: int, group: int | None, qig_steps: int | None = None, abits: int = 16):
-    """The config of a table row: a method name, "gptq+<weights>" or "<search>+gptq", optionally "[key=value,...]"."""
+def make_row_config(
+    row: str,
+    wbits: int,
+    group: int | None,
+    qig_steps: int | None = None,
+    abits: int = 16,
+    scheme: str | None = None,
+):
+    """The config of a table row: a method name, "gptq+<weights>" or "<search>+gptq", optionally "[key=value,...]".
+
+    scheme: a ``--scheme`` name instead of wbits / group / abits.
+    """
     from qig.methods import GPTQConfig, make_config
 
     row, options = split_row(row)
     qig_extra = {"steps": qig_steps} if qig_steps else {}
+    bits = {"scheme": scheme} if scheme else {"wbits": wbits, "group_size": group, "abits": abits}
     if row.startswith("gptq+"):  # options go to GPTQ where it has them, the rest to the token weighting
         weights = row.split("+", 1)[1]
         extra = qig_extra if weights == "qig" else {}
-        return GPTQConfig.weighted_by(weights, wbits=wbits, group_size=group, abits=abits, **extra, **options)
+        return GPTQConfig.weighted_by(weights, **bits, **extra, **options)
     if options:
-        return dataclasses.replace(make_row_config(row, wbits, group, qig_steps, abits), **options)
+        return dataclasses.replace(make_row_config(row, wbits, group, qig_steps, abits, scheme), **options)
     if row.endswith("+gptq"):
         search = row.split("+", 1)[0]
         extra = qig_extra if search == "qig" else {}
-        return make_config(search, wbits=wbits, group_size=group, abits=abits, quantizer="gptq", **extra)
+        return make_config(search, **bits, quantizer="gptq", **extra)
     extra = qig_extra if row == "qig" else {}
-    return make_config(row, wbits=wbits, group_size=group, abits=abits, **extra)
+    return make_config(row, **bits, **extra)
+
+
+def scheme_of(setting: str) -> str | None:
+    """The ``--scheme`` name a setting is, or None for a bits setting (w3g128, w4a8, ...)."""
+    from qig.quant.schemes import SCHEMES
+
+    return setting.upper() if setting.upper() in SCHEMES else None
 
 
 def parse_setting(text: str) -> tuple[int, int | None, int]:
-    """(wbits, group size, abits) of a setting: w3g128, w4a16g128, w4channel; w4a8, w8a8, w4a4 (per-channel)."""
+    """(wbits, group size, abits) of a setting: w3g128, w4a16g128, w4channel; w4a8, w8a8, w4a4 (per-channel);
+    or a scheme name (its bits)."""
+    if scheme := scheme_of(text):
+        from qig.quant.schemes import SCHEMES
+
+        s = SCHEMES[scheme]
+        return s.weights.bits, s.weights.group_size, s.abits
     m = re.fullmatch(r"w(\d)(?:a16)?(?:g(\d+)|-?(channel))?", text.lower())
     if m:
         return int(m.group(1)), (int(m.group(2)) if m.group(2) else (None if m.group(3) else 128)), 16
@@ -131,16 +165,15 @@ def parse_setting(text: str) -> tuple[int, int | None, int]:
     raise SystemExit(f"setting {text!r} not understood; use e.g. w3g128, w4a16g128, w4channel, w4a8, w8a8")
 
 
-def applies(row: str, abits: int) -> bool:
-    """Whether a row exists at this activation width: its config accepts it (SmoothQuant needs quantized
-    activations; GPTQ is weight-only)."""
+def applies(row: str, abits: int, scheme: str | None = None) -> bool:
+    """Whether a row exists at this activation width (or scheme): its config accepts it (SmoothQuant needs
+    quantized activations; GPTQ is weight-only; RTN cannot calibrate NVFP4's activation scales)."""
     from qig.errors import QigError
 
-    row = split_row(row)[0]
-    if row == FP_ROW:
+    if split_row(row)[0] == FP_ROW:
         return True
     try:
-        make_row_config(row, wbits=4, group=128 if abits == 16 else None, abits=abits)
+        make_row_config(row, wbits=4, group=128 if abits == 16 else None, abits=abits, scheme=scheme)
     except QigError:
         return False
     return True
@@ -162,9 +195,7 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=1000, help="questions per eval seed")
     p.add_argument("--n-samples", type=int, default=128, help="calibration samples")
     p.add_argument("--calib", default=None, help="calibration JSON/JSONL (default: embedded calib split)")
-    p.add_argument(
-        "--calib-seed", type=int, default=None, help="draw of the calibration set (default: qig quantize's)"
-    )
+    p.add_argument("--calib-seed", type=int, default=None, help="draw of the calibration set (default: qig quantize's)")
     p.add_argument("--image-folder", default=None)
     p.add_argument("--device", default="cpu")
     p.add_argument("--qig-steps", type=int, default=None, help="QIG quadrature points (default: the config's)")
@@ -228,8 +259,9 @@ def main(argv=None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         for setting in args.settings:
             wbits, group, abits = parse_setting(setting)
+            scheme = scheme_of(setting)
             for method in args.methods or default_rows(abits):
-                if not applies(method, abits):
+                if not applies(method, abits, scheme):
                     print(f"{setting} {method}: not a row of this setting, skipped", file=sys.stderr)
                     continue
                 for dtype in dtypes:
@@ -246,7 +278,7 @@ def main(argv=None) -> int:
                     model.load_state_dict(fp_states[dtype])
                     t = time.perf_counter()
                     if method != "fp":
-                        config = make_row_config(method, wbits, group, args.qig_steps, abits)
+                        config = make_row_config(method, wbits, group, args.qig_steps, abits, scheme)
                         result = qig.quantize(model, config, calib, device=args.device, progress=False)
                         if share := role_shares(result):
                             shares.setdefault(key, {})[method] = share
@@ -405,12 +437,14 @@ def format_pooled(correct: dict, fidelity: dict, seeds: list[int]) -> str:
     head = "accuracy: questions pooled, paired SE; KL: per-seed differences, SE over seeds"
     lines = [f"over all {n} eval seeds ({head}):"]
     for setting, rows in correct.items():
-        if FP_ROW in rows and "rtn" in rows:
-            fp, rtn = pooled(rows[FP_ROW]), pooled(rows["rtn"])
+        base = next((b for b in BASELINES if b in rows), None)
+        if FP_ROW in rows and base is not None:
+            fp, rtn = pooled(rows[FP_ROW]), pooled(rows[base])
             loss, se = paired_difference(fp, rtn)
-            lines.append(f"{setting}: RTN loses {loss:.1f} +- {se:.1f} points to FP")
+            name = "RTN" if base == "rtn" else f"RTN ({base}: calibrated activation scales)"
+            lines.append(f"{setting}: {name} loses {loss:.1f} +- {se:.1f} points to FP")
             for m in rows:
-                if m not in (FP_ROW, "rtn"):
+                if m not in (FP_ROW, base):
                     share, share_se = recovered_share(pooled(rows[m]), rtn, fp)
                     lines.append(f"{setting} {m}: recovers {100 * share:.1f}% +- {100 * share_se:.1f}% of it")
         kl = fidelity.get(setting, {})
