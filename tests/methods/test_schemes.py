@@ -23,20 +23,18 @@ from qig.calib import EMBEDDED, calibration_for
 from qig.errors import QigError
 from qig.export.params import from_params
 from qig.methods import CONFIGS, make_config
+from qig.methods.config import options_of
 from qig.models import family_for
 from qig.quant.activation import activation_spec_of
 from qig.quant.schemes import SCHEMES
 
-FAST = {"n_grid": 2, "steps": 2, "n_samples": None}  # the searches' cheapest settings (n_samples: the calib's)
+FAST = {"n_grid": 2, "steps": 2}  # the searches' cheapest settings, where the method has them
 MATRIX = [(m, s) for m in CONFIGS for s in SCHEMES]
 
 
 def _config(method: str, scheme: str):
-    cls = CONFIGS[method]
-    fields = {
-        k: v for k, v in FAST.items() if v is not None and k in {f.name for f in cls.__dataclass_fields__.values()}
-    }
-    return make_config(method, scheme=scheme, **fields)
+    own = options_of(CONFIGS[method])
+    return make_config(method, scheme=scheme, **{k: v for k, v in FAST.items() if k in own})
 
 
 def _claims(method: str, scheme: str) -> bool:
