@@ -174,7 +174,8 @@ def _add_items(plan: MemoryPlan, model, family, layers, n: int, t: int, config, 
     b = min(config.samples_per_batch(t), n)  # samples per calibration chunk
     plan.chunk_share = b / n
     chunk = b * t * widest * dtype_bytes  # one chunk at the widest width (the MLP's intermediate)
-    plan.add(f"one chunk's activations ({b} samples, ~3 x width {widest})", 3 * chunk, "device")
+    if carried:  # a calibrated run (RTN has no chunks)
+        plan.add(f"one chunk's activations ({b} samples, ~3 x width {widest})", 3 * chunk, "device")
     grouped = max((get_module(first, g.linears[0]).in_features for g in family.active_groups(first)), default=0)
     if method.finds_scales or method.weights_tokens:
         # the group's input on each carried stream; the block's output (the reference) at the stream's width
