@@ -44,7 +44,7 @@ CHANGES = {
 }
 SAME = {
     "model_offload": (["--model-offload", "disk"], "the decoder layers stream from disk: memory, not numerics"),
-    "offload_streams": (["--offload-streams", "cpu"], "the calibration streams wait on the host: memory only"),
+    "offload_streams": (["--offload-streams", "cpu"], "the streams and group inputs wait on the host: memory only"),
 }
 ELSEWHERE = {
     "output": "where the folder is written",
