@@ -86,15 +86,26 @@ def test_weights_fake_quantize_as_compressed_tensors_does(name, dtype):
         ),
     ],
 )
-def test_activations_fake_quantize_as_compressed_tensors_does(number, kwargs):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["float32", "bfloat16"])
+def test_activations_fake_quantize_as_compressed_tensors_does(number, kwargs, dtype):
+    """With qig's scales; and for the float numbers with the scales compressed-tensors itself computes at run time
+    (for int8 it divides by 127.5, qig and vLLM's int8 kernels by 127: test_export_weight_activation; for FP8 of a
+    bfloat16 tensor it rounds the scale absmax / 448 to bfloat16, qig and vLLM's scaled_fp8_quant keep float32)."""
+    from compressed_tensors.quantization.utils import compute_dynamic_scales_and_zp
+
     torch.manual_seed(1)
     bits = 4 if number in ("nvfp4", "mxfp4") else 8
     spec = activation_spec(bits, number)
-    x = torch.randn(2, 5, 64) * 4  # [b, T, C]
+    x = (torch.randn(2, 5, 64) * 4).to(dtype)  # [b, T, C]
     tensor_scale = torch.tensor([448 * 6 / 20.0]) if number == "nvfp4" else None  # calibrated elsewhere: 20
     got = fake_quantize_activations(x, spec, tensor_scale)
-    want = _ct_qdq(x.reshape(10, 64), spec, kwargs, tensor_scale).reshape(x.shape)
+    want = _ct_qdq(x.reshape(10, 64), spec, kwargs, tensor_scale).reshape(x.shape).to(dtype)
     assert torch.equal(got, want)
+    if number != "int" and not (number == "fp8" and dtype == torch.bfloat16):
+        args = QuantizationArgs(num_bits=bits, symmetric=True, **kwargs)
+        scale, zero = compute_dynamic_scales_and_zp(x, args, torch.nn.Linear(64, 64), global_scale=tensor_scale)
+        own = ct_fake_quantize(x, scale, zero, args, global_scale=tensor_scale).to(dtype)
+        assert torch.equal(got, own)
 
 
 def test_fp4_rounds_to_the_nearest_value_ties_to_the_even_code():
@@ -193,14 +204,7 @@ def test_stored_codes_decompress_to_the_fake_quant_weights(exported, scheme):
         assert torch.equal(weight, fake[f"{name}.weight"].to(dtype)), name
 
 
-MXFP4_ACTIVATIONS = pytest.mark.xfail(
-    strict=True,
-    reason="transformers + compressed-tensors 0.20 does not reproduce qig's MXFP4 activation rounding at load "
-    "(the weights decompress bit for bit); not resolved",
-)
-
-
-@pytest.mark.parametrize("scheme", [pytest.param(s, marks=MXFP4_ACTIVATIONS) if s == "MXFP4" else s for s in EXPORTS])
+@pytest.mark.parametrize("scheme", list(EXPORTS))
 def test_transformers_loads_the_export_with_the_fake_quant_logits(exported, scheme):
     from qig.loading import load_model_and_processor
 

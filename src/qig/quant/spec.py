@@ -11,7 +11,8 @@ METHOD.md section 2. A spec quantizes a tensor [rows, in] per row, in groups of
   FP8 E4M3 value times ``1 / global_scale``, one float32 global scale per
   tensor (``448 * 6 / max|w|``);
 - ``"mxfp4"``: FP4 E2M1 values in groups of 32, each group's scale a power of
-  two (E8M0).
+  two (E8M0) that puts the group's largest value in [4, 8) steps (above 6:
+  clipped, the OCP MX rule).
 
 Activations (``dynamic``) are quantized at run time per token (a row of
 [tokens, C]), in groups for the FP4 numbers, so weights and activations go
@@ -210,9 +211,14 @@ def round_fp4(x: torch.Tensor) -> torch.Tensor:
 
 
 def _mx_scale(top: torch.Tensor) -> torch.Tensor:
-    """MXFP4's group scale: a power of two 2^(e - 2), e the exponent of max|w| rounded up from mantissa 1.25."""
+    """MXFP4's group scale: 2^(e - 2), e the exponent of max|w|, one higher from mantissa 1.75 on.
+
+    2 is E2M1's largest exponent, so a group's largest value lands in [4, 8) steps and
+    above 6 is clipped (the OCP MX rule); from 1.75 on the next power is nearer
+    (compressed-tensors' and llm-compressor's rounding of the group maximum).
+    """
     exp = torch.floor(torch.log2(top))
-    exp = torch.where(top / torch.exp2(exp) >= 1.25, exp + 1, exp)  # E2M1's half-step past the top mantissa
+    exp = torch.where(top / torch.exp2(exp) >= 1.75, exp + 1, exp)
     return torch.where(top > 0, torch.exp2((exp - 2).clamp(-127, 127)), torch.ones_like(top))
 
 
