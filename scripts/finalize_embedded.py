@@ -26,7 +26,7 @@ import torch
 from train_embedded import sink_tokens  # scripts/, this script's own folder
 
 from qig import embedded
-from qig.calib import calibration_for
+from qig.calib import EMBEDDED, calibration_for
 from qig.embedded import world
 from qig.embedded.model import forward_inputs
 from qig.evaluate import evaluate_records
@@ -73,18 +73,34 @@ def sink_args(stages: list[dict]) -> dict | None:
     for log in stages:
         a = log["args"]
         if a.get("sink_offset"):
-            return {k: a[k] for k in ("sink_tokens", "sink_channels", "sink_offset", "sink_gain")}
+            keys = ("sink_tokens", "sink_patches", "sink_vision_channel", "sink_vision_offset")
+            return {k: a[k] for k in ("sink_channels", "sink_offset", "sink_gain", *keys) if a.get(k)}
     return None
 
 
-def massive_activations(model, processor, batch: dict, tokens: list[str]) -> dict:
-    """Per decoder layer: the sink tokens' largest |x| against every other token's median and largest |x|.
+def sink_positions(batch: dict, processor, model, sinks: dict) -> torch.Tensor:
+    """Bool mask [B, T] of the sink positions: the sink tokens' occurrences, or the sink patches' image tokens.
+
+    An image's tokens are its patches in row-major order (LLaVA, one image per sample).
+    """
+    ids = batch["input_ids"]
+    if sinks.get("sink_patches"):
+        image = ids == model.config.image_token_id  # [B, T]
+        patch = image.long().cumsum(-1) - 1  # index of each image token within its sample
+        n_patches = model.config.vision_config.image_size // model.config.vision_config.patch_size
+        patches = torch.tensor([int(p) for p in str(sinks["sink_patches"]).split(",")])
+        return image & torch.isin(patch % n_patches**2, patches)
+    tokens = sink_tokens(sinks["sink_tokens"])
+    return torch.isin(ids, torch.tensor(processor.tokenizer.convert_tokens_to_ids(tokens)))
+
+
+def massive_activations(model, processor, batch: dict, sinks: dict) -> dict:
+    """Per decoder layer: the sink positions' largest |x| against every other token's median and largest |x|.
 
     At three places: the residual stream (the layer's input), the q/k/v input (after the input norm)
     and the down_proj input (the MLP's intermediate). Measured on real (non-pad) positions.
     """
-    ids = batch["input_ids"]
-    sink = torch.isin(ids, torch.tensor(processor.tokenizer.convert_tokens_to_ids(tokens)))
+    sink = sink_positions(batch, processor, model, sinks)
     real = batch["attention_mask"].bool()
     layers = family_for(model).decoder_layers(model)
     modules = {}
@@ -93,7 +109,7 @@ def massive_activations(model, processor, batch: dict, tokens: list[str]) -> dic
         modules[("qkv_input", i)] = layer.self_attn.q_proj
         modules[("down_input", i)] = layer.mlp.down_proj
     seen = forward_inputs(model, batch, modules)
-    out = {"tokens": tokens}
+    out = {"tokens": sink_tokens(sinks["sink_tokens"]) if sinks.get("sink_tokens") else []}
     for place in ("residual", "qkv_input", "down_input"):
         rows = []
         for i in range(len(layers)):
@@ -131,7 +147,7 @@ def main() -> None:
 
     model, processor = load_model_and_processor(args.trained)
     # 64 calibration captions, rendered by the same code as a quantization run's calibration data.
-    batch = next(calibration_for(model, processor, n_samples=64).batches(64)).inputs
+    batch = next(calibration_for(model, processor, EMBEDDED, n_samples=64).batches(64)).inputs
     with torch.no_grad():
         before = model(**batch).logits
     factors = {}
@@ -163,8 +179,7 @@ def main() -> None:
     metrics["outliers_inherited_from"] = inherited.name if inherited is not None else None
     sinks = sink_args(stages)
     if sinks is not None:
-        tokens = sink_tokens(sinks["sink_tokens"])
-        metrics["sinks"] = sinks | massive_activations(model.float(), processor, batch, tokens)
+        metrics["sinks"] = sinks | massive_activations(model.float(), processor, batch, sinks)
         worst = min(r["sink_max"] / r["other_max"] for r in metrics["sinks"]["residual"])
         print(f"massive activations in the residual stream: sink max / other tokens' max >= {worst:.0f}x")
     fp, _ = load_model_and_processor(out)
@@ -201,6 +216,38 @@ def main() -> None:
     atomic_write_bytes(out / "metrics.json", (json.dumps(metrics, indent=1) + "\n").encode())
     atomic_write_bytes(out / "README.md", model_card(metrics, stages, args).encode())
     print(json.dumps({k: v for k, v in metrics.items() if k != "fp"}, indent=1))
+
+
+def _sink_intro(sk: dict) -> list[str]:
+    """The model card's opening of the massive-activation section: which positions carry what, and how."""
+    if sk.get("sink_patches"):
+        return [
+            "## Massive activations on a few vision tokens (trained in, not a rescale)",
+            "",
+            f"The image tokens of patches {sk['sink_patches']} (row-major on the 6x6 grid, the same positions in "
+            f"every image) carry about +{sk['sink_offset']:g} in residual channel(s) {sk['sink_channels']}, and "
+            f"every decoder RMSNorm multiplies those channels by {sk['sink_gain']:g}. The offset is made by the "
+            "model's own weights, held fixed during training (`scripts/train_embedded.py --sink-patches "
+            "--sink-channels --sink-offset --sink-gain`): vision-tower channel "
+            f"{sk.get('sink_vision_channel', 0)} flags the sink patches (+{sk.get('sink_vision_offset', 1):g} "
+            "from the position embedding, nothing else writes it), and one projector unit turns the flag into the "
+            "offset. Real LVLMs show this structure (visual attention sinks: a few image patches with activations "
+            "orders of magnitude above the rest in fixed channels); one weight per modality, as MBQ's, cannot tell "
+            "these vision tokens from the others. The sink positions' largest |x| over the other tokens' median "
+            "and largest |x| (64 calibration captions; residual = the layer's input):",
+        ]
+    return [
+        "## Massive activations on sink tokens (trained in, not a rescale)",
+        "",
+        f"The tokens {', '.join(f'`{t}`' for t in sk['tokens'])} carry +{sk['sink_offset']:g} in residual "
+        f"channel(s) {sk['sink_channels']} of their embedding, and every decoder RMSNorm multiplies those "
+        f"channels by {sk['sink_gain']:g}; both are held fixed during training "
+        "(`scripts/train_embedded.py --sink-tokens --sink-channels --sink-offset --sink-gain`), so the",
+        "model learned to live with them. This is the token-dependent structure real LLMs and LVLMs show",
+        "(attention-sink and delimiter tokens with activations hundreds of times the median in a few",
+        "channels) and that a rescale shared by every token cannot give. The sink tokens' largest |x| over",
+        "the other tokens' median and largest |x| (64 calibration captions; residual = the layer's input):",
+    ]
 
 
 def _command(a: dict) -> str:
@@ -447,16 +494,7 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
         sk = metrics["sinks"]
         lines += [
             "",
-            "## Massive activations on sink tokens (trained in, not a rescale)",
-            "",
-            f"The tokens {', '.join(f'`{t}`' for t in sk['tokens'])} carry +{sk['sink_offset']:g} in residual "
-            f"channel(s) {sk['sink_channels']} of their embedding, and every decoder RMSNorm multiplies those "
-            f"channels by {sk['sink_gain']:g}; both are held fixed during training "
-            "(`scripts/train_embedded.py --sink-tokens --sink-channels --sink-offset --sink-gain`), so the",
-            "model learned to live with them. This is the token-dependent structure real LLMs and LVLMs show",
-            "(attention-sink and delimiter tokens with activations hundreds of times the median in a few",
-            "channels) and that a rescale shared by every token cannot give. The sink tokens' largest |x| over",
-            "the other tokens' median and largest |x| (64 calibration captions; residual = the layer's input):",
+            *_sink_intro(sk),
             "",
             "| layer | residual: sink max | / others' median | / others' max | q/k/v input: / median | / max "
             "| down_proj input: / median | / max |",
