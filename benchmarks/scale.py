@@ -65,7 +65,6 @@ from _random_models import (  # noqa: E402  (benchmarks/, the script's own folde
     GRIDS,
     PATCHES,
     VOCAB,
-    build_onevision,
     decoder_layer_params,
     onevision_config,
     vision_tokens,
@@ -116,9 +115,18 @@ class Run:
 
 
 def model_folder(cache: Path, decoder: str, depth: int, grid: str, vision_layers: int, seed: int) -> Path:
-    """Build (once) and return the cached random model for these settings."""
+    """Build (once) and return the cached random model for these settings.
+
+    The model is built in a process of its own: a child forked from a parent that
+    held it would start with the parent's resident memory, and Linux keeps that
+    peak in the child's ``ru_maxrss`` across ``exec`` (the runs' peak RSS would
+    then grow with the depth of the model this process built).
+    """
     folder = cache / f"onevision-{decoder}-L{depth}-{grid}-v{vision_layers}-s{seed}"
-    return build_onevision(folder, depth, seed=seed, decoder=decoder, grid=grid, vision_layers=vision_layers)
+    argv = [str(folder), "--layers", str(depth), "--decoder", decoder, "--grid", grid]
+    argv += ["--vision-layers", str(vision_layers), "--seed", str(seed)]
+    subprocess.run([sys.executable, str(HERE / "_random_models.py"), *argv], check=True, stdout=subprocess.DEVNULL)
+    return folder
 
 
 def quantize_argv(args, row: str, folder: Path, output: Path) -> list[str]:
