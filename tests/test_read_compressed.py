@@ -217,9 +217,13 @@ def _set(path: str, value):
 
 
 BAD = {
-    "nvfp4": (_set("config_groups.group_0.format", "nvfp4-pack-quantized"), "stores weights as 'nvfp4-pack-quantized'"),
-    "float8": (_set("format", "float-quantized"), "stores weights as 'float-quantized'"),
-    "float-weights": (_set("config_groups.group_0.weights.type", "float"), "quantizes float weights"),
+    "mxfp6": (_set("config_groups.group_0.format", "mxfp6-pack-quantized"), "stores weights as 'mxfp6-pack-quantized'"),
+    "int-as-nvfp4": (
+        _set("config_groups.group_0.format", "nvfp4-pack-quantized"),
+        "quantizes int 4-bit weights in nvfp4-pack-quantized",
+    ),
+    "int-as-float8": (_set("format", "float-quantized"), "quantizes int 4-bit weights in float-quantized"),
+    "float-weights": (_set("config_groups.group_0.weights.type", "float"), "quantizes float 4-bit weights"),
     "static-activations": (
         _set("config_groups.group_0.input_activations", {**TOKEN_A8, "dynamic": False, "strategy": "tensor"}),
         "quantizes input activations as int 8-bit tensor symmetric static",

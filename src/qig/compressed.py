@@ -1,11 +1,12 @@
 """Reading compressed-tensors checkpoints (llm-compressor's, and qig's own exports) as fake-quant models.
 
 A folder whose config.json holds a ``quantization_config`` with
-``quant_method: compressed-tensors`` stores integer codes with their scales
-and zero points: ``pack-quantized`` (codes packed in int32 words, weight-only
-W4A16 / W8A16, group or channel), ``int-quantized`` (int8 codes, with
-per-token dynamic activations: W8A8, W4A8) or ``naive-quantized``. qig loads it
-as the fake-quant model it evaluates:
+``quant_method: compressed-tensors`` stores codes with their scales and zero
+points: ``pack-quantized`` (codes packed in int32 words, weight-only W4A16 /
+W8A16, group or channel), ``int-quantized`` (int8 codes, with per-token
+dynamic activations: W8A8, W4A8), ``naive-quantized``, or the float formats
+qig's ``--scheme`` writes (``float-quantized``: FP8; ``nvfp4-pack-quantized``;
+``mxfp4-pack-quantized``). qig loads it as the fake-quant model it evaluates:
 
 1. the model is built from the config without its quantization entry, and
    every tensor that is not quantized loads as usual (transformers' own
@@ -14,14 +15,16 @@ as the fake-quant model it evaluates:
    decompressed by the ``compressed-tensors`` library (the decompressor its
    writers ship), one linear at a time, into its dense weight: the codes
    dequantized, which is what the fake-quant weight is;
-3. a scheme with per-token dynamic integer input activations gets qig's
-   activation quantizers on the linears it covers (``qig.quant.activation``),
-   as a qig W-A folder does, so evaluation quantizes activations at run time.
+3. a scheme with dynamic input activations qig quantizes alike (per-token
+   int or FP8; NVFP4 groups of 16 with the stored per-tensor
+   ``input_global_scale``; MXFP4 groups of 32) gets qig's activation
+   quantizers on the linears it covers (``qig.quant.activation``), as a qig
+   W-A folder does, so evaluation quantizes activations at run time.
 
-What qig cannot hold that way (float8, nvfp4 or other float formats,
-sparsity, transforms, a quantized KV cache, static or asymmetric activation
-scales, GPTQ's activation-order index) is refused in one line, before any
-weight is read. The library is the ``export`` extra (``pip install 'qig[export]'``).
+What qig cannot hold that way (other float formats, sparsity, transforms, a
+quantized KV cache, static or asymmetric activation scales, GPTQ's
+activation-order index) is refused in one line, before any weight is read.
+The library is the ``export`` extra (``pip install 'qig[export]'``).
 
     >>> is_compressed({"quantization_config": {"quant_method": "compressed-tensors"}})
     True
@@ -42,7 +45,9 @@ from qig.errors import QigError
 log = logging.getLogger(__name__)
 
 METHOD = "compressed-tensors"
-READABLE = ("pack-quantized", "int-quantized", "naive-quantized")  # integer codes the library decompresses
+INT_FORMATS = ("pack-quantized", "int-quantized", "naive-quantized")  # integer codes the library decompresses
+FLOAT_FORMATS = {"float-quantized": 8, "nvfp4-pack-quantized": 4, "mxfp4-pack-quantized": 4}  # -> weight bits
+READABLE = (*INT_FORMATS, *FLOAT_FORMATS)
 _DENSE_FIX = (
     "re-quantize it with an integer scheme (e.g. llm-compressor's W4A16, W8A16 or W8A8 presets), or dequantize it "
     "to a dense folder (compressed_tensors.entrypoints.convert: CompressedTensorsDequantizer) and pass that"
@@ -62,7 +67,12 @@ class Group:
     name: str
     scheme: object  # compressed_tensors.quantization.QuantizationScheme
     format: str  # one of READABLE
-    abits: int  # per-token dynamic input activation bits; 16: weight-only
+    act_spec: object = None  # qig's quantizer of the input activations (a QuantSpec); None: weight-only
+
+    @property
+    def abits(self) -> int:
+        """Input activation bits; 16: weight-only."""
+        return 16 if self.act_spec is None else self.act_spec.bits
 
     def describe(self) -> str:
         """The group's setting in words, e.g. 'W4A16 group 128 asym (pack-quantized)'."""
@@ -116,32 +126,50 @@ def _group(name: str, scheme, top_format: str | None, where: str) -> Group:
     where = f"{where}.config_groups.{name}"
     if fmt not in READABLE:
         raise QigError(
-            f"{where} stores weights as {fmt or 'an unnamed format'!r}; qig reads the integer formats "
+            f"{where} stores weights as {fmt or 'an unnamed format'!r}; qig reads the formats "
             f"{', '.join(READABLE)}: {_DENSE_FIX}"
         )
     w = scheme.weights
-    if w is None or str(w.type) not in ("int", "QuantizationType.INT") or w.dynamic:
-        kind = "no weights" if w is None else f"{w.type} weights{' (dynamic)' if w.dynamic else ''}"
-        raise QigError(f"{where} quantizes {kind}; qig reads static integer weights only: {_DENSE_FIX}")
+    kind = "float" if fmt in FLOAT_FORMATS else "int"
+    if w is None or _value(w.type) != kind or w.dynamic or (kind == "float" and w.num_bits != FLOAT_FORMATS[fmt]):
+        weights = "no weights" if w is None else f"{_value(w.type)} {w.num_bits}-bit weights"
+        raise QigError(
+            f"{where} quantizes {weights}{' (dynamic)' if w is not None and w.dynamic else ''} in {fmt}; qig reads "
+            f"static {kind} weights there: {_DENSE_FIX}"
+        )
     if scheme.output_activations is not None:
         raise QigError(f"{where} quantizes output activations, which qig does not do; {_DENSE_FIX}")
-    return Group(name, scheme, fmt, _activation_bits(scheme.input_activations, where))
+    return Group(name, scheme, fmt, _activation_spec(scheme.input_activations, where))
 
 
-def _activation_bits(acts, where: str) -> int:
-    """16 without input activations; else their bits, when qig's per-token quantizer is theirs."""
+def _value(field) -> str:
+    return str(getattr(field, "value", field))
+
+
+def _activation_spec(acts, where: str):
+    """None without input activations; else qig's activation quantizer, when it quantizes them alike."""
+    from qig.quant.spec import activation_spec
+
     if acts is None:
-        return 16
-    strategy = str(getattr(acts.strategy, "value", acts.strategy))
-    kind = str(getattr(acts.type, "value", acts.type))
+        return None
+    strategy, kind, dynamic = _value(acts.strategy), _value(acts.type), _value(acts.dynamic)
+    # (type, bits, strategy, group size, dynamic) -> qig's quantizer, as qig's schemes write them
+    alike = {
+        ("float", 8, "token", None, "True"): "fp8",
+        ("float", 4, "tensor_group", 16, "local"): "nvfp4",
+        ("float", 4, "group", 32, "True"): "mxfp4",
+    }
+    number = alike.get((kind, acts.num_bits, strategy, acts.group_size, dynamic))
+    if number is not None and acts.symmetric:
+        return activation_spec(acts.num_bits, number)
     if kind != "int" or not acts.symmetric or acts.dynamic is not True or strategy != "token" or acts.num_bits > 8:
         raise QigError(
             f"{where} quantizes input activations as {kind} {acts.num_bits}-bit {strategy} "
             f"{'symmetric' if acts.symmetric else 'asymmetric'} {'dynamic' if acts.dynamic is True else 'static'}; "
-            "qig quantizes activations per token, symmetric, dynamic, int 4 or 8 bits (e.g. the W8A8 preset): "
-            f"{_DENSE_FIX}"
+            "qig quantizes activations per token, symmetric, dynamic, int 4 or 8 bits or FP8 (e.g. the W8A8 and "
+            f"FP8_DYNAMIC presets), or as NVFP4 / MXFP4 (groups of 16 / 32): {_DENSE_FIX}"
         )
-    return acts.num_bits
+    return activation_spec(acts.num_bits)
 
 
 def _require_library() -> None:
@@ -172,19 +200,20 @@ class Stored:
 def load_compressed(path: Path, groups: list[Group], auto_model, dtype, trust_remote_code: bool = False):
     """``path``'s model with every quantized linear decompressed into its dense (fake-quant) weight.
 
-    Returns the model and, for each decompressed linear (its name in the model), its config group.
+    Returns the model and, for each decompressed linear (its name in the model), its config group and the
+    per-tensor scale of its NVFP4 input activations (``input_global_scale``; None for other schemes).
 
     >>> groups = read_groups(config, path)  # doctest: +SKIP
     >>> model, linears = load_compressed(path, groups, AutoModelForImageTextToText, torch.float32)  # doctest: +SKIP
     """
     model = _dense_model(path, auto_model, dtype, trust_remote_code)
     stored = stored_linears(path, model, groups)
-    decompress_into(model, stored)
+    input_scales = decompress_into(model, stored)
     counts: dict[str, int] = {}
     for s in stored.values():
         counts[s.group.describe()] = counts.get(s.group.describe(), 0) + 1
     log.info("%s: decompressed %s", path, ", ".join(f"{n} linears {d}" for d, n in counts.items()))
-    return model, {name: s.group for name, s in stored.items()}
+    return model, {name: (s.group, input_scales.get(name)) for name, s in stored.items()}
 
 
 def _dense_model(path: Path, auto_model, dtype, trust_remote_code: bool) -> torch.nn.Module:
@@ -266,13 +295,17 @@ def _group_of(name: str, saved: str, module: torch.nn.Module, groups: list[Group
 
 
 @torch.no_grad()
-def decompress_into(model: torch.nn.Module, stored: dict[str, Stored]) -> None:
-    """Decompress each stored linear with the library, one at a time, into the model's dense weight."""
+def decompress_into(model: torch.nn.Module, stored: dict[str, Stored]) -> dict[str, torch.Tensor]:
+    """Decompress each stored linear with the library, one at a time, into the model's dense weight.
+
+    Returns the stored ``input_global_scale`` [1] of the linears that have one (NVFP4 activations).
+    """
     from contextlib import ExitStack
 
     from compressed_tensors.compressors import BaseCompressor
     from safetensors import safe_open
 
+    input_scales = {}
     with ExitStack() as stack:
         files: dict[Path, object] = {}
 
@@ -299,3 +332,6 @@ def decompress_into(model: torch.nn.Module, stored: dict[str, Stored]) -> None:
                     "the checkpoint is of another model"
                 )
             target.copy_(weight)
+            if "input_global_scale" in s.tensors:
+                input_scales[name] = read(*s.tensors["input_global_scale"]).reshape(1)
+    return input_scales

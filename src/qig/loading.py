@@ -67,16 +67,14 @@ def load_model_and_processor(
     groups = _compressed_groups(config, path, decoder)
     model, processor, quantized = _from_pretrained(path, config, dtype, decoder, trust_remote_code, groups)
     if activation_quantizers:
-        from qig.quant.activation import install_activation_quantizer_, install_activation_quantizers
-        from qig.quant.spec import activation_spec
+        from qig.quant.activation import install_activation_quantizer_
 
-        number, scales = _saved_activation_number(config, path)
-        for abits, linears in _activation_linears(model, config, path, quantized).items():
-            spec = activation_spec(abits, number)
-            n = install_activation_quantizers(linears, spec)
-            for name, scale in scales.items():  # NVFP4: each linear's calibrated per-tensor scale
-                install_activation_quantizer_(_decoder_linear(model, name), spec, torch.tensor([scale]))
-            log.info("%s: W-A model, activations quantized at run time (%s) on %d linears", path, spec.label(), n)
+        for spec, out in _activation_quantizers(model, config, path, quantized).items():
+            for module, scale in out:
+                install_activation_quantizer_(module, spec, scale)
+            log.info(
+                "%s: W-A model, activations quantized at run time (%s) on %d linears", path, spec.label(), len(out)
+            )
     if decoder == "disk":
         if torch.device(device).type != "cpu":
             raise QigError("decoder='disk' loads the model on the CPU; the pipeline brings each layer to the device")
@@ -206,24 +204,42 @@ def load_streamed(path: Path, auto_model, dtype, trust_remote_code: bool = False
     return model
 
 
-def _activation_linears(model, config: dict, path: Path, quantized: dict) -> dict[int, list[torch.nn.Module]]:
-    """The linears whose inputs the saved model quantizes at run time, by activation bits (empty: weight-only).
+def _activation_quantizers(model, config: dict, path: Path, quantized: dict) -> dict:
+    """The linears whose inputs the saved model quantizes at run time, by activation quantizer (empty: weight-only).
 
-    A compressed-tensors folder: the linears of its groups with input activations;
-    a qig W-A folder: the decoder linears, with the bits its config.json records.
+    Per quantizer (a ``QuantSpec``) a list of (linear, its NVFP4 per-tensor scale or None). A compressed-tensors
+    folder: the linears of its groups with input activations, with the scales it stores; a qig W-A folder: the
+    decoder linears, with the bits, number and scales its config.json records.
     """
+    from qig.quant.spec import activation_spec
+
+    out: dict = {}
     if quantized:
-        out: dict[int, list[torch.nn.Module]] = {}
-        for name, group in quantized.items():
-            if group.abits < 16:
-                out.setdefault(group.abits, []).append(model.get_submodule(name))
+        for name, (group, scale) in quantized.items():
+            if group.act_spec is not None:
+                out.setdefault(group.act_spec, []).append((model.get_submodule(name), scale))
         return out
     abits = _saved_abits(config, path)
     if abits == 16:
         return {}
     from qig.models import family_for
 
-    return {abits: list(family_for(model).decoder_linears(model).values())}
+    number, scales = _saved_activation_number(config, path)
+    family = family_for(model)
+    linears = family.decoder_linears(model)
+    missing = [p for p in linears if number == "nvfp4" and p.removeprefix(f"{family.layers}.") not in scales]
+    if missing:
+        raise QigError(
+            f"{path / 'config.json'}: NVFP4 activations without a calibrated scale for {missing[0]}; "
+            "re-run qig quantize"
+        )
+    spec = activation_spec(abits, number)
+    return {
+        spec: [
+            (lin, torch.tensor([scales[p.removeprefix(f"{family.layers}.")]]) if number == "nvfp4" else None)
+            for p, lin in linears.items()
+        ]
+    }
 
 
 def _saved_activation_number(config: dict, path: Path) -> tuple[str, dict[str, float]]:
@@ -242,18 +258,7 @@ def _saved_activation_number(config: dict, path: Path) -> tuple[str, dict[str, f
             f"{path / 'config.json'}: {CONFIG_KEY}.activation_number {number!r} is not one of {', '.join(NUMBERS)} "
             "(or input_global_scales is not a mapping); re-run qig quantize"
         )
-    if number == "nvfp4" and not scales:
-        raise QigError(
-            f"{path / 'config.json'}: NVFP4 activations without {CONFIG_KEY}.input_global_scales; re-run qig quantize"
-        )
     return number, scales
-
-
-def _decoder_linear(model, key: str) -> torch.nn.Module:
-    """The decoder linear ``"<layer>.<linear>"`` (the key a run stores its parameters by)."""
-    from qig.models import family_for
-
-    return model.get_submodule(f"{family_for(model).layers}.{key}")
 
 
 def _saved_abits(config: dict, path: Path) -> int:

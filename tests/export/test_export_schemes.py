@@ -225,6 +225,38 @@ def test_transformers_loads_the_export_with_the_fake_quant_logits(exported, sche
         assert (want - _logits(_load(run))).abs().max() > 1e-3
 
 
+def _tensor_scale(module) -> float | None:
+    from qig.quant.activation import activation_tensor_scale
+
+    scale = activation_tensor_scale(module)
+    return None if scale is None else float(scale)
+
+
+@pytest.mark.parametrize("scheme", list(EXPORTS))
+def test_qig_reads_the_export_as_its_fake_quant_model(exported, scheme):
+    """qig eval's loader decompresses the export and installs the scheme's activation quantizers (NVFP4's with the
+    stored input_global_scale): the fake-quant model, weights bit for bit (NVFP4's as compressed-tensors decompresses
+    them, in bfloat16) and quantizers equal."""
+    from qig.loading import load_model_and_processor
+    from qig.quant.activation import activation_spec_of
+
+    run, out = exported(scheme)
+    got, _ = load_model_and_processor(out, dtype="float32")
+    want, _ = load_model_and_processor(run, dtype="float32")
+    nvfp4 = SCHEMES[scheme].weights.number == "nvfp4"
+    a, b = dict(want.named_modules()), dict(got.named_modules())
+    for name, lin in want.model.language_model.layers.named_modules():
+        if isinstance(lin, torch.nn.Linear):
+            w = lin.weight.data.to(torch.bfloat16).float() if nvfp4 else lin.weight.data
+            mine = b[f"model.language_model.layers.{name}"]
+            assert torch.equal(mine.weight.data, w), name
+            assert activation_spec_of(mine) == activation_spec_of(lin)
+            assert _tensor_scale(mine) == _tensor_scale(lin), name
+    assert a.keys() == b.keys()
+    if not nvfp4:
+        torch.testing.assert_close(_logits(got), _logits(want), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
