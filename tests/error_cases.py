@@ -223,6 +223,28 @@ CASES: list[ErrorCase] = [
         "groups in a weight-activation mode",
     ),
     ErrorCase(
+        "quantize-scheme-and-differing-bits",
+        ("quantize", "--method", "rtn", "--scheme", "W4A16", "--wbits", "3", "--output", OUT),
+        2,
+        "scheme W4A16 sets wbits 4, not 3",
+        "a scheme and bits it does not have",
+    ),
+    ErrorCase(
+        "quantize-rtn-nvfp4",
+        ("quantize", "--method", "rtn", "--scheme", "NVFP4", "--output", OUT),
+        2,
+        "NVFP4 activations need a per-tensor scale calibrated on data",
+        "NVFP4 activations with a method that reads no data",
+    ),
+    ErrorCase(
+        "quantize-unknown-scheme",
+        ("quantize", "--method", "rtn", "--scheme", "W5A16", "--output", OUT),
+        2,
+        "invalid choice: 'W5A16'",
+        "a scheme that does not exist",
+        by_argparse=True,
+    ),
+    ErrorCase(
         "quantize-abits-out-of-range",
         ("quantize", "--method", "rtn", "--abits", "2", "--output", OUT),
         2,
