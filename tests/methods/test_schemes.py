@@ -52,7 +52,11 @@ def test_the_refused_pairs_are_the_documented_ones():
     assert refused == sorted([("gptq", s) for s in wa] + [("smoothquant", s) for s in weight_only] + [("rtn", "NVFP4")])
 
 
-def _check_run(model, result, scheme: str) -> None:
+def _run_and_check(world, method: str, scheme: str) -> None:
+    """Quantize a copy of the world's model with the pair; its weights, parameters and quantizers are the scheme's."""
+    model, calib = world
+    model = copy.deepcopy(model)
+    result = qig.quantize(model, _config(method, scheme), calib, progress=False)
     setting = SCHEMES[scheme]
     family = family_for(model)
     linears = family.decoder_linears(model)
@@ -74,10 +78,7 @@ def tiny_world():
 
 @pytest.mark.parametrize(("method", "scheme"), [p for p in MATRIX if _claims(*p)], ids=lambda v: str(v))
 def test_every_method_runs_every_scheme_it_claims(tiny_world, method, scheme):
-    model, calib = tiny_world
-    model = copy.deepcopy(model)
-    result = qig.quantize(model, _config(method, scheme), calib, progress=False)
-    _check_run(model, result, scheme)
+    _run_and_check(tiny_world, method, scheme)
 
 
 @pytest.fixture(scope="module")
@@ -91,7 +92,4 @@ def embedded_world():
 @pytest.mark.slow
 @pytest.mark.parametrize(("method", "scheme"), [p for p in MATRIX if _claims(*p)], ids=lambda v: str(v))
 def test_every_method_runs_every_scheme_it_claims_on_the_embedded_model(embedded_world, method, scheme):
-    model, calib = embedded_world
-    model = copy.deepcopy(model)
-    result = qig.quantize(model, _config(method, scheme), calib, progress=False)
-    _check_run(model, result, scheme)
+    _run_and_check(embedded_world, method, scheme)
