@@ -570,7 +570,7 @@ def _check_sizes(n_samples: int, device_memory: int) -> int:
 def _tensor_parallel(model, text, linears: dict[str, tuple[int, int]], config) -> tuple[dict, dict, dict]:
     """Per TP degree: why vLLM refuses the decoder's linears, what loads instead, and the vision tower's refusals."""
     heads, kv_heads = text.num_attention_heads, getattr(text, "num_key_value_heads", None) or text.num_attention_heads
-    grouped = config.abits == 16 and config.group_size is not None
+    grouped = config.group_size is not None  # weight-only groups, and the W-A schemes with groups (W4AFP8, NVFP4)
     tp = {d: tp_refusals(linears, heads, kv_heads, config.group_size, d, grouped) for d in TP_DEGREES}
     alternatives = {d: tp_alternatives(linears, heads, kv_heads, d) for d, why in tp.items() if why and grouped}
     vision_tp = {d: vision_tp_refusals(model.config.vision_config, d, model.config.model_type) for d in TP_DEGREES}
@@ -626,7 +626,8 @@ def _length_notes(tokens: int, images: bool) -> list[str]:
 
 
 def _other_settings(config) -> dict:
-    """The fields of ``config`` that differ from its method's defaults at the same wbits, abits and group size.
+    """The fields of ``config`` that differ from its method's defaults at the same wbits, abits and group size
+    (and scheme).
 
     Nested settings show only what differs in them: ``gptq.damp``, ``token_weights`` as ``qig(steps=4)``.
 
@@ -640,7 +641,7 @@ def _other_settings(config) -> dict:
 
     from qig.methods.config import QuantConfig
 
-    default = type(config)(**{k: getattr(config, k) for k in ("wbits", "abits", "group_size")})
+    default = type(config)(**{k: getattr(config, k) for k in ("wbits", "abits", "group_size", "scheme")})
     out = {}
     for f in dataclasses.fields(config):
         value, base = getattr(config, f.name), getattr(default, f.name)

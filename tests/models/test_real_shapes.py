@@ -162,6 +162,23 @@ def test_qig_plan_prints_the_report(capsys):
 
 
 @pytest.mark.parametrize(
+    ("scheme", "words"),
+    [
+        ("NVFP4", "g16 divides every quantized linear's input"),
+        (
+            "W4AFP8",
+            "TP 2: refused: mlp.down_proj: in_features 29568 / 2 = 14784 is not a whole number of groups of 128",
+        ),
+        ("FP8_DYNAMIC", "CompressedTensorsW8A8Fp8"),
+    ],
+)
+def test_qig_plan_of_a_scheme_checks_its_groups(capsys, scheme, words):
+    """A W-A scheme with groups (W4AFP8, NVFP4) is checked for divisibility and TP like a weight-only group size."""
+    assert run_cli("plan", "--model", FIXTURES / "qwen2.5-vl-72b-instruct", "--method", "awq", "--scheme", scheme) == 0
+    assert words in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
     ("args", "message"),
     [
         (["--group-size", "100"], "group_size 100 does not divide in_features 3584 of self_attn.q_proj"),
