@@ -194,20 +194,19 @@ def round_fp8(x: torch.Tensor) -> torch.Tensor:
     return x.float().clamp(-FP8_MAX, FP8_MAX).to(torch.float8_e4m3fn).float()
 
 
-_FP4_MIDPOINTS = torch.tensor([(a + b) / 2 for a, b in zip(FP4_VALUES[:-1], FP4_VALUES[1:], strict=True)])
-
-
 def round_fp4(x: torch.Tensor) -> torch.Tensor:
     """The nearest FP4 E2M1 value (ties to the even code; beyond +-6: +-6), as float32.
+
+    E2M1 steps by 0.5 below 2, by 1 from 2 to 4 and by 2 from 4 to 6, so each range
+    is a scaled integer rounding (``torch.round``: ties to even, which is the even
+    code at every midpoint).
 
     >>> round_fp4(torch.tensor([0.25, 0.75, 1.25, 2.5, 5.0, -7.0]))
     tensor([ 0.,  1.,  1.,  2.,  4., -6.])
     """
-    a = x.float().abs()
-    k = torch.bucketize(a, _FP4_MIDPOINTS.to(a.device))  # codes 0..7; a midpoint goes to the lower code
-    tie = (k < len(_FP4_MIDPOINTS)) & (a == _FP4_MIDPOINTS.to(a.device)[k.clamp(max=len(_FP4_MIDPOINTS) - 1)])
-    k = torch.where(tie & (k % 2 == 1), k + 1, k)  # a tie between codes k and k+1 goes to the even one
-    return torch.tensor(FP4_VALUES, device=a.device)[k] * torch.sign(x.float())
+    a = x.float().abs().clamp(max=FP4_MAX)
+    q = torch.where(a < 2, torch.round(a * 2) / 2, torch.where(a < 4, torch.round(a), torch.round(a / 2) * 2))
+    return torch.copysign(q, x.float())
 
 
 def _mx_scale(top: torch.Tensor) -> torch.Tensor:
