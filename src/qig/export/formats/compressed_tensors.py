@@ -28,7 +28,7 @@ from qig.export.params import QuantizedWeight, check_storable
 from qig.export.scheme import Scheme, scheme_for
 from qig.models.family import ModelFamily
 from qig.models.layout import save_model
-from qig.quant.spec import QuantSpec
+from qig.quant.spec import QuantSpec, round_fp8
 from qig.runs import CONFIG_KEY
 
 
@@ -88,7 +88,7 @@ def _set_params(mod: torch.nn.Module, qw: QuantizedWeight, scheme: Scheme, input
     spec = qw.spec
     scale = qw.scale.float()
     if spec.number == "nvfp4":
-        scale = scale * qw.global_scale  # back to the FP8 group scale (exact: the effective scale is fp8 / global)
+        scale = round_fp8(scale * qw.global_scale)  # back to the FP8 group scale: the effective one is fp8 / global
         _param(mod, "weight_global_scale", qw.global_scale.float().reshape(1))
     _param(mod, "weight_scale", scale.reshape(mod.weight_scale.shape).contiguous())  # float32: exact
     if hasattr(mod, "weight_zero_point"):
