@@ -216,8 +216,8 @@ def _mx_scale(top: torch.Tensor) -> torch.Tensor:
     above 6 is clipped (the OCP MX rule); from 1.75 on the next power is nearer
     (compressed-tensors' and llm-compressor's rounding of the group maximum).
     """
-    exp = torch.floor(torch.log2(top))
-    exp = torch.where(top / torch.exp2(exp) >= 1.75, exp + 1, exp)
+    mantissa, exp = torch.frexp(top.float())  # top = mantissa * 2^exp, mantissa in [0.5, 1): exact
+    exp = torch.where(mantissa >= 0.875, exp, exp - 1).float()  # 2 * mantissa >= 1.75: the next power
     return torch.where(top > 0, torch.exp2((exp - 2).clamp(-127, 127)), torch.ones_like(top))
 
 
