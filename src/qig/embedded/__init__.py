@@ -3,7 +3,8 @@
 ``qig.embedded.world`` draws the scenes, questions and captions;
 ``qig.embedded.model`` builds the tiny LLaVA and locates the shipped,
 trained checkpoint, the default ``--model`` of every command, and its variant
-with massive activations on sink tokens (``sinks_model_dir``).
+with massive activations on sink tokens (``sinks_model_dir``) and the one with
+massive activations on a few vision tokens (``vsinks_model_dir``).
 
     >>> from qig.embedded import default_model_dir
     >>> (default_model_dir() / "config.json").is_file()
@@ -19,6 +20,7 @@ from qig.embedded.model import (
     is_embedded_model,
     plant_outlier_channels,
     sinks_model_dir,
+    vsinks_model_dir,
 )
 
 __all__ = [
@@ -30,4 +32,5 @@ __all__ = [
     "is_embedded_model",
     "plant_outlier_channels",
     "sinks_model_dir",
+    "vsinks_model_dir",
 ]

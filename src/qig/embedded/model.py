@@ -65,6 +65,8 @@ def is_embedded_model(folder: str | os.PathLike | None) -> bool:
 
     >>> is_embedded_model(None), is_embedded_model(sinks_model_dir()), is_embedded_model("/models/llava-1.5-7b")
     (True, True, False)
+    >>> is_embedded_model(vsinks_model_dir())
+    True
     """
     if folder is None:
         return True
@@ -80,6 +82,16 @@ def sinks_model_dir() -> Path:
     measures): the testbed where token weightings can differ.
     """
     return Path(__file__).resolve().parent.parent / "assets" / "tiny-lvlm-sinks"
+
+
+def vsinks_model_dir() -> Path:
+    """Folder of the shipped variant with massive activations on a few vision tokens (``--model`` for that testbed).
+
+    The default checkpoint fine-tuned with a fixed massive offset on the image tokens of two fixed patches
+    (visual attention sinks; its model card says how and what it measures): the testbed where one weight
+    per modality (MBQ) cannot tell the sink vision tokens from the others.
+    """
+    return Path(__file__).resolve().parent.parent / "assets" / "tiny-lvlm-vsinks"
 
 
 def build_tokenizer():
