@@ -171,9 +171,10 @@ def revision_option():
     return option(None, "branch, tag or commit of a hub id in --model (default: main)")
 
 
-def model_offload_option():
+def model_offload_option(default: str = "auto"):
+    """``--model-offload`` (quantize's default auto; eval's none: there each forward pass reads the decoder)."""
     return option(
-        "auto",
+        default,
         "disk: read each decoder layer from the checkpoint when it is used (host memory: the rest of the "
         "model and a layer); none: load the whole model; auto: disk when the decoder passes a quarter of the "
         "available host memory",

@@ -35,7 +35,7 @@ class EvalOptions:
     )
     blank_images: bool = option(False, "replace every image by an empty background")
     device: str = option("cpu", "compute device: cpu, cuda, cuda:N")
-    model_offload: Literal["auto", "disk", "none"] = model_offload_option()
+    model_offload: Literal["auto", "disk", "none"] = model_offload_option("none")  # streaming costs reads per token
     batch_size: int = option(64, "questions per forward", min=1)
     json: str | None = option(None, "write the report (with per-question predictions) here", path=True)
     tasks: str | None = option(
