@@ -52,3 +52,11 @@ def test_unknown_model_args_are_refused():
 def test_likelihood_tasks_are_refused(model):
     with pytest.raises(QigError, match="generate_until tasks only"):
         model.loglikelihood([])
+
+
+def test_the_decoder_read_from_disk_gives_the_same_answers(model):
+    streamed = QigModel(batch_size=4, model_offload="disk")
+    streamed.task_dict = model.task_dict
+    requests = [_request(i, _question(rec)[0]) for i, (_, rec) in enumerate(RECORDS)]
+    assert streamed.generate_until(requests) == model.generate_until(requests)
+    assert all(p.device.type == "meta" for p in streamed.model.model.language_model.layers.parameters())
