@@ -20,9 +20,10 @@ A model larger than the host or the device can keep its decoder on disk
 onto the device when the model calls it and released after
 (``qig.pipeline.layers.stream_calls``), with the answers of the model held
 whole. The cost is reading: every forward pass reads the whole decoder once,
-so a batch of questions reads it 1 + ``MAX_NEW_TOKENS`` times for its answers
-(the prompt, then each new token) and once more for the reference log-probs;
-a larger ``batch_size`` reads it fewer times for the same questions.
+so a batch of questions reads it once per new token of its answers (at most
+``MAX_NEW_TOKENS`` times, fewer when every answer has ended) and once more for
+the reference log-probs; a larger ``batch_size`` reads it fewer times for the
+same questions.
 """
 
 from __future__ import annotations
