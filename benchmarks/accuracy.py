@@ -207,7 +207,15 @@ def main(argv=None) -> int:
         help="dtype(s) the model is quantized and scored in; several: side by side, differences to the first",
     )
     p.add_argument("--json", default=None, help="write all results here")
+    p.add_argument(
+        "--from-json",
+        nargs="+",
+        default=None,
+        help="print the tables of saved --json files (runs on the same eval seeds and questions, merged) instead",
+    )
     args = p.parse_args(argv)
+    if args.from_json:
+        return print_saved(args.from_json)
     for row in args.methods or []:
         split_row(row)  # refuse a bad row before any work
     if args.gptq:
@@ -323,6 +331,33 @@ def main(argv=None) -> int:
             out |= {"model": args.model, "calib_seed": args.calib_seed}
             out |= {"results": results, "fidelity": fidelity, "token_weight_shares": shares, "correct": correct}
             json.dump(out, f, indent=1)
+    return 0
+
+
+def print_saved(files: list[str]) -> int:
+    """The tables of several ``--json`` files, merged: rows of separate runs on the same seeds and questions."""
+    correct: dict = {}
+    results: dict = {}
+    seeds, limit = None, None
+    for name in files:
+        with open(name) as f:
+            saved = json.load(f)
+        if seeds is not None and (saved["eval_seeds"], saved["limit"]) != (seeds, limit):
+            raise SystemExit(f"{name}: other eval seeds or question count than {files[0]}; its rows cannot be paired")
+        seeds, limit = saved["eval_seeds"], saved["limit"]
+        for setting, rows in saved["correct"].items():
+            for row, per_seed in rows.items():
+                answers = {int(k): v for k, v in per_seed.items()}
+                if correct.get(setting, {}).get(row, answers) != answers:  # a row both runs made (fp) must agree
+                    raise SystemExit(f"{name}: {setting} {row} answered otherwise than in an earlier file")
+                correct.setdefault(setting, {})[row] = answers
+                results.setdefault(setting, {})[row] = {int(k): v for k, v in saved["results"][setting][row].items()}
+    print(format_table(results, seeds))
+    print()
+    print(format_paired(correct, seeds))
+    if len(seeds) > 1:
+        print()
+        print(format_pooled(correct, {}, seeds))
     return 0
 
 
