@@ -1,0 +1,186 @@
+"""The ranking of issue 30: AWQ, MBQ and QIG with and without the clipping search and duo scaling, QIG over
+all tokens or vision + answer, GPTQ rows, on the three embedded testbeds (not a test).
+
+    python benchmarks/ranking.py --testbeds vsinks --eval-seeds 1 2 --limit 1000       # run, then report
+    python benchmarks/ranking.py --testbeds sinks --settings w2channel --rows fp rtn awq mbq qig
+    python benchmarks/ranking.py --report-only                 # ranking.{json,md} from the runs kept so far
+
+Each (testbed, setting, calibration draw) is one ``benchmarks/accuracy.py`` run with ``--fidelity``
+(accuracy per question, agreement and KL to FP), kept as
+``benchmarks/results/ranking/<testbed>-<setting>-calib<seed>.json``; runs of several invocations
+(other testbeds, a second calibration draw with ``--calib-seed``) are merged into
+``benchmarks/results/ranking.json`` and ``ranking.md``. Per setting the report gives RTN's loss to FP,
+per row the pooled accuracy over every eval seed's questions, the share of RTN's loss it recovers
+(delta-method SE), its paired difference to plain QIG (SE from the same questions) and its mean KL to FP;
+then, per QIG recipe, its paired differences to AWQ and MBQ (plain, and with the same lever), marked
+``WIN`` beyond +2 SE and ``LOSS`` below -1 SE, the rule of the issue's point 5.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import accuracy  # noqa: E402  (benchmarks/, the script's own folder)
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RUNS = HERE / "results" / "ranking"
+TESTBEDS = {  # name -> (model folder or None for the default, its settings)
+    "default": (None, ["w3g128", "w4a8"]),
+    "sinks": ("src/qig/assets/tiny-lvlm-sinks", ["w2channel", "w2g128"]),
+    "vsinks": ("src/qig/assets/tiny-lvlm-vsinks", ["w2channel"]),
+}
+SEARCHES = ("awq", "mbq", "qig")
+LEVERS = {"clip": "weight_clip=true", "duo": "duo_scaling=true", "clip+duo": "weight_clip=true,duo_scaling=true"}
+VA = "qig[tokens=vision+answer]"
+GPTQ_ROWS = ("gptq", "gptq+qig", "qig+gptq")
+
+
+def default_rows(abits: int) -> list[str]:
+    """fp, rtn, each search plain and with each lever, QIG over vision + answer, and (weight-only) the GPTQ rows."""
+    rows = ["fp", "rtn", *SEARCHES]
+    rows += [f"{m}[{LEVERS[k]}]" for k in ("clip", "duo") for m in SEARCHES]
+    rows += [VA]
+    return rows + (list(GPTQ_ROWS) if abits == 16 else [])
+
+
+def run_file(testbed: str, setting: str, calib_seed: int | None) -> Path:
+    return RUNS / f"{testbed}-{setting}-calib{'default' if calib_seed is None else calib_seed}.json"
+
+
+def run(args) -> None:
+    """One accuracy.py run per (testbed, setting), each kept in RUNS."""
+    RUNS.mkdir(parents=True, exist_ok=True)
+    for testbed in args.testbeds:
+        model, settings = TESTBEDS[testbed]
+        for setting in args.settings or settings:
+            abits = accuracy.parse_setting(setting)[2]
+            rows = args.rows or default_rows(abits)
+            argv = ["--settings", setting, "--methods", *rows, "--fidelity", "--limit", str(args.limit)]
+            argv += ["--eval-seeds", *map(str, args.eval_seeds), "--n-samples", str(args.n_samples)]
+            argv += ["--json", str(run_file(testbed, setting, args.calib_seed))]
+            argv += ["--model", str(ROOT / model)] if model else []
+            argv += ["--calib-seed", str(args.calib_seed)] if args.calib_seed is not None else []
+            print(f"== {testbed} {setting}: accuracy.py {' '.join(argv)}", file=sys.stderr, flush=True)
+            accuracy.main(argv)
+
+
+def _pooled(per_seed: dict, seeds: list) -> list[int]:
+    return [x for s in seeds for x in per_seed[str(s)]]
+
+
+def summarise(data: dict, testbed: str) -> dict:
+    """One kept run: per row its pooled accuracy, share of RTN's loss recovered, difference to QIG, KL."""
+    ((setting, rows),) = data["correct"].items()
+    seeds = data["eval_seeds"]
+    fp, rtn = _pooled(rows["fp"], seeds), _pooled(rows["rtn"], seeds)
+    loss, loss_se = accuracy.paired_difference(fp, rtn)
+    kl = data.get("fidelity", {}).get(setting, {})
+    out = {"testbed": testbed, "setting": setting, "model": data.get("model"), "calib_seed": data.get("calib_seed")}
+    out |= {"eval_seeds": seeds, "questions_per_seed": data["limit"], "n_samples": data["n_samples"]}
+    out |= {"rtn_loss": loss, "rtn_loss_se": loss_se, "rows": {}}
+    qig = _pooled(rows["qig"], seeds) if "qig" in rows else None
+    for row, per_seed in rows.items():
+        acc = _pooled(per_seed, seeds)
+        entry = {"accuracy": 100 * sum(acc) / len(acc)}
+        if row not in ("fp", "rtn"):
+            share, share_se = accuracy.recovered_share(acc, rtn, fp)
+            entry |= {"recovered": 100 * share, "recovered_se": 100 * share_se}
+        if qig is not None and row != "qig":
+            entry["minus_qig"], entry["minus_qig_se"] = accuracy.paired_difference(acc, qig)
+        if row in kl:
+            entry["kl"] = statistics.mean(kl[row][str(s)]["kl"] for s in seeds)
+        out["rows"][row] = entry
+    out["verdicts"] = verdicts(rows, seeds)
+    return out
+
+
+def _lever(row: str) -> str | None:
+    """The lever of a search row (None: plain), e.g. "clip" for "awq[weight_clip=true]"."""
+    opts = row.partition("[")[2].rstrip("]")
+    return next((k for k, v in LEVERS.items() if v == opts), None) if opts else None
+
+
+def verdicts(rows: dict, seeds: list) -> list[dict]:
+    """Every QIG recipe against AWQ and MBQ, plain and with the same lever: paired difference, SE, verdict."""
+    out = []
+    for row in rows:
+        if not row.startswith("qig") or row.endswith("+gptq"):
+            continue
+        lever = _lever(row)
+        rivals = {f"{m}" for m in ("awq", "mbq")}
+        if lever is not None:
+            rivals |= {f"{m}[{LEVERS[lever]}]" for m in ("awq", "mbq")}
+        for rival in sorted(r for r in rivals if r in rows):
+            d, se = accuracy.paired_difference(_pooled(rows[row], seeds), _pooled(rows[rival], seeds))
+            verdict = "WIN" if d > 2 * se else "LOSS" if d < -se else "tie"
+            out.append({"recipe": row, "rival": rival, "diff": d, "se": se, "verdict": verdict})
+    return out
+
+
+def report() -> dict:
+    """Every kept run summarised, ranking.json and ranking.md written."""
+    runs = []
+    for path in sorted(RUNS.glob("*.json")):
+        testbed = path.stem.split("-", 1)[0]
+        runs.append(summarise(json.loads(path.read_text()), testbed))
+    (HERE / "results" / "ranking.json").write_text(json.dumps({"runs": runs}, indent=1) + "\n")
+    (HERE / "results" / "ranking.md").write_text(markdown(runs))
+    return {"runs": runs}
+
+
+def markdown(runs: list[dict]) -> str:
+    lines = ["# Ranking (issue 30): `python benchmarks/ranking.py`", ""]
+    for r in runs:
+        seeds = ", ".join(map(str, r["eval_seeds"]))
+        lines += [
+            f"## {r['testbed']} {r['setting']} (calibration draw {r['calib_seed'] or 'default'})",
+            "",
+            f"{r['n_samples']} calibration samples; eval seeds {seeds}, {r['questions_per_seed']} questions each, "
+            f"pooled. RTN loses {r['rtn_loss']:.1f} +- {r['rtn_loss_se']:.1f} points to FP.",
+            "",
+            "| row | accuracy | recovers of RTN's loss | - qig (paired) | KL to FP |",
+            "| --- | ---: | ---: | ---: | ---: |",
+        ]
+        for row, e in r["rows"].items():
+            rec = f"{e['recovered']:.1f}% +- {e['recovered_se']:.1f}" if "recovered" in e else ""
+            dq = f"{e['minus_qig']:+.2f} +- {e['minus_qig_se']:.2f}" if "minus_qig" in e else ""
+            kl = f"{e['kl']:.4f}" if "kl" in e else ""
+            lines.append(f"| `{row}` | {e['accuracy']:.2f} | {rec} | {dq} | {kl} |")
+        lines += ["", "| QIG recipe | rival | difference (points) | verdict |", "| --- | --- | ---: | --- |"]
+        for v in r["verdicts"]:
+            lines.append(f"| `{v['recipe']}` | `{v['rival']}` | {v['diff']:+.2f} +- {v['se']:.2f} | {v['verdict']} |")
+        lines.append("")
+    lines += [
+        "WIN: ahead by more than 2 paired SE; LOSS: behind by more than 1 SE (issue 30, point 5); tie otherwise.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--testbeds", nargs="+", choices=list(TESTBEDS), default=list(TESTBEDS))
+    p.add_argument("--settings", nargs="+", default=None, help="instead of each testbed's own settings")
+    p.add_argument("--rows", nargs="+", default=None, help="accuracy.py rows (default: ranking.default_rows)")
+    p.add_argument("--eval-seeds", nargs="+", type=int, default=[1, 2, 3, 4, 5])
+    p.add_argument("--limit", type=int, default=1000, help="questions per eval seed")
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--calib-seed", type=int, default=None, help="a second calibration draw for the deciding rows")
+    p.add_argument("--report-only", action="store_true", help="only merge the kept runs into ranking.{json,md}")
+    args = p.parse_args(argv)
+    if not args.report_only:
+        run(args)
+    print(markdown(report()["runs"]))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
