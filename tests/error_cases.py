@@ -494,11 +494,11 @@ CASES: list[ErrorCase] = [
         setup=write("model/config.json", "{not json"),
     ),
     ErrorCase(
-        "eval-compressed-float8",
+        "eval-compressed-mxfp6",
         ("eval", "--model", f"{TMP}/model", "--limit", "2"),
         2,
-        "stores weights as 'float-quantized'; qig reads the integer formats",
-        "a compressed-tensors checkpoint in FP8 (`format: float-quantized`)",
+        "stores weights as 'mxfp6-pack-quantized'; qig reads the formats",
+        "a compressed-tensors checkpoint in MXFP6 (`format: mxfp6-pack-quantized`)",
         setup=write(
             "model/config.json",
             json.dumps(
@@ -507,9 +507,9 @@ CASES: list[ErrorCase] = [
                     "vision_config": {},
                     "quantization_config": {
                         "quant_method": "compressed-tensors",
-                        "format": "float-quantized",
+                        "format": "mxfp6-pack-quantized",
                         "config_groups": {
-                            "group_0": {"targets": ["Linear"], "weights": {"num_bits": 8, "type": "float"}}
+                            "group_0": {"targets": ["Linear"], "weights": {"num_bits": 6, "type": "float"}}
                         },
                     },
                 }
