@@ -181,7 +181,7 @@ def run_job(
         dist.barrier()  # rank 0 writes; its failure, if any, is raised here too
         return None, result, calib
     with keeping_partial(work):
-        out = _write(run_opts, model, processor, result, report)
+        out = _write(run_opts, model, processor, result, report, plan.decoder == "disk")
     remove_partial(work)
     dist.barrier()
     if run_opts.report:
@@ -248,7 +248,7 @@ def _name(dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _write(run_opts: RunOptions, model, processor, result, report) -> Path:
+def _write(run_opts: RunOptions, model, processor, result, report, streamed: bool) -> Path:
     from qig.runs import write_output
 
     if not run_opts.format:
@@ -258,4 +258,6 @@ def _write(run_opts: RunOptions, model, processor, result, report) -> Path:
     def write(tmp):
         return write_output(tmp, model, processor, result, report)
 
-    return export_after(write, run_opts.output, run_opts.format, overwrite=run_opts.overwrite)
+    # A run streamed from disk is exported the same way: one layer at a time, the same bytes.
+    offload = "disk" if streamed else "none"
+    return export_after(write, run_opts.output, run_opts.format, overwrite=run_opts.overwrite, model_offload=offload)

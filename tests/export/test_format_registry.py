@@ -24,11 +24,18 @@ class DequantizedWeights(ExportFormat):
         if act_spec is not None:
             raise QigError(f"dequantized-weights holds weight-only settings, not activation bits {act_spec.bits}")
 
-    def write(self, model, *, family, run, quantized, ignored, folder):
-        weights = {f"{p}.weight": qw.dequantize(model.get_submodule(p).weight.dtype) for p, qw in quantized.items()}
-        save_file(weights, folder / "weights.safetensors")
-        setting = {"bits": run.spec.bits, "group_size": run.spec.group_size, "kept": ignored}
-        (folder / "setting.json").write_text(json.dumps(setting))
+    saves_model = False  # its files are its own: no model.safetensors
+
+    def begin(self, model, *, family, run, linears, ignored):
+        self.weights, self.setting = {}, {"bits": run.spec.bits, "group_size": run.spec.group_size, "kept": ignored}
+
+    def write_layer(self, model, quantized):
+        for p, qw in quantized.items():
+            self.weights[f"{p}.weight"] = qw.dequantize(model.get_submodule(p).weight.dtype)
+
+    def end(self, folder):
+        save_file(self.weights, folder / "weights.safetensors")
+        (folder / "setting.json").write_text(json.dumps(self.setting))
         return Written("one-file", "toy: nothing serves it")
 
 
@@ -71,6 +78,7 @@ def test_a_registered_format_is_written_by_qig_quantize(toy_format, model_dir, t
     out = tmp_path / "direct"
     assert run_cli("quantize", "--model", model_dir, *RTN_W4, "--format", toy_format, "--output", out) == 0
     assert {"qig", "setting.json", "weights.safetensors"} <= {p.name for p in out.iterdir()}
+    assert not (out / "model.safetensors").exists()  # saves_model = False: the format writes its own files
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == []  # no temporary folder left
     # the library call it makes: the run written to a temporary folder, then exported
     again = tmp_path / "again"

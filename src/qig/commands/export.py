@@ -2,6 +2,7 @@
 
     qig export --input out/qig-w4 --format compressed-tensors --output out/qig-w4-ct
     qig export --input out/qig-w4 --format fake-quant --output out/qig-w4-fq --dtype bfloat16
+    qig export --input out/qig-72b-w4 --output out/qig-72b-w4-ct --model-offload disk   # one layer at a time
 
 The ``--format`` choices are the registered formats (``format_names()``).
 Settings the format cannot hold are refused before anything is written; the
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 from dataclasses import dataclass
+from typing import Literal
 
 from qig.commands.flags import add_flags, from_args
 from qig.export import format_for, format_names
@@ -32,6 +34,12 @@ class ExportOptions:
     format: str = option("compressed-tensors", "the format to write", choices=format_names)
     output: str | None = option(None, "the folder to write", required=True, path=True)
     dtype: str = option("auto", "unquantized parts and activations (auto: the input's)", choices=_dtypes)
+    model_offload: Literal["auto", "disk", "none"] = option(
+        "auto",
+        "disk: read one decoder layer at a time and write the output layer by layer, the same bytes (host memory: "
+        "the rest of the model and a layer); none: load the whole run; auto: disk when the run passes a quarter of "
+        "the available host memory",
+    )
     overwrite: bool = option(False, "replace an existing output folder")
 
     def __post_init__(self) -> None:
@@ -58,7 +66,9 @@ def run(args) -> int:
 
     opts = from_args(args, ExportOptions)  # export() checks the output folder before any work
     dtype = None if opts.dtype == "auto" else opts.dtype
-    result = export(opts.input, opts.output, fmt=opts.format, overwrite=opts.overwrite, dtype=dtype)
+    result = export(
+        opts.input, opts.output, fmt=opts.format, overwrite=opts.overwrite, dtype=dtype, model_offload=opts.model_offload
+    )
     print(summary(result))
     return 0
 

@@ -42,6 +42,7 @@ from qig.export.params import QuantizedWeight, from_params, recover
 from qig.fileio import atomic_dir, check_output_dir, temp_dir_beside
 from qig.loading import DTYPES, load_model_and_processor
 from qig.models import linears
+from qig.models.layout import save_model
 from qig.quant import stored
 from qig.quant.spec import QuantSpec
 from qig.runfiles import RUN_FILES, RUN_SUBDIR, SEARCH_TENSORS
@@ -105,18 +106,16 @@ def decoder_linears(model: torch.nn.Module) -> dict[str, tuple[str, torch.nn.Lin
     return {path: (path.removeprefix(f"{family.layers}."), mod) for path, mod in family.decoder_linears(model).items()}
 
 
-def codes(run: Run, model: torch.nn.Module) -> dict[str, QuantizedWeight]:
-    """Per decoder linear (model path) its exact integer codes and parameters; refuses what cannot be exported."""
-    linears = decoder_linears(model)
-    if not linears:
-        raise QigError("the model has no decoder linears to export")
+def codes(run: Run, weights: dict[str, tuple[str, torch.Tensor]]) -> dict[str, QuantizedWeight]:
+    """Per decoder linear (model path -> (stored key, saved weight)) its exact integer codes and parameters;
+    refuses what cannot be exported."""
     if not run.quantized:
         log.info(
             "%s keeps no quantizer parameters (an older qig wrote it); reading the grid from the weights", run.path
         )
-        return {path: recover(mod.weight.data, run.spec, path) for path, (_, mod) in linears.items()}
+        return {path: recover(w, run.spec, path) for path, (_, w) in weights.items()}
     out = {}
-    for path, (key, mod) in linears.items():
+    for path, (key, w) in weights.items():
         params = run.quantized.get(key)
         if params is None or not {"scale", "zero"} <= params.keys():
             raise QigError(
@@ -129,9 +128,7 @@ def codes(run: Run, model: torch.nn.Module) -> dict[str, QuantizedWeight]:
                 "(g_idx); compressed-tensors no longer stores group act-order, so re-run GPTQ without --act-order "
                 "or export with --format fake-quant"
             )
-        out[path] = from_params(
-            mod.weight.data, params["scale"], params["zero"], run.spec, path, params.get("global_scale")
-        )
+        out[path] = from_params(w, params["scale"], params["zero"], run.spec, path, params.get("global_scale"))
     return out
 
 
@@ -141,32 +138,47 @@ def export(
     fmt: str = "compressed-tensors",
     overwrite: bool = False,
     dtype: str | None = None,
+    model_offload: str = "none",
+    max_shard_size: int | str = "50GB",
 ) -> ExportResult:
     """Export the ``qig quantize`` folder ``input_dir`` to ``output_dir`` in format ``fmt`` (see ``format_names()``).
 
     dtype: "float32", "float16" or "bfloat16" for the unquantized parts and the
     activations; None keeps the checkpoint's (qig quantize writes the source's dtype).
     Scales are stored in float32 so the dequantized weights are exact.
+    model_offload: "none" loads the whole run; "disk" reads one decoder layer at a
+    time from its shards and writes the output layer by layer (host memory: the
+    rest of the model and a layer), byte for byte the same files; "auto": disk
+    when the run passes a quarter of the available host memory (as ``qig
+    quantize``). max_shard_size: as ``save_pretrained``'s (its default).
     """
+    from qig.loading import load_plan
+    from qig.models import family_for
+    from qig.pipeline.layers import layers_for
+
     target = format_for(fmt)
     if dtype is not None and dtype not in DTYPES:
         raise QigError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPES)}")
+    if model_offload not in ("auto", "disk", "none"):
+        raise QigError(f"model_offload {model_offload!r}: use auto, disk or none")
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
     run = read_run(input_dir)
     target.check(run.spec, run.act_spec)
-    model, processor = load_model_and_processor(run.path, dtype="auto", activation_quantizers=False)
-    from qig.models import family_for
-
+    decoder = load_plan("auto", run.path, "cpu", model_offload).decoder
+    model, processor = load_model_and_processor(run.path, dtype="auto", activation_quantizers=False, decoder=decoder)
     family = family_for(model)
-    quantized = codes(run, model)
-    if dtype is not None:
-        model.to(DTYPES[dtype])
-    ignored = sorted(n for n in linears(model) if n not in quantized)
-
+    paths = decoder_linears(model)
+    if not paths:
+        raise QigError("the model has no decoder linears to export")
+    ignored = sorted(n for n in linears(model) if n not in paths)
+    layers = layers_for(model, family)
     with atomic_dir(output_dir, overwrite) as tmp:
-        written = target.write(model, family=family, run=run, quantized=quantized, ignored=ignored, folder=tmp)
-        _check_packed(model, quantized, target)
+        if layers.streamed:
+            _write_streamed(model, family, layers, run, target, ignored, dtype, tmp, max_shard_size)
+        else:
+            _write_in_memory(model, family, run, target, ignored, dtype, tmp, max_shard_size)
+        written = target.end(tmp)
         processor.save_pretrained(tmp)  # tokenizer, processor config, chat template
         (tmp / RUN_SUBDIR).mkdir()
         for name in RUN_FILES:
@@ -175,7 +187,73 @@ def export(
                 shutil.copyfile(source, tmp / RUN_SUBDIR / name)
     if written.serving is not None:
         log.info("%s: %s", written.layout, written.serving)
-    return ExportResult(output_dir, fmt, sorted(quantized), ignored, written.layout, written.serving)
+    return ExportResult(output_dir, fmt, sorted(paths), ignored, written.layout, written.serving)
+
+
+def _by_layer(family, paths) -> list[list[str]]:
+    """The decoder linears' paths grouped by layer, in layer order."""
+    groups: dict[int, list[str]] = {}
+    for path in paths:
+        groups.setdefault(int(path.removeprefix(f"{family.layers}.").split(".")[0]), []).append(path)
+    return [groups[i] for i in sorted(groups)]
+
+
+def _write_in_memory(model, family, run: Run, target: ExportFormat, ignored, dtype, tmp: Path, max_shard_size):
+    """The whole model is in memory: every layer through the format, then ``save_model``."""
+    paths = decoder_linears(model)
+    quantized = codes(run, {path: (key, mod.weight.data) for path, (key, mod) in paths.items()})
+    if dtype is not None:
+        model.to(DTYPES[dtype])
+    target.begin(model, family=family, run=run, linears=sorted(paths), ignored=ignored)
+    for group in _by_layer(family, paths):
+        layer = {p: quantized[p] for p in group}
+        target.write_layer(model, layer)
+        _check_packed(model, layer, target)
+    if target.saves_model:
+        save_model(model, tmp, family, max_shard_size=max_shard_size)
+
+
+@torch.no_grad()
+def _write_streamed(model, family, layers, run: Run, target: ExportFormat, ignored, dtype, tmp: Path, max_shard_size):
+    """The decoder layers are on disk: each is read, put through the format, and kept in a part file on its own;
+    then the output shards are assembled from the parts (``qig.models.layout.save_in_parts``), the same bytes
+    as :func:`_write_in_memory`. Host memory: the rest of the model and one layer."""
+    from safetensors.torch import save_file
+
+    from qig.hostmem import trim
+    from qig.models.layout import layer_state, save_in_parts
+
+    paths = decoder_linears(model)
+    loaded = [{k: t.dtype for k, t in m.state_dict().items()} for m in layers.modules]  # the checkpoint's dtypes
+    if dtype is not None:
+        model.to(DTYPES[dtype])  # the meta layers too: each is read, then cast as the in-memory model is
+    target.begin(model, family=family, run=run, linears=sorted(paths), ignored=ignored)
+    parts_dir = tmp / ".parts"
+    parts_dir.mkdir()
+    parts = []
+    for index, module in enumerate(layers.modules):
+        prefix = f"{family.layers}.{index}."
+        tensors = layers.index.read_prefix(prefix, torch.device("cpu"))
+        if set(tensors) != set(loaded[index]):
+            raise QigError(f"{run.path}: layer {index} holds other tensors than the model's; the run is corrupt")
+        tensors = {k: t.to(loaded[index][k]) for k, t in tensors.items()}
+        group = [p for p in paths if p.startswith(prefix)]
+        layer = codes(run, {p: (paths[p][0], tensors[f"{p.removeprefix(prefix)}.weight"]) for p in group})
+        module.to_empty(device="cpu")  # the format's own parameters too: write_layer sets every one it stores
+        dtypes = {k: t.dtype for k, t in module.state_dict().items()}
+        module.load_state_dict({k: t.to(dtypes[k]) for k, t in tensors.items()}, strict=False)
+        del tensors
+        target.write_layer(model, layer)
+        _check_packed(model, layer, target)
+        if target.saves_model:
+            parts.append(parts_dir / f"layer-{index:05d}.safetensors")
+            save_file(layer_state(model, family, index, module), parts[-1], metadata={"format": "pt"})
+        module.to("meta")
+        del layer
+        trim()
+    if target.saves_model:
+        save_in_parts(model, tmp, family, parts, max_shard_size)
+    shutil.rmtree(parts_dir)
 
 
 def check_format(fmt: str, spec: QuantSpec, act_spec: QuantSpec | None = None, act_order: bool = False) -> None:
@@ -186,17 +264,20 @@ def check_format(fmt: str, spec: QuantSpec, act_spec: QuantSpec | None = None, a
     format_for(fmt).check(spec, act_spec, act_order)
 
 
-def export_after(write_run, output_dir: str | os.PathLike, fmt: str, overwrite: bool = False) -> Path:
+def export_after(
+    write_run, output_dir: str | os.PathLike, fmt: str, overwrite: bool = False, model_offload: str = "none"
+) -> Path:
     """``write_run(folder)`` writes a quantize run into a temporary folder; export it to ``output_dir``, drop it.
 
-    ``qig quantize --format`` uses this: the run's files end up in ``output_dir/qig/``.
+    ``qig quantize --format`` uses this: the run's files end up in ``output_dir/qig/``. model_offload: as
+    :func:`export`'s ("disk" for a run streamed from disk: the export is streamed too).
     """
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
     tmp = temp_dir_beside(output_dir)
     try:
         write_run(tmp / "run")
-        return export(tmp / "run", output_dir, fmt, overwrite=overwrite).path
+        return export(tmp / "run", output_dir, fmt, overwrite=overwrite, model_offload=model_offload).path
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
 

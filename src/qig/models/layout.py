@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -145,6 +146,91 @@ def save_streamed(model: torch.nn.Module, folder: str | os.PathLike, family: Mod
     index = {"metadata": {"total_size": size}, "weight_map": dict(sorted(weight_map.items()))}
     (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
     return apply_layout(folder, family)
+
+
+def save_in_parts(
+    model: torch.nn.Module,
+    folder: str | os.PathLike,
+    family: ModelFamily,
+    parts: Sequence[str | os.PathLike],
+    max_shard_size: int | str = "50GB",
+) -> int:
+    """What ``save_model(model, folder, family, max_shard_size=...)`` writes, byte for byte, from a streamed model.
+
+    ``model``'s decoder layers are on the meta device, with the structure their
+    saved tensors have; ``parts[l]`` is a safetensors file with layer l's tensors
+    under the names ``save_pretrained`` gives them (full, reverted to the
+    checkpoint's names, see :func:`layer_state`). The rest of the model is saved
+    by ``save_pretrained`` (config files, its tensors); then the shards are
+    planned as ``save_pretrained`` plans them (the model's state dict with meta
+    decoder tensors, tied weights removed, names reverted, split by
+    ``huggingface_hub``) and written one tensor at a time
+    (``qig.models.shards``), in the family's serving layout, with an index
+    when there are several. Host memory: the rest of the model and one tensor.
+    Returns the number of keys renamed to the serving layout.
+    """
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors import safe_open
+    from transformers.core_model_loading import revert_weight_conversion
+    from transformers.modeling_utils import remove_tied_weights_from_state_dict
+
+    from qig.models.checkpoint import read_header
+    from qig.models.family import get_module
+    from qig.models.shards import Entry, write_file
+
+    folder = Path(folder)
+    rest = folder / ".rest"
+    layers = family.decoder_layers(model)
+    parent, _, name = family.layers.rpartition(".")
+    holder = get_module(model, parent)
+    setattr(holder, name, torch.nn.ModuleList())
+    try:
+        model.save_pretrained(rest, max_shard_size=2**62)  # one file: its tensors are read back one at a time
+    finally:
+        setattr(holder, name, layers)
+    for f in rest.iterdir():
+        if f.name != "model.safetensors":
+            os.replace(f, folder / f.name)
+    sources = {k: rest / "model.safetensors" for k in read_header(rest / "model.safetensors")}
+    for part in map(Path, parts):
+        sources.update({k: part for k in read_header(part)})
+    state = remove_tied_weights_from_state_dict(model.state_dict(), model)
+    state = revert_weight_conversion(model, state)
+    if set(state) != set(sources):
+        extra = sorted(set(state) ^ set(sources))[:3]
+        raise QigError(
+            f"the streamed layers hold other tensors than the model saves (e.g. {extra}); please report this"
+        )
+    split = split_torch_state_dict_into_shards(
+        state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
+    )
+    mode = 0o666 & ~_umask()
+    saved_as = {family.serving_key(n): n for n in state}
+
+    def read(serving: str) -> torch.Tensor:
+        key = saved_as[serving]
+        with safe_open(sources[key], "pt") as f:
+            return f.get_tensor(key)
+
+    for shard, names in split.filename_to_tensors.items():
+        entries = [Entry(family.serving_key(n), state[n].dtype, tuple(state[n].shape)) for n in names]
+        write_file(folder / shard, entries, read)
+        os.chmod(folder / shard, mode)
+    if split.is_sharded:
+        weight_map = {family.serving_key(k): v for k, v in split.tensor_to_filename.items()}
+        index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata}, "weight_map": weight_map}
+        (folder / INDEX).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    (rest / "model.safetensors").unlink()
+    rest.rmdir()
+    return sum(family.serving_key(k) != k for k in state)
+
+
+def layer_state(model: torch.nn.Module, family: ModelFamily, index: int, layer: torch.nn.Module) -> dict:
+    """Decoder layer ``index``'s tensors under the names ``save_pretrained`` writes them (for :func:`save_in_parts`)."""
+    from transformers.core_model_loading import revert_weight_conversion
+
+    full = {f"{family.layers}.{index}.{k}": v.contiguous() for k, v in layer.state_dict().items()}
+    return revert_weight_conversion(model, full)
 
 
 def _umask() -> int:

@@ -2,10 +2,14 @@
 
 A format is one class: a ``name`` (the ``--format`` value), a one-line
 ``help``, :meth:`ExportFormat.check` that refuses a setting it cannot hold
-before any work, and :meth:`ExportFormat.write` that writes the model into a
-folder. ``@register`` makes it a ``qig export --format`` choice; the shared
-flow (``qig.export.writer``) reads the run, computes the integer codes, saves
-the processor and the run files, and checks what an integer format stored.
+before any work, and three steps the shared flow (``qig.export.writer``) calls:
+:meth:`ExportFormat.begin` once (the model's decoder layers may still be on the
+meta device), :meth:`ExportFormat.write_layer` for each decoder layer while it
+is in memory (it changes the layer's modules into what the format stores), and
+:meth:`ExportFormat.end` once the weights are saved. The flow saves the weights
+(the whole model, or layer by layer for a model streamed from disk), the
+processor and the run files, and checks what an integer format stored.
+``@register`` makes it a ``qig export --format`` choice.
 
     >>> from qig.export.formats import format_for, format_names
     >>> format_names()
@@ -50,10 +54,13 @@ class Written:
 
 
 class ExportFormat:
-    """Base class: one export format. Subclasses set ``name`` and ``help`` and implement :meth:`write`."""
+    """Base class: one export format. Subclasses set ``name`` and ``help`` and implement :meth:`write_layer`."""
 
     name: ClassVar[str] = ""
     help: ClassVar[str] = ""
+    # The flow saves the model's tensors after write_layer (the whole model, or layer by layer for a streamed one);
+    # False: the format writes its own files in end.
+    saves_model: ClassVar[bool] = True
 
     def check(self, spec: QuantSpec, act_spec: QuantSpec | None = None, act_order: bool = False) -> None:
         """Refuse, in one line and before any work, a setting this format cannot hold; default: any is held.
@@ -61,26 +68,27 @@ class ExportFormat:
         act_order: the run is GPTQ with act-order (its groups follow a column permutation).
         """
 
-    def write(
-        self,
-        model: torch.nn.Module,
-        *,
-        family: ModelFamily,
-        run: Run,
-        quantized: dict[str, QuantizedWeight],
-        ignored: list[str],
-        folder: Path,
-    ) -> Written:
-        """Write ``model`` into the empty ``folder`` (the processor and the run files are added by the caller).
+    def begin(self, model: torch.nn.Module, *, family: ModelFamily, run: Run, linears: list[str], ignored: list[str]):
+        """Before any layer: prepare ``model`` (its decoder layers may be on the meta device); default: nothing.
 
-        quantized: per decoder linear (model path) its exact codes and parameters;
-        ignored: the linears kept in full precision. The model may be changed in
-        place. Refuse codes the format cannot store before writing a file.
+        linears: the decoder linears that will be quantized (model paths); ignored:
+        the linears kept in full precision.
+        """
+
+    def write_layer(self, model: torch.nn.Module, quantized: dict[str, QuantizedWeight]) -> None:
+        """Turn the decoder linears in ``quantized`` (one layer's, in memory) into what the format stores.
+
+        quantized: per linear (model path) its exact codes and parameters. Refuse
+        codes the format cannot store before changing anything.
         """
         raise NotImplementedError
 
+    def end(self, folder: Path) -> Written:
+        """After the weights are saved in ``folder``: the format's remaining files; what was written."""
+        return Written()
+
     def stored_codes(self, module: torch.nn.Module, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor] | None:
-        """After :meth:`write`: (the integers ``module`` holds, the codes they must equal); None: it holds none."""
+        """After :meth:`write_layer`: (the integers ``module`` holds, the codes they must equal); None: none held."""
         return None
 
 

@@ -27,7 +27,6 @@ from qig.export.formats.base import ExportFormat, Written, register
 from qig.export.params import QuantizedWeight, check_storable
 from qig.export.scheme import Scheme, scheme_for
 from qig.models.family import ModelFamily
-from qig.models.layout import save_model
 from qig.quant.spec import QuantSpec, round_fp8
 from qig.runs import CONFIG_KEY
 
@@ -46,19 +45,30 @@ class CompressedTensors(ExportFormat):
             )
         _require_library(scheme)
 
-    def write(self, model, *, family, run, quantized, ignored, folder: Path) -> Written:
-        scheme = scheme_for(run.spec, run.act_spec)
-        for path, qw in quantized.items():
-            check_storable(qw, path)
+    def begin(self, model, *, family, run, linears, ignored) -> None:
+        self.scheme = scheme_for(run.spec, run.act_spec)
+        self.family, self.run, self.ignored = family, run, ignored
         if hasattr(model.config, CONFIG_KEY):
             # The fake-quant record would make 'qig eval' install its own activation quantizers on top of the
             # ones compressed-tensors installs at load; quantization_config describes the export instead.
             delattr(model.config, CONFIG_KEY)
-        input_scales = {}
-        if run.act_spec is not None and run.act_spec.number == "nvfp4":
-            input_scales = _input_scales(run, quantized, family)
-        _write_compressed(model, family, quantized, scheme, ignored, folder, input_scales)
-        return Written(scheme.format, scheme.serving)
+        self.compressor = _attach(model, family, linears, self.scheme, ignored)
+
+    @torch.no_grad()
+    def write_layer(self, model, quantized) -> None:
+        from compressed_tensors.compressors.base import compress_module
+
+        for path, qw in quantized.items():
+            check_storable(qw, path)
+        nvfp4_inputs = self.run.act_spec is not None and self.run.act_spec.number == "nvfp4"
+        for path, qw in quantized.items():
+            mod = model.get_submodule(path)
+            _set_params(mod, qw, self.scheme, _input_scale(self.run, path, self.family) if nvfp4_inputs else None)
+            compress_module(mod, self.compressor.force_compression_format)
+
+    def end(self, folder: Path) -> Written:
+        _write_config(self.compressor, self.family, self.ignored, self.scheme, folder)
+        return Written(self.scheme.format, self.scheme.serving)
 
     def stored_codes(self, module: torch.nn.Module, qw: QuantizedWeight) -> tuple[torch.Tensor, torch.Tensor]:
         if qw.spec.is_float:
@@ -105,18 +115,15 @@ def _param(mod: torch.nn.Module, name: str, value: torch.Tensor) -> None:
     setattr(mod, name, torch.nn.Parameter(value, requires_grad=False))
 
 
-def _input_scales(run, quantized: dict[str, QuantizedWeight], family: ModelFamily) -> dict[str, torch.Tensor]:
-    """Per decoder linear (model path) the calibrated NVFP4 activation scale the run stored; refused if missing."""
-    out = {}
-    for path in quantized:
-        params = run.quantized.get(path.removeprefix(f"{family.layers}."), {})
-        if "input_global_scale" not in params:
-            raise QigError(
-                f"{path}: the run stored no calibrated NVFP4 activation scale (input_global_scale); export the "
-                "unchanged folder 'qig quantize' wrote, or re-run it with this qig"
-            )
-        out[path] = params["input_global_scale"]
-    return out
+def _input_scale(run, path: str, family: ModelFamily) -> torch.Tensor:
+    """The calibrated NVFP4 activation scale the run stored for the decoder linear ``path``; refused if missing."""
+    params = run.quantized.get(path.removeprefix(f"{family.layers}."), {})
+    if "input_global_scale" not in params:
+        raise QigError(
+            f"{path}: the run stored no calibrated NVFP4 activation scale (input_global_scale); export the "
+            "unchanged folder 'qig quantize' wrote, or re-run it with this qig"
+        )
+    return params["input_global_scale"]
 
 
 def _require_library(scheme: Scheme | None = None) -> None:
@@ -168,24 +175,16 @@ def ignore_list(family: ModelFamily, kept: Sequence[str], saved: Sequence[str] =
     return [*family.ignore, *sorted(names)]
 
 
-@torch.no_grad()
-def _write_compressed(
-    model,
-    family: ModelFamily,
-    quantized: dict[str, QuantizedWeight],
-    scheme: Scheme,
-    ignored: list[str],
-    tmp: Path,
-    input_scales: dict[str, torch.Tensor],
-):
-    """Attach the scheme to the decoder linears, set the stored parameters, compress, save.
+def _attach(model, family: ModelFamily, linears: list[str], scheme: Scheme, ignored: list[str]):
+    """Attach the scheme to exactly the decoder linears ``linears`` (they may be on the meta device); the compressor.
 
-    input_scales: per decoder linear, the calibrated per-tensor scale of NVFP4 activations.
+    compressed-tensors registers each linear's quantization parameters; :func:`_set_params` fills them with
+    qig's, layer by layer, and the compressor packs the layer.
     """
     from compressed_tensors.compressors import ModelCompressor
     from compressed_tensors.quantization import QuantizationConfig, apply_quantization_config
 
-    decoder_ignored = sorted(p for p in quantized if family.ignores(p))
+    decoder_ignored = sorted(p for p in linears if family.ignores(p))
     if decoder_ignored:
         raise QigError(
             f"the {family.name} family's ignore entries {list(family.ignore)} match decoder linears "
@@ -202,22 +201,25 @@ def _write_compressed(
     quiet = {"show_progress": False} if takes_flag else {}
     apply_quantization_config(model, config, **quiet)
     attached = sorted(n for n, m in model.named_modules() if getattr(m, "quantization_scheme", None) is not None)
-    if attached != sorted(quantized):
-        extra = sorted(set(attached) ^ set(quantized))[:3]
+    if attached != sorted(linears):
+        extra = sorted(set(attached) ^ set(linears))[:3]
         raise QigError(f"the compressed-tensors scheme did not land on exactly the decoder linears (e.g. {extra})")
-    for path, qw in quantized.items():
-        _set_params(model.get_submodule(path), qw, scheme, input_scales.get(path))
-    compressor = ModelCompressor.from_pretrained_model(model, scheme.format)
-    compressor.compress_model(model)
-    save_model(model, tmp, family)
+    return ModelCompressor.from_pretrained_model(model, scheme.format)
+
+
+def _write_config(compressor, family: ModelFamily, ignored: list[str], scheme: Scheme, folder: Path) -> None:
+    """The export's quantization_config into ``folder/config.json`` (the weights are saved already)."""
     # The library lists every kept linear by its checkpoint name; the family's regexes replace those names, so
     # the list matches transformers' in-memory names, the saved ones and vLLM's (see ignore_list).
+    from compressed_tensors.quantization import QuantizationStatus
+
     qconfig = compressor.quantization_config
     qconfig.ignore = ignore_list(family, ignored, qconfig.ignore or [])
-    compressor.update_config(tmp)
+    qconfig.quantization_status = QuantizationStatus.COMPRESSED  # every decoder linear is (write_layer)
+    compressor.update_config(folder)
     if scheme.format == "pack-quantized" and not scheme.weights["symmetric"]:
         # transformers + compressed-tensors cannot build packed zero points on the meta device (the tensors
         # load with the wrong shape), so asymmetric packs are dequantized at load there; vLLM ignores this key.
-        cfg = json.loads((tmp / "config.json").read_text())
+        cfg = json.loads((folder / "config.json").read_text())
         cfg["quantization_config"]["dequantize"] = True
-        (tmp / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")
+        (folder / "config.json").write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")

@@ -7,12 +7,9 @@ re-installs the activation quantizers from its record.
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from qig.export.formats.base import ExportFormat, Written, register
-from qig.models.layout import save_model
+from qig.export.formats.base import ExportFormat, register
 
 
 @register
@@ -21,9 +18,7 @@ class FakeQuant(ExportFormat):
     help = "dequantized weights in the model dtype (transformers, qig eval)"
 
     @torch.no_grad()
-    def write(self, model, *, family, run, quantized, ignored, folder: Path) -> Written:
+    def write_layer(self, model, quantized) -> None:
         for path, qw in quantized.items():
             mod = model.get_submodule(path)
             mod.weight.copy_(qw.dequantize(mod.weight.dtype))
-        save_model(model, folder, family)
-        return Written()
