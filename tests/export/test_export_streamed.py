@@ -58,9 +58,10 @@ def family_sources(tmp_path_factory):
 
 W4 = ("--method", "rtn", "--wbits", 4, "--group-size", 32)
 W8A8 = ("--method", "rtn", "--wbits", 8, "--abits", 8)
+AWQ_W4 = ("--method", "awq", "--wbits", 4, "--group-size", 128, "--n-grid", 2)
 CASES = {  # id -> (model: None for the embedded one, quantize flags, export format, export keywords)
-    "embedded-awq-w4": (None, ("--method", "awq", "--wbits", 4, "--group-size", 128, "--n-grid", 2), "ct", {}),
-    "embedded-awq-w4-shards": (None, ("--method", "awq", "--wbits", 4, "--n-grid", 2), "ct", {"max_shard_size": "300KB"}),
+    "embedded-awq-w4": (None, AWQ_W4, "ct", {}),
+    "embedded-awq-w4-shards": (None, AWQ_W4, "ct", {"max_shard_size": "300KB"}),
     "embedded-w8a8": (None, W8A8, "ct", {}),
     "embedded-w4-fake-quant-bf16": (None, W4, "fake-quant", {"dtype": "bfloat16", "max_shard_size": "1MB"}),
     "llava-1.5-w4": ("llava-1.5", W4, "ct", {}),

@@ -66,8 +66,9 @@ def run(args) -> int:
 
     opts = from_args(args, ExportOptions)  # export() checks the output folder before any work
     dtype = None if opts.dtype == "auto" else opts.dtype
+    offload = opts.model_offload
     result = export(
-        opts.input, opts.output, fmt=opts.format, overwrite=opts.overwrite, dtype=dtype, model_offload=opts.model_offload
+        opts.input, opts.output, fmt=opts.format, overwrite=opts.overwrite, dtype=dtype, model_offload=offload
     )
     print(summary(result))
     return 0
