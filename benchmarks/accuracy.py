@@ -229,6 +229,7 @@ def main(argv=None) -> int:
     from qig.calib import calibration_for
     from qig.embedded import world
     from qig.evaluate import ReferenceOutputs, eval_split, evaluate_records, reference_outputs
+    from qig.fileio import atomic_write_bytes
     from qig.loading import load_model_and_processor
     from qig.quant.activation import remove_activation_quantizers
     from qig.runs import CONFIG_KEY
@@ -264,6 +265,16 @@ def main(argv=None) -> int:
     fidelity: dict[str, dict[str, dict[int, dict]]] = {}
     correct: dict[str, dict[str, dict[int, list[int]]]] = {}  # per question: 1 if right
     shares: dict[str, dict[str, dict[str, float]]] = {}
+
+    def save() -> None:
+        """``--json``: every row scored so far (rewritten after each row, so a stopped run keeps its rows)."""
+        if not args.json:
+            return
+        out = {"eval_seeds": seeds, "limit": args.limit, "n_samples": args.n_samples, "dtypes": dtypes}
+        out |= {"model": args.model, "calib_seed": args.calib_seed}
+        out |= {"results": results, "fidelity": fidelity, "token_weight_shares": shares, "correct": correct}
+        atomic_write_bytes(args.json, json.dumps(out, indent=1).encode())
+
     with tempfile.TemporaryDirectory() as tmp:
         for setting in args.settings:
             wbits, group, abits = parse_setting(setting)
@@ -312,6 +323,7 @@ def main(argv=None) -> int:
                         flush=True,
                     )
                     del accs
+                    save()
                 torch.manual_seed(0)
     print(format_table(results, seeds))
     print()
@@ -325,12 +337,7 @@ def main(argv=None) -> int:
     if len(dtypes) > 1:
         print()
         print(format_dtypes(correct, args.settings, dtypes, seeds))
-    if args.json:
-        with open(args.json, "w") as f:
-            out = {"eval_seeds": seeds, "limit": args.limit, "n_samples": args.n_samples, "dtypes": dtypes}
-            out |= {"model": args.model, "calib_seed": args.calib_seed}
-            out |= {"results": results, "fidelity": fidelity, "token_weight_shares": shares, "correct": correct}
-            json.dump(out, f, indent=1)
+    save()
     return 0
 
 

@@ -3,11 +3,14 @@ all tokens or vision + answer, GPTQ rows, on the three embedded testbeds (not a 
 
     python benchmarks/ranking.py --testbeds vsinks --eval-seeds 1 2 --limit 1000       # run, then report
     python benchmarks/ranking.py --testbeds sinks --settings w2channel --rows fp rtn awq mbq qig
+    python benchmarks/ranking.py --testbeds sinks --settings w2g128 --rows fp rtn awq mbq qig --part a &
+    python benchmarks/ranking.py --testbeds sinks --settings w2g128 --rows "qig[weight_clip=true]" --part b
     python benchmarks/ranking.py --report-only                 # ranking.{json,md} from the runs kept so far
 
 Each (testbed, setting, calibration draw) is one ``benchmarks/accuracy.py`` run with ``--fidelity``
 (accuracy per question, agreement and KL to FP), kept as
-``benchmarks/results/ranking/<testbed>-<setting>-calib<seed>.json``; runs of several invocations
+``benchmarks/results/ranking/<testbed>-<setting>-calib<seed>.json`` (``...<seed>.<part>.json`` with ``--part``:
+rows run side by side in separate processes, merged into one run by the report); runs of several invocations
 (other testbeds, a second calibration draw with ``--calib-seed``) are merged into
 ``benchmarks/results/ranking.json`` and ``ranking.md``. Per setting the report gives RTN's loss to FP,
 per row the pooled accuracy over every eval seed's questions, the share of RTN's loss it recovers
@@ -51,8 +54,34 @@ def default_rows(abits: int) -> list[str]:
     return rows + (list(GPTQ_ROWS) if abits == 16 else [])
 
 
-def run_file(testbed: str, setting: str, calib_seed: int | None) -> Path:
-    return RUNS / f"{testbed}-{setting}-calib{'default' if calib_seed is None else calib_seed}.json"
+def run_file(testbed: str, setting: str, calib_seed: int | None, part: str | None = None) -> Path:
+    """``<testbed>-<setting>-calib<seed>[.<part>].json``: the parts of one run are merged by the report."""
+    stem = f"{testbed}-{setting}-calib{'default' if calib_seed is None else calib_seed}"
+    return RUNS / f"{stem}{'' if part is None else '.' + part}.json"
+
+
+def merge(paths: list[Path]) -> dict:
+    """The parts of one run (rows run in separate processes on the same questions and calibration set), merged.
+
+    Every part must have the same eval seeds, questions, calibration draw and model; a row two parts made
+    (fp, rtn) must have answered every question alike.
+    """
+    merged: dict = {}
+    same = ("eval_seeds", "limit", "n_samples", "calib_seed", "model")
+    for path in paths:
+        data = json.loads(path.read_text())
+        if not merged:
+            merged = {k: data[k] for k in same} | {"correct": {}, "fidelity": {}, "token_weight_shares": {}}
+        elif any(data[k] != merged[k] for k in same):
+            raise SystemExit(f"{path}: other {', '.join(same)} than {paths[0]}; its rows cannot be paired")
+        for table in ("correct", "fidelity", "token_weight_shares"):
+            for setting, rows in data.get(table, {}).items():
+                kept = merged[table].setdefault(setting, {})
+                for row, value in rows.items():
+                    if table == "correct" and kept.get(row, value) != value:
+                        raise SystemExit(f"{path}: {setting} {row} answered otherwise than in another part")
+                    kept[row] = value
+    return merged
 
 
 def run(args) -> None:
@@ -65,7 +94,7 @@ def run(args) -> None:
             rows = args.rows or default_rows(abits)
             argv = ["--settings", setting, "--methods", *rows, "--fidelity", "--limit", str(args.limit)]
             argv += ["--eval-seeds", *map(str, args.eval_seeds), "--n-samples", str(args.n_samples)]
-            argv += ["--json", str(run_file(testbed, setting, args.calib_seed))]
+            argv += ["--json", str(run_file(testbed, setting, args.calib_seed, args.part))]
             argv += ["--model", str(ROOT / model)] if model else []
             argv += ["--calib-seed", str(args.calib_seed)] if args.calib_seed is not None else []
             print(f"== {testbed} {setting}: accuracy.py {' '.join(argv)}", file=sys.stderr, flush=True)
@@ -127,10 +156,16 @@ def verdicts(rows: dict, seeds: list) -> list[dict]:
 
 def report() -> dict:
     """Every kept run summarised, ranking.json and ranking.md written."""
-    runs = []
+    parts: dict[str, list[Path]] = {}
     for path in sorted(RUNS.glob("*.json")):
-        testbed = path.stem.split("-", 1)[0]
-        runs.append(summarise(json.loads(path.read_text()), testbed))
+        parts.setdefault(path.name.split(".")[0], []).append(path)
+    runs = []
+    for stem, paths in parts.items():
+        data = merge(paths)
+        if not all(r in rows for r in ("fp", "rtn") for rows in data["correct"].values()):
+            print(f"{stem}: no fp and rtn rows yet (a run under way), left out", file=sys.stderr)
+            continue
+        runs.append(summarise(data, stem.split("-", 1)[0]))
     (HERE / "results" / "ranking.json").write_text(json.dumps({"runs": runs}, indent=1) + "\n")
     (HERE / "results" / "ranking.md").write_text(markdown(runs))
     return {"runs": runs}
@@ -174,6 +209,9 @@ def main(argv=None) -> int:
     p.add_argument("--limit", type=int, default=1000, help="questions per eval seed")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--calib-seed", type=int, default=None, help="a second calibration draw for the deciding rows")
+    p.add_argument(
+        "--part", default=None, help="keep this invocation's rows as a part of the run (rows side by side, merged)"
+    )
     p.add_argument("--report-only", action="store_true", help="only merge the kept runs into ranking.{json,md}")
     args = p.parse_args(argv)
     if not args.report_only:

@@ -415,9 +415,14 @@ def model_card(metrics: dict, stages: list[dict], args) -> str:
             f"**Status: below the target** of >= 95% FP accuracy with seeds within 2 points (this checkpoint: "
             f"{_pct(fp_main)} on seed {seeds[0]}, spread {_pct(spread)} across seeds). The held-out curve "
             "above shows whether more training would help; to continue, run `python scripts/train_embedded.py "
-            "--init <checkpoint before outlier planting> ...` (the shipped weights with the factors of "
-            "`outlier_factors.json` undone) with the same flags, then "
-            "`scripts/finalize_embedded.py`."
+            + (
+                "--init <this folder> --sinks-planted ...` (the shipped weights are the trained ones; the sinks "
+                "they carry are held, not planted again) with the same sink flags, then "
+                "`scripts/finalize_embedded.py --no-outliers`."
+                if args.no_outliers
+                else "--init <checkpoint before outlier planting> ...` (the shipped weights with the factors of "
+                "`outlier_factors.json` undone) with the same flags, then `scripts/finalize_embedded.py`."
+            )
         )
     lines += [
         "## How the recipe was found",

@@ -235,8 +235,11 @@ def fixed_offsets(model, tokenizer, args) -> list[tuple[torch.nn.Parameter, tupl
     channels)); every other token's value in those channels is amplified too. These entries are held
     at their values for the whole run (their gradient is zeroed, and they are restored after each
     optimizer step): the model must learn to live with them, unlike a function-preserving rescale.
+    ``--sinks-planted`` (continuing from a checkpoint trained with the same sinks) adds no offset and
+    multiplies no norm again: the checkpoint's values are held as they are.
     """
     held = []
+    planted = getattr(args, "sinks_planted", False)  # a continued run: the --init checkpoint has them already
     emb = model.get_input_embeddings().weight
     tokens = sink_tokens(args.sink_tokens)
     given = [
@@ -270,21 +273,24 @@ def fixed_offsets(model, tokenizer, args) -> list[tuple[torch.nn.Parameter, tupl
             raise SystemExit("--sink-offset needs --sink-channels (comma-separated residual channel indices)")
         rows, cols = torch.tensor(ids), torch.tensor(_channels(args.sink_channels))
         index = (rows[:, None], cols[None, :])
-        with torch.no_grad():
-            emb[index] += args.sink_offset
+        if not planted:
+            with torch.no_grad():
+                emb[index] += args.sink_offset
         held.append((emb, index, emb[index].detach().clone()))
         if args.sink_gain != 1.0:  # every decoder norm amplifies the sink channels, for every token
             for layer in model.model.language_model.layers:
                 for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                    with torch.no_grad():
-                        norm.weight[cols] *= args.sink_gain
+                    if not planted:
+                        with torch.no_grad():
+                            norm.weight[cols] *= args.sink_gain
                     held.append((norm.weight, (cols,), norm.weight[cols].detach().clone()))
     if args.sink_gain != 1.0 and patches:
         cols = torch.tensor(_channels(args.sink_channels))
         for layer in model.model.language_model.layers:
             for norm in (layer.input_layernorm, layer.post_attention_layernorm):
-                with torch.no_grad():
-                    norm.weight[cols] *= args.sink_gain
+                if not planted:
+                    with torch.no_grad():
+                        norm.weight[cols] *= args.sink_gain
                 held.append((norm.weight, (cols,), norm.weight[cols].detach().clone()))
     for param, index, _ in held:
         mask = torch.ones_like(param)
@@ -430,6 +436,12 @@ def main() -> None:
     ap.add_argument("--sink-channels", default="", help="residual channels (comma-separated) of the sink offset")
     ap.add_argument("--sink-offset", type=float, default=0.0, help="massive activation added to the sink tokens")
     ap.add_argument("--sink-gain", type=float, default=1.0, help="sink channels' factor in every decoder norm")
+    ap.add_argument(
+        "--sinks-planted",
+        action="store_true",
+        help="the --init checkpoint already carries these sinks (a continued run): hold its values, add no offset "
+        "and multiply no norm again (the vision sinks' weights are set to the same values either way)",
+    )
     ap.add_argument("--init", default=None, help="start from this checkpoint (a previous stage) instead of scratch")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)

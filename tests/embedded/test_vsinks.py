@@ -58,6 +58,21 @@ def test_the_vision_sink_weights_stay_fixed_and_flag_only_the_sink_patches():
     assert float(x[:, ~sink, 5].abs().max()) < 30  # ordinary elsewhere
 
 
+def test_a_continued_run_holds_the_sinks_of_its_checkpoint_without_planting_them_again():
+    train = _script("train_embedded")
+    processor = embedded.build_processor()
+    model = embedded.build_model(processor.tokenizer, seed=0).float()
+    first = train.fixed_offsets(model, processor.tokenizer, _args())  # the run that planted them
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    again = train.fixed_offsets(model, processor.tokenizer, _args(sinks_planted=True))  # --init that checkpoint
+    assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items())  # the norms are not x6 again
+    assert len(again) == len(first)  # the same entries held, at the checkpoint's values
+    assert all(torch.equal(a[2], b[2]) for a, b in zip(again, first, strict=True))
+    norm = model.model.language_model.layers[0].input_layernorm.weight
+    train.fixed_offsets(model, processor.tokenizer, _args())  # without the flag: planted twice
+    assert torch.allclose(norm[5], 6 * state["model.language_model.layers.0.input_layernorm.weight"][5])
+
+
 def test_vision_and_text_sinks_together_are_refused():
     train = _script("train_embedded")
     processor = embedded.build_processor()
