@@ -6,6 +6,7 @@
     python benchmarks/scale.py --decoder qwen2-7b --depths 2 --n-samples 128 --device cuda   # 7B layers
     python benchmarks/scale.py --paper                            # the 7B / 72B extrapolation only, no runs
     python benchmarks/scale.py --methods rtn awq --depths 6 24 --extra=--model-offload=disk --eval-offload disk
+    python benchmarks/scale.py --methods rtn --depths 6 24 --extra=--model-offload=disk --export-offload disk
 
 Models (``benchmarks/_random_models.py``): transformers' ``LlavaOnevisionConfig``
 with a ``Qwen2Config`` decoder at Qwen2-0.5B's dimensions (hidden 896, 14 / 2
@@ -33,8 +34,11 @@ Flags that only some methods take are given only to those: ``--n-samples`` and
 quantized folder is scored by ``qig eval --model-offload ...`` in its own
 process (``--eval-limit`` questions of the embedded split, ``--reference none``),
 and its peak RSS is reported beside the quantize run's, with its ratio over
-the smallest depth. The export step is not measured yet (its streamed
-version is still to come: README, "not yet streamed").
+the smallest depth. ``--export-offload none|disk|auto`` does the same for
+``qig export --format compressed-tensors --model-offload ...`` of each
+fake-quant folder (run before the eval). With
+``--extra=--format=compressed-tensors`` the quantize run itself ends with the
+export (streamed when the run is: ``--extra=--model-offload=disk``).
 
 ``--paper`` prints, without running anything, the memory and FLOP estimates
 for LLaVA-OneVision-7B and -72B (128 samples, bf16, one 80 GB GPU), each
@@ -112,6 +116,9 @@ class Run:
     eval_rc: int | None = None  # qig eval of the quantized folder (--eval-offload)
     eval_wall_s: float | None = None
     eval_peak_rss_bytes: int | None = None
+    export_rc: int | None = None  # qig export of the quantized folder (--export-offload)
+    export_wall_s: float | None = None
+    export_peak_rss_bytes: int | None = None
 
 
 def model_folder(cache: Path, decoder: str, depth: int, grid: str, vision_layers: int, seed: int) -> Path:
@@ -201,15 +208,28 @@ def measure(args, row: str, depth: int, grid: str) -> Run:
         tokens = calibration_tokens(run_files)
         if tokens is not None:
             run.tokens_per_sample, run.vision_per_sample = tokens
+        if args.export_offload is not None:
+            argv = ["export", "--input", str(output), "--output", str(tmp / "exported")]
+            if not next_step(run, "export", [*argv, "--model-offload", args.export_offload], tmp):
+                return run
         if args.eval_offload is not None:
             argv = ["eval", "--model", str(output), "--model-offload", args.eval_offload, "--device", args.device]
             argv += ["--limit", str(args.eval_limit), "--batch-size", str(args.eval_limit), "--reference", "none"]
-            (tmp / "eval").mkdir()
-            rc, wall, rss, _, tail = run_child(argv, tmp / "eval")
-            run.eval_rc, run.eval_wall_s, run.eval_peak_rss_bytes = rc, wall, rss
-            if rc != 0:
-                run.error = tail or f"eval exit {rc}"
+            next_step(run, "eval", argv, tmp)
     return run
+
+
+def next_step(run: Run, step: str, argv: list[str], tmp: Path) -> bool:
+    """Run the flow's next command (``export`` or ``eval``) in its own process; its exit code, seconds and peak
+    RSS go to ``run.<step>_rc`` / ``_wall_s`` / ``_peak_rss_bytes``. False (and ``run.error``) if it failed."""
+    (tmp / step).mkdir()
+    rc, wall, rss, _, tail = run_child(argv, tmp / step)
+    setattr(run, f"{step}_rc", rc)
+    setattr(run, f"{step}_wall_s", wall)
+    setattr(run, f"{step}_peak_rss_bytes", rss)
+    if rc != 0:
+        run.error = tail or f"{step} exit {rc}"
+    return rc == 0
 
 
 def _gib(n: float | None) -> str:
@@ -225,10 +245,13 @@ def format_table(runs: list[Run]) -> str:
             base[key] = r
     width = max(8, *(len(r.method) for r in runs))
     evals = any(r.eval_peak_rss_bytes for r in runs)
+    exports = any(r.export_peak_rss_bytes for r in runs)
     head = (
         f"{'method':<{width}} {'depth':>5} {'grid':>4} {'tok/sample':>10} {'vision':>6} {'s/layer':>8} "
         f"{'wall s':>7} {'peak RSS GiB':>12} {'RSS x':>6} {'dev peak GiB':>12} {'decoder bf16 GiB':>16}"
     )
+    if exports:
+        head += f" {'export wall s':>13} {'export RSS GiB':>14} {'export x':>8}"
     if evals:
         head += f" {'eval wall s':>11} {'eval RSS GiB':>12} {'eval x':>6}"
     lines = [head]
@@ -247,6 +270,12 @@ def format_table(runs: list[Run]) -> str:
             f"{r.method:<{width}} {r.depth:>5} {r.grid:>4} {tok} {vis} {spl} {wall} "
             f"{_gib(r.peak_rss_bytes):>12} {ratio} {_gib(r.cuda_peak_allocated_bytes):>12} {_gib(decoder):>16}"
         )
+        if exports:
+            export_ratio = f"{'-':>8}"
+            if b and b.export_peak_rss_bytes and r.export_peak_rss_bytes:
+                export_ratio = f"{r.export_peak_rss_bytes / b.export_peak_rss_bytes:>8.2f}"
+            export_wall = f"{r.export_wall_s:>13.1f}" if r.export_wall_s is not None else f"{'-':>13}"
+            line += f" {export_wall} {_gib(r.export_peak_rss_bytes):>14} {export_ratio}"
         if evals:
             eval_wall = f"{r.eval_wall_s:>11.1f}" if r.eval_wall_s is not None else f"{'-':>11}"
             line += f" {eval_wall} {_gib(r.eval_peak_rss_bytes):>12} {eval_ratio}"
@@ -469,6 +498,12 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="also qig eval each output, decoder read so",
     )
+    p.add_argument(
+        "--export-offload",
+        choices=["none", "disk", "auto"],
+        default=None,
+        help="also qig export each fake-quant output to compressed-tensors, decoder read so",
+    )
     p.add_argument("--eval-limit", type=int, default=2, help="questions qig eval scores (one batch)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "qig-scale-models"))
@@ -490,6 +525,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{decoder_layer_params(args.decoder) / 1e6:.1f} M weights per layer), SigLIP {args.vision_layers} layers "
         f"at 1152 / patch 14 / 384; W{args.wbits} g{args.group_size}, {args.n_samples} samples, "
         f"device {args.device}, extra {args.extra or 'none'}"
+        + (f"; qig export --model-offload {args.export_offload}" if args.export_offload else "")
         + (f"; qig eval --model-offload {args.eval_offload}, {args.eval_limit} questions" if args.eval_offload else ""),
         flush=True,
     )
@@ -504,6 +540,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{row} depth {depth} grid {grid}: {status}, {spl}wall {run.wall_s:.1f} s, "
                     f"peak RSS {_gib(run.peak_rss_bytes)} GiB"
+                    + (f", export peak RSS {_gib(run.export_peak_rss_bytes)} GiB" if run.export_rc is not None else "")
                     + (f", eval peak RSS {_gib(run.eval_peak_rss_bytes)} GiB" if run.eval_rc is not None else ""),
                     file=sys.stderr,
                     flush=True,
@@ -513,7 +550,7 @@ def main(argv: list[str] | None = None) -> int:
                 if args.json:
                     Path(args.json).write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
     print(format_table(runs))
-    failed = [r for r in runs if r.rc != 0 or r.eval_rc not in (None, 0)]
+    failed = [r for r in runs if r.rc != 0 or r.eval_rc not in (None, 0) or r.export_rc not in (None, 0)]
     if failed:
         print(f"{len(failed)} run(s) failed: " + ", ".join(f"{r.method}@{r.depth}/{r.grid}" for r in failed))
     return 1 if failed else 0

@@ -121,7 +121,11 @@ COMMANDS = {
             "dtype": (("--input", "{run4}"), ("--input", "{run4}", "--dtype", "bfloat16")),
         },
         same={},
-        elsewhere={"output": "where the folder is written", "overwrite": "permission to replace a folder"},
+        elsewhere={
+            "output": "where the folder is written",
+            "overwrite": "permission to replace a folder",
+            "model_offload": "memory, not the output: tests/export/test_export_streamed.py, the same bytes",
+        },
     ),
     "eval": Command(
         "eval",
