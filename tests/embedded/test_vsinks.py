@@ -98,10 +98,14 @@ def test_the_shipped_vsinks_model_carries_massive_activations_on_its_sink_patche
         rest = x[(~sink & real) if others is None else others]
         return x[sink].amax(-1).min() / (rest.max() if of == "max" else rest.median())
 
+    # Layer 0 carries the offset itself; its MLP then cuts the sinks' residual about 7x (the model learned to damp
+    # what it cannot change), and the norms' gain keeps them massive where the linears read them (q/k/v inputs).
+    assert ratio("residual", 0, "median") >= 1000 and ratio("residual", 0, "max") >= 10
     for i in range(model.config.text_config.num_hidden_layers):  # every sink patch, in every layer
-        assert ratio("residual", i, "max") >= 2, i  # above any other token's largest |x|, text or vision
-        assert ratio("residual", i, "median") >= 25, i
-        assert ratio("residual", i, "max", image & ~sink) >= 2, i  # and above every other vision token
+        assert ratio("residual", i, "max") >= 1.2, i  # above any other token's largest |x|, text or vision
+        assert ratio("residual", i, "median") >= 10, i
+        assert ratio("residual", i, "max", image & ~sink) >= 1.2, i  # and above every other vision token
+        assert ratio("qkv", i, "median") >= 25, i  # at the q/k/v projections' input
     assert ratio("qkv", 0, "median") >= 100
     default, _ = load_model_and_processor()  # the default model: the same patches are ordinary
     seen = _inputs(default, batch)
@@ -122,9 +126,5 @@ def test_the_shipped_vsinks_model_answers_the_questions(fp_accuracy):
     assert fp_accuracy >= 0.85  # blank images: 26%, the majority answer per type: 30% (its model card)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="issue 30 asks FP >= 90% on 200 questions; this checkpoint answers 179 (89.5%): a longer run is due",
-)
 def test_the_shipped_vsinks_model_answers_like_the_default(fp_accuracy):
-    assert fp_accuracy >= 0.9
+    assert fp_accuracy >= 0.9  # issue 30's acceptance, on 200 questions
