@@ -51,6 +51,7 @@ import argparse
 import json
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -230,6 +231,29 @@ def next_step(run: Run, step: str, argv: list[str], tmp: Path) -> bool:
     if rc != 0:
         run.error = tail or f"{step} exit {rc}"
     return rc == 0
+
+
+def medians(runs: list[Run]) -> list[Run]:
+    """Per (method, depth, grid) one row: the median of each measured quantity over its successful repeats."""
+    groups: dict[tuple, list[Run]] = {}
+    for r in runs:
+        if r.rc == 0:
+            groups.setdefault((r.grid, r.depth, r.method), []).append(r)
+    out = []
+    for rs in groups.values():
+        row = Run(rs[0].method, rs[0].depth, rs[0].grid, rs[0].decoder, rs[0].n_samples, rs[0].device, rs[0].argv, 0)
+        for name in ("wall_s", "s_per_layer", "peak_rss_bytes", "cuda_peak_allocated_bytes", "tokens_per_sample"):
+            row_values = [getattr(r, name) for r in rs if getattr(r, name) is not None]
+            setattr(row, name, statistics.median(row_values) if row_values else None)
+        for step in ("export", "eval"):
+            values = [r for r in rs if getattr(r, f"{step}_rc") == 0]
+            if values:
+                setattr(row, f"{step}_rc", 0)
+                for name in ("wall_s", "peak_rss_bytes"):
+                    setattr(row, f"{step}_{name}", statistics.median(getattr(r, f"{step}_{name}") for r in values))
+        row.vision_per_sample = rs[0].vision_per_sample
+        out.append(row)
+    return out
 
 
 def _gib(n: float | None) -> str:
@@ -506,6 +530,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--eval-limit", type=int, default=2, help="questions qig eval scores (one batch)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--repeat", type=int, default=1, help="run every setting N times, interleaved; report medians")
     p.add_argument("--cache", default=os.path.join(tempfile.gettempdir(), "qig-scale-models"))
     p.add_argument("--scratch", default=None, help="where the runs' output folders go (default: the temp dir)")
     p.add_argument("--json", default=None, help="write every run here")
@@ -530,26 +555,29 @@ def main(argv: list[str] | None = None) -> int:
         flush=True,
     )
     runs: list[Run] = []
-    for grid in args.tokens:
-        for depth in sorted(args.depths):
-            for row in args.methods:
-                run = measure(args, row, depth, grid)
-                runs.append(run)
-                status = "ok" if run.rc == 0 else f"FAILED (exit {run.rc})"
-                spl = f"{run.s_per_layer:.2f} s/layer, " if run.s_per_layer is not None else ""
-                print(
-                    f"{row} depth {depth} grid {grid}: {status}, {spl}wall {run.wall_s:.1f} s, "
-                    f"peak RSS {_gib(run.peak_rss_bytes)} GiB"
-                    + (f", export peak RSS {_gib(run.export_peak_rss_bytes)} GiB" if run.export_rc is not None else "")
-                    + (f", eval peak RSS {_gib(run.eval_peak_rss_bytes)} GiB" if run.eval_rc is not None else ""),
-                    file=sys.stderr,
-                    flush=True,
-                )
-                if run.error:
-                    print(run.error, file=sys.stderr)
-                if args.json:
-                    Path(args.json).write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
+    # interleaved: every setting once, then again, so that a drift of the machine hits each alike
+    settings = [(grid, depth, row) for grid in args.tokens for depth in sorted(args.depths) for row in args.methods]
+    for grid, depth, row in settings * args.repeat:
+        run = measure(args, row, depth, grid)
+        runs.append(run)
+        status = "ok" if run.rc == 0 else f"FAILED (exit {run.rc})"
+        spl = f"{run.s_per_layer:.2f} s/layer, " if run.s_per_layer is not None else ""
+        print(
+            f"{row} depth {depth} grid {grid}: {status}, {spl}wall {run.wall_s:.1f} s, "
+            f"peak RSS {_gib(run.peak_rss_bytes)} GiB"
+            + (f", export peak RSS {_gib(run.export_peak_rss_bytes)} GiB" if run.export_rc is not None else "")
+            + (f", eval peak RSS {_gib(run.eval_peak_rss_bytes)} GiB" if run.eval_rc is not None else ""),
+            file=sys.stderr,
+            flush=True,
+        )
+        if run.error:
+            print(run.error, file=sys.stderr)
+        if args.json:
+            Path(args.json).write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
     print(format_table(runs))
+    if args.repeat > 1:
+        print(f"\nmedian of {args.repeat} (peak RSS varies from run to run by up to 0.2 GiB here):")
+        print(format_table(medians(runs)))
     failed = [r for r in runs if r.rc != 0 or r.eval_rc not in (None, 0) or r.export_rc not in (None, 0)]
     if failed:
         print(f"{len(failed)} run(s) failed: " + ", ".join(f"{r.method}@{r.depth}/{r.grid}" for r in failed))
