@@ -118,3 +118,12 @@ def test_qig_quantize_streamed_from_disk_writes_the_export_of_an_in_memory_run(t
     assert run_cli(*argv) == 0
     assert "wrote compressed-tensors model to" in capsys.readouterr().out
     assert_same_bytes(outs["none"], tmp_path / "again", skip={"qig/report.json"})
+
+
+@pytest.mark.parametrize("offload", ["none", "disk"])
+def test_a_dtype_that_breaks_the_8_bit_codes_is_refused_with_the_way_out(offload, tmp_path):
+    """W8 codes of a float16 run do not survive a cast to bfloat16 (8 bits of mantissa); nothing is written."""
+    assert run_cli("quantize", *W8A8, "--no-progress", "--output", tmp_path / "run") == 0
+    with pytest.raises(QigError, match="cast to bfloat16, the weights no longer hold qig's 8-bit codes exactly"):
+        export(tmp_path / "run", tmp_path / "ct", dtype="bfloat16", model_offload=offload)
+    assert not (tmp_path / "ct").exists() and [p.name for p in tmp_path.iterdir()] == ["run"]

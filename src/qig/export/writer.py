@@ -208,7 +208,7 @@ def _write_in_memory(model, family, run: Run, target: ExportFormat, ignored, dty
     for group in _by_layer(family, paths):
         layer = {p: quantized[p] for p in group}
         target.write_layer(model, layer)
-        _check_packed(model, layer, target)
+        _check_packed(model, layer, target, dtype)
     if target.saves_model:
         save_model(model, tmp, family, max_shard_size=max_shard_size)
 
@@ -244,7 +244,7 @@ def _write_streamed(model, family, layers, run: Run, target: ExportFormat, ignor
         module.load_state_dict({k: t.to(dtypes[k]) for k, t in tensors.items()}, strict=False)
         del tensors
         target.write_layer(model, layer)
-        _check_packed(model, layer, target)
+        _check_packed(model, layer, target, dtype)
         if target.saves_model:
             parts.append(parts_dir / f"layer-{index:05d}.safetensors")
             save_file(layer_state(model, family, index, module), parts[-1], metadata={"format": "pt"})
@@ -282,12 +282,22 @@ def export_after(
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _check_packed(model: torch.nn.Module, quantized: dict[str, QuantizedWeight], fmt: ExportFormat) -> None:
-    """The integers the format stored must be qig's codes, exactly (formats that store none are skipped)."""
+def _check_packed(
+    model: torch.nn.Module, quantized: dict[str, QuantizedWeight], fmt: ExportFormat, dtype: str | None = None
+) -> None:
+    """The integers the format stored must be qig's codes, exactly (formats that store none are skipped).
+
+    dtype: the ``--dtype`` the weights were cast to before packing (None: the run's own).
+    """
     for path, qw in quantized.items():
         pair = fmt.stored_codes(model.get_submodule(path), qw)
         if pair is None:
             continue
         held, q = pair
         if held.shape != q.shape or not torch.equal(held.to(q.dtype), q):
+            if dtype is not None:
+                raise QigError(
+                    f"{path}: cast to {dtype}, the weights no longer hold qig's {qw.spec.bits}-bit codes exactly, so "
+                    f"{fmt.name} would store others; export without --dtype, or quantize in {dtype} (--dtype)"
+                )
             raise QigError(f"{path}: {fmt.name} stored other integers than qig's codes; please report this")
