@@ -108,17 +108,10 @@ def save_streamed(model: torch.nn.Module, folder: str | os.PathLike, family: Mod
 
     from qig.hostmem import trim
     from qig.models.checkpoint import read_header
-    from qig.models.family import get_module
 
     folder = Path(folder)
     layers = family.decoder_layers(model)
-    parent, _, name = family.layers.rpartition(".")
-    holder = get_module(model, parent)
-    setattr(holder, name, torch.nn.ModuleList())
-    try:
-        model.save_pretrained(folder)
-    finally:
-        setattr(holder, name, layers)
+    save_without_decoder(model, family, folder)
     total = len(layers) + 1
     shard_name = "model-{:05d}-of-{:05d}.safetensors".format
     weight_map: dict[str, str] = {}
@@ -170,24 +163,14 @@ def save_in_parts(
     Returns the number of keys renamed to the serving layout.
     """
     from huggingface_hub import split_torch_state_dict_into_shards
-    from safetensors import safe_open
     from transformers.core_model_loading import revert_weight_conversion
     from transformers.modeling_utils import remove_tied_weights_from_state_dict
 
     from qig.models.checkpoint import read_header
-    from qig.models.family import get_module
-    from qig.models.shards import Entry, write_file
 
     folder = Path(folder)
     rest = folder / ".rest"
-    layers = family.decoder_layers(model)
-    parent, _, name = family.layers.rpartition(".")
-    holder = get_module(model, parent)
-    setattr(holder, name, torch.nn.ModuleList())
-    try:
-        model.save_pretrained(rest, max_shard_size=2**62)  # one file: its tensors are read back one at a time
-    finally:
-        setattr(holder, name, layers)
+    save_without_decoder(model, family, rest, max_shard_size=2**62)  # one file: its tensors are read back in turn
     for f in rest.iterdir():
         if f.name != "model.safetensors":
             os.replace(f, folder / f.name)
@@ -204,18 +187,7 @@ def save_in_parts(
     split = split_torch_state_dict_into_shards(
         state, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
     )
-    mode = 0o666 & ~_umask()
-    saved_as = {family.serving_key(n): n for n in state}
-
-    def read(serving: str) -> torch.Tensor:
-        key = saved_as[serving]
-        with safe_open(sources[key], "pt") as f:
-            return f.get_tensor(key)
-
-    for shard, names in split.filename_to_tensors.items():
-        entries = [Entry(family.serving_key(n), state[n].dtype, tuple(state[n].shape)) for n in names]
-        write_file(folder / shard, entries, read)
-        os.chmod(folder / shard, mode)
+    _write_shards(folder, family, state, sources, split.filename_to_tensors)
     if split.is_sharded:
         weight_map = {family.serving_key(k): v for k, v in split.tensor_to_filename.items()}
         index = {"metadata": {"total_parameters": model.num_parameters(), **split.metadata}, "weight_map": weight_map}
@@ -223,6 +195,40 @@ def save_in_parts(
     (rest / "model.safetensors").unlink()
     rest.rmdir()
     return sum(family.serving_key(k) != k for k in state)
+
+
+def _write_shards(folder: Path, family: ModelFamily, state: dict, sources: dict, shards: dict[str, list[str]]) -> None:
+    """Each planned shard (file name -> saved names), its tensors read one at a time from ``sources[name]`` and
+    written under their serving names (``qig.models.shards``)."""
+    from safetensors import safe_open
+
+    from qig.models.shards import Entry, write_file
+
+    saved_as = {family.serving_key(n): n for n in state}
+
+    def read(serving: str) -> torch.Tensor:
+        key = saved_as[serving]
+        with safe_open(sources[key], "pt") as f:
+            return f.get_tensor(key)
+
+    for shard, names in shards.items():
+        entries = [Entry(family.serving_key(n), state[n].dtype, tuple(state[n].shape)) for n in names]
+        write_file(folder / shard, entries, read)
+        os.chmod(folder / shard, 0o666 & ~_umask())
+
+
+def save_without_decoder(model: torch.nn.Module, family: ModelFamily, folder: Path, **kwargs) -> None:
+    """``model.save_pretrained(folder, **kwargs)`` with the decoder layers out of the model for the call."""
+    from qig.models.family import get_module
+
+    layers = get_module(model, family.layers)
+    parent, _, name = family.layers.rpartition(".")
+    holder = get_module(model, parent)
+    setattr(holder, name, torch.nn.ModuleList())
+    try:
+        model.save_pretrained(folder, **kwargs)
+    finally:
+        setattr(holder, name, layers)
 
 
 def layer_state(model: torch.nn.Module, family: ModelFamily, index: int, layer: torch.nn.Module) -> dict:
