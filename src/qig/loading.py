@@ -172,8 +172,11 @@ def load_streamed(path: Path, auto_model, dtype, trust_remote_code: bool = False
 
     from transformers import AutoConfig
 
+    from qig.hostmem import map_large_blocks
     from qig.models import family_for, get_module
     from qig.models.checkpoint import CheckpointIndex
+
+    map_large_blocks()  # layers come and go: keep their buffers out of a heap that would grow with the depth
 
     config = AutoConfig.from_pretrained(path, local_files_only=True, trust_remote_code=trust_remote_code)
     bare = copy.deepcopy(config)
