@@ -576,7 +576,7 @@ def main(argv: list[str] | None = None) -> int:
             Path(args.json).write_text(json.dumps([asdict(r) for r in runs], indent=1) + "\n")
     print(format_table(runs))
     if args.repeat > 1:
-        print(f"\nmedian of {args.repeat} (peak RSS varies from run to run by up to 0.2 GiB here):")
+        print(f"\nmedian of {args.repeat} runs:")
         print(format_table(medians(runs)))
     failed = [r for r in runs if r.rc != 0 or r.eval_rc not in (None, 0) or r.export_rc not in (None, 0)]
     if failed:
