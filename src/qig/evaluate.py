@@ -235,8 +235,6 @@ def load_for_eval(
     from qig.loading import load_plan
     from qig.pipeline.layers import stream_calls
 
-    if model_offload not in ("auto", "disk", "none"):
-        raise QigError(f"model_offload {model_offload!r}: use auto, disk or none")
     path = resolve_model(model_dir, revision, trust_remote_code).path
     if load_plan("float32", path, device, model_offload).decoder == "memory":
         return load_model_and_processor(path, device, dtype=dtype, trust_remote_code=trust_remote_code)

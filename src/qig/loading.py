@@ -358,6 +358,8 @@ def load_plan(dtype: str, model_dir: str | os.PathLike | None, device: str, offl
 
 
 def _decoder_place(choice: str, model_dir: str | os.PathLike | None) -> str:
+    if choice not in ("auto", "disk", "none"):
+        raise QigError(f"model_offload {choice!r}: use auto, disk or none")
     if choice in ("disk", "none"):
         return "disk" if choice == "disk" else "memory"
     from qig.embedded import default_model_dir

@@ -127,3 +127,10 @@ def test_a_dtype_that_breaks_the_8_bit_codes_is_refused_with_the_way_out(offload
     with pytest.raises(QigError, match="cast to bfloat16, the weights no longer hold qig's 8-bit codes exactly"):
         export(tmp_path / "run", tmp_path / "ct", dtype="bfloat16", model_offload=offload)
     assert not (tmp_path / "ct").exists() and [p.name for p in tmp_path.iterdir()] == ["run"]
+
+
+def test_an_unknown_model_offload_is_refused_before_anything_is_written(tmp_path):
+    assert run_cli("quantize", *W4, "--no-progress", "--output", tmp_path / "run") == 0
+    with pytest.raises(QigError, match="model_offload 'ram': use auto, disk or none"):
+        export(tmp_path / "run", tmp_path / "ct", model_offload="ram")
+    assert [p.name for p in tmp_path.iterdir()] == ["run"]

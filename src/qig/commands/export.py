@@ -66,9 +66,13 @@ def run(args) -> int:
 
     opts = from_args(args, ExportOptions)  # export() checks the output folder before any work
     dtype = None if opts.dtype == "auto" else opts.dtype
-    offload = opts.model_offload
     result = export(
-        opts.input, opts.output, fmt=opts.format, overwrite=opts.overwrite, dtype=dtype, model_offload=offload
+        opts.input,
+        opts.output,
+        fmt=opts.format,
+        overwrite=opts.overwrite,
+        dtype=dtype,
+        model_offload=opts.model_offload,
     )
     print(summary(result))
     return 0

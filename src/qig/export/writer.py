@@ -159,8 +159,6 @@ def export(
     target = format_for(fmt)
     if dtype is not None and dtype not in DTYPES:
         raise QigError(f"dtype {dtype!r} is not supported; use one of: {', '.join(DTYPES)}")
-    if model_offload not in ("auto", "disk", "none"):
-        raise QigError(f"model_offload {model_offload!r}: use auto, disk or none")
     output_dir = Path(output_dir)
     check_output_dir(output_dir, overwrite)
     run = read_run(input_dir)
@@ -175,9 +173,9 @@ def export(
     layers = layers_for(model, family)
     with atomic_dir(output_dir, overwrite) as tmp:
         if layers.streamed:
-            _write_streamed(model, family, layers, run, target, ignored, dtype, tmp, max_shard_size)
+            _write_streamed(model, family, layers, paths, run, target, ignored, dtype, tmp, max_shard_size)
         else:
-            _write_in_memory(model, family, run, target, ignored, dtype, tmp, max_shard_size)
+            _write_in_memory(model, family, paths, run, target, ignored, dtype, tmp, max_shard_size)
         written = target.end(tmp)
         processor.save_pretrained(tmp)  # tokenizer, processor config, chat template
         (tmp / RUN_SUBDIR).mkdir()
@@ -198,9 +196,10 @@ def _by_layer(family, paths) -> list[list[str]]:
     return [groups[i] for i in sorted(groups)]
 
 
-def _write_in_memory(model, family, run: Run, target: ExportFormat, ignored, dtype, tmp: Path, max_shard_size):
-    """The whole model is in memory: every layer through the format, then ``save_model``."""
-    paths = decoder_linears(model)
+def _write_in_memory(model, family, paths, run: Run, target: ExportFormat, ignored, dtype, tmp: Path, max_shard_size):
+    """The whole model is in memory: every layer through the format, then ``save_model``.
+
+    paths: the decoder linears (:func:`decoder_linears`)."""
     quantized = codes(run, {path: (key, mod.weight.data) for path, (key, mod) in paths.items()})
     if dtype is not None:
         model.to(DTYPES[dtype])
@@ -214,7 +213,9 @@ def _write_in_memory(model, family, run: Run, target: ExportFormat, ignored, dty
 
 
 @torch.no_grad()
-def _write_streamed(model, family, layers, run: Run, target: ExportFormat, ignored, dtype, tmp: Path, max_shard_size):
+def _write_streamed(
+    model, family, layers, paths, run: Run, target: ExportFormat, ignored, dtype, tmp: Path, max_shard_size
+):
     """The decoder layers are on disk: each is read, put through the format, and kept in a part file on its own;
     then the output shards are assembled from the parts (``qig.models.layout.save_in_parts``), the same bytes
     as :func:`_write_in_memory`. Host memory: the rest of the model and one layer."""
@@ -223,7 +224,6 @@ def _write_streamed(model, family, layers, run: Run, target: ExportFormat, ignor
     from qig.hostmem import trim
     from qig.models.layout import layer_state, save_in_parts
 
-    paths = decoder_linears(model)
     loaded = [{k: t.dtype for k, t in m.state_dict().items()} for m in layers.modules]  # the checkpoint's dtypes
     if dtype is not None:
         model.to(DTYPES[dtype])  # the meta layers too: each is read, then cast as the in-memory model is
