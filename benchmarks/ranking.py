@@ -36,19 +36,22 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RUNS = HERE / "results" / "ranking"
 TESTBEDS = {  # name -> (model folder or None for the default, its settings)
-    "default": (None, ["w3g128", "w4a8"]),
+    "default": (None, ["w3g128", "w4a8", "nvfp4"]),
     "sinks": ("src/qig/assets/tiny-lvlm-sinks", ["w2channel", "w2g128"]),
-    "vsinks": ("src/qig/assets/tiny-lvlm-vsinks", ["w2channel"]),
+    "vsinks": ("src/qig/assets/tiny-lvlm-vsinks", ["w2channel", "nvfp4"]),
 }
 SEARCHES = ("awq", "mbq", "qig")
 LEVERS = {"clip": "weight_clip=true", "duo": "duo_scaling=true", "clip+duo": "weight_clip=true,duo_scaling=true"}
 VA = "qig[tokens=vision+answer]"
 GPTQ_ROWS = ("gptq", "gptq+qig", "qig+gptq")
+BASELINE_NAMES = {"rtn": "RTN", "awq[n_grid=1]": "RTN with calibrated activation scales (`awq[n_grid=1]`)"}
 
 
-def default_rows(abits: int) -> list[str]:
-    """fp, rtn, each search plain and with each lever, QIG over vision + answer, and (weight-only) the GPTQ rows."""
-    rows = ["fp", "rtn", *SEARCHES]
+def default_rows(abits: int, scheme: str | None = None) -> list[str]:
+    """fp, the baseline (RTN, or where it does not exist RTN with calibrated activation scales), each search plain
+    and with each lever, QIG over vision + answer, and (weight-only) the GPTQ rows."""
+    base = next(b for b in accuracy.BASELINES if accuracy.applies(b, abits, scheme))
+    rows = ["fp", base, *SEARCHES]
     rows += [f"{m}[{LEVERS[k]}]" for k in ("clip", "duo") for m in SEARCHES]
     rows += [VA]
     return rows + (list(GPTQ_ROWS) if abits == 16 else [])
@@ -91,7 +94,7 @@ def run(args) -> None:
         model, settings = TESTBEDS[testbed]
         for setting in args.settings or settings:
             abits = accuracy.parse_setting(setting)[2]
-            rows = args.rows or default_rows(abits)
+            rows = args.rows or default_rows(abits, accuracy.scheme_of(setting))
             argv = ["--settings", setting, "--methods", *rows, "--fidelity", "--limit", str(args.limit)]
             argv += ["--eval-seeds", *map(str, args.eval_seeds), "--n-samples", str(args.n_samples)]
             argv += ["--json", str(run_file(testbed, setting, args.calib_seed, args.part))]
@@ -105,21 +108,27 @@ def _pooled(per_seed: dict, seeds: list) -> list[int]:
     return [x for s in seeds for x in per_seed[str(s)]]
 
 
+def baseline(rows: dict) -> str | None:
+    """The row recovery is measured against: rtn, or where it does not exist (NVFP4) ``awq[n_grid=1]``."""
+    return next((b for b in accuracy.BASELINES if b in rows), None)
+
+
 def summarise(data: dict, testbed: str) -> dict:
-    """One kept run: per row its pooled accuracy, share of RTN's loss recovered, difference to QIG, KL."""
+    """One kept run: per row its pooled accuracy, share of the baseline's loss recovered, difference to QIG, KL."""
     ((setting, rows),) = data["correct"].items()
     seeds = data["eval_seeds"]
-    fp, rtn = _pooled(rows["fp"], seeds), _pooled(rows["rtn"], seeds)
+    base = baseline(rows)
+    fp, rtn = _pooled(rows["fp"], seeds), _pooled(rows[base], seeds)
     loss, loss_se = accuracy.paired_difference(fp, rtn)
     kl = data.get("fidelity", {}).get(setting, {})
     out = {"testbed": testbed, "setting": setting, "model": data.get("model"), "calib_seed": data.get("calib_seed")}
     out |= {"eval_seeds": seeds, "questions_per_seed": data["limit"], "n_samples": data["n_samples"]}
-    out |= {"rtn_loss": loss, "rtn_loss_se": loss_se, "rows": {}}
+    out |= {"baseline": base, "rtn_loss": loss, "rtn_loss_se": loss_se, "rows": {}}
     qig = _pooled(rows["qig"], seeds) if "qig" in rows else None
     for row, per_seed in rows.items():
         acc = _pooled(per_seed, seeds)
         entry = {"accuracy": 100 * sum(acc) / len(acc)}
-        if row not in ("fp", "rtn"):
+        if row not in ("fp", base):
             share, share_se = accuracy.recovered_share(acc, rtn, fp)
             entry |= {"recovered": 100 * share, "recovered_se": 100 * share_se}
         if qig is not None and row != "qig":
@@ -154,22 +163,28 @@ def verdicts(rows: dict, seeds: list) -> list[dict]:
     return out
 
 
-def borrow_calibration_free_rows(data: dict, default: dict | None) -> None:
-    """A second calibration draw's run without fp and rtn takes them from the default draw's run.
+def borrow_calibration_free_rows(data: dict, donors: list[dict]) -> None:
+    """A run without fp or rtn takes them from another run of the same model on the same questions.
 
-    Neither row reads the calibration set (FP is the model; RTN rounds the weights alone), so on the same
-    eval seeds and questions they answer alike whichever draw; ``data["borrowed"]`` names the rows taken.
+    FP is the model itself: it answers alike in every setting and calibration draw. RTN rounds the weights
+    alone: it answers alike in every calibration draw of its setting. ``data["borrowed"]`` names the rows taken.
     """
-    if default is None or default is data or any(data[k] != default[k] for k in ("eval_seeds", "limit", "model")):
-        return
+    ((setting, rows),) = data["correct"].items()
+    for row in ("fp", "rtn"):
+        for donor in donors:
+            if row in rows or donor is data or any(data[k] != donor[k] for k in ("eval_seeds", "limit", "model")):
+                continue
+            ((donor_setting, donor_rows),) = donor["correct"].items()
+            if row not in donor_rows or (row == "rtn" and donor_setting != setting):
+                continue
+            for table in ("correct", "fidelity"):
+                if row in donor[table].get(donor_setting, {}):
+                    data[table].setdefault(setting, {})[row] = donor[table][donor_setting][row]
+            data.setdefault("borrowed", []).append(row)
+    first = ("fp", *accuracy.BASELINES)
     for table in ("correct", "fidelity"):
-        for setting, rows in data[table].items():
-            for row in ("fp", "rtn"):
-                if row not in rows and row in default[table].get(setting, {}):
-                    rows[row] = default[table][setting][row]
-                    if table == "correct":
-                        data.setdefault("borrowed", []).append(row)
-            data[table][setting] = dict(sorted(rows.items(), key=lambda kv: kv[0] not in ("fp", "rtn")))
+        if setting in data[table]:
+            data[table][setting] = dict(sorted(data[table][setting].items(), key=lambda kv: kv[0] not in first))
 
 
 def report() -> dict:
@@ -180,9 +195,9 @@ def report() -> dict:
     merged = {stem: merge(paths) for stem, paths in parts.items()}
     runs = []
     for stem, data in merged.items():
-        borrow_calibration_free_rows(data, merged.get(stem.rsplit("-calib", 1)[0] + "-calibdefault"))
-        if not all(r in rows for r in ("fp", "rtn") for rows in data["correct"].values()):
-            print(f"{stem}: no fp and rtn rows yet (a run under way), left out", file=sys.stderr)
+        borrow_calibration_free_rows(data, list(merged.values()))
+        if not all("fp" in rows and baseline(rows) for rows in data["correct"].values()):
+            print(f"{stem}: no fp or baseline row yet (a run under way), left out", file=sys.stderr)
             continue
         runs.append(summarise(data, stem.split("-", 1)[0]) | {"borrowed": data.get("borrowed", [])})
     (HERE / "results" / "ranking.json").write_text(json.dumps({"runs": runs}, indent=1) + "\n")
@@ -198,9 +213,11 @@ def markdown(runs: list[dict]) -> str:
             f"## {r['testbed']} {r['setting']} (calibration draw {r['calib_seed'] or 'default'})",
             "",
             f"{r['n_samples']} calibration samples; eval seeds {seeds}, {r['questions_per_seed']} questions each, "
-            f"pooled. RTN loses {r['rtn_loss']:.1f} +- {r['rtn_loss_se']:.1f} points to FP."
+            f"pooled. {BASELINE_NAMES.get(r['baseline'], r['baseline'])} loses {r['rtn_loss']:.1f} "
+            f"+- {r['rtn_loss_se']:.1f} points to FP."
             + (
-                f" The rows {', '.join(r['borrowed'])}, which read no calibration data, are the default draw's."
+                f" The rows {', '.join(r['borrowed'])}, which read no calibration data, are another run's on the "
+                "same model and questions (fp: any setting; rtn: the same setting, another draw)."
                 if r.get("borrowed")
                 else ""
             ),
