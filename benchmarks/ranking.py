@@ -43,7 +43,7 @@ TESTBEDS = {  # name -> (model folder or None for the default, its settings)
 SEARCHES = ("awq", "mbq", "qig")
 LEVERS = {"clip": "weight_clip=true", "duo": "duo_scaling=true", "clip+duo": "weight_clip=true,duo_scaling=true"}
 VA = "qig[tokens=vision+answer]"
-GPTQ_ROWS = ("gptq", "gptq+qig", "qig+gptq")
+GPTQ_ROWS = ("gptq", "gptq+qig", "awq+gptq", "mbq+gptq", "qig+gptq")
 BASELINE_NAMES = {"rtn": "RTN", "awq[n_grid=1]": "RTN with calibrated activation scales (`awq[n_grid=1]`)"}
 
 
@@ -140,23 +140,29 @@ def summarise(data: dict, testbed: str) -> dict:
     return out
 
 
-def _lever(row: str) -> str | None:
-    """The lever of a search row (None: plain), e.g. "clip" for "awq[weight_clip=true]"."""
+def rivals(row: str) -> list[str]:
+    """What a QIG recipe is ranked against: AWQ's and MBQ's defaults, and each with the recipe's lever.
+
+    ``qig[<lever>]`` -> awq, mbq, awq[<lever>], mbq[<lever>]; ``qig+gptq`` (the search, then GPTQ) -> awq, mbq,
+    awq+gptq, mbq+gptq; ``gptq+qig`` (GPTQ's Hessian weighted by QIG) -> gptq (every token weighs 1) and
+    gptq+mbq. Not a QIG recipe: no rivals.
+    """
+    if row.startswith("gptq+qig"):
+        return ["gptq", "gptq+mbq"]
+    if not row.startswith("qig"):
+        return []
+    if row.endswith("+gptq"):
+        return ["awq", "mbq", "awq+gptq", "mbq+gptq"]
     opts = row.partition("[")[2].rstrip("]")
-    return next((k for k, v in LEVERS.items() if v == opts), None) if opts else None
+    lever = next((v for v in LEVERS.values() if v == opts), None)
+    return ["awq", "mbq"] + ([f"awq[{lever}]", f"mbq[{lever}]"] if lever else [])
 
 
 def verdicts(rows: dict, seeds: list) -> list[dict]:
-    """Every QIG recipe against AWQ and MBQ, plain and with the same lever: paired difference, SE, verdict."""
+    """Every QIG recipe against its rivals (:func:`rivals`) that ran: paired difference, SE, verdict."""
     out = []
     for row in rows:
-        if not row.startswith("qig") or row.endswith("+gptq"):
-            continue
-        lever = _lever(row)
-        rivals = {f"{m}" for m in ("awq", "mbq")}
-        if lever is not None:
-            rivals |= {f"{m}[{LEVERS[lever]}]" for m in ("awq", "mbq")}
-        for rival in sorted(r for r in rivals if r in rows):
+        for rival in (r for r in rivals(row) if r in rows):
             d, se = accuracy.paired_difference(_pooled(rows[row], seeds), _pooled(rows[rival], seeds))
             verdict = "WIN" if d > 2 * se else "LOSS" if d < -se else "tie"
             out.append({"recipe": row, "rival": rival, "diff": d, "se": se, "verdict": verdict})
