@@ -243,8 +243,38 @@ def markdown(runs: list[dict]) -> str:
     lines += [
         "WIN: ahead by more than 2 paired SE; LOSS: behind by more than 1 SE (issue 30, point 5); tie otherwise.",
         "",
+        "## The default (issue 30, point 5): every QIG recipe's verdicts over the runs",
+        "",
+        "A recipe may become the default if it wins most and never loses beyond 1 SE; `not run` lists the runs "
+        "(testbed setting draw) without it, where it was not measured.",
+        "",
+        "| QIG recipe | WIN | LOSS | tie | losses | not run |",
+        "| --- | ---: | ---: | ---: | --- | --- |",
     ]
-    return "\n".join(lines)
+    for recipe, d in decide(runs).items():
+        losses = "; ".join(d["losses"]) or "none"
+        lines.append(
+            f"| `{recipe}` | {d['WIN']} | {d['LOSS']} | {d['tie']} | {losses} | {', '.join(d['not_run']) or 'none'} |"
+        )
+    return "\n".join(lines + [""])
+
+
+def decide(runs: list[dict]) -> dict[str, dict]:
+    """Per QIG recipe: its verdicts counted over every run, where it lost, and the runs it is missing from."""
+    name = {id(r): f"{r['testbed']} {r['setting']} {r['calib_seed'] or 'default'}" for r in runs}
+    recipes = sorted({v["recipe"] for r in runs for v in r["verdicts"]}, key=lambda x: (x != "qig", x))
+    out = {}
+    for recipe in recipes:
+        d: dict = {"WIN": 0, "LOSS": 0, "tie": 0, "losses": [], "not_run": []}
+        for r in runs:
+            if recipe not in r["rows"]:
+                d["not_run"].append(name[id(r)])
+            for v in (v for v in r["verdicts"] if v["recipe"] == recipe):
+                d[v["verdict"]] += 1
+                if v["verdict"] == "LOSS":
+                    d["losses"].append(f"{name[id(r)]} vs `{v['rival']}` {v['diff']:+.2f} +- {v['se']:.2f}")
+        out[recipe] = d
+    return out
 
 
 def main(argv=None) -> int:
