@@ -198,7 +198,11 @@ class SearchConfig(QuantConfig):
 
     n_grid: int = option(20, "scale candidates of the search", min=1)
     loss: Literal["mae", "mse"] = option("mae", "per-token error of the search")
-    quantizer: Literal["rtn", "gptq"] = option("rtn", "what quantizes the layers after the search")
+    quantizer: Literal["rtn", "gptq"] = option(
+        "rtn",
+        "what quantizes the layers after the search; gptq (weight-only) lifted AWQ, MBQ and QIG alike on every "
+        "W2/W3 testbed, most at W2 (docs/results.md: ranking)",
+    )
     gptq: GPTQSettings = option(GPTQSettings(), "GPTQ's settings (quantizer gptq)")  # frozen: a shared default
     reference_output: Literal["fp", "quantized"] = option(
         "fp", "W-A modes: score candidates against f(x) or f(x^q) (the official QIG code)"
@@ -207,9 +211,15 @@ class SearchConfig(QuantConfig):
         "skip", "pad positions in the channel statistic and the token weights (count: the official code)"
     )
     weight_clip: bool = option(
-        False, "after each scale, search a clip ratio per output row and weight group (AWQ's auto_clip), token-weighted"
+        False,
+        "after each scale, search a clip ratio per output row and weight group (AWQ's auto_clip), token-weighted; "
+        "regime-dependent: won at W2 with text-token sinks, lost with vision-token sinks (docs/results.md: ranking)",
     )
-    duo_scaling: bool = option(False, "candidate scales m^r / w^(1-r), w: mean normalised |W| (llm-compressor's AWQ)")
+    duo_scaling: bool = option(
+        False,
+        "candidate scales m^r / w^(1-r), w: mean normalised |W| (llm-compressor's AWQ); regime-dependent: won at W2 "
+        "with vision-token sinks, lost with text-token sinks and at W3 g128 (docs/results.md: ranking)",
+    )
 
     def __post_init__(self) -> None:
         super().__post_init__()

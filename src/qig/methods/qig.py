@@ -103,7 +103,11 @@ class QIGConfig(SearchConfig):
     uniform_first_groups: int = option(
         0, "QIG: the first N group searches weigh vision+answer tokens uniformly (the official code; compat: 5)", min=0
     )
-    tokens: Literal["all", "vision+answer"] = option("all", "QIG: tokens attributed and weighted")
+    tokens: Literal["all", "vision+answer"] = option(
+        "all",
+        "QIG: tokens attributed and weighted (vision+answer won at W2 with text-token sinks, lost on a second "
+        "calibration draw with vision-token sinks: docs/results.md, ranking)",
+    )
     fq_linears: Literal["group", "block"] = option("group", "QIG: linears f_q quantizes (compat: block)")
     fq_gradient: Literal["through", "none"] = option(
         "through", "QIG: F's gradient through f_q too, or through f only (compat W-A: none)"
