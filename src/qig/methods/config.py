@@ -200,8 +200,8 @@ class SearchConfig(QuantConfig):
     loss: Literal["mae", "mse"] = option("mae", "per-token error of the search")
     quantizer: Literal["rtn", "gptq"] = option(
         "rtn",
-        "what quantizes the layers after the search; gptq (weight-only) lifted AWQ, MBQ and QIG alike on every "
-        "W2/W3 testbed, most at W2 (docs/results.md: ranking)",
+        "what quantizes the layers after the search; gptq (weight-only) lifted every search wherever it ran, "
+        "most at W2 (docs/results.md: ranking)",
     )
     gptq: GPTQSettings = option(GPTQSettings(), "GPTQ's settings (quantizer gptq)")  # frozen: a shared default
     reference_output: Literal["fp", "quantized"] = option(
@@ -213,7 +213,8 @@ class SearchConfig(QuantConfig):
     weight_clip: bool = option(
         False,
         "after each scale, search a clip ratio per output row and weight group (AWQ's auto_clip), token-weighted; "
-        "regime-dependent: won at W2 with text-token sinks, lost with vision-token sinks (docs/results.md: ranking)",
+        "regime-dependent: won at W2 per-channel with text-token sinks, lost at W2 g128 and with vision-token sinks "
+        "(docs/results.md: ranking)",
     )
     duo_scaling: bool = option(
         False,
