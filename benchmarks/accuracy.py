@@ -83,6 +83,15 @@ DTYPE_GAP = 0.5  # points: the largest accuracy difference to the first dtype a 
 BASELINES = ("rtn", "awq[n_grid=1]")
 
 
+def baseline_row(rows) -> str | None:
+    """The row of ``rows`` recovery is measured against (the first of BASELINES present), or None."""
+    return next((b for b in BASELINES if b in rows), None)
+
+
+def baseline_name(base: str) -> str:
+    return "RTN" if base == "rtn" else f"RTN ({base}: calibrated activation scales)"
+
+
 def all_rows() -> list[str]:
     return [FP_ROW, *method_rows(), *gptq_rows()]
 
@@ -479,12 +488,11 @@ def format_pooled(correct: dict, fidelity: dict, seeds: list[int]) -> str:
     head = "accuracy: questions pooled, paired SE; KL: per-seed differences, SE over seeds"
     lines = [f"over all {n} eval seeds ({head}):"]
     for setting, rows in correct.items():
-        base = next((b for b in BASELINES if b in rows), None)
+        base = baseline_row(rows)
         if FP_ROW in rows and base is not None:
             fp, rtn = pooled(rows[FP_ROW]), pooled(rows[base])
             loss, se = paired_difference(fp, rtn)
-            name = "RTN" if base == "rtn" else f"RTN ({base}: calibrated activation scales)"
-            lines.append(f"{setting}: {name} loses {loss:.1f} +- {se:.1f} points to FP")
+            lines.append(f"{setting}: {baseline_name(base)} loses {loss:.1f} +- {se:.1f} points to FP")
             for m in rows:
                 if m not in (FP_ROW, base):
                     share, share_se = recovered_share(pooled(rows[m]), rtn, fp)

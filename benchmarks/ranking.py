@@ -44,7 +44,6 @@ SEARCHES = ("awq", "mbq", "qig")
 LEVERS = {"clip": "weight_clip=true", "duo": "duo_scaling=true", "clip+duo": "weight_clip=true,duo_scaling=true"}
 VA = "qig[tokens=vision+answer]"
 GPTQ_ROWS = ("gptq", "gptq+qig", "awq+gptq", "mbq+gptq", "qig+gptq")
-BASELINE_NAMES = {"rtn": "RTN", "awq[n_grid=1]": "RTN with calibrated activation scales (`awq[n_grid=1]`)"}
 
 
 def default_rows(abits: int, scheme: str | None = None) -> list[str]:
@@ -108,16 +107,11 @@ def _pooled(per_seed: dict, seeds: list) -> list[int]:
     return [x for s in seeds for x in per_seed[str(s)]]
 
 
-def baseline(rows: dict) -> str | None:
-    """The row recovery is measured against: rtn, or where it does not exist (NVFP4) ``awq[n_grid=1]``."""
-    return next((b for b in accuracy.BASELINES if b in rows), None)
-
-
 def summarise(data: dict, testbed: str) -> dict:
     """One kept run: per row its pooled accuracy, share of the baseline's loss recovered, difference to QIG, KL."""
     ((setting, rows),) = data["correct"].items()
     seeds = data["eval_seeds"]
-    base = baseline(rows)
+    base = accuracy.baseline_row(rows)
     fp, rtn = _pooled(rows["fp"], seeds), _pooled(rows[base], seeds)
     loss, loss_se = accuracy.paired_difference(fp, rtn)
     kl = data.get("fidelity", {}).get(setting, {})
@@ -202,7 +196,7 @@ def report() -> dict:
     runs = []
     for stem, data in merged.items():
         borrow_calibration_free_rows(data, list(merged.values()))
-        if not all("fp" in rows and baseline(rows) for rows in data["correct"].values()):
+        if not all("fp" in rows and accuracy.baseline_row(rows) for rows in data["correct"].values()):
             print(f"{stem}: no fp or baseline row yet (a run under way), left out", file=sys.stderr)
             continue
         runs.append(summarise(data, stem.split("-", 1)[0]) | {"borrowed": data.get("borrowed", [])})
@@ -219,7 +213,7 @@ def markdown(runs: list[dict]) -> str:
             f"## {r['testbed']} {r['setting']} (calibration draw {r['calib_seed'] or 'default'})",
             "",
             f"{r['n_samples']} calibration samples; eval seeds {seeds}, {r['questions_per_seed']} questions each, "
-            f"pooled. {BASELINE_NAMES.get(r['baseline'], r['baseline'])} loses {r['rtn_loss']:.1f} "
+            f"pooled. {accuracy.baseline_name(r['baseline'])} loses {r['rtn_loss']:.1f} "
             f"+- {r['rtn_loss_se']:.1f} points to FP."
             + (
                 f" The rows {', '.join(r['borrowed'])}, which read no calibration data, are another run's on the "
@@ -228,7 +222,7 @@ def markdown(runs: list[dict]) -> str:
                 else ""
             ),
             "",
-            "| row | accuracy | recovers of RTN's loss | - qig (paired) | KL to FP |",
+            "| row | accuracy | recovers of the baseline's loss | - qig (paired) | KL to FP |",
             "| --- | ---: | ---: | ---: | ---: |",
         ]
         for row, e in r["rows"].items():
